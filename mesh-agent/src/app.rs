@@ -1,0 +1,211 @@
+//! The composition root: builds every part from the config, runs them, and
+//! takes them down in the right order.
+//!
+//! Start: routing, listener, kernel programs, then the model into the maps
+//! (so the first captured SYN finds a listener). Stop (SIGTERM/SIGINT): stop
+//! accepting, let open connections drain while capture stays attached,
+//! then detach and unpin everything and remove the routing. SIGHUP reloads
+//! the config; a bad config is logged and the last good one stays.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Context;
+use serde_json::json;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::{self, AdminState},
+    config::{Config, any_addr},
+    dataplane::{Dataplane, DataplaneSettings, KernelMaps, PinLayout, maps::raw_ip},
+    model::MeshState,
+    proxy::{self, Outbound, OutboundStats, Routes},
+    routing,
+};
+
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub pin_root: PathBuf,
+    pub admin: SocketAddr,
+    pub ready: SocketAddr,
+}
+
+pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    // Refuse a bad config before touching the kernel.
+    let config = Config::load(&options.config)?;
+    info!(
+        config = %serde_json::to_string(&config).unwrap_or_default(),
+        pin_root = %options.pin_root.display(),
+        "starting with effective config"
+    );
+    routing::install()
+        .await
+        .context("installing the steer routing")?;
+    let result = serve(&options, config).await;
+    if let Err(error) = routing::remove().await {
+        warn!(%error, "removing the steer routing");
+    }
+    result
+}
+
+async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
+    let state = Arc::new(MeshState::from_config(&config));
+    let outbound_addr = any_addr(config.proxy.outbound_port);
+    let listener = proxy::transparent_listener(outbound_addr)
+        .with_context(|| format!("outbound listener on {outbound_addr}"))?;
+
+    let mut dataplane = Dataplane::load(&DataplaneSettings {
+        pin_root: &options.pin_root,
+        outbound_port: config.proxy.outbound_port,
+        inbound_port: config.proxy.inbound_port,
+        cgroup: config.node.cgroup.as_deref(),
+    })?;
+    report_problems(dataplane.sync(&state)?);
+
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(OutboundStats::default());
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::new(state)));
+
+    let admin_state = AdminState {
+        ready: ready.clone(),
+        stats: stats_fn(dataplane.pins().clone(), stats.clone()),
+    };
+    for addr in [options.admin, options.ready] {
+        let listener = admin::bind(addr)
+            .await
+            .with_context(|| format!("admin listener on {addr}"))?;
+        tokio::spawn(admin::serve(listener, admin_state.clone(), stop.clone()));
+    }
+    let outbound = Outbound::new(listener, routes_rx, config.proxy.connect_timeout(), stats);
+    let accepting = tokio::spawn(outbound.serve(stop.clone(), tracker.clone()));
+
+    ready.store(true, Ordering::Release);
+    info!(node = %config.node.name, outbound = %outbound_addr, "agent ready");
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = hangup.recv() => {
+                if let Some(new) = reload(&options.config, &config, &mut dataplane, &routes_tx) {
+                    config = new;
+                }
+            }
+        }
+    }
+
+    info!("draining");
+    ready.store(false, Ordering::Release);
+    stop.cancel();
+    let _ = accepting.await;
+    tracker.close();
+    if tokio::time::timeout(config.proxy.drain_timeout(), tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("drain timeout: closing the remaining connections");
+    }
+    dataplane.close().context("removing pins")?;
+    info!("stopped; kernel state removed");
+    Ok(())
+}
+
+/// Applies a changed config file. Returns the new config when it was applied.
+fn reload(
+    path: &Path,
+    current: &Config,
+    dataplane: &mut Dataplane,
+    routes: &watch::Sender<Arc<Routes>>,
+) -> Option<Config> {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            error!(%error, "config rejected; keeping the last good config");
+            return None;
+        }
+    };
+    if config.node != current.node || config.proxy != current.proxy {
+        warn!("node and proxy settings change only on restart; applying workloads and services");
+    }
+    let state = Arc::new(MeshState::from_config(&config));
+    match dataplane.sync(&state) {
+        Ok(problems) => report_problems(problems),
+        Err(error) => {
+            error!(%error, "updating the kernel maps; keeping the last good config");
+            return None;
+        }
+    }
+    routes.send_replace(Arc::new(Routes::new(state)));
+    info!("config reloaded");
+    Some(config)
+}
+
+fn report_problems(problems: Vec<String>) {
+    for problem in problems {
+        error!(problem, "workload not attached");
+    }
+}
+
+/// `/stats`: the proxy's counters and what the kernel maps hold, read from
+/// the pins so the admin server needs no access to the dataplane.
+fn stats_fn(pins: PinLayout, outbound: Arc<OutboundStats>) -> admin::StatsFn {
+    Arc::new(move || {
+        let kernel = match KernelMaps::open_pinned(&pins) {
+            Ok(maps) => {
+                let counters: serde_json::Map<String, serde_json::Value> = maps
+                    .counters()
+                    .into_iter()
+                    .map(|(name, value)| (name.to_owned(), value.into()))
+                    .collect();
+                let pods: Vec<_> = maps
+                    .pod_stats()
+                    .into_iter()
+                    .map(|(ifindex, s)| {
+                        json!({
+                            "ifindex": ifindex,
+                            "interface": nix::net::if_::if_indextoname(ifindex)
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default(),
+                            "packets_from_pod": s.packets_from_pod,
+                            "bytes_from_pod": s.bytes_from_pod,
+                            "packets_to_pod": s.packets_to_pod,
+                            "bytes_to_pod": s.bytes_to_pod,
+                            "captured": s.captured,
+                        })
+                    })
+                    .collect();
+                let conns: Vec<_> = maps
+                    .conns()
+                    .into_iter()
+                    .map(|(k, v)| {
+                        json!({
+                            "local": format!("{}:{}", raw_ip(k.local_addr), k.local_port),
+                            "remote": format!("{}:{}", raw_ip(k.remote_addr), k.remote_port),
+                            "workload_id": v.workload_id,
+                            "direction": v.direction,
+                        })
+                    })
+                    .collect();
+                json!({ "counters": counters, "pods": pods, "conns": conns })
+            }
+            Err(error) => json!({ "error": error.to_string() }),
+        };
+        json!({ "outbound": outbound.snapshot(), "kernel": kernel })
+    })
+}

@@ -1,0 +1,386 @@
+//! The agent's YAML config file: the node, its settings, and the workloads
+//! and services of the mesh. This is one *source* of the mesh model
+//! ([`crate::model`]); a Kubernetes watch is another.
+//!
+//! Parsing is strict (unknown fields are errors) and every error names the
+//! field path, and the line where the parser knows it.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The YAML does not describe a config (bad syntax, type, or unknown field).
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    /// The config parses but is inconsistent.
+    #[error("config {origin}: {field}: {message}")]
+    Invalid {
+        origin: String,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadConfig>,
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's name; workloads without `node` run here.
+    pub name: String,
+    /// The cgroup v2 directory that contains every meshed pod's cgroup. The
+    /// connection tracker (sock_ops) attaches here. Optional: without it the
+    /// agent still captures and proxies, but does not track sockets.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Port of the transparent listener that captured pod connections land on.
+    pub outbound_port: u16,
+    /// Port of the inbound (HBONE) listener; never captured as outbound.
+    pub inbound_port: u16,
+    /// How long to wait for an endpoint to accept, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// On SIGTERM, how long open connections may finish, in milliseconds.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            outbound_port: 15001,
+            inbound_port: 15008,
+            connect_timeout_ms: 5_000,
+            drain_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    pub ips: Vec<Ipv4Addr>,
+    /// The node the workload runs on; default: this node.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Host-side interface of a workload on this node (its veth peer).
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// The workload's cgroup: absolute, or relative to `node.cgroup`.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub vip: Ipv4Addr,
+    pub ports: Vec<ServicePortConfig>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePortConfig {
+    pub port: u16,
+    /// The endpoints' port; default: `port`.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    pub ip: Ipv4Addr,
+    /// Relative share of new connections; 0 takes the endpoint out of rotation.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+fn default_service_account() -> String {
+    "default".into()
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates YAML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = serde_yaml::from_str(text).map_err(|error| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: error.to_string(),
+        })?;
+        config
+            .validate()
+            .map_err(|(field, message)| ConfigError::Invalid {
+                origin: origin.to_owned(),
+                field,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot. Errors are `(field path, message)`.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let fail = |field: String, message: String| Err((field, message));
+        if self.node.name.is_empty() {
+            return fail("node.name".into(), "must not be empty".into());
+        }
+        let proxy = &self.proxy;
+        if proxy.outbound_port == 0 || proxy.inbound_port == 0 {
+            return fail("proxy".into(), "ports must not be 0".into());
+        }
+        if proxy.outbound_port == proxy.inbound_port {
+            return fail(
+                "proxy.inbound_port".into(),
+                format!("{} is also the outbound port", proxy.inbound_port),
+            );
+        }
+
+        let mut workload_ips: HashMap<Ipv4Addr, usize> = HashMap::new();
+        let mut interfaces: HashMap<&str, usize> = HashMap::new();
+        for (index, workload) in self.workloads.iter().enumerate() {
+            let field = |name: &str| format!("workloads[{index}].{name}");
+            if workload.name.is_empty() {
+                return fail(field("name"), "must not be empty".into());
+            }
+            if workload.ips.is_empty() {
+                return fail(field("ips"), "a workload needs at least one IP".into());
+            }
+            for ip in &workload.ips {
+                if let Some(other) = workload_ips.insert(*ip, index) {
+                    return fail(
+                        field("ips"),
+                        format!("{ip} is also the IP of workloads[{other}]"),
+                    );
+                }
+            }
+            let local = workload
+                .node
+                .as_deref()
+                .is_none_or(|node| node == self.node.name);
+            match (&workload.interface, local) {
+                (None, true) => {
+                    return fail(
+                        field("interface"),
+                        "required for a workload on this node".into(),
+                    );
+                }
+                (Some(_), false) => {
+                    return fail(
+                        field("interface"),
+                        "only a workload on this node has an interface here".into(),
+                    );
+                }
+                (Some(interface), true) => {
+                    if interface.is_empty() || interface.len() > 15 {
+                        return fail(
+                            field("interface"),
+                            format!("{interface:?} is not an interface name"),
+                        );
+                    }
+                    if let Some(other) = interfaces.insert(interface, index) {
+                        return fail(
+                            field("interface"),
+                            format!("{interface} is also the interface of workloads[{other}]"),
+                        );
+                    }
+                }
+                (None, false) => {}
+            }
+            if workload.cgroup.as_ref().is_some_and(|c| c.is_relative())
+                && self.node.cgroup.is_none()
+            {
+                return fail(
+                    field("cgroup"),
+                    "a relative cgroup needs node.cgroup".into(),
+                );
+            }
+        }
+
+        let mut vips: HashMap<SocketAddrV4, usize> = HashMap::new();
+        for (index, service) in self.services.iter().enumerate() {
+            let field = |name: &str| format!("services[{index}].{name}");
+            if service.name.is_empty() {
+                return fail(field("name"), "must not be empty".into());
+            }
+            if let Some(workload) = workload_ips.get(&service.vip) {
+                return fail(
+                    field("vip"),
+                    format!("{} is also the IP of workloads[{workload}]", service.vip),
+                );
+            }
+            if service.ports.is_empty() {
+                return fail(field("ports"), "a service needs at least one port".into());
+            }
+            for (port_index, port) in service.ports.iter().enumerate() {
+                let port_field = format!("services[{index}].ports[{port_index}]");
+                if port.port == 0 || port.target_port == Some(0) {
+                    return fail(port_field, "ports must not be 0".into());
+                }
+                let vip = SocketAddrV4::new(service.vip, port.port);
+                if let Some(other) = vips.insert(vip, index) {
+                    let message = if other == index {
+                        format!("port {} is listed twice", port.port)
+                    } else {
+                        format!(
+                            "duplicate VIP {vip}: also services[{other}] ({})",
+                            self.services[other].name
+                        )
+                    };
+                    return fail(port_field, message);
+                }
+            }
+            let mut seen = HashMap::new();
+            for (endpoint_index, endpoint) in service.endpoints.iter().enumerate() {
+                if let Some(other) = seen.insert(endpoint.ip, endpoint_index) {
+                    return fail(
+                        format!("services[{index}].endpoints[{endpoint_index}].ip"),
+                        format!("{} is also endpoints[{other}]", endpoint.ip),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ServicePortConfig {
+    pub fn target(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
+}
+
+/// Address a listener binds for `port` on every local address.
+pub fn any_addr(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node: { name: n1, cgroup: /sys/fs/cgroup/unified/mesh/n1 }
+workloads:
+  - { name: a, ips: [10.1.0.2], interface: veth-a, cgroup: a }
+  - { name: b, ips: [10.1.0.3], node: n2 }
+services:
+  - name: echo
+    vip: 10.96.0.10
+    ports: [{ port: 80, target_port: 8080 }]
+    endpoints: [{ ip: 10.1.0.3 }, { ip: 10.1.0.4, weight: 3 }]
+"#;
+
+    fn error(text: &str) -> String {
+        Config::parse(text, "test.yaml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_a_good_config_with_defaults() {
+        let config = Config::parse(GOOD, "test.yaml").unwrap();
+        assert_eq!(config.proxy.outbound_port, 15001);
+        assert_eq!(config.workloads[0].namespace, "default");
+        assert_eq!(config.services[0].ports[0].target(), 8080);
+        assert_eq!(config.services[0].endpoints[0].weight, 1);
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let text = GOOD.replace("name: echo", "name: echo\n    colour: blue");
+        let message = error(&text);
+        assert!(message.contains("unknown field `colour`"), "{message}");
+        assert!(message.contains("line 8"), "{message}");
+    }
+
+    #[test]
+    fn bad_ip_is_named() {
+        let message = error(&GOOD.replace("10.96.0.10", "10.96.0.300"));
+        assert!(message.contains("services[0].vip"), "{message}");
+        assert!(message.contains("line 7"), "{message}");
+    }
+
+    #[test]
+    fn duplicate_vip_is_named() {
+        let text =
+            format!("{GOOD}  - {{ name: other, vip: 10.96.0.10, ports: [{{ port: 80 }}] }}\n");
+        let message = error(&text);
+        assert!(message.contains("services[1].ports[0]"), "{message}");
+        assert!(message.contains("duplicate VIP 10.96.0.10:80"), "{message}");
+    }
+
+    #[test]
+    fn local_workload_needs_an_interface() {
+        let message = error(&GOOD.replace(", interface: veth-a", ""));
+        assert!(message.contains("workloads[0].interface"), "{message}");
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let message = Config::load(Path::new("/nonexistent/mesh.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("/nonexistent/mesh.yaml"), "{message}");
+    }
+}

@@ -1,0 +1,192 @@
+//! The agent's handles on the kernel maps, and writing the mesh model into
+//! them. Writes are diffs: entries that did not change are left alone, so a
+//! reload never opens a window where a live destination is missing.
+
+use std::{collections::HashMap as StdHashMap, net::Ipv4Addr};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use mesh_common::{
+    ConnKey, ConnValue, PodStats, ServiceKey, ServiceValue, Settings, WORKLOAD_LOCAL,
+    WorkloadValue, counter, ipv4_from_raw, ipv4_to_raw,
+};
+
+use crate::model::MeshState;
+
+/// A map was missing from the object or had an unexpected type.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelMapError {
+    #[error("map {0} is missing from the kernel object")]
+    Missing(&'static str),
+    #[error("opening pinned map {path}: {source}")]
+    Pinned {
+        path: std::path::PathBuf,
+        source: MapError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> KernelMapError {
+    move |source| KernelMapError::Map { name, source }
+}
+
+pub struct KernelMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    workloads: HashMap<MapData, u32, WorkloadValue>,
+    pod_stats: PerCpuHashMap<MapData, u32, PodStats>,
+    conns: HashMap<MapData, ConnKey, ConnValue>,
+    settings: Array<MapData, Settings>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl KernelMaps {
+    /// Opens the maps a running (or crashed) agent pinned under `pins`.
+    pub fn open_pinned(pins: &super::PinLayout) -> Result<Self, KernelMapError> {
+        Self::take(|name| {
+            let path = pins.map(name);
+            MapData::from_pin(&path)
+                .and_then(Map::from_map_data)
+                .map_err(|source| KernelMapError::Pinned { path, source })
+        })
+    }
+
+    /// Takes typed handles on the maps, given a way to take each by name.
+    pub fn take(
+        mut get: impl FnMut(&'static str) -> Result<Map, KernelMapError>,
+    ) -> Result<Self, KernelMapError> {
+        use mesh_common::maps::*;
+        Ok(Self {
+            services: HashMap::try_from(get(SERVICES)?).map_err(map_err(SERVICES))?,
+            workloads: HashMap::try_from(get(WORKLOADS)?).map_err(map_err(WORKLOADS))?,
+            pod_stats: PerCpuHashMap::try_from(get(POD_STATS)?).map_err(map_err(POD_STATS))?,
+            conns: HashMap::try_from(get(CONNS)?).map_err(map_err(CONNS))?,
+            settings: Array::try_from(get(SETTINGS)?).map_err(map_err(SETTINGS))?,
+            counters: PerCpuArray::try_from(get(COUNTERS)?).map_err(map_err(COUNTERS))?,
+        })
+    }
+
+    pub fn write_settings(&mut self, settings: Settings) -> Result<(), KernelMapError> {
+        use mesh_common::maps::SETTINGS;
+        self.settings.set(0, settings, 0).map_err(map_err(SETTINGS))
+    }
+
+    /// Makes the service and workload maps say exactly what `state` says.
+    pub fn sync_destinations(&mut self, state: &MeshState) -> Result<(), KernelMapError> {
+        use mesh_common::maps::{SERVICES, WORKLOADS};
+        let services: StdHashMap<ServiceKey, ServiceValue> = state
+            .service_addrs()
+            .map(|(addr, id)| {
+                let key = ServiceKey {
+                    addr: ipv4_to_raw(addr.ip().octets()),
+                    port: addr.port(),
+                    pad: 0,
+                };
+                (
+                    key,
+                    ServiceValue {
+                        service_id: id as u32,
+                        flags: 0,
+                    },
+                )
+            })
+            .collect();
+        sync_hash(&mut self.services, &services).map_err(map_err(SERVICES))?;
+
+        let workloads: StdHashMap<u32, WorkloadValue> = state
+            .workload_addrs()
+            .map(|(ip, id, local)| {
+                let flags = if local { WORKLOAD_LOCAL } else { 0 };
+                (
+                    ipv4_to_raw(ip.octets()),
+                    WorkloadValue {
+                        workload_id: id as u32,
+                        flags,
+                    },
+                )
+            })
+            .collect();
+        sync_hash(&mut self.workloads, &workloads).map_err(map_err(WORKLOADS))
+    }
+
+    /// Starts counting for a pod interface (the programs only count
+    /// interfaces that have an entry).
+    pub fn add_pod_interface(&mut self, ifindex: u32) -> Result<(), KernelMapError> {
+        use mesh_common::maps::POD_STATS;
+        let cpus =
+            aya::util::nr_cpus().map_err(|(_, e)| map_err(POD_STATS)(MapError::IoError(e)))?;
+        let zero = PerCpuValues::try_from(vec![PodStats::default(); cpus])
+            .map_err(|e| map_err(POD_STATS)(MapError::IoError(e)))?;
+        self.pod_stats
+            .insert(ifindex, zero, 0)
+            .map_err(map_err(POD_STATS))
+    }
+
+    pub fn remove_pod_interface(&mut self, ifindex: u32) {
+        let _ = self.pod_stats.remove(&ifindex);
+    }
+
+    /// Per-pod traffic, summed over CPUs, by ifindex.
+    pub fn pod_stats(&self) -> Vec<(u32, PodStats)> {
+        self.pod_stats
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ifindex, per_cpu)| {
+                let mut total = PodStats::default();
+                per_cpu.iter().for_each(|s| total.add(s));
+                (ifindex, total)
+            })
+            .collect()
+    }
+
+    /// Program-wide counters, summed over CPUs, with their names.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        (0..counter::LEN)
+            .map(|index| {
+                let total = self
+                    .counters
+                    .get(&index, 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (counter::NAMES[index as usize], total)
+            })
+            .collect()
+    }
+
+    /// Live tracked connections.
+    pub fn conns(&self) -> Vec<(ConnKey, ConnValue)> {
+        self.conns.iter().filter_map(Result::ok).collect()
+    }
+}
+
+/// Inserts what is new or changed and removes what is gone.
+fn sync_hash<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    want: &StdHashMap<K, V>,
+) -> Result<(), MapError>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + PartialEq,
+{
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| !want.contains_key(key))
+        .collect();
+    for (key, value) in want {
+        if map.get(key, 0).ok().as_ref() != Some(value) {
+            map.insert(*key, *value, 0)?;
+        }
+    }
+    for key in stale {
+        map.remove(&key)?;
+    }
+    Ok(())
+}
+
+/// Formats a raw map address.
+pub fn raw_ip(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(ipv4_from_raw(raw))
+}

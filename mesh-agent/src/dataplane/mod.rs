@@ -1,0 +1,298 @@
+//! The kernel side of one agent: loads the programs embedded in the binary,
+//! pins them with their maps and links under the agent's pin root, attaches
+//! them, and keeps the maps and attachments in step with the mesh model.
+
+mod attach;
+pub mod maps;
+pub mod pins;
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, SockOps},
+};
+use mesh_common::{STEER_MARK, STEER_MARK_MASK, Settings};
+use tracing::{info, warn};
+
+use self::attach::{Attachment, PodAttachment};
+pub use self::{maps::KernelMaps, pins::PinLayout};
+use crate::model::MeshState;
+
+/// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("pin root {}: {source}", path.display())]
+    PinRoot {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pin root {} is held by another running agent", .0.display())]
+    PinRootBusy(PathBuf),
+    #[error("loading the kernel object: {}", error_chain(.0))]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {}", error_chain(source))]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("pinning {}: {}", path.display(), error_chain(source))]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error(transparent)]
+    Map(#[from] maps::KernelMapError),
+    #[error("attaching sock_ops to cgroup {}: {message}", path.display())]
+    Cgroup { path: PathBuf, message: String },
+}
+
+/// What the agent tells the programs about itself.
+pub struct DataplaneSettings<'a> {
+    pub pin_root: &'a Path,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    /// The cgroup subtree of the node's pods, for connection tracking.
+    pub cgroup: Option<&'a Path>,
+}
+
+pub struct Dataplane {
+    pins: PinLayout,
+    /// flock on the pin root: one agent per root.
+    _lock: File,
+    ebpf: Ebpf,
+    maps: KernelMaps,
+    sockops: Option<Attachment>,
+    pods: BTreeMap<String, PodAttachment>,
+    closed: bool,
+}
+
+impl Dataplane {
+    pub fn load(settings: &DataplaneSettings<'_>) -> Result<Self, DataplaneError> {
+        let pins = PinLayout::new(settings.pin_root);
+        let pin_root_err = |source| DataplaneError::PinRoot {
+            path: pins.root().to_owned(),
+            source,
+        };
+        pins.create().map_err(pin_root_err)?;
+        let lock = lock_pin_root(&pins)?;
+        if has_pins(&pins) {
+            warn!(pin_root = %pins.root().display(), "removing state a previous agent left behind");
+            pins.remove_all().map_err(pin_root_err)?;
+            pins.create().map_err(pin_root_err)?;
+        }
+
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        for name in mesh_common::maps::ALL {
+            let path = pins.map(name);
+            let map = ebpf
+                .map_mut(name)
+                .ok_or(maps::KernelMapError::Missing(name))?;
+            map.pin(&path)
+                .map_err(|source| DataplaneError::Pin { path, source })?;
+        }
+        let mut maps = KernelMaps::take(|name| {
+            ebpf.take_map(name)
+                .ok_or(maps::KernelMapError::Missing(name))
+        })?;
+        for name in [
+            mesh_common::programs::FROM_POD,
+            mesh_common::programs::TO_POD,
+        ] {
+            let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
+            program
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            pin_program(program.pin(pins.program(name)), &pins, name)?;
+        }
+        let name = mesh_common::programs::SOCKOPS;
+        let sockops: &mut SockOps = program_mut(&mut ebpf, name)?;
+        sockops
+            .load()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        pin_program(sockops.pin(pins.program(name)), &pins, name)?;
+
+        maps.write_settings(Settings {
+            outbound_port: settings.outbound_port,
+            inbound_port: settings.inbound_port,
+            mark: STEER_MARK,
+            mark_mask: STEER_MARK_MASK,
+            pad: 0,
+        })?;
+
+        let mut dataplane = Self {
+            pins,
+            _lock: lock,
+            ebpf,
+            maps,
+            sockops: None,
+            pods: BTreeMap::new(),
+            closed: false,
+        };
+        if let Some(cgroup) = settings.cgroup {
+            dataplane.sockops = Some(attach::sockops(
+                &mut dataplane.ebpf,
+                &dataplane.pins,
+                cgroup,
+            )?);
+            info!(cgroup = %cgroup.display(), "connection tracking attached");
+        }
+        Ok(dataplane)
+    }
+
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
+    pub fn maps(&self) -> &KernelMaps {
+        &self.maps
+    }
+
+    /// Brings maps and pod attachments in line with `state`. Map failures
+    /// are errors; a pod that cannot be attached is reported and skipped so
+    /// the rest of the node keeps working.
+    pub fn sync(&mut self, state: &MeshState) -> Result<Vec<String>, DataplaneError> {
+        let mut problems = Vec::new();
+        let wanted: BTreeMap<&str, &str> = state
+            .local_workloads()
+            .map(|(_, workload, local)| (local.interface.as_str(), workload.name.as_str()))
+            .collect();
+
+        // Detach first: a new pod may reuse a gone pod's interface name.
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|ifname| !wanted.contains_key(ifname.as_str()))
+            .cloned()
+            .collect();
+        for ifname in gone {
+            if let Some(pod) = self.pods.remove(&ifname) {
+                self.maps.remove_pod_interface(pod.ifindex);
+                pod.detach();
+                info!(interface = %ifname, "pod interface detached");
+            }
+        }
+        // Destinations before attachments: a newly attached pod's first SYN
+        // must already find its destinations meshed.
+        self.maps.sync_destinations(state)?;
+        for (ifname, workload) in wanted {
+            if self.pods.contains_key(ifname) {
+                continue;
+            }
+            match attach::pod(&mut self.ebpf, &self.pins, ifname) {
+                Ok(pod) => {
+                    self.maps.add_pod_interface(pod.ifindex)?;
+                    info!(
+                        workload,
+                        interface = ifname,
+                        ifindex = pod.ifindex,
+                        "pod interface attached"
+                    );
+                    self.pods.insert(ifname.to_owned(), pod);
+                }
+                Err(error) => {
+                    problems.push(format!("workload {workload}: interface {ifname}: {error}"))
+                }
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Interfaces carrying our programs, with their ifindex.
+    pub fn pod_interfaces(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.pods
+            .iter()
+            .map(|(name, pod)| (name.as_str(), pod.ifindex))
+    }
+
+    /// Detaches everything and removes every pin.
+    pub fn close(mut self) -> std::io::Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> std::io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        for (_, pod) in std::mem::take(&mut self.pods) {
+            pod.detach();
+        }
+        if let Some(sockops) = self.sockops.take() {
+            sockops.detach();
+        }
+        self.pins.remove_all()
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        if let Err(error) = self.teardown() {
+            warn!(pin_root = %self.pins.root().display(), %error, "removing pins");
+        }
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(DataplaneError::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+fn pin_program(
+    result: Result<(), aya::pin::PinError>,
+    pins: &PinLayout,
+    name: &str,
+) -> Result<(), DataplaneError> {
+    result.map_err(|source| DataplaneError::Pin {
+        path: pins.program(name),
+        source,
+    })
+}
+
+fn lock_pin_root(pins: &PinLayout) -> Result<File, DataplaneError> {
+    let dir = File::open(pins.root()).map_err(|source| DataplaneError::PinRoot {
+        path: pins.root().to_owned(),
+        source,
+    })?;
+    // SAFETY: flock on a descriptor we own.
+    let ret = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if ret != 0 {
+        return Err(DataplaneError::PinRootBusy(pins.root().to_owned()));
+    }
+    Ok(dir)
+}
+
+fn has_pins(pins: &PinLayout) -> bool {
+    use mesh_common::pins::{LINKS_DIR, MAPS_DIR, PROGS_DIR};
+    [LINKS_DIR, PROGS_DIR, MAPS_DIR].iter().any(|dir| {
+        std::fs::read_dir(pins.root().join(dir)).is_ok_and(|mut entries| entries.next().is_some())
+    })
+}
+
+/// An error with its causes, for messages: aya's errors keep the errno in
+/// their source.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

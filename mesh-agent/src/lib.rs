@@ -1,0 +1,13 @@
+//! mesh-agent: one per node. Loads the kernel programs that steer meshed
+//! pods' connections to it, proxies them to their endpoints, and cleans up
+//! after itself. `main.rs` is the CLI; [`app`] wires the pieces together.
+
+pub mod admin;
+pub mod app;
+pub mod cleanup;
+pub mod config;
+pub mod dataplane;
+pub mod lb;
+pub mod model;
+pub mod proxy;
+pub mod routing;

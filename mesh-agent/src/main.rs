@@ -1,0 +1,114 @@
+//! The `mesh-agent` command line.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mesh_agent::{app, cleanup, config::Config};
+use tracing_subscriber::EnvFilter;
+
+/// eBPF-accelerated, sidecar-free service mesh: one agent per node.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true, env = "MESH_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `mesh_agent=debug`.
+    #[arg(long, default_value = "info", global = true, env = "MESH_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the kernel programs, proxy captured connections, and
+    /// remove everything again on SIGTERM. SIGHUP reloads the config.
+    Run {
+        /// YAML config: node, proxy settings, workloads, services.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// bpffs directory for this agent's programs, maps and links.
+        #[arg(long, default_value = mesh_common::DEFAULT_PIN_ROOT, env = "MESH_PIN_ROOT")]
+        pin_root: PathBuf,
+        /// Admin endpoint (`/stats`); keep it on localhost.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+        /// Readiness endpoint (`/healthz/ready`).
+        #[arg(long, default_value = "0.0.0.0:15021")]
+        ready: SocketAddr,
+    },
+    /// Remove what an agent that did not exit cleanly left behind: pinned
+    /// programs, maps and links (which detaches tc and cgroup programs) and
+    /// the steer routing. Run it in the agent's network namespace.
+    Cleanup {
+        /// The pin root the agent used.
+        #[arg(long, default_value = mesh_common::DEFAULT_PIN_ROOT, env = "MESH_PIN_ROOT")]
+        pin_root: PathBuf,
+    },
+    /// Check a config file and exit: 0 when valid, 1 with the problem otherwise.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format, &cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("mesh-agent: starting the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run {
+                config,
+                pin_root,
+                admin,
+                ready,
+            } => {
+                app::run(app::RunOptions {
+                    config,
+                    pin_root,
+                    admin,
+                    ready,
+                })
+                .await
+            }
+            Command::Cleanup { pin_root } => cleanup::run(&pin_root).await,
+            Command::Check { config } => Config::load(&config).map(|_| ()).map_err(Into::into),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("mesh-agent: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

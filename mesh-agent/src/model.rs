@@ -1,0 +1,198 @@
+//! The agent's model of the mesh: workloads, services and their endpoints.
+//!
+//! It does not know where it came from: the config file builds it today
+//! ([`MeshState::from_config`]) and a Kubernetes watch can build the same
+//! thing. The proxy and the dataplane only ever read a `MeshState`.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+};
+
+use serde::Serialize;
+
+use crate::config::Config;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MeshState {
+    pub node_name: String,
+    /// Indexed by workload id (the id the kernel maps carry).
+    pub workloads: Vec<Workload>,
+    /// Indexed by service id.
+    pub services: Vec<Service>,
+    #[serde(skip)]
+    workload_by_ip: HashMap<Ipv4Addr, usize>,
+    #[serde(skip)]
+    service_by_vip: HashMap<SocketAddrV4, (usize, usize)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub ips: Vec<Ipv4Addr>,
+    pub node: String,
+    /// Set when the workload runs on this node.
+    pub local: Option<LocalWorkload>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LocalWorkload {
+    /// Host-side interface (the pod's veth peer in the node namespace).
+    pub interface: String,
+    /// Absolute cgroup path, when known.
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vip: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub weight: u32,
+}
+
+/// What a captured connection's original destination means.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Destination {
+    /// A service VIP:port: balance over its endpoints.
+    Service { service: usize, port: ServicePort },
+    /// A meshed workload's own address.
+    Workload(usize),
+    /// Nothing we know (the model changed since the kernel captured it).
+    Unknown,
+}
+
+impl MeshState {
+    pub fn new(node_name: String, workloads: Vec<Workload>, services: Vec<Service>) -> Self {
+        let workload_by_ip = workloads
+            .iter()
+            .enumerate()
+            .flat_map(|(id, w)| w.ips.iter().map(move |ip| (*ip, id)))
+            .collect();
+        let service_by_vip = services
+            .iter()
+            .enumerate()
+            .flat_map(|(id, s)| {
+                s.ports.iter().enumerate().map(move |(port_index, p)| {
+                    (SocketAddrV4::new(s.vip, p.port), (id, port_index))
+                })
+            })
+            .collect();
+        Self {
+            node_name,
+            workloads,
+            services,
+            workload_by_ip,
+            service_by_vip,
+        }
+    }
+
+    /// Builds the model from a validated config file.
+    pub fn from_config(config: &Config) -> Self {
+        let node = &config.node;
+        let workloads = config
+            .workloads
+            .iter()
+            .map(|w| {
+                let on_node = w.node.clone().unwrap_or_else(|| node.name.clone());
+                let local = (on_node == node.name).then(|| LocalWorkload {
+                    interface: w.interface.clone().unwrap_or_default(),
+                    cgroup: w.cgroup.as_ref().map(|c| match &node.cgroup {
+                        Some(root) if c.is_relative() => root.join(c),
+                        _ => c.clone(),
+                    }),
+                });
+                Workload {
+                    name: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    service_account: w.service_account.clone(),
+                    ips: w.ips.clone(),
+                    node: on_node,
+                    local,
+                }
+            })
+            .collect();
+        let services = config
+            .services
+            .iter()
+            .map(|s| Service {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                vip: s.vip,
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| ServicePort {
+                        port: p.port,
+                        target_port: p.target(),
+                    })
+                    .collect(),
+                endpoints: s
+                    .endpoints
+                    .iter()
+                    .map(|e| Endpoint {
+                        ip: e.ip,
+                        weight: e.weight,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Self::new(node.name.clone(), workloads, services)
+    }
+
+    pub fn destination(&self, addr: SocketAddrV4) -> Destination {
+        if let Some(&(service, port_index)) = self.service_by_vip.get(&addr) {
+            return Destination::Service {
+                service,
+                port: self.services[service].ports[port_index],
+            };
+        }
+        match self.workload_by_ip.get(addr.ip()) {
+            Some(&id) => Destination::Workload(id),
+            None => Destination::Unknown,
+        }
+    }
+
+    pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<(usize, &Workload)> {
+        let id = *self.workload_by_ip.get(&ip)?;
+        Some((id, &self.workloads[id]))
+    }
+
+    /// Every service VIP:port with its service id.
+    pub fn service_addrs(&self) -> impl Iterator<Item = (SocketAddrV4, usize)> + '_ {
+        self.service_by_vip
+            .iter()
+            .map(|(addr, (id, _))| (*addr, *id))
+    }
+
+    /// Every workload IP with its workload id and whether it runs here.
+    pub fn workload_addrs(&self) -> impl Iterator<Item = (Ipv4Addr, usize, bool)> + '_ {
+        self.workload_by_ip
+            .iter()
+            .map(|(ip, id)| (*ip, *id, self.workloads[*id].local.is_some()))
+    }
+
+    /// Workloads running on this node.
+    pub fn local_workloads(&self) -> impl Iterator<Item = (usize, &Workload, &LocalWorkload)> {
+        self.workloads
+            .iter()
+            .enumerate()
+            .filter_map(|(id, w)| w.local.as_ref().map(|local| (id, w, local)))
+    }
+}

@@ -1,0 +1,40 @@
+//! The user-space proxy: accepts the connections the kernel captured,
+//! decides where each goes, connects there and splices the two.
+
+mod outbound;
+mod splice;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::net::TcpListener;
+
+pub use self::outbound::{Outbound, OutboundStats};
+use crate::{lb::Balancers, model::MeshState};
+
+/// One consistent view for routing decisions: the model and the balancers
+/// built for it. Swapped whole on reload; connections keep the one they began with.
+pub struct Routes {
+    pub state: Arc<MeshState>,
+    pub balancers: Balancers,
+}
+
+impl Routes {
+    pub fn new(state: Arc<MeshState>) -> Self {
+        let balancers = Balancers::new(&state);
+        Self { state, balancers }
+    }
+}
+
+/// A listener that accepts connections addressed to any IP: the kernel hands
+/// it captured flows whose destination is not a local address, and the
+/// accepted socket's local address is the original destination.
+pub fn transparent_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    // Without IP_TRANSPARENT the kernel sends no SYN-ACK from a foreign address.
+    socket.set_ip_transparent_v4(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}

@@ -1,0 +1,229 @@
+//! Types and names shared by the kernel programs (`mesh-ebpf`) and the agent.
+//!
+//! Every map value is `#[repr(C)]`, `Copy`, made of fixed-width integers and
+//! free of implicit padding, so the kernel, the agent and `bpftool` (through
+//! BTF) all see the same layout.
+//!
+//! Conventions:
+//! - IPv4 addresses are stored as the four address bytes in network order,
+//!   read as a native `u32` (what the packet and `bpf_sock_ops` carry);
+//!   [`ipv4_to_raw`] / [`ipv4_from_raw`] convert.
+//! - Ports are stored in host byte order.
+#![no_std]
+
+/// Names of the kernel programs, as `bpftool prog show` lists them.
+pub mod programs {
+    /// tc ingress on a pod's host-side interface: traffic the pod sends.
+    pub const FROM_POD: &str = "mesh_from_pod";
+    /// tc egress on a pod's host-side interface: traffic the pod receives.
+    pub const TO_POD: &str = "mesh_to_pod";
+    /// sock_ops on the node's pod cgroup subtree: tracks meshed connections.
+    pub const SOCKOPS: &str = "mesh_sockops";
+    /// Every program, in load order.
+    pub const ALL: [&str; 3] = [FROM_POD, TO_POD, SOCKOPS];
+}
+
+/// Names of the maps, as `bpftool map show` lists them (at most 15 bytes).
+pub mod maps {
+    /// [`super::ServiceKey`] -> [`super::ServiceValue`]: meshed service VIP:ports.
+    pub const SERVICES: &str = "MESH_SERVICES";
+    /// IPv4 (raw) -> [`super::WorkloadValue`]: meshed workload addresses.
+    pub const WORKLOADS: &str = "MESH_WORKLOADS";
+    /// ifindex -> [`super::PodStats`], per CPU: traffic on meshed pod interfaces.
+    pub const POD_STATS: &str = "MESH_POD_STATS";
+    /// [`super::ConnKey`] -> [`super::ConnValue`], LRU: live meshed connections.
+    pub const CONNS: &str = "MESH_CONNS";
+    /// index 0 -> [`super::Settings`]: what the agent tells the programs.
+    pub const SETTINGS: &str = "MESH_SETTINGS";
+    /// [`super::counter`] index -> u64, per CPU: program-wide event counters.
+    pub const COUNTERS: &str = "MESH_COUNTERS";
+    /// Every map, in a stable order.
+    pub const ALL: [&str; 6] = [SERVICES, WORKLOADS, POD_STATS, CONNS, SETTINGS, COUNTERS];
+}
+
+/// Layout of one agent's pin root (default [`DEFAULT_PIN_ROOT`]).
+pub mod pins {
+    /// Sub-directory holding the pinned maps, by map name.
+    pub const MAPS_DIR: &str = "maps";
+    /// Sub-directory holding the pinned programs, by program name.
+    pub const PROGS_DIR: &str = "progs";
+    /// Sub-directory holding the pinned links (attachments).
+    pub const LINKS_DIR: &str = "links";
+}
+
+/// Where an agent pins everything unless told otherwise.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/mesh";
+
+/// Capacity of [`maps::SERVICES`].
+pub const MAX_SERVICES: u32 = 16_384;
+/// Capacity of [`maps::WORKLOADS`].
+pub const MAX_WORKLOADS: u32 = 65_536;
+/// Capacity of [`maps::POD_STATS`] (local pod interfaces).
+pub const MAX_POD_INTERFACES: u32 = 1_024;
+/// Capacity of [`maps::CONNS`]. Entries are removed on close; LRU eviction is
+/// the safety net if a close is ever missed.
+pub const MAX_CONNS: u32 = 65_536;
+
+/// Indices into [`maps::COUNTERS`].
+pub mod counter {
+    /// A SYN to a meshed destination was handed to the agent's listener.
+    pub const CAPTURED: u32 = 0;
+    /// A SYN to a meshed destination found no agent listener (agent down).
+    pub const NO_LISTENER: u32 = 1;
+    /// `bpf_sk_assign` refused a socket.
+    pub const ASSIGN_FAILED: u32 = 2;
+    /// sock_ops started tracking a meshed connection.
+    pub const CONN_TRACKED: u32 = 3;
+    /// sock_ops saw a tracked connection close and forgot it.
+    pub const CONN_CLOSED: u32 = 4;
+    /// Number of counters.
+    pub const LEN: u32 = 5;
+    /// Human names, by index.
+    pub const NAMES: [&str; LEN as usize] = [
+        "captured",
+        "no_listener",
+        "assign_failed",
+        "conn_tracked",
+        "conn_closed",
+    ];
+}
+
+/// Key of [`maps::SERVICES`]: a service's virtual IP and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Virtual IP, raw (network order).
+    pub addr: u32,
+    /// Service port, host order.
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub pad: u16,
+}
+
+/// Value of [`maps::SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// The agent's index for the service (stable while the config is).
+    pub service_id: u32,
+    /// Reserved for per-service behaviour; zero today.
+    pub flags: u32,
+}
+
+/// The workload runs on this node (its interface carries our tc programs).
+pub const WORKLOAD_LOCAL: u32 = 1 << 0;
+
+/// Value of [`maps::WORKLOADS`], keyed by a raw IPv4 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadValue {
+    /// The agent's index for the workload.
+    pub workload_id: u32,
+    /// `WORKLOAD_*` bits.
+    pub flags: u32,
+}
+
+/// Value of [`maps::POD_STATS`], keyed by the pod's host-side ifindex.
+/// "from pod" is what the pod sent, "to pod" what it received.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodStats {
+    pub packets_from_pod: u64,
+    pub bytes_from_pod: u64,
+    pub packets_to_pod: u64,
+    pub bytes_to_pod: u64,
+    /// Connections (SYNs) of this pod handed to the agent.
+    pub captured: u64,
+}
+
+impl PodStats {
+    /// Adds another CPU's share.
+    pub fn add(&mut self, other: &PodStats) {
+        self.packets_from_pod += other.packets_from_pod;
+        self.bytes_from_pod += other.bytes_from_pod;
+        self.packets_to_pod += other.packets_to_pod;
+        self.bytes_to_pod += other.bytes_to_pod;
+        self.captured += other.captured;
+    }
+}
+
+/// Key of [`maps::CONNS`]: a meshed pod's socket, seen from the pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// The pod's address, raw.
+    pub local_addr: u32,
+    /// The peer's address, raw (for outbound: the original destination).
+    pub remote_addr: u32,
+    /// Host order.
+    pub local_port: u16,
+    /// Host order.
+    pub remote_port: u16,
+}
+
+/// The pod opened the connection.
+pub const CONN_OUTBOUND: u32 = 1;
+/// The pod accepted the connection.
+pub const CONN_INBOUND: u32 = 2;
+
+/// Value of [`maps::CONNS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnValue {
+    /// The kernel's socket cookie of the pod's socket.
+    pub cookie: u64,
+    /// `bpf_ktime_get_ns()` when the connection was established.
+    pub established_ns: u64,
+    /// The pod's workload index.
+    pub workload_id: u32,
+    /// [`CONN_OUTBOUND`] or [`CONN_INBOUND`].
+    pub direction: u32,
+}
+
+/// Value of [`maps::SETTINGS`] at index 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Port of the agent's transparent outbound listener; 0 = capture off.
+    pub outbound_port: u16,
+    /// Port of the agent's inbound (HBONE) listener, never captured as outbound.
+    pub inbound_port: u16,
+    /// Mark set on steered packets (the node routes them to the local table).
+    pub mark: u32,
+    /// Bits of the mark that belong to the mesh.
+    pub mark_mask: u32,
+    /// Explicit padding; always zero.
+    pub pad: u32,
+}
+
+/// Mark the tc program sets on packets it hands to the agent, and the mask it
+/// owns. The node's routing sends marked packets to the local table.
+pub const STEER_MARK: u32 = 0x200;
+/// See [`STEER_MARK`].
+pub const STEER_MARK_MASK: u32 = 0xf00;
+/// Routing table holding the "everything is local" route for steered packets.
+pub const STEER_ROUTE_TABLE: u32 = 100;
+
+/// Converts an address to the raw form the maps use.
+pub const fn ipv4_to_raw(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// Converts a raw map address back to its octets.
+pub const fn ipv4_from_raw(raw: u32) -> [u8; 4] {
+    raw.to_ne_bytes()
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are repr(C), Copy, without padding or pointers.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for WorkloadValue {}
+    unsafe impl aya::Pod for PodStats {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnValue {}
+    unsafe impl aya::Pod for Settings {}
+}

@@ -1,0 +1,32 @@
+//! mesh-agent's kernel programs.
+//!
+//! - [`from_pod`]: tc ingress on a meshed pod's host-side interface. Counts
+//!   what the pod sends and hands its connections to meshed destinations to
+//!   the agent's transparent listener (`bpf_sk_assign`).
+//! - [`to_pod`]: tc egress on the same interface. Counts what the pod receives.
+//! - [`sockops`]: sock_ops on the node's pod cgroup subtree. Tracks meshed
+//!   connections in an LRU map and forgets them when they close.
+//!
+//! Which pods, services and addresses are meshed is data the agent writes
+//! into the maps in [`maps`]; nothing here is specific to one cluster.
+#![no_std]
+#![no_main]
+
+mod counters;
+mod from_pod;
+mod maps;
+mod packet;
+mod sockops;
+mod to_pod;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier proves panics unreachable; this only satisfies no_std.
+    loop {}
+}
+
+/// Kernel programs that use GPL-only helpers (sk_assign, skc_lookup) must say so.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

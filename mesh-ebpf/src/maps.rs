@@ -1,0 +1,54 @@
+//! Every map the programs share with the agent. Names and value types come
+//! from `mesh-common`, so user space opens the same maps by the same names.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+};
+use mesh_common::{
+    ConnKey, ConnValue, MAX_CONNS, MAX_POD_INTERFACES, MAX_SERVICES, MAX_WORKLOADS, PodStats,
+    ServiceKey, ServiceValue, Settings, WorkloadValue, counter,
+};
+
+#[map]
+pub static MESH_SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static MESH_WORKLOADS: HashMap<u32, WorkloadValue> =
+    HashMap::with_max_entries(MAX_WORKLOADS, 0);
+
+#[map]
+pub static MESH_POD_STATS: PerCpuHashMap<u32, PodStats> =
+    PerCpuHashMap::with_max_entries(MAX_POD_INTERFACES, 0);
+
+#[map]
+pub static MESH_CONNS: LruHashMap<ConnKey, ConnValue> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+#[map]
+pub static MESH_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static MESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+
+/// The agent's settings, or `None` before the agent has written them.
+#[inline(always)]
+pub fn settings() -> Option<&'static Settings> {
+    MESH_SETTINGS.get(0)
+}
+
+/// Is `addr:port` a meshed destination (a service VIP:port or a workload)?
+#[inline(always)]
+pub fn is_meshed_destination(addr: u32, port: u16) -> bool {
+    let key = ServiceKey { addr, port, pad: 0 };
+    // SAFETY: map lookups return pointers into the map; we only test presence.
+    unsafe { MESH_SERVICES.get(&key).is_some() || MESH_WORKLOADS.get(&addr).is_some() }
+}
+
+/// The local workload owning `addr`, if it is meshed and on this node.
+#[inline(always)]
+pub fn local_workload(addr: u32) -> Option<u32> {
+    // SAFETY: the value is copied out before the map can change it.
+    let value = unsafe { MESH_WORKLOADS.get(&addr) }?;
+    (value.flags & mesh_common::WORKLOAD_LOCAL != 0).then_some(value.workload_id)
+}
