@@ -1,0 +1,230 @@
+//! A real `mesh-agent run` process in a node's namespace, with its own pin
+//! root. Dropping it stops it with SIGTERM (SIGKILL and `cleanup` if that
+//! fails), so no test leaves kernel state behind.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{
+    mesh_agent_bin,
+    process::{self, Guarded},
+    topology::Node,
+};
+
+pub const READY_PORT: u16 = 15021;
+pub const ADMIN_PORT: u16 = 15000;
+
+pub struct Agent {
+    process: Option<Guarded>,
+    pub pin_root: PathBuf,
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+    netns: PathBuf,
+    node: String,
+}
+
+impl Agent {
+    /// Starts the agent on `node` with `config` (YAML) and waits until it
+    /// reports ready.
+    pub fn start(node: &Node, config: &str) -> Self {
+        let agent = Self::spawn(node, config);
+        agent.wait_ready();
+        agent
+    }
+
+    /// Starts the agent without waiting for it.
+    pub fn spawn(node: &Node, config: &str) -> Self {
+        let config_path = std::env::temp_dir().join(format!("{}.yaml", node.name));
+        let log_path = std::env::temp_dir().join(format!("{}.log", node.name));
+        std::fs::write(&config_path, config).expect("write config");
+        let log = std::fs::File::create(&log_path).expect("create log");
+        let mut command = Command::new(mesh_agent_bin());
+        command
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .arg("--pin-root")
+            .arg(&node.pin_root)
+            .env("MESH_LOG", "info,mesh_agent=debug")
+            .stdout(Stdio::null())
+            .stderr(log);
+        process::enter(&mut command, &node.netns.path(), None);
+        let child = command.spawn().expect("starting mesh-agent");
+        Self {
+            process: Some(Guarded::new(child)),
+            pin_root: node.pin_root.clone(),
+            config_path,
+            log_path,
+            netns: node.netns.path(),
+            node: node.name.clone(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().expect("running").pid()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(Ok(status)) = self.process.as_ref().map(|_| self.try_exit_status())
+                && let Some(status) = status
+            {
+                panic!(
+                    "agent on {} exited ({status}) before ready:\n{}",
+                    self.node,
+                    self.log()
+                );
+            }
+            if self
+                .http_get(READY_PORT, "/healthz/ready")
+                .is_some_and(|(code, _)| code == 200)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent on {} not ready in 30 s:\n{}", self.node, self.log());
+    }
+
+    fn try_exit_status(&self) -> std::io::Result<Option<ExitStatus>> {
+        // SAFETY: waitpid with WNOHANG on our own child; reaping is fine
+        // because Guarded's later wait() just fails with ECHILD.
+        let mut status = 0;
+        let pid = unsafe { libc::waitpid(self.pid() as i32, &mut status, libc::WNOHANG) };
+        if pid > 0 {
+            use std::os::unix::process::ExitStatusExt;
+            return Ok(Some(ExitStatus::from_raw(status)));
+        }
+        Ok(None)
+    }
+
+    /// GET on the agent's loopback (inside the node namespace); returns the
+    /// status code and body.
+    pub fn http_get(&self, port: u16, path: &str) -> Option<(u16, String)> {
+        let netns = self.netns.clone();
+        let path = path.to_owned();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    let file = std::fs::File::open(&netns).ok()?;
+                    // SAFETY: setns on this thread only.
+                    let ret = unsafe {
+                        libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                    };
+                    if ret != 0 {
+                        return None;
+                    }
+                    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+                    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+                    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+                    let mut response = String::new();
+                    stream.read_to_string(&mut response).ok()?;
+                    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+                    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+                    Some((code, body))
+                })
+                .join()
+                .ok()
+                .flatten()
+        })
+    }
+
+    /// The agent's `/stats` JSON.
+    pub fn stats(&self) -> Value {
+        let (code, body) = self.http_get(ADMIN_PORT, "/stats").expect("GET /stats");
+        assert_eq!(code, 200, "/stats: {body}");
+        serde_json::from_str(&body).expect("stats JSON")
+    }
+
+    /// A kernel counter from `/stats` (e.g. "captured").
+    pub fn counter(&self, name: &str) -> u64 {
+        self.stats()["kernel"]["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("counter {name}"))
+    }
+
+    /// Replaces the config file and sends SIGHUP.
+    pub fn reload(&self, config: &str) {
+        std::fs::write(&self.config_path, config).expect("write config");
+        self.signal(libc::SIGHUP);
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// SIGTERM, then wait for the exit (at most 30 s).
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.try_exit_status() {
+                self.process.take().map(Guarded::into_inner);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit on SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(process) = self.process.take() {
+            drop(process);
+        }
+    }
+
+    /// `mesh-agent cleanup` for this agent's pin root, in its namespace.
+    pub fn cleanup(&self) -> Output {
+        cleanup(&self.netns, &self.pin_root)
+    }
+}
+
+pub fn cleanup(netns: &Path, pin_root: &Path) -> Output {
+    let mut command = Command::new(mesh_agent_bin());
+    command.arg("cleanup").arg("--pin-root").arg(pin_root);
+    process::enter(&mut command, netns, None);
+    command.output().expect("running mesh-agent cleanup")
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.process.is_some() {
+            self.signal(libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.try_exit_status() {
+                    self.process.take().map(Guarded::into_inner);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            self.kill();
+        }
+        if self.pin_root.exists() {
+            let _ = self.cleanup();
+        }
+        let _ = std::fs::remove_file(&self.config_path);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log_path);
+        } else {
+            eprintln!("agent log kept at {}", self.log_path.display());
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! A tiny workload for the simulated pods: a TCP server that tells each
+//! client who answered and whom it saw, and checksums what it receives; and a
+//! client that drives it. The fixtures start it inside a pod's network
+//! namespace and cgroup.
+//!
+//! Server protocol, per connection: send `<name> <peer-ip>:<peer-port>\n`;
+//! read to end of stream, hashing; then send `<bytes> <sha256-hex>\n` and close.
+//! That answer can only arrive if the half-close reached the server while the
+//! reverse direction stayed open.
+
+use std::{
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use mesh_tests::payload;
+use sha2::{Digest, Sha256};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the protocol above on 0.0.0.0:PORT.
+    Serve {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        name: String,
+        /// After the greeting, reset the connection instead of reading.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Connect COUNT times, one after the other; print one JSON line each.
+    Connect {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Bytes to send (deterministic pseudo-random data), then half-close.
+        #[arg(long, default_value_t = 0)]
+        send: u64,
+        /// Keep the connection open until stdin closes (after the greeting).
+        #[arg(long)]
+        hold: bool,
+        /// After the greeting, reset the connection and report nothing else.
+        #[arg(long)]
+        reset: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve { port, name, reset } => serve(port, &name, reset),
+        Command::Connect {
+            addr,
+            count,
+            send,
+            hold,
+            reset,
+        } => {
+            for _ in 0..count {
+                let line = connect(addr, send, hold, reset)?;
+                println!("{line}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn serve(port: u16, name: &str, reset: bool) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    println!("listening");
+    io::stdout().flush()?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            let peer = stream
+                .peer_addr()
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            let result = answer(stream, &name, reset);
+            // One line per connection, for the test to read what happened.
+            let line = serde_json::json!({
+                "peer": peer,
+                "bytes": result.as_ref().ok(),
+                "error": result.as_ref().err().map(|e| e.to_string()),
+            });
+            println!("{line}");
+        });
+    }
+    Ok(())
+}
+
+/// Returns how many bytes the client sent.
+fn answer(mut stream: TcpStream, name: &str, reset: bool) -> io::Result<u64> {
+    let peer = stream.peer_addr()?;
+    stream.write_all(format!("{name} {peer}\n").as_bytes())?;
+    if reset {
+        reset_close(stream)?;
+        return Ok(0);
+    }
+    let (count, digest) = hash_until_eof(&mut stream)?;
+    stream.write_all(format!("{count} {digest}\n").as_bytes())?;
+    Ok(count)
+}
+
+fn hash_until_eof(stream: &mut TcpStream) -> io::Result<(u64, String)> {
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0; 256 * 1024];
+    let mut count = 0u64;
+    loop {
+        let n = match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buffer[..n]);
+        count += n as u64;
+    }
+    Ok((count, hex(&hasher.finalize())))
+}
+
+/// One connection. Failing to connect is an error; anything that goes wrong
+/// after that (a reset, typically) is part of the report, under `error`.
+fn connect(addr: SocketAddr, send: u64, hold: bool, reset: bool) -> anyhow::Result<String> {
+    let stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(stream) => stream,
+        // Accepted and reset before connect() returned: a reset, not a failure to connect.
+        Err(error) if error.kind() == io::ErrorKind::ConnectionReset => {
+            return Ok(serde_json::json!({ "error": error.to_string() }).to_string());
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let local = stream.local_addr().ok();
+    let mut report = serde_json::json!({ "local": local });
+    if let Err(error) = session(stream, send, hold, reset, &mut report) {
+        report["error"] = error.to_string().into();
+    }
+    Ok(report.to_string())
+}
+
+fn session(
+    stream: TcpStream,
+    send: u64,
+    hold: bool,
+    reset: bool,
+    report: &mut serde_json::Value,
+) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting)?;
+    report["greeting"] = greeting.trim_end().into();
+    if reset {
+        return reset_close(stream);
+    }
+    if hold {
+        // Tell the driver the connection is up, then wait for it to let go.
+        println!(
+            "{}",
+            serde_json::json!({ "local": report["local"], "greeting": report["greeting"], "held": true })
+        );
+        io::stdout().flush()?;
+        io::stdin().read_to_end(&mut Vec::new())?;
+    }
+    let mut writer = stream;
+    let mut hasher = Sha256::new();
+    let mut sent = 0u64;
+    let mut chunk = vec![0; 256 * 1024];
+    while sent < send {
+        let n = (send - sent).min(chunk.len() as u64) as usize;
+        payload::fill(&mut chunk[..n], sent);
+        hasher.update(&chunk[..n]);
+        writer.write_all(&chunk[..n])?;
+        sent += n as u64;
+        report["sent"] = sent.into();
+    }
+    report["sent"] = sent.into();
+    report["sent_sha256"] = hex(&hasher.finalize()).into();
+    // On a socket already reset shutdown() says ENOTCONN while the reset
+    // itself is still pending: the read below reports it.
+    if let Err(error) = writer.shutdown(Shutdown::Write)
+        && error.kind() != io::ErrorKind::NotConnected
+    {
+        return Err(error);
+    }
+    let mut reply = String::new();
+    reader.read_line(&mut reply)?;
+    report["reply"] = reply.trim_end().into();
+    Ok(())
+}
+
+fn reset_close(stream: TcpStream) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a valid descriptor and a correctly sized value.
+    let ret = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(stream);
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,168 @@
+//! A pod: a network namespace on a veth to its node, its own cgroup, and
+//! `mesh-pod` processes running inside both.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::{
+    cgroup::Cgroup,
+    mesh_pod_bin,
+    netns::NetNs,
+    process::{self, Guarded, Lines},
+};
+
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// The veth end in the node namespace.
+    pub host_if: String,
+    // Processes die with the cgroup; the namespace goes last.
+    pub cgroup: Cgroup,
+    pub netns: NetNs,
+}
+
+/// A `mesh-pod serve` process.
+pub struct Server {
+    pub port: u16,
+    pub lines: Lines,
+    _process: Guarded,
+}
+
+impl Server {
+    /// One parsed JSON line per finished connection.
+    pub fn connections(&self) -> Vec<Value> {
+        self.lines
+            .snapshot()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until `count` connections finished, and returns them.
+    pub fn wait_connections(&self, count: usize, timeout: Duration) -> Vec<Value> {
+        // The first line is "listening".
+        self.lines.wait_for(count + 1, timeout);
+        self.connections()
+    }
+}
+
+/// Options of `mesh-pod connect`.
+#[derive(Default, Clone, Copy)]
+pub struct Connect {
+    pub count: u32,
+    pub send: u64,
+    pub reset: bool,
+}
+
+/// A `mesh-pod connect --hold` process: one open connection until dropped
+/// or released.
+pub struct Held {
+    pub local: SocketAddr,
+    pub greeting: String,
+    lines: Lines,
+    process: Guarded,
+}
+
+impl Held {
+    /// Lets the connection finish (half-close, read the answer) and returns
+    /// the client's report.
+    pub fn release(self) -> Value {
+        let mut child = self.process.into_inner();
+        drop(child.stdin.take());
+        let status = child.wait().expect("wait held client");
+        assert!(status.success(), "held client failed: {status}");
+        let lines = self.lines.wait_for(2, Duration::from_secs(10));
+        serde_json::from_str(lines.last().expect("a report")).expect("client JSON")
+    }
+}
+
+impl Pod {
+    pub fn command(&self, program: &std::path::Path) -> Command {
+        let mut command = Command::new(program);
+        process::enter(&mut command, &self.netns.path(), Some(self.cgroup.path()));
+        command
+    }
+
+    /// Starts a server on `port` that introduces itself as `name`.
+    pub fn serve(&self, port: u16, name: &str, reset: bool) -> Server {
+        let mut command = self.command(&mesh_pod_bin());
+        command.args(["serve", "--port", &port.to_string(), "--name", name]);
+        if reset {
+            command.arg("--reset");
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting server in {}: {e}", self.name));
+        let stdout = child.stdout.take().expect("piped");
+        let process = Guarded::new(child);
+        let (lines, rx) = Lines::collect(stdout);
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) if line == "listening" => {}
+            other => panic!("server in {} did not start: {other:?}", self.name),
+        }
+        Server {
+            port,
+            lines,
+            _process: process,
+        }
+    }
+
+    /// Runs `mesh-pod connect` to completion: one JSON report per connection.
+    pub fn connect(&self, addr: SocketAddr, options: Connect) -> Vec<Value> {
+        let mut command = self.command(&mesh_pod_bin());
+        command.args([
+            "connect",
+            "--addr",
+            &addr.to_string(),
+            "--count",
+            &options.count.max(1).to_string(),
+            "--send",
+            &options.send.to_string(),
+        ]);
+        if options.reset {
+            command.arg("--reset");
+        }
+        let output = command.output().expect("running client");
+        assert!(
+            output.status.success(),
+            "client in {} to {addr} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("client JSON"))
+            .collect()
+    }
+
+    /// Opens one connection and keeps it open until the result is released.
+    pub fn hold(&self, addr: SocketAddr) -> Held {
+        let mut child = self
+            .command(&mesh_pod_bin())
+            .args(["connect", "--addr", &addr.to_string(), "--hold"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting held client");
+        let stdout = child.stdout.take().expect("piped");
+        let (lines, rx) = Lines::collect(stdout);
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| {
+                panic!("held connection from {} to {addr} did not open", self.name)
+            });
+        let report: Value = serde_json::from_str(&line).expect("client JSON");
+        Held {
+            local: report["local"].as_str().unwrap().parse().unwrap(),
+            greeting: report["greeting"].as_str().unwrap().to_owned(),
+            lines,
+            process: Guarded::new(child),
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Nodes and their pods, wired the way many CNIs do it (Calico-style):
+//!
+//! ```text
+//!  pod netns                     node netns
+//!  eth0 10.<10+n>.0.<k>/32 ──veth── p-<pod> (169.254.1.1/32, route to the pod's /32)
+//!  default via 169.254.1.1       lo: node IP 10.0.0.<n>, ip_forward=1
+//! ```
+//!
+//! Every test builds its own namespaces, so addresses repeat across tests
+//! without clashing; only names must be unique, and [`unique_name`] sees to it.
+
+use std::net::Ipv4Addr;
+
+use crate::{
+    cgroup::{Cgroup, cgroup2_root},
+    netns::NetNs,
+    pod::Pod,
+    unique_name,
+};
+
+/// Address of the host side of every pod veth (the pods' gateway).
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+pub struct Node {
+    pub name: String,
+    pub index: u8,
+    /// The node's own address (on its loopback).
+    pub ip: Ipv4Addr,
+    pub pin_root: std::path::PathBuf,
+    /// Pods go before the node's cgroup and namespace when dropped.
+    pods: Vec<Pod>,
+    pub cgroup: Cgroup,
+    pub netns: NetNs,
+}
+
+impl Node {
+    /// Node `index` (1..=9) of the test labelled `label`.
+    pub fn new(label: &str, index: u8) -> Self {
+        assert!((1..=9).contains(&index), "node index 1..=9");
+        let name = unique_name(&format!("{label}-n{index}"));
+        let netns = NetNs::create(&name);
+        let cgroup = Cgroup::create(cgroup2_root().join("mesh-tests").join(&name));
+        let ip = Ipv4Addr::new(10, 0, 0, index);
+        netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+        netns.sysctl("net.ipv4.ip_forward", "1");
+        Self {
+            pin_root: std::path::PathBuf::from("/sys/fs/bpf").join(&name),
+            name,
+            index,
+            ip,
+            pods: Vec::new(),
+            cgroup,
+            netns,
+        }
+    }
+
+    /// Adds a pod called `name` (at most 13 characters: it names the veth).
+    pub fn add_pod(&mut self, name: &str) -> &Pod {
+        let host_if = format!("p-{name}");
+        assert!(
+            host_if.len() <= 15,
+            "pod name {name} too long for an interface name"
+        );
+        let ip = Ipv4Addr::new(10, 10 + self.index, 0, 2 + self.pods.len() as u8);
+        let netns = NetNs::create(&format!("{}-{name}", self.name));
+        let cgroup = self.cgroup.child(name);
+        crate::run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &host_if,
+                "netns",
+                self.netns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                netns.name(),
+            ],
+        );
+        self.netns
+            .ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &host_if]);
+        self.netns.ip(&["link", "set", &host_if, "up"]);
+        self.netns.ip(&[
+            "route",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            &host_if,
+            "src",
+            &self.ip.to_string(),
+        ]);
+        netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        netns.ip(&["link", "set", "eth0", "up"]);
+        netns.ip(&["route", "add", &GATEWAY.to_string(), "dev", "eth0"]);
+        netns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &GATEWAY.to_string(),
+            "dev",
+            "eth0",
+        ]);
+        self.pods.push(Pod {
+            name: name.to_owned(),
+            ip,
+            host_if,
+            cgroup,
+            netns,
+        });
+        self.pods.last().expect("just pushed")
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} on {}", self.name))
+    }
+
+    /// The config's `node:` section for this node.
+    pub fn node_yaml(&self) -> String {
+        format!(
+            "node: {{ name: {}, cgroup: {} }}\n",
+            self.name,
+            self.cgroup.path().display()
+        )
+    }
+
+    /// A `workloads:` entry for one of this node's pods.
+    pub fn workload_yaml(&self, pod: &str) -> String {
+        let pod = self.pod(pod);
+        format!(
+            "  - {{ name: {}, ips: [{}], interface: {}, cgroup: {} }}\n",
+            pod.name, pod.ip, pod.host_if, pod.name
+        )
+    }
+}
