@@ -78,23 +78,9 @@ pub async fn install() -> Result<(), RoutingError> {
     rule.message_mut()
         .attributes
         .push(RuleAttribute::FwMask(STEER_MARK_MASK));
-    if let Err(source) = rule.execute().await {
-        if code(&source) != Some(EEXIST) {
-            return Err(RoutingError::Netlink {
-                what: "adding the steer rule",
-                source,
-            });
-        }
-    }
-    if let Err(source) = handle.route().add(local_route()).execute().await {
-        if code(&source) != Some(EEXIST) {
-            return Err(RoutingError::Netlink {
-                what: "adding the local route",
-                source,
-            });
-        }
-    }
-    Ok(())
+    tolerate(rule.execute().await, &[EEXIST], "adding the steer rule")?;
+    let route = handle.route().add(local_route()).execute().await;
+    tolerate(route, &[EEXIST], "adding the local route")
 }
 
 /// Removes the rule and the route; already absent is fine.
@@ -116,23 +102,24 @@ pub async fn remove() -> Result<(), RoutingError> {
             .contains(&RuleAttribute::Priority(STEER_RULE_PRIORITY))
             && rule.attributes.contains(&RuleAttribute::FwMark(STEER_MARK));
         if ours {
-            if let Err(source) = handle.rule().del(rule).execute().await {
-                if !matches!(code(&source), Some(ENOENT | ESRCH)) {
-                    return Err(RoutingError::Netlink {
-                        what: "removing the steer rule",
-                        source,
-                    });
-                }
-            }
+            let deleted = handle.rule().del(rule).execute().await;
+            tolerate(deleted, &[ENOENT, ESRCH], "removing the steer rule")?;
         }
     }
-    if let Err(source) = handle.route().del(local_route()).execute().await {
-        if !matches!(code(&source), Some(ENOENT | ESRCH)) {
-            return Err(RoutingError::Netlink {
-                what: "removing the local route",
-                source,
-            });
+    let deleted = handle.route().del(local_route()).execute().await;
+    tolerate(deleted, &[ENOENT, ESRCH], "removing the local route")
+}
+
+/// Ok unless the request failed with an errno other than the `benign` ones.
+fn tolerate(
+    result: Result<(), rtnetlink::Error>,
+    benign: &[i32],
+    what: &'static str,
+) -> Result<(), RoutingError> {
+    match result {
+        Err(source) if !code(&source).is_some_and(|c| benign.contains(&c)) => {
+            Err(RoutingError::Netlink { what, source })
         }
+        _ => Ok(()),
     }
-    Ok(())
 }

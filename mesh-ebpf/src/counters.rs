@@ -18,5 +18,7 @@ pub fn bump(index: u32) {
 #[inline(always)]
 pub fn pod_stats(ifindex: u32) -> Option<&'static mut PodStats> {
     // SAFETY: per-CPU value, only this CPU writes it while we run.
-    MESH_POD_STATS.get_ptr_mut(&ifindex).map(|p| unsafe { &mut *p })
+    MESH_POD_STATS
+        .get_ptr_mut(ifindex)
+        .map(|p| unsafe { &mut *p })
 }

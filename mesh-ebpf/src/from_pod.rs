@@ -6,6 +6,7 @@
 //! - a segment of a flow the agent already holds goes to that socket;
 //! - a SYN with no such socket goes to the agent's transparent listener, so
 //!   the accepted socket's local address *is* the original destination.
+//!
 //! Assigned packets get the steer mark so the node routes them locally.
 //!
 //! Only this hook sees pod traffic, so the agent's own connections (which
@@ -38,7 +39,7 @@ pub fn mesh_from_pod(ctx: TcContext) -> i32 {
         stats.bytes_from_pod += u64::from(ctx.len());
     }
     steer(&ctx, stats);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 #[inline(always)]

@@ -2,34 +2,36 @@
 //! from `mesh-common`, so user space opens the same maps by the same names.
 
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    macros::btf_map,
 };
 use mesh_common::{
     ConnKey, ConnValue, MAX_CONNS, MAX_POD_INTERFACES, MAX_SERVICES, MAX_WORKLOADS, PodStats,
     ServiceKey, ServiceValue, Settings, WorkloadValue, counter,
 };
 
-#[map]
-pub static MESH_SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(MAX_SERVICES, 0);
+// BTF map definitions carry the key and value types, so `bpftool map dump`
+// prints field names instead of hex.
 
-#[map]
-pub static MESH_WORKLOADS: HashMap<u32, WorkloadValue> =
-    HashMap::with_max_entries(MAX_WORKLOADS, 0);
+#[btf_map]
+pub static MESH_SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> =
+    HashMap::new();
 
-#[map]
-pub static MESH_POD_STATS: PerCpuHashMap<u32, PodStats> =
-    PerCpuHashMap::with_max_entries(MAX_POD_INTERFACES, 0);
+#[btf_map]
+pub static MESH_WORKLOADS: HashMap<u32, WorkloadValue, { MAX_WORKLOADS as usize }> = HashMap::new();
 
-#[map]
-pub static MESH_CONNS: LruHashMap<ConnKey, ConnValue> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+#[btf_map]
+pub static MESH_POD_STATS: PerCpuHashMap<u32, PodStats, { MAX_POD_INTERFACES as usize }> =
+    PerCpuHashMap::new();
 
-#[map]
-pub static MESH_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+#[btf_map]
+pub static MESH_CONNS: LruHashMap<ConnKey, ConnValue, { MAX_CONNS as usize }> = LruHashMap::new();
 
-#[map]
-pub static MESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+#[btf_map]
+pub static MESH_SETTINGS: Array<Settings, 1> = Array::new();
+
+#[btf_map]
+pub static MESH_COUNTERS: PerCpuArray<u64, { counter::LEN as usize }> = PerCpuArray::new();
 
 /// The agent's settings, or `None` before the agent has written them.
 #[inline(always)]
@@ -42,13 +44,13 @@ pub fn settings() -> Option<&'static Settings> {
 pub fn is_meshed_destination(addr: u32, port: u16) -> bool {
     let key = ServiceKey { addr, port, pad: 0 };
     // SAFETY: map lookups return pointers into the map; we only test presence.
-    unsafe { MESH_SERVICES.get(&key).is_some() || MESH_WORKLOADS.get(&addr).is_some() }
+    unsafe { MESH_SERVICES.get(key).is_some() || MESH_WORKLOADS.get(addr).is_some() }
 }
 
 /// The local workload owning `addr`, if it is meshed and on this node.
 #[inline(always)]
 pub fn local_workload(addr: u32) -> Option<u32> {
     // SAFETY: the value is copied out before the map can change it.
-    let value = unsafe { MESH_WORKLOADS.get(&addr) }?;
+    let value = unsafe { MESH_WORKLOADS.get(addr) }?;
     (value.flags & mesh_common::WORKLOAD_LOCAL != 0).then_some(value.workload_id)
 }

@@ -53,5 +53,11 @@ pub fn parse_tcp_v4(ctx: &TcContext) -> Option<TcpV4> {
     let sport = u16::from_be(ctx.load(l4).ok()?);
     let dport = u16::from_be(ctx.load(l4 + 2).ok()?);
     let flags: u8 = ctx.load(l4 + 13).ok()?;
-    Some(TcpV4 { saddr, daddr, sport, dport, flags })
+    Some(TcpV4 {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        flags,
+    })
 }

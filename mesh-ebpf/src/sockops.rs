@@ -74,7 +74,7 @@ fn track(ctx: &SockOpsContext, direction: u32) {
         workload_id,
         direction,
     };
-    if maps::MESH_CONNS.insert(&key, &value, 0).is_ok() {
+    if maps::MESH_CONNS.insert(key, value, 0).is_ok() {
         counters::bump(counter::CONN_TRACKED);
         // Ask for the state callback so the entry leaves with the socket.
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -83,7 +83,7 @@ fn track(ctx: &SockOpsContext, direction: u32) {
 
 #[inline(always)]
 fn forget(ctx: &SockOpsContext) {
-    if maps::MESH_CONNS.remove(&conn_key(ctx)).is_ok() {
+    if maps::MESH_CONNS.remove(conn_key(ctx)).is_ok() {
         counters::bump(counter::CONN_CLOSED);
     }
 }

@@ -12,5 +12,5 @@ pub fn mesh_to_pod(ctx: TcContext) -> i32 {
         stats.packets_to_pod += 1;
         stats.bytes_to_pod += u64::from(ctx.len());
     }
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }

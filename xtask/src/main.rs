@@ -1,1 +1,245 @@
-fn main() {}
+//! Project tasks: `cargo xtask <verb>`. Every verb installs what it needs
+//! first, so each works on a fresh machine.
+
+mod prereqs;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "mesh-agent project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (apt packages, rust-src,
+    /// bpf-linker) and mount bpffs.
+    Setup,
+    /// Build the kernel programs to target/bpf/mesh-ebpf.o.
+    BuildEbpf,
+    /// Build the kernel programs and every binary.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test (unit and end-to-end; needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt check and clippy (workspace, then the kernel crate), no warnings.
+    Lint,
+    /// Build everything, start a simulated node with pods and an agent on the
+    /// built-in config, send traffic, show what happened, clean up.
+    Demo,
+    /// Remove what interrupted tests or demos left: namespaces, cgroups and
+    /// pins whose names start with the fixtures' prefix.
+    CleanTestEnv,
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = workspace_root();
+    match Cli::parse().command {
+        Task::Setup => prereqs::install_all(),
+        Task::BuildEbpf => build_ebpf(&root),
+        Task::Build { release } => build(&root, release),
+        Task::Test { args } => {
+            prereqs::install_all()?;
+            build(&root, false)?;
+            let mut command = cargo(&root);
+            command.args(["test", "--workspace", "--exclude", "xtask"]);
+            if !args.is_empty() {
+                command.arg("--").args(args);
+            }
+            run(&mut command)
+        }
+        Task::Lint => {
+            prereqs::install_toolchain()?;
+            build_ebpf(&root)?;
+            run(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
+            run(Command::new(rustfmt())
+                .args(["--edition", "2024", "--check"])
+                .arg(root.join("mesh-ebpf/src/main.rs")))?;
+            run(cargo(&root).args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            run(ebpf_cargo(&root, "clippy").args(["--", "-D", "warnings"]))
+        }
+        Task::Demo => {
+            prereqs::install_all()?;
+            build(&root, false)?;
+            run(&mut Command::new(root.join("target/debug/mesh-demo")))
+        }
+        Task::CleanTestEnv => clean_test_env(&root),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// The cargo that runs us (so the same toolchain builds everything).
+fn cargo(root: &Path) -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(root);
+    command
+}
+
+fn rustfmt() -> PathBuf {
+    std::env::var_os("CARGO")
+        .map(PathBuf::from)
+        .and_then(|cargo| cargo.parent().map(|dir| dir.join("rustfmt")))
+        .filter(|path| path.exists())
+        .unwrap_or_else(|| "rustfmt".into())
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Where `build-ebpf` puts the kernel object (the agent embeds it from here).
+pub const EBPF_OBJECT: &str = "target/bpf/mesh-ebpf.o";
+
+/// cargo for the kernel crate: bpfel target, core built from source (on the
+/// stable compiler, through RUSTC_BOOTSTRAP), BTF for bpftool.
+fn ebpf_cargo(root: &Path, verb: &str) -> Command {
+    let mut command = cargo(&root.join("mesh-ebpf"));
+    command
+        .args([
+            verb,
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            [
+                "--cfg",
+                "bpf_target_arch=\"x86_64\"",
+                "-C",
+                "debuginfo=2",
+                "-C",
+                "link-arg=--btf",
+            ]
+            .join("\x1f"),
+        );
+    command
+}
+
+fn build_ebpf(root: &Path) -> anyhow::Result<()> {
+    prereqs::install_toolchain()?;
+    run(&mut ebpf_cargo(root, "build"))?;
+    let built = root.join("target/ebpf/bpfel-unknown-none/release/mesh-ebpf");
+    let object = root.join(EBPF_OBJECT);
+    std::fs::create_dir_all(object.parent().expect("has a parent"))?;
+    // Copy only on change so the agent is not rebuilt for nothing.
+    let new = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    if std::fs::read(&object).ok().as_deref() != Some(new.as_slice()) {
+        std::fs::write(&object, new)?;
+    }
+    println!("kernel object: {}", object.display());
+    Ok(())
+}
+
+fn build(root: &Path, release: bool) -> anyhow::Result<()> {
+    build_ebpf(root)?;
+    let mut command = cargo(root);
+    command.args(["build", "--workspace", "--exclude", "xtask", "--bins"]);
+    if release {
+        command.arg("--release");
+    }
+    run(&mut command)
+}
+
+fn clean_test_env(root: &Path) -> anyhow::Result<()> {
+    let prefix = "mt";
+    let owned = |name: &str| {
+        name.starts_with(prefix) && name[prefix.len()..].starts_with(|c: char| c.is_ascii_digit())
+    };
+    let agent = root.join("target/debug/mesh-agent");
+    // Pins first (in the right namespace the routing goes too), then namespaces.
+    for entry in std::fs::read_dir("/sys/fs/bpf")?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if owned(&name) {
+            let netns = Path::new("/run/netns").join(&name);
+            let mut command = Command::new("nsenter");
+            if netns.exists() {
+                command.arg(format!("--net={}", netns.display()));
+            }
+            command
+                .arg(&agent)
+                .args(["cleanup", "--pin-root"])
+                .arg(entry.path());
+            if run(&mut command).is_err() {
+                std::fs::remove_dir_all(entry.path()).ok();
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if owned(&name) {
+                run(Command::new("ip").args(["netns", "del", &name]))?;
+            }
+        }
+    }
+    for cgroup_root in [
+        "/sys/fs/cgroup/unified/mesh-tests",
+        "/sys/fs/cgroup/mesh-tests",
+    ] {
+        remove_cgroup_tree(Path::new(cgroup_root));
+    }
+    println!("test environment clean");
+    Ok(())
+}
+
+/// Kills what runs in a cgroup tree and removes it, deepest first.
+fn remove_cgroup_tree(path: &Path) {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&entry.path());
+        }
+    }
+    if let Ok(procs) = std::fs::read_to_string(path.join("cgroup.procs")) {
+        for pid in procs.lines() {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+    }
+    for _ in 0..50 {
+        if std::fs::remove_dir(path).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

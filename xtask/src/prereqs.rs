@@ -1,0 +1,135 @@
+//! Prerequisites, installed only when missing (see ../shared/TOOLCHAIN.md
+//! for why each is needed and the bpf-linker recipe).
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// Debian packages the build, tests and demo call, by the command they provide.
+const PACKAGES: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn install_all() -> anyhow::Result<()> {
+    install_packages()?;
+    install_toolchain()?;
+    mount_bpffs()
+}
+
+/// rust-src (to build `core` for the BPF target) and bpf-linker.
+pub fn install_toolchain() -> anyhow::Result<()> {
+    let installed = output("rustup", &["component", "list", "--installed"]).unwrap_or_default();
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("installing rust-src");
+        status("rustup", &["component", "add", "rust-src"])?;
+    }
+    let linker = output("bpf-linker", &["--version"]).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        install_bpf_linker()?;
+    }
+    Ok(())
+}
+
+/// bpf-linker linked against the LLVM that ships inside the Rust toolchain
+/// (Debian's LLVM is too old, and the default feature wants LLVM 23).
+fn install_bpf_linker() -> anyhow::Result<()> {
+    println!("installing bpf-linker {BPF_LINKER_VERSION}");
+    let sysroot = output("rustc", &["--print", "sysroot"])?.trim().to_owned();
+    let lib = format!("{sysroot}/lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| {
+            name.starts_with("libLLVM-") && name.contains("-rust-") && name.ends_with(".so")
+        })
+        .with_context(|| format!("no libLLVM-*-rust-*.so in {lib}"))?;
+    let llvm = llvm.trim_start_matches("lib").trim_end_matches(".so");
+    let major = llvm
+        .trim_start_matches("LLVM-")
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap_or_default();
+    let rustflags = format!("-L native={lib} -l dylib={llvm} -C link-arg=-Wl,-rpath,{lib}");
+    let ok = Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+        ])
+        .args(["--features", &format!("llvm-{major},no-llvm-linking")])
+        .env("RUSTFLAGS", rustflags)
+        .status()?
+        .success();
+    if !ok {
+        bail!("installing bpf-linker failed");
+    }
+    Ok(())
+}
+
+fn install_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(command, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {command}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("installing {}", missing.join(" "));
+    status("apt-get", &["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq"];
+    args.extend(&missing);
+    let ok = Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()?
+        .success();
+    if !ok {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+fn mount_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        println!("mounting bpffs at /sys/fs/bpf");
+        status("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])?;
+    }
+    Ok(())
+}
+
+fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn status(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    if !Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {program}"))?
+        .success()
+    {
+        bail!("{program} {} failed", args.join(" "));
+    }
+    Ok(())
+}
