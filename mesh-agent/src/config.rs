@@ -358,7 +358,7 @@ services:
     fn bad_ip_is_named() {
         let message = error(&GOOD.replace("10.96.0.10", "10.96.0.300"));
         assert!(message.contains("services[0].vip"), "{message}");
-        assert!(message.contains("line 7"), "{message}");
+        assert!(message.contains("line 8"), "{message}");
     }
 
     #[test]
