@@ -56,7 +56,13 @@ fn main() -> anyhow::Result<()> {
             prereqs::install_all()?;
             build(&root, false)?;
             let mut command = cargo(&root);
-            command.args(["test", "--workspace", "--exclude", "xtask", "--no-fail-fast"]);
+            command.args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "xtask",
+                "--no-fail-fast",
+            ]);
             if !args.is_empty() {
                 command.arg("--").args(args);
             }
