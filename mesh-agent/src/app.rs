@@ -4,8 +4,9 @@
 //! Start: routing, listener, kernel programs, then the model into the maps
 //! (so the first captured SYN finds a listener). Stop (SIGTERM/SIGINT): stop
 //! accepting, let open connections drain while capture stays attached,
-//! then detach and unpin everything and remove the routing. SIGHUP reloads
-//! the config; a bad config is logged and the last good one stays.
+//! then detach and unpin everything and remove the routing. A change to the
+//! config file (or SIGHUP) reloads it; a bad config is logged and the last
+//! good one stays.
 
 use std::{
     net::SocketAddr,
@@ -18,10 +19,7 @@ use std::{
 
 use anyhow::Context;
 use serde_json::json;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::watch,
-};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
@@ -29,9 +27,11 @@ use crate::{
     admin::{self, AdminState},
     config::{Config, any_addr},
     dataplane::{Dataplane, DataplaneSettings, KernelMaps, PinLayout, maps::raw_ip},
+    health::HealthChecks,
+    lb::Registry,
     model::MeshState,
     proxy::{self, Outbound, OutboundStats, Routes},
-    routing,
+    routing, watch,
 };
 
 pub struct RunOptions {
@@ -77,11 +77,15 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let ready = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(OutboundStats::default());
-    let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::new(state)));
+    let registry = Arc::new(Registry::default());
+    let mut health = HealthChecks::default();
+    health.sync(&state, &registry);
+    let (routes_tx, routes_rx) =
+        tokio::sync::watch::channel(Arc::new(Routes::new(state, &registry)));
 
     let admin_state = AdminState {
         ready: ready.clone(),
-        stats: stats_fn(dataplane.pins().clone(), stats.clone()),
+        stats: stats_fn(dataplane.pins().clone(), stats.clone(), routes_rx.clone()),
     };
     for addr in [options.admin, options.ready] {
         let listener = admin::bind(addr)
@@ -98,14 +102,25 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
+    let (_watcher, mut changed) = watch::config_file(&options.config)
+        .with_context(|| format!("watching {}", options.config.display()))?;
+    let mut reloader = Reloader {
+        path: &options.config,
+        dataplane: &mut dataplane,
+        routes: &routes_tx,
+        registry: &registry,
+        health: &mut health,
+    };
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = hangup.recv() => {
-                if let Some(new) = reload(&options.config, &config, &mut dataplane, &routes_tx) {
-                    config = new;
-                }
+            _ = hangup.recv() => reloader.reload(&mut config),
+            Some(()) = changed.recv() => {
+                // Let a burst of writes settle before reading the file.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                while changed.try_recv().is_ok() {}
+                reloader.reload(&mut config);
             }
         }
     }
@@ -126,34 +141,44 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies a changed config file. Returns the new config when it was applied.
-fn reload(
-    path: &Path,
-    current: &Config,
-    dataplane: &mut Dataplane,
-    routes: &watch::Sender<Arc<Routes>>,
-) -> Option<Config> {
-    let config = match Config::load(path) {
-        Ok(config) => config,
-        Err(error) => {
-            error!(%error, "config rejected; keeping the last good config");
-            return None;
+/// Everything a reload touches.
+struct Reloader<'a> {
+    path: &'a Path,
+    dataplane: &'a mut Dataplane,
+    routes: &'a tokio::sync::watch::Sender<Arc<Routes>>,
+    registry: &'a Arc<Registry>,
+    health: &'a mut HealthChecks,
+}
+
+impl Reloader<'_> {
+    /// Applies the config file if it is valid; otherwise keeps `current`.
+    fn reload(&mut self, current: &mut Config) {
+        let config = match Config::load(self.path) {
+            Ok(config) => config,
+            Err(error) => {
+                error!(%error, "config rejected; keeping the last good config");
+                return;
+            }
+        };
+        if config.node != current.node || config.proxy != current.proxy {
+            warn!(
+                "node and proxy settings change only on restart; applying workloads and services"
+            );
         }
-    };
-    if config.node != current.node || config.proxy != current.proxy {
-        warn!("node and proxy settings change only on restart; applying workloads and services");
-    }
-    let state = Arc::new(MeshState::from_config(&config));
-    match dataplane.sync(&state) {
-        Ok(problems) => report_problems(problems),
-        Err(error) => {
-            error!(%error, "updating the kernel maps; keeping the last good config");
-            return None;
+        let state = Arc::new(MeshState::from_config(&config));
+        match self.dataplane.sync(&state) {
+            Ok(problems) => report_problems(problems),
+            Err(error) => {
+                error!(%error, "updating the kernel maps; keeping the last good config");
+                return;
+            }
         }
+        self.health.sync(&state, self.registry);
+        self.routes
+            .send_replace(Arc::new(Routes::new(state, self.registry)));
+        info!("config reloaded");
+        *current = config;
     }
-    routes.send_replace(Arc::new(Routes::new(state)));
-    info!("config reloaded");
-    Some(config)
 }
 
 fn report_problems(problems: Vec<String>) {
@@ -164,8 +189,13 @@ fn report_problems(problems: Vec<String>) {
 
 /// `/stats`: the proxy's counters and what the kernel maps hold, read from
 /// the pins so the admin server needs no access to the dataplane.
-fn stats_fn(pins: PinLayout, outbound: Arc<OutboundStats>) -> admin::StatsFn {
+fn stats_fn(
+    pins: PinLayout,
+    outbound: Arc<OutboundStats>,
+    routes: tokio::sync::watch::Receiver<Arc<Routes>>,
+) -> admin::StatsFn {
     Arc::new(move || {
+        let services = routes.borrow().balancers.snapshot();
         let kernel = match KernelMaps::open_pinned(&pins) {
             Ok(maps) => {
                 let counters: serde_json::Map<String, serde_json::Value> = maps
@@ -206,6 +236,6 @@ fn stats_fn(pins: PinLayout, outbound: Arc<OutboundStats>) -> admin::StatsFn {
             }
             Err(error) => json!({ "error": error.to_string() }),
         };
-        json!({ "outbound": outbound.snapshot(), "kernel": kernel })
+        json!({ "outbound": outbound.snapshot(), "services": services, "kernel": kernel })
     })
 }

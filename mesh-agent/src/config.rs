@@ -14,6 +14,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::{Locality, Policy, Resilience, Split};
+
 /// Why a config was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -123,6 +125,17 @@ pub struct ServiceConfig {
     pub ports: Vec<ServicePortConfig>,
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// How endpoints are chosen (default `p2c_ewma`).
+    #[serde(default)]
+    pub policy: Policy,
+    /// Same-node preference (default `prefer`).
+    #[serde(default)]
+    pub locality: Locality,
+    /// Shares of new connections per endpoint subset (canary, blue/green).
+    #[serde(default)]
+    pub splits: Vec<Split>,
+    #[serde(default)]
+    pub resilience: Resilience,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,6 +154,12 @@ pub struct EndpointConfig {
     /// Relative share of new connections; 0 takes the endpoint out of rotation.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// The subset (version) it belongs to, for `splits`.
+    #[serde(default)]
+    pub subset: Option<String>,
+    /// The node it runs on; default: the node of the workload with this IP.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -292,6 +311,7 @@ impl Config {
                     return fail(port_field, message);
                 }
             }
+            validate_policy(service).map_err(|(name, message)| (field(&name), message))?;
             let mut seen = HashMap::new();
             for (endpoint_index, endpoint) in service.endpoints.iter().enumerate() {
                 if let Some(other) = seen.insert(endpoint.ip, endpoint_index) {
@@ -304,6 +324,68 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks a service's splits and resilience settings. Errors are
+/// `(field relative to the service, message)`.
+fn validate_policy(service: &ServiceConfig) -> Result<(), (String, String)> {
+    let fail = |field: String, message: String| Err((field, message));
+    let mut subsets = HashMap::new();
+    for (index, split) in service.splits.iter().enumerate() {
+        if subsets.insert(split.subset.as_str(), index).is_some() {
+            return fail(
+                format!("splits[{index}].subset"),
+                format!("{} is listed twice", split.subset),
+            );
+        }
+        if !service
+            .endpoints
+            .iter()
+            .any(|e| e.subset.as_deref() == Some(split.subset.as_str()))
+        {
+            return fail(
+                format!("splits[{index}].subset"),
+                format!("no endpoint is in subset {}", split.subset),
+            );
+        }
+    }
+    if !service.splits.is_empty() && service.splits.iter().all(|s| s.weight == 0) {
+        return fail(
+            "splits".into(),
+            "at least one split needs a weight above 0".into(),
+        );
+    }
+    let r = &service.resilience;
+    if r.connect_timeout_ms == Some(0) || r.idle_timeout_ms == Some(0) {
+        return fail("resilience".into(), "timeouts must be above 0".into());
+    }
+    if r.outlier_detection.max_ejection_percent > 100 {
+        return fail(
+            "resilience.outlier_detection.max_ejection_percent".into(),
+            "must be at most 100".into(),
+        );
+    }
+    if r.outlier_detection.base_ejection_ms > r.outlier_detection.max_ejection_ms {
+        return fail(
+            "resilience.outlier_detection.base_ejection_ms".into(),
+            "must not exceed max_ejection_ms".into(),
+        );
+    }
+    if let Some(check) = &r.health_check {
+        if check.interval_ms == 0 || check.timeout_ms == 0 {
+            return fail(
+                "resilience.health_check".into(),
+                "interval and timeout must be above 0".into(),
+            );
+        }
+        if check.healthy_threshold == 0 || check.unhealthy_threshold == 0 {
+            return fail(
+                "resilience.health_check".into(),
+                "thresholds must be at least 1".into(),
+            );
+        }
+    }
+    Ok(())
 }
 
 impl ServicePortConfig {

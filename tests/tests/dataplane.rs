@@ -41,6 +41,7 @@ fn single_node(label: &str) -> SingleNode {
         "{node_yaml}workloads:\n{client}{be1}{be2}{rst}services:
   - name: echo
     vip: 10.96.0.10
+    policy: round_robin
     ports: [{{ port: 80, target_port: 8080 }}]
     endpoints: [{{ ip: {be1_ip} }}, {{ ip: {be2_ip} }}]
   - name: resetter

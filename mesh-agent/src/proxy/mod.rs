@@ -9,7 +9,10 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::TcpListener;
 
 pub use self::outbound::{Outbound, OutboundStats};
-use crate::{lb::Balancers, model::MeshState};
+use crate::{
+    lb::{Balancers, Registry},
+    model::MeshState,
+};
 
 /// One consistent view for routing decisions: the model and the balancers
 /// built for it. Swapped whole on reload; connections keep the one they began with.
@@ -19,8 +22,8 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn new(state: Arc<MeshState>) -> Self {
-        let balancers = Balancers::new(&state);
+    pub fn new(state: Arc<MeshState>, registry: &Arc<Registry>) -> Self {
+        let balancers = Balancers::new(&state, registry);
         Self { state, balancers }
     }
 }

@@ -19,8 +19,14 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use super::{Routes, splice};
-use crate::model::Destination;
+use super::{
+    Routes,
+    splice::{self, Side},
+};
+use crate::{
+    lb::{RetryPermit, ServiceBalancer},
+    model::{Destination, ServicePort},
+};
 
 /// Counters the outbound proxy keeps.
 #[derive(Debug, Default)]
@@ -113,7 +119,6 @@ impl Connection {
     }
 
     async fn proxy(&self, client: TcpStream, peer: SocketAddr) {
-        let started = Instant::now();
         // The transparent socket's local address is where the pod connected to.
         let original = match client.local_addr() {
             Ok(SocketAddr::V4(addr)) => addr,
@@ -122,50 +127,128 @@ impl Connection {
                 return splice::reset(client);
             }
         };
-        let Some(target) = self.choose(original) else {
-            warn!(%peer, destination = %original, "no endpoint available; resetting");
-            self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-            return splice::reset(client);
-        };
-        let upstream = match connect(target, self.connect_timeout).await {
-            Ok(upstream) => upstream,
-            Err(error) => {
-                warn!(%peer, destination = %original, endpoint = %target, %error, "connect failed; resetting client");
-                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                return splice::reset(client);
+        match self.routes.state.destination(original) {
+            Destination::Service { service, port } => {
+                self.proxy_service(client, peer, original, service, port)
+                    .await
             }
-        };
-        let _ = client.set_nodelay(true);
-        let spliced = splice::splice(client, upstream).await;
-        let duration_ms = started.elapsed().as_millis() as u64;
-        match spliced.error {
-            None => info!(
-                %peer, destination = %original, endpoint = %target,
-                sent = spliced.sent, received = spliced.received, duration_ms,
-                "connection closed"
-            ),
-            Some(error) => info!(
-                %peer, destination = %original, endpoint = %target,
-                sent = spliced.sent, received = spliced.received, duration_ms, %error,
-                "connection reset"
-            ),
+            // A workload's own address, or something the model no longer
+            // has (it was meshed when the kernel captured it): go where the
+            // pod wanted to go.
+            Destination::Workload(_) | Destination::Unknown => {
+                self.proxy_direct(client, peer, original).await
+            }
         }
     }
 
-    /// Where a connection to `original` goes: a service endpoint chosen by
-    /// the balancer, or the workload itself.
-    fn choose(&self, original: SocketAddrV4) -> Option<SocketAddrV4> {
-        let state = &self.routes.state;
-        match state.destination(original) {
-            Destination::Service { service, port } => {
-                let endpoint = self.routes.balancers.pick(service)?;
-                let ip = state.services[service].endpoints[endpoint].ip;
-                Some(SocketAddrV4::new(ip, port.target_port))
+    async fn proxy_direct(&self, client: TcpStream, peer: SocketAddr, original: SocketAddrV4) {
+        let started = Instant::now();
+        match connect(original, self.connect_timeout).await {
+            Ok(upstream) => {
+                let spliced = splice::splice(client, upstream, None).await;
+                log_close(peer, original, original, &spliced, started);
             }
-            // The kernel captured it, so it was meshed a moment ago: go where
-            // the pod wanted to go.
-            Destination::Workload(_) | Destination::Unknown => Some(original),
+            Err(error) => {
+                warn!(%peer, destination = %original, %error, "connect failed; resetting client");
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                splice::reset(client);
+            }
         }
+    }
+
+    async fn proxy_service(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        original: SocketAddrV4,
+        service: usize,
+        port: ServicePort,
+    ) {
+        let started = Instant::now();
+        let Some(balancer) = self.routes.balancers.service(service) else {
+            return splice::reset(client);
+        };
+        let mut admission = match balancer.admit() {
+            Ok(admission) => admission,
+            Err(error) => {
+                warn!(%peer, destination = %original, service = %balancer.name, %error, "refused");
+                return splice::reset(client);
+            }
+        };
+        let client_ip = match peer {
+            SocketAddr::V4(peer) => *peer.ip(),
+            SocketAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+        };
+        let timeout = balancer.connect_timeout(self.connect_timeout);
+        let mut tried = Vec::new();
+        let mut _retry: Option<RetryPermit> = None;
+        let (upstream, endpoint) = loop {
+            let endpoint = match balancer.pick(client_ip, &tried) {
+                Ok(endpoint) => endpoint,
+                Err(error) => {
+                    warn!(%peer, destination = %original, service = %balancer.name, tried = tried.len(), %error, "no endpoint; resetting client");
+                    self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    return splice::reset(client);
+                }
+            };
+            let target = ServiceBalancer::target(&endpoint, port);
+            let connecting = endpoint.begin_connect();
+            let attempt = Instant::now();
+            match connect(target, timeout).await {
+                Ok(upstream) => {
+                    endpoint.connect_succeeded(attempt.elapsed());
+                    break (upstream, endpoint);
+                }
+                Err(error) => {
+                    drop(connecting);
+                    balancer.report_failure(&endpoint);
+                    tried.push(endpoint.ip);
+                    let attempts_left = tried.len() <= balancer.resilience.retry.retries as usize;
+                    let permit = if attempts_left {
+                        balancer.try_retry()
+                    } else {
+                        None
+                    };
+                    warn!(%peer, service = %balancer.name, endpoint = %target, %error, retrying = permit.is_some(), "connect failed");
+                    if permit.is_none() {
+                        self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                        return splice::reset(client);
+                    }
+                    _retry = permit;
+                }
+            }
+        };
+        drop(_retry);
+        admission.established();
+        let _active = endpoint.begin_active();
+        let target = ServiceBalancer::target(&endpoint, port);
+        let spliced = splice::splice(client, upstream, balancer.idle_timeout()).await;
+        if matches!(spliced.error, Some((Side::Upstream, _))) {
+            balancer.report_failure(&endpoint);
+        }
+        log_close(peer, original, target, &spliced, started);
+    }
+}
+
+fn log_close(
+    peer: SocketAddr,
+    original: SocketAddrV4,
+    endpoint: SocketAddrV4,
+    spliced: &splice::Spliced,
+    started: Instant,
+) {
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match &spliced.error {
+        None => info!(
+            %peer, destination = %original, %endpoint,
+            sent = spliced.sent, received = spliced.received, duration_ms,
+            "connection closed"
+        ),
+        Some((side, error)) => info!(
+            %peer, destination = %original, %endpoint,
+            sent = spliced.sent, received = spliced.received, duration_ms, ?side, %error,
+            "connection reset"
+        ),
     }
 }
 

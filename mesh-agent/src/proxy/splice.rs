@@ -4,7 +4,11 @@
 //! - a reset or any I/O error on either side resets both sides (RST, not FIN),
 //!   so neither peer mistakes an abort for a clean end.
 
-use std::io;
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 use tokio::{
     io::AsyncWriteExt,
@@ -18,6 +22,15 @@ use tokio::{
 /// connection holds none.
 const BUFFER_SIZE: usize = 64 * 1024;
 
+/// Which connection an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    /// Neither: the idle timeout closed the connection.
+    Idle,
+}
+
 #[derive(Debug)]
 pub struct Spliced {
     /// Bytes from the downstream (client) side to the upstream side.
@@ -25,28 +38,55 @@ pub struct Spliced {
     /// Bytes from the upstream side back to the client.
     pub received: u64,
     /// `None` when both directions ended cleanly.
-    pub error: Option<io::Error>,
+    pub error: Option<(Side, io::Error)>,
 }
 
-pub async fn splice(client: TcpStream, upstream: TcpStream) -> Spliced {
+/// Splices until both directions end; with `idle`, a connection with no
+/// bytes either way for that long is reset on both sides.
+pub async fn splice(client: TcpStream, upstream: TcpStream, idle: Option<Duration>) -> Spliced {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
     let (mut sent, mut received) = (0u64, 0u64);
+    let started = Instant::now();
+    // Milliseconds since `started` of the last byte moved either way.
+    let last_activity = AtomicU64::new(0);
     let error = {
-        let to_upstream = pump(&mut client_read, &mut upstream_write, &mut sent);
-        let to_client = pump(&mut upstream_read, &mut client_write, &mut received);
+        let to_upstream = pump(
+            &mut client_read,
+            &mut upstream_write,
+            &mut sent,
+            started,
+            &last_activity,
+        );
+        let to_client = pump(
+            &mut upstream_read,
+            &mut client_write,
+            &mut received,
+            started,
+            &last_activity,
+        );
         tokio::pin!(to_upstream, to_client);
         let (mut up_done, mut down_done) = (false, false);
         loop {
+            let idle_deadline = idle.map(|idle| {
+                started + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + idle
+            });
             tokio::select! {
                 result = &mut to_upstream, if !up_done => match result {
                     Ok(()) => up_done = true,
-                    Err(error) => break Some(error),
+                    Err((side, error)) => break Some((side.flip_if(false), error)),
                 },
                 result = &mut to_client, if !down_done => match result {
                     Ok(()) => down_done = true,
-                    Err(error) => break Some(error),
+                    Err((side, error)) => break Some((side.flip_if(true), error)),
                 },
+                _ = sleep_until(idle_deadline), if idle_deadline.is_some() => {
+                    let idle = idle.expect("deadline implies idle");
+                    let quiet = started.elapsed().saturating_sub(Duration::from_millis(last_activity.load(Ordering::Relaxed)));
+                    if quiet >= idle {
+                        break Some((Side::Idle, io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
+                    }
+                }
             }
             if up_done && down_done {
                 break None;
@@ -64,24 +104,54 @@ pub async fn splice(client: TcpStream, upstream: TcpStream) -> Spliced {
     }
 }
 
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Where a pump failed: reading its source or writing its destination.
+#[derive(Debug, Clone, Copy)]
+enum PumpSide {
+    Read,
+    Write,
+}
+
+impl PumpSide {
+    /// The connection that failed, for the client→upstream pump (`false`)
+    /// or the upstream→client pump (`true`).
+    fn flip_if(self, from_upstream: bool) -> Side {
+        match (self, from_upstream) {
+            (PumpSide::Read, false) | (PumpSide::Write, true) => Side::Client,
+            (PumpSide::Read, true) | (PumpSide::Write, false) => Side::Upstream,
+        }
+    }
+}
+
 /// Copies until end of stream, then shuts down the writer.
 async fn pump(
     from: &mut OwnedReadHalf,
     to: &mut OwnedWriteHalf,
     count: &mut u64,
-) -> io::Result<()> {
+    started: Instant,
+    last_activity: &AtomicU64,
+) -> Result<(), (PumpSide, io::Error)> {
     let mut buffer: Option<Box<[u8]>> = None;
     loop {
-        from.readable().await?;
+        from.readable().await.map_err(|e| (PumpSide::Read, e))?;
         let buffer = buffer.get_or_insert_with(|| vec![0; BUFFER_SIZE].into_boxed_slice());
         match from.try_read(buffer) {
-            Ok(0) => return to.shutdown().await,
+            Ok(0) => return to.shutdown().await.map_err(|e| (PumpSide::Write, e)),
             Ok(n) => {
-                to.write_all(&buffer[..n]).await?;
+                last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                to.write_all(&buffer[..n])
+                    .await
+                    .map_err(|e| (PumpSide::Write, e))?;
                 *count += n as u64;
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(error) => return Err(error),
+            Err(error) => return Err((PumpSide::Read, error)),
         }
     }
 }

@@ -156,7 +156,7 @@ fn main() {
 
 fn built_in_config(node: &Node) -> String {
     format!(
-        "{}workloads:\n{}{}{}services:\n  - name: web\n    namespace: default\n    vip: 10.96.0.10\n    ports: [{{ port: 80, target_port: 8080 }}]\n    endpoints: [{{ ip: {} }}, {{ ip: {} }}]\n",
+        "{}workloads:\n{}{}{}services:\n  - name: web\n    namespace: default\n    vip: 10.96.0.10\n    policy: round_robin\n    ports: [{{ port: 80, target_port: 8080 }}]\n    endpoints: [{{ ip: {} }}, {{ ip: {} }}]\n",
         node.node_yaml(),
         node.workload_yaml("client"),
         node.workload_yaml("web-1"),

@@ -10,8 +10,13 @@ use std::{
     path::PathBuf,
 };
 
+mod policy;
+
 use serde::Serialize;
 
+pub use self::policy::{
+    CircuitBreaker, HealthCheck, Locality, OutlierDetection, Policy, Resilience, Retry, Split,
+};
 use crate::config::Config;
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -53,6 +58,11 @@ pub struct Service {
     pub vip: Ipv4Addr,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
+    pub policy: Policy,
+    pub locality: Locality,
+    /// Empty: every endpoint by its weight.
+    pub splits: Vec<Split>,
+    pub resilience: Resilience,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -61,10 +71,16 @@ pub struct ServicePort {
     pub target_port: u16,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub weight: u32,
+    /// The subset (version) the endpoint belongs to, for splits.
+    pub subset: Option<String>,
+    /// The node it runs on, when known.
+    pub node: Option<String>,
+    /// Runs on this node.
+    pub local: bool,
 }
 
 /// What a captured connection's original destination means.
@@ -128,6 +144,13 @@ impl MeshState {
                 }
             })
             .collect();
+        let node_of = |ip: Ipv4Addr| {
+            config
+                .workloads
+                .iter()
+                .find(|w| w.ips.contains(&ip))
+                .map(|w| w.node.clone().unwrap_or_else(|| node.name.clone()))
+        };
         let services = config
             .services
             .iter()
@@ -135,6 +158,10 @@ impl MeshState {
                 name: s.name.clone(),
                 namespace: s.namespace.clone(),
                 vip: s.vip,
+                policy: s.policy,
+                locality: s.locality,
+                splits: s.splits.clone(),
+                resilience: s.resilience.clone(),
                 ports: s
                     .ports
                     .iter()
@@ -146,9 +173,15 @@ impl MeshState {
                 endpoints: s
                     .endpoints
                     .iter()
-                    .map(|e| Endpoint {
-                        ip: e.ip,
-                        weight: e.weight,
+                    .map(|e| {
+                        let on_node = e.node.clone().or_else(|| node_of(e.ip));
+                        Endpoint {
+                            ip: e.ip,
+                            weight: e.weight,
+                            subset: e.subset.clone(),
+                            local: on_node.as_deref() == Some(node.name.as_str()),
+                            node: on_node,
+                        }
                     })
                     .collect(),
             })

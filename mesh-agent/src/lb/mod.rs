@@ -1,0 +1,56 @@
+//! Endpoint selection and resilience: balancing policies, subset splits,
+//! locality, circuit breakers, outlier ejection, retry budgets.
+//!
+//! [`state`] holds what must survive a reload (per endpoint and per
+//! service); [`Balancers`] is rebuilt for each config snapshot on top of it.
+
+mod ewma;
+mod maglev;
+mod service;
+pub mod state;
+
+use std::{net::Ipv4Addr, sync::Arc};
+
+pub use self::{
+    service::{Admission, PickError, RetryPermit, ServiceBalancer, ServiceSnapshot},
+    state::{EndpointState, Registry},
+};
+use crate::model::MeshState;
+
+/// One balancer per service, for one `MeshState`.
+pub struct Balancers {
+    per_service: Vec<ServiceBalancer>,
+}
+
+impl Balancers {
+    pub fn new(state: &MeshState, registry: &Arc<Registry>) -> Self {
+        let per_service = state
+            .services
+            .iter()
+            .map(|s| ServiceBalancer::new(s, registry))
+            .collect();
+        let endpoints: Vec<Ipv4Addr> = state
+            .services
+            .iter()
+            .flat_map(|s| s.endpoints.iter().map(|e| e.ip))
+            .collect();
+        let services: Vec<(String, String)> = state
+            .services
+            .iter()
+            .map(|s| (s.namespace.clone(), s.name.clone()))
+            .collect();
+        registry.retain(&endpoints, &services);
+        Self { per_service }
+    }
+
+    pub fn service(&self, id: usize) -> Option<&ServiceBalancer> {
+        self.per_service.get(id)
+    }
+
+    pub fn snapshot(&self) -> Vec<ServiceSnapshot> {
+        self.per_service
+            .iter()
+            .map(ServiceBalancer::snapshot)
+            .collect()
+    }
+}

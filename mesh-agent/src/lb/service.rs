@@ -1,0 +1,455 @@
+//! One service's balancer, built per config snapshot over the shared state.
+//!
+//! A pick goes: subset split → available endpoints (healthy, not ejected,
+//! under their breaker limits, not already tried) → locality → policy.
+//! When nothing is available, every endpoint under its limits is a
+//! candidate again (panic routing): trying a possibly bad endpoint beats
+//! refusing outright.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use super::{
+    maglev::Maglev,
+    state::{CountGuard, EndpointSnapshot, EndpointState, Registry, ServiceCounters, ServiceState},
+};
+use crate::model::{Locality, Policy, Resilience, Service, ServicePort};
+
+/// Why no endpoint was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PickError {
+    /// A circuit breaker limit is reached.
+    #[error("circuit breaker open")]
+    Overflow,
+    /// No endpoint is eligible (none configured, all tried, or strict
+    /// locality with no local endpoint).
+    #[error("no endpoint available")]
+    NoEndpoint,
+}
+
+struct Member {
+    state: Arc<EndpointState>,
+    weight: u32,
+    subset: Option<String>,
+    local: bool,
+}
+
+pub struct ServiceBalancer {
+    pub name: String,
+    pub namespace: String,
+    policy: Policy,
+    locality: Locality,
+    splits: Vec<(String, u32)>,
+    pub resilience: Resilience,
+    members: Vec<Member>,
+    state: Arc<ServiceState>,
+    /// Consistent hashing tables: all members, and one per split subset.
+    maglev: Vec<(Option<String>, Maglev)>,
+}
+
+/// A connection admitted by the service's breaker; counts as pending until
+/// [`Admission::established`].
+pub struct Admission {
+    service: Arc<ServiceState>,
+    pending: Option<CountGuard<ServiceState>>,
+    active: Option<CountGuard<ServiceState>>,
+}
+
+impl Admission {
+    pub fn established(&mut self) {
+        self.pending = None;
+        self.active = Some(CountGuard::new(self.service.clone(), |s| &s.active));
+    }
+}
+
+/// A retry in flight, within the budget until dropped.
+pub struct RetryPermit(#[expect(dead_code, reason = "held for its Drop")] CountGuard<ServiceState>);
+
+impl ServiceBalancer {
+    pub fn new(service: &Service, registry: &Registry) -> Self {
+        let members: Vec<Member> = service
+            .endpoints
+            .iter()
+            .map(|e| Member {
+                state: registry.endpoint(e.ip),
+                weight: e.weight,
+                subset: e.subset.clone(),
+                local: e.local,
+            })
+            .collect();
+        let mut maglev = Vec::new();
+        if service.policy == Policy::ConsistentHash {
+            let names: Vec<String> = members.iter().map(|m| m.state.ip.to_string()).collect();
+            let groups =
+                std::iter::once(None).chain(service.splits.iter().map(|s| Some(s.subset.clone())));
+            for group in groups {
+                let table = Maglev::new(members.iter().zip(&names).map(|(m, name)| {
+                    let in_group = group.is_none() || m.subset == group;
+                    (name.as_str(), if in_group { m.weight } else { 0 })
+                }));
+                if let Some(table) = table {
+                    maglev.push((group, table));
+                }
+            }
+        }
+        Self {
+            name: service.name.clone(),
+            namespace: service.namespace.clone(),
+            policy: service.policy,
+            locality: service.locality,
+            splits: service
+                .splits
+                .iter()
+                .map(|s| (s.subset.clone(), s.weight))
+                .collect(),
+            resilience: service.resilience.clone(),
+            members,
+            state: registry.service(&service.namespace, &service.name),
+            maglev,
+        }
+    }
+
+    /// The service-level breaker: admits a connection or refuses it at once.
+    pub fn admit(&self) -> Result<Admission, PickError> {
+        let breaker = &self.resilience.circuit_breaker;
+        let active = self.state.active.load(Ordering::Relaxed);
+        let pending = self.state.pending.load(Ordering::Relaxed);
+        if breaker
+            .max_connections
+            .is_some_and(|max| active + pending >= max)
+            || breaker.max_pending.is_some_and(|max| pending >= max)
+        {
+            self.state.overflows.fetch_add(1, Ordering::Relaxed);
+            return Err(PickError::Overflow);
+        }
+        self.state.connections.fetch_add(1, Ordering::Relaxed);
+        Ok(Admission {
+            service: self.state.clone(),
+            pending: Some(CountGuard::new(self.state.clone(), |s| &s.pending)),
+            active: None,
+        })
+    }
+
+    /// Chooses an endpoint for a connection from `client`, skipping `tried`.
+    pub fn pick(
+        &self,
+        client: Ipv4Addr,
+        tried: &[Ipv4Addr],
+    ) -> Result<Arc<EndpointState>, PickError> {
+        let now = Instant::now();
+        let breaker = &self.resilience.circuit_breaker;
+        let under_limits = |m: &Member| {
+            let load = m.state.active() + m.state.pending();
+            breaker
+                .max_connections_per_endpoint
+                .is_none_or(|max| load < max)
+                && breaker
+                    .max_pending_per_endpoint
+                    .is_none_or(|max| m.state.pending() < max)
+        };
+        let eligible: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.members[i].weight > 0 && !tried.contains(&self.members[i].state.ip))
+            .collect();
+        if eligible.is_empty() {
+            return Err(self.no_endpoint());
+        }
+        let within: Vec<usize> = eligible
+            .iter()
+            .copied()
+            .filter(|&i| under_limits(&self.members[i]))
+            .collect();
+        if within.is_empty() {
+            self.state.overflows.fetch_add(1, Ordering::Relaxed);
+            return Err(PickError::Overflow);
+        }
+        let available: Vec<usize> = within
+            .iter()
+            .copied()
+            .filter(|&i| self.members[i].state.is_available(now))
+            .collect();
+        let subset = self.choose_subset(if available.is_empty() {
+            &within
+        } else {
+            &available
+        });
+        let in_subset = |i: &usize| subset.is_none() || self.members[*i].subset == subset;
+        let mut candidates: Vec<usize> = available.iter().copied().filter(in_subset).collect();
+        if candidates.is_empty() {
+            // Panic routing: nothing available, try what is within limits.
+            candidates = within.iter().copied().filter(in_subset).collect();
+        }
+        candidates = self.apply_locality(candidates);
+        if candidates.is_empty() {
+            return Err(self.no_endpoint());
+        }
+        let chosen = match self.policy {
+            Policy::RoundRobin => self.round_robin(&candidates),
+            Policy::Random => self.weighted_random(&candidates),
+            Policy::LeastConnections => self.least_connections(&candidates),
+            Policy::P2cEwma => self.p2c(&candidates, now),
+            Policy::ConsistentHash => self.consistent_hash(&candidates, client, subset.as_deref()),
+        };
+        Ok(self.members[chosen].state.clone())
+    }
+
+    fn no_endpoint(&self) -> PickError {
+        self.state.no_endpoint.fetch_add(1, Ordering::Relaxed);
+        PickError::NoEndpoint
+    }
+
+    /// The subset for this connection: by split weight among the subsets
+    /// that have a candidate. `None` without splits.
+    fn choose_subset(&self, candidates: &[usize]) -> Option<String> {
+        if self.splits.is_empty() {
+            return None;
+        }
+        let live: Vec<&(String, u32)> = self
+            .splits
+            .iter()
+            .filter(|(subset, weight)| {
+                *weight > 0
+                    && candidates
+                        .iter()
+                        .any(|&i| self.members[i].subset.as_ref() == Some(subset))
+            })
+            .collect();
+        let total: u64 = live.iter().map(|(_, w)| u64::from(*w)).sum();
+        if total == 0 {
+            // No weighted subset has a candidate: availability wins over
+            // the split, any candidate will do.
+            return None;
+        }
+        let mut ticket = fastrand::u64(0..total);
+        for (subset, weight) in live {
+            if ticket < u64::from(*weight) {
+                return Some(subset.clone());
+            }
+            ticket -= u64::from(*weight);
+        }
+        None
+    }
+
+    fn apply_locality(&self, candidates: Vec<usize>) -> Vec<usize> {
+        let local: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| self.members[i].local)
+            .collect();
+        match self.locality {
+            Locality::Off => candidates,
+            Locality::Strict => local,
+            Locality::Prefer if local.is_empty() => candidates,
+            Locality::Prefer => local,
+        }
+    }
+
+    fn round_robin(&self, candidates: &[usize]) -> usize {
+        let mut current = self
+            .state
+            .round_robin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let total: i64 = candidates
+            .iter()
+            .map(|&i| i64::from(self.members[i].weight))
+            .sum();
+        let mut best = candidates[0];
+        let mut best_value = i64::MIN;
+        for &i in candidates {
+            let value = current.entry(self.members[i].state.ip).or_insert(0);
+            *value += i64::from(self.members[i].weight);
+            if *value > best_value {
+                best_value = *value;
+                best = i;
+            }
+        }
+        *current
+            .get_mut(&self.members[best].state.ip)
+            .expect("just inserted") -= total;
+        best
+    }
+
+    fn weighted_random(&self, candidates: &[usize]) -> usize {
+        let total: u64 = candidates
+            .iter()
+            .map(|&i| u64::from(self.members[i].weight))
+            .sum();
+        let mut ticket = fastrand::u64(0..total.max(1));
+        for &i in candidates {
+            let weight = u64::from(self.members[i].weight);
+            if ticket < weight {
+                return i;
+            }
+            ticket -= weight;
+        }
+        candidates[candidates.len() - 1]
+    }
+
+    fn least_connections(&self, candidates: &[usize]) -> usize {
+        let load = |i: usize| {
+            let m = &self.members[i];
+            (m.state.active() + m.state.pending()) as f64 / f64::from(m.weight)
+        };
+        let least = candidates
+            .iter()
+            .map(|&i| load(i))
+            .fold(f64::INFINITY, f64::min);
+        let tied: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| load(i) <= least)
+            .collect();
+        tied[fastrand::usize(0..tied.len())]
+    }
+
+    /// Two weighted-random candidates; the one with the lower
+    /// latency-times-load per unit of weight wins.
+    fn p2c(&self, candidates: &[usize], now: Instant) -> usize {
+        if candidates.len() == 1 {
+            return candidates[0];
+        }
+        let first = self.weighted_random(candidates);
+        let rest: Vec<usize> = candidates.iter().copied().filter(|&i| i != first).collect();
+        let second = self.weighted_random(&rest);
+        let cost = |i: usize| self.members[i].state.cost(now) / f64::from(self.members[i].weight);
+        if cost(second) < cost(first) {
+            second
+        } else {
+            first
+        }
+    }
+
+    fn consistent_hash(
+        &self,
+        candidates: &[usize],
+        client: Ipv4Addr,
+        subset: Option<&str>,
+    ) -> usize {
+        let table = self
+            .maglev
+            .iter()
+            .find(|(group, _)| group.as_deref() == subset)
+            .or_else(|| self.maglev.first());
+        if let Some((_, table)) = table
+            && let Some(i) = table
+                .lookup(&client.octets())
+                .find(|i| candidates.contains(i))
+        {
+            return i;
+        }
+        self.weighted_random(candidates)
+    }
+
+    /// Connect timeout for one attempt.
+    pub fn connect_timeout(&self, default: Duration) -> Duration {
+        self.resilience
+            .connect_timeout_ms
+            .map_or(default, Duration::from_millis)
+    }
+
+    /// Idle timeout of established connections, if any.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.resilience.idle_timeout_ms.map(Duration::from_millis)
+    }
+
+    /// A connect to `endpoint` failed, or it reset an established connection:
+    /// count it and eject the endpoint if it keeps failing.
+    pub fn report_failure(&self, endpoint: &EndpointState) {
+        self.state.connect_failures.fetch_add(1, Ordering::Relaxed);
+        let failures = endpoint.record_failure();
+        let outlier = &self.resilience.outlier_detection;
+        if outlier.consecutive_failures == 0 || failures < outlier.consecutive_failures {
+            return;
+        }
+        let now = Instant::now();
+        if endpoint.is_ejected(now) {
+            return;
+        }
+        let ejected = self
+            .members
+            .iter()
+            .filter(|m| m.state.is_ejected(now))
+            .count();
+        let cap = self.members.len() * outlier.max_ejection_percent as usize / 100;
+        if ejected < cap {
+            let duration = endpoint.eject(
+                now,
+                Duration::from_millis(outlier.base_ejection_ms),
+                Duration::from_millis(outlier.max_ejection_ms),
+            );
+            tracing::warn!(
+                service = %self.name, endpoint = %endpoint.ip, failures, ejected_for_ms = duration.as_millis() as u64,
+                "endpoint ejected"
+            );
+        }
+    }
+
+    /// Permission for one more retry, if the budget has room.
+    pub fn try_retry(&self) -> Option<RetryPermit> {
+        let retry = &self.resilience.retry;
+        let live =
+            self.state.active.load(Ordering::Relaxed) + self.state.pending.load(Ordering::Relaxed);
+        let budget =
+            (live * u64::from(retry.budget_percent) / 100).max(u64::from(retry.min_concurrency));
+        if self.state.retries_in_flight.load(Ordering::Relaxed) >= budget {
+            self.state
+                .retry_budget_exhausted
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.state.retries.fetch_add(1, Ordering::Relaxed);
+        Some(RetryPermit(CountGuard::new(self.state.clone(), |s| {
+            &s.retries_in_flight
+        })))
+    }
+
+    /// Where to connect for `endpoint` on `port`.
+    pub fn target(endpoint: &EndpointState, port: ServicePort) -> SocketAddrV4 {
+        SocketAddrV4::new(endpoint.ip, port.target_port)
+    }
+
+    pub fn snapshot(&self) -> ServiceSnapshot {
+        let now = Instant::now();
+        ServiceSnapshot {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            policy: self.policy,
+            locality: self.locality,
+            counters: self.state.counters(),
+            endpoints: self
+                .members
+                .iter()
+                .map(|m| MemberSnapshot {
+                    weight: m.weight,
+                    subset: m.subset.clone(),
+                    local: m.local,
+                    state: m.state.snapshot(now),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceSnapshot {
+    pub name: String,
+    pub namespace: String,
+    pub policy: Policy,
+    pub locality: Locality,
+    pub counters: ServiceCounters,
+    pub endpoints: Vec<MemberSnapshot>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemberSnapshot {
+    pub weight: u32,
+    pub subset: Option<String>,
+    pub local: bool,
+    #[serde(flatten)]
+    pub state: EndpointSnapshot,
+}
