@@ -156,8 +156,28 @@ impl Agent {
 
     /// Replaces the config file and sends SIGHUP.
     pub fn reload(&self, config: &str) {
-        std::fs::write(&self.config_path, config).expect("write config");
+        self.rewrite_config(config);
         self.signal(libc::SIGHUP);
+    }
+
+    /// Replaces the config file the way editors do (write aside, rename
+    /// over), without a signal: the agent's file watch must notice.
+    pub fn rewrite_config(&self, config: &str) {
+        let aside = self.config_path.with_extension("yaml.new");
+        std::fs::write(&aside, config).expect("write config");
+        std::fs::rename(&aside, &self.config_path).expect("rename config");
+    }
+
+    /// Waits until the agent's log has `count` lines containing `needle`.
+    pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().matches(needle).count() >= count {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     fn signal(&self, signal: i32) {

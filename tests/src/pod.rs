@@ -57,6 +57,10 @@ pub struct Connect {
     pub count: u32,
     pub send: u64,
     pub reset: bool,
+    /// Source address (one of the pod's).
+    pub bind: Option<Ipv4Addr>,
+    /// Connections spread over this many threads.
+    pub parallel: u32,
 }
 
 /// A `mesh-pod connect --hold` process: one open connection until dropped
@@ -90,8 +94,14 @@ impl Pod {
 
     /// Starts a server on `port` that introduces itself as `name`.
     pub fn serve(&self, port: u16, name: &str, reset: bool) -> Server {
+        self.serve_delayed(port, name, reset, 0)
+    }
+
+    /// A server that holds each connection `delay_ms` before greeting.
+    pub fn serve_delayed(&self, port: u16, name: &str, reset: bool, delay_ms: u64) -> Server {
         let mut command = self.command(&mesh_pod_bin());
         command.args(["serve", "--port", &port.to_string(), "--name", name]);
+        command.args(["--delay-ms", &delay_ms.to_string()]);
         if reset {
             command.arg("--reset");
         }
@@ -128,6 +138,10 @@ impl Pod {
         if options.reset {
             command.arg("--reset");
         }
+        if let Some(bind) = options.bind {
+            command.args(["--bind", &bind.to_string()]);
+        }
+        command.args(["--parallel", &options.parallel.max(1).to_string()]);
         let output = command.output().expect("running client");
         assert!(
             output.status.success(),

@@ -115,6 +115,34 @@ impl Node {
         self.pods.last().expect("just pushed")
     }
 
+    /// Gives pod `name` more addresses (for clients that must look like
+    /// many): each on its `eth0`, each routed to it from the node.
+    pub fn add_pod_ips(&self, name: &str, ips: &[Ipv4Addr]) {
+        let pod = self.pod(name);
+        for ip in ips {
+            pod.netns
+                .ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+            self.netns.ip(&[
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                &pod.host_if,
+                "src",
+                &self.ip.to_string(),
+            ]);
+        }
+    }
+
+    /// Routes `cidr` from the node to a pod `void` that owns none of it and
+    /// does not forward: connections there get no answer and time out (a
+    /// silent, dead endpoint).
+    pub fn add_silent_route(&mut self, cidr: &str) {
+        self.add_pod("void");
+        let host_if = self.pod("void").host_if.clone();
+        self.netns.ip(&["route", "add", cidr, "dev", &host_if]);
+    }
+
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
             .iter()

@@ -18,7 +18,7 @@ use super::{
     maglev::Maglev,
     state::{CountGuard, EndpointSnapshot, EndpointState, Registry, ServiceCounters, ServiceState},
 };
-use crate::model::{Locality, Policy, Resilience, Service, ServicePort};
+use crate::model::{Locality, Policy, Resilience, Service, ServicePort, Split};
 
 /// Why no endpoint was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -218,20 +218,30 @@ impl ServiceBalancer {
                         .any(|&i| self.members[i].subset.as_ref() == Some(subset))
             })
             .collect();
-        let total: u64 = live.iter().map(|(_, w)| u64::from(*w)).sum();
+        let total: i64 = live.iter().map(|(_, w)| i64::from(*w)).sum();
         if total == 0 {
             // No weighted subset has a candidate: availability wins over
             // the split, any candidate will do.
             return None;
         }
-        let mut ticket = fastrand::u64(0..total);
-        for (subset, weight) in live {
-            if ticket < u64::from(*weight) {
-                return Some(subset.clone());
+        // Smooth weighted round robin across subsets: a 90/10 split sends
+        // exactly one in ten connections to the canary, not about one in ten.
+        let mut current = self
+            .state
+            .subset_round_robin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut best: Option<(&String, i64)> = None;
+        for (subset, weight) in &live {
+            let value = current.entry(subset.clone()).or_insert(0);
+            *value += i64::from(*weight);
+            if best.is_none_or(|(_, v)| *value > v) {
+                best = Some((subset, *value));
             }
-            ticket -= u64::from(*weight);
         }
-        None
+        let (chosen, _) = best.expect("live is not empty");
+        *current.get_mut(chosen).expect("just inserted") -= total;
+        Some(chosen.clone())
     }
 
     fn apply_locality(&self, candidates: Vec<usize>) -> Vec<usize> {
@@ -420,6 +430,14 @@ impl ServiceBalancer {
             namespace: self.namespace.clone(),
             policy: self.policy,
             locality: self.locality,
+            splits: self
+                .splits
+                .iter()
+                .map(|(subset, weight)| Split {
+                    subset: subset.clone(),
+                    weight: *weight,
+                })
+                .collect(),
             counters: self.state.counters(),
             endpoints: self
                 .members
@@ -441,6 +459,7 @@ pub struct ServiceSnapshot {
     pub namespace: String,
     pub policy: Policy,
     pub locality: Locality,
+    pub splits: Vec<Split>,
     pub counters: ServiceCounters,
     pub endpoints: Vec<MemberSnapshot>,
 }

@@ -180,6 +180,8 @@ pub struct ServiceState {
     pub connect_failures: AtomicU64,
     /// Smooth weighted round robin: current weight per endpoint IP.
     pub round_robin: Mutex<HashMap<Ipv4Addr, i64>>,
+    /// The same across subsets, for splits.
+    pub subset_round_robin: Mutex<HashMap<String, i64>>,
 }
 
 #[derive(Debug, Serialize)]

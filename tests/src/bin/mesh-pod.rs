@@ -35,6 +35,9 @@ enum Command {
         /// After the greeting, reset the connection instead of reading.
         #[arg(long)]
         reset: bool,
+        /// Hold each connection this long before greeting (a slow backend).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     /// Connect COUNT times, one after the other; print one JSON line each.
     Connect {
@@ -51,29 +54,55 @@ enum Command {
         /// After the greeting, reset the connection and report nothing else.
         #[arg(long)]
         reset: bool,
+        /// Source address to connect from.
+        #[arg(long)]
+        bind: Option<std::net::Ipv4Addr>,
+        /// Spread COUNT connections over this many threads.
+        #[arg(long, default_value_t = 1)]
+        parallel: u32,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve { port, name, reset } => serve(port, &name, reset),
+        Command::Serve {
+            port,
+            name,
+            reset,
+            delay_ms,
+        } => serve(port, &name, reset, Duration::from_millis(delay_ms)),
         Command::Connect {
             addr,
             count,
             send,
             hold,
             reset,
+            bind,
+            parallel,
         } => {
-            for _ in 0..count {
-                let line = connect(addr, send, hold, reset)?;
-                println!("{line}");
+            let parallel = parallel.max(1);
+            let threads: Vec<_> = (0..parallel)
+                .map(|t| {
+                    // Thread t makes every parallel-th connection.
+                    let share = count / parallel + u32::from(t < count % parallel);
+                    std::thread::spawn(move || -> anyhow::Result<()> {
+                        for _ in 0..share {
+                            let line = connect(addr, bind, send, hold, reset)?;
+                            println!("{line}");
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for thread in threads {
+                thread.join().expect("client thread")?;
             }
             Ok(())
         }
     }
 }
 
-fn serve(port: u16, name: &str, reset: bool) -> anyhow::Result<()> {
+fn serve(port: u16, name: &str, reset: bool, delay: Duration) -> anyhow::Result<()> {
     let listener = TcpListener::bind(("0.0.0.0", port))?;
     println!("listening");
     io::stdout().flush()?;
@@ -85,6 +114,7 @@ fn serve(port: u16, name: &str, reset: bool) -> anyhow::Result<()> {
                 .peer_addr()
                 .map(|p| p.to_string())
                 .unwrap_or_default();
+            std::thread::sleep(delay);
             let result = answer(stream, &name, reset);
             // One line per connection, for the test to read what happened.
             let line = serde_json::json!({
@@ -130,8 +160,14 @@ fn hash_until_eof(stream: &mut TcpStream) -> io::Result<(u64, String)> {
 
 /// One connection. Failing to connect is an error; anything that goes wrong
 /// after that (a reset, typically) is part of the report, under `error`.
-fn connect(addr: SocketAddr, send: u64, hold: bool, reset: bool) -> anyhow::Result<String> {
-    let stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+fn connect(
+    addr: SocketAddr,
+    bind: Option<std::net::Ipv4Addr>,
+    send: u64,
+    hold: bool,
+    reset: bool,
+) -> anyhow::Result<String> {
+    let stream = match open(addr, bind) {
         Ok(stream) => stream,
         // Accepted and reset before connect() returned: a reset, not a failure to connect.
         Err(error) if error.kind() == io::ErrorKind::ConnectionReset => {
@@ -196,6 +232,43 @@ fn session(
     reader.read_line(&mut reply)?;
     report["reply"] = reply.trim_end().into();
     Ok(())
+}
+
+/// Connects, from `bind` when given (with a 5 s timeout).
+fn open(addr: SocketAddr, bind: Option<std::net::Ipv4Addr>) -> io::Result<TcpStream> {
+    let Some(bind) = bind else {
+        return TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+    };
+    // SAFETY: plain socket syscalls on a descriptor we own; the std stream
+    // takes ownership at the end.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let stream = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(ip.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let local = sockaddr(bind, 0);
+        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::bind(fd, (&raw const local).cast(), len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let SocketAddr::V4(remote) = addr else {
+            return Err(io::Error::other("IPv4 only"));
+        };
+        let remote = sockaddr(*remote.ip(), remote.port());
+        if libc::connect(fd, (&raw const remote).cast(), len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
 }
 
 fn reset_close(stream: TcpStream) -> io::Result<()> {
