@@ -462,7 +462,7 @@ fn an_invalid_reload_is_rejected_and_traffic_keeps_flowing() {
         c.agent.log()
     );
     assert!(
-        c.agent.log().contains("services[0].ports[1]"),
+        c.agent.log().contains("services[0].ports[1] (line"),
         "{}",
         c.agent.log()
     );

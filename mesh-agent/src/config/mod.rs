@@ -12,6 +12,8 @@ use std::{
     time::Duration,
 };
 
+mod lines;
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Locality, Policy, Resilience, Split};
@@ -29,10 +31,11 @@ pub enum ConfigError {
     #[error("config {origin}: {message}")]
     Parse { origin: String, message: String },
     /// The config parses but is inconsistent.
-    #[error("config {origin}: {field}: {message}")]
+    #[error("config {origin}: {field}{}: {message}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
     Invalid {
         origin: String,
         field: String,
+        line: Option<usize>,
         message: String,
     },
 }
@@ -194,6 +197,7 @@ impl Config {
             .validate()
             .map_err(|(field, message)| ConfigError::Invalid {
                 origin: origin.to_owned(),
+                line: lines::line_of(text, &field),
                 field,
                 message,
             })?;
@@ -448,7 +452,10 @@ services:
         let text =
             format!("{GOOD}  - {{ name: other, vip: 10.96.0.10, ports: [{{ port: 80 }}] }}\n");
         let message = error(&text);
-        assert!(message.contains("services[1].ports[0]"), "{message}");
+        assert!(
+            message.contains("services[1].ports[0] (line 11)"),
+            "{message}"
+        );
         assert!(message.contains("duplicate VIP 10.96.0.10:80"), "{message}");
     }
 
