@@ -477,3 +477,72 @@ fn an_invalid_reload_is_rejected_and_traffic_keeps_flowing() {
     let report = held.release();
     assert!(report.get("error").is_none(), "{report}");
 }
+
+#[test]
+fn locality_prefers_this_node_fails_over_and_can_be_strict_or_off() {
+    let backends = ["here", "there"];
+    let node = node_with("locality", &backends);
+    // `there` is declared on another node; it is reachable from here, so the
+    // only difference the agent sees is locality.
+    let eps = format!(
+        "      - {{ ip: {} }}\n      - {{ ip: {}, node: elsewhere }}\n",
+        node.pod("here").ip,
+        node.pod("there").ip
+    );
+    let with = |locality: &str| {
+        service(
+            &format!(
+                "    policy: round_robin\n    locality: {locality}
+    resilience:
+      health_check: {{ interval_ms: 200, timeout_ms: 200, healthy_threshold: 1, unhealthy_threshold: 1 }}
+"
+            ),
+            &eps,
+        )
+    };
+    let mut c = start(node, &backends, &with("prefer"));
+    assert_eq!(
+        per_backend(&connect(&c, 20, 1)),
+        BTreeMap::from([("here".into(), 20)])
+    );
+
+    c.agent
+        .rewrite_config(&config(&c.node, &backends, &with("off")));
+    eventually("locality off", || service_stats(&c)["locality"] == "off");
+    assert_eq!(
+        per_backend(&connect(&c, 20, 1)),
+        BTreeMap::from([("here".into(), 10), ("there".into(), 10)])
+    );
+
+    c.agent
+        .rewrite_config(&config(&c.node, &backends, &with("prefer")));
+    eventually("locality prefer", || {
+        service_stats(&c)["locality"] == "prefer"
+    });
+    drop(c.servers.remove("here"));
+    eventually("here unhealthy", || {
+        endpoint_stats(&c, "here")["healthy"] == false
+    });
+    // Failover: the local endpoint is down, the remote one takes over.
+    assert_eq!(
+        per_backend(&connect(&c, 10, 1)),
+        BTreeMap::from([("there".into(), 10)])
+    );
+
+    c.agent
+        .rewrite_config(&config(&c.node, &backends, &with("strict")));
+    eventually("locality strict", || {
+        service_stats(&c)["locality"] == "strict"
+    });
+    let reports = connect(&c, 3, 1);
+    assert!(
+        reports.iter().all(|r| r.get("error").is_some()),
+        "strict used a remote endpoint: {reports:?}"
+    );
+    assert!(
+        service_stats(&c)["counters"]["no_endpoint"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
+}
