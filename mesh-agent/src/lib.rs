@@ -4,12 +4,15 @@
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod cleanup;
 pub mod config;
 pub mod dataplane;
 pub mod health;
+pub mod identity;
 pub mod lb;
 pub mod model;
 pub mod proxy;
 pub mod routing;
+pub mod tls;
 pub mod watch;

@@ -1,0 +1,301 @@
+//! L4 authorization. Rules allow or deny by source principal (SPIFFE ID,
+//! with `*` wildcards), source namespace, source IP block, destination
+//! workload and port. Deny rules win over allow rules; when neither
+//! matches, the default action applies. In dry-run mode a deny is only
+//! logged and the connection goes ahead.
+
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::identity::SpiffeId;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Authorization {
+    pub default_action: Action,
+    pub dry_run: bool,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub action: Action,
+    #[serde(default)]
+    pub from: Sources,
+    #[serde(default)]
+    pub to: Destinations,
+}
+
+/// Every list that is given must match (any of its entries); empty lists
+/// match anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sources {
+    pub principals: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub ip_blocks: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Destinations {
+    /// `name` or `namespace/name`.
+    pub workloads: Vec<String>,
+    pub ports: Vec<u16>,
+}
+
+/// What is asking to connect to what.
+pub struct Request<'a> {
+    /// `None` for plaintext (no verified identity).
+    pub principal: Option<&'a SpiffeId>,
+    pub source_ip: Ipv4Addr,
+    pub workload_namespace: &'a str,
+    pub workload_name: &'a str,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// Denied by the named rule (or the default).
+    Deny(String),
+    /// Would be denied, but the policy is in dry-run mode.
+    DryRunDeny(String),
+}
+
+impl Authorization {
+    pub fn check(&self, request: &Request<'_>) -> Decision {
+        let matching = |action: Action| {
+            self.rules
+                .iter()
+                .enumerate()
+                .find(|(_, rule)| rule.action == action && rule.matches(request))
+                .map(|(index, rule)| {
+                    rule.name
+                        .clone()
+                        .unwrap_or_else(|| format!("rules[{index}]"))
+                })
+        };
+        let denied_by = match matching(Action::Deny) {
+            Some(rule) => Some(rule),
+            None if matching(Action::Allow).is_some() => None,
+            None if self.default_action == Action::Deny => Some("default_action".to_owned()),
+            None => None,
+        };
+        match denied_by {
+            None => Decision::Allow,
+            Some(rule) if self.dry_run => Decision::DryRunDeny(rule),
+            Some(rule) => Decision::Deny(rule),
+        }
+    }
+
+    /// Checks what serde cannot; errors are `(field path, message)`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        for (index, rule) in self.rules.iter().enumerate() {
+            for (p, principal) in rule.from.principals.iter().enumerate() {
+                if principal != "*" && !principal.starts_with("spiffe://") {
+                    return Err((
+                        format!("authorization.rules[{index}].from.principals[{p}]"),
+                        format!("{principal:?} is not a SPIFFE ID pattern (spiffe://…, * allowed)"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Rule {
+    fn matches(&self, request: &Request<'_>) -> bool {
+        let any = |list: &[String], test: &dyn Fn(&str) -> bool| {
+            list.is_empty() || list.iter().any(|e| test(e))
+        };
+        let principal = request.principal.map(|p| p.to_string());
+        any(&self.from.principals, &|pattern| {
+            principal
+                .as_deref()
+                .is_some_and(|p| wildcard_match(pattern, p))
+        }) && any(&self.from.namespaces, &|ns| {
+            request.principal.is_some_and(|p| p.namespace == ns)
+        }) && (self.from.ip_blocks.is_empty()
+            || self
+                .from
+                .ip_blocks
+                .iter()
+                .any(|block| block.contains(request.source_ip)))
+            && any(&self.to.workloads, &|w| match w.split_once('/') {
+                Some((ns, name)) => {
+                    ns == request.workload_namespace && name == request.workload_name
+                }
+                None => w == request.workload_name,
+            })
+            && (self.to.ports.is_empty() || self.to.ports.contains(&request.port))
+    }
+}
+
+/// `*` matches any run of characters (including none).
+fn wildcard_match(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((prefix, rest)) => {
+            let Some(tail) = text.strip_prefix(prefix) else {
+                return false;
+            };
+            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && wildcard_match(rest, &tail[i..]))
+        }
+    }
+}
+
+/// An IPv4 block, `a.b.c.d/len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.len))
+        };
+        u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = text.split_once('/').unwrap_or((text, "32"));
+        let addr = addr.parse().map_err(|_| format!("{text:?}: bad address"))?;
+        let len: u8 = len
+            .parse()
+            .map_err(|_| format!("{text:?}: bad prefix length"))?;
+        if len > 32 {
+            return Err(format!("{text:?}: prefix length above 32"));
+        }
+        Ok(Self { addr, len })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request<'a>(principal: Option<&'a SpiffeId>, ip: [u8; 4], port: u16) -> Request<'a> {
+        Request {
+            principal,
+            source_ip: Ipv4Addr::from(ip),
+            workload_namespace: "default",
+            workload_name: "web",
+            port,
+        }
+    }
+
+    fn policy(yaml: &str) -> Authorization {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn deny_wins_then_allow_then_default() {
+        let policy = policy(
+            "default_action: deny
+rules:
+  - { action: allow, from: { namespaces: [frontend] } }
+  - { name: no-legacy, action: deny, from: { principals: ['spiffe://td/ns/frontend/sa/legacy*'] } }
+",
+        );
+        let good = SpiffeId::new("td", "frontend", "web");
+        let legacy = SpiffeId::new("td", "frontend", "legacy-v1");
+        let other = SpiffeId::new("td", "backend", "web");
+        assert_eq!(
+            policy.check(&request(Some(&good), [10, 0, 0, 1], 80)),
+            Decision::Allow
+        );
+        assert_eq!(
+            policy.check(&request(Some(&legacy), [10, 0, 0, 1], 80)),
+            Decision::Deny("no-legacy".into())
+        );
+        assert_eq!(
+            policy.check(&request(Some(&other), [10, 0, 0, 1], 80)),
+            Decision::Deny("default_action".into())
+        );
+        assert_eq!(
+            policy.check(&request(None, [10, 0, 0, 1], 80)),
+            Decision::Deny("default_action".into())
+        );
+    }
+
+    #[test]
+    fn ip_blocks_ports_workloads_and_dry_run() {
+        let policy = policy(
+            "dry_run: true
+rules:
+  - { action: deny, from: { ip_blocks: [10.1.0.0/16] }, to: { workloads: [default/web], ports: [8080] } }
+",
+        );
+        assert_eq!(
+            policy.check(&request(None, [10, 1, 2, 3], 8080)),
+            Decision::DryRunDeny("rules[0]".into())
+        );
+        assert_eq!(
+            policy.check(&request(None, [10, 2, 2, 3], 8080)),
+            Decision::Allow
+        );
+        assert_eq!(
+            policy.check(&request(None, [10, 1, 2, 3], 9090)),
+            Decision::Allow
+        );
+    }
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard_match(
+            "spiffe://td/ns/a/*",
+            "spiffe://td/ns/a/sa/x"
+        ));
+        assert!(!wildcard_match(
+            "spiffe://td/ns/a/*",
+            "spiffe://td/ns/ab/sa/x"
+        ));
+        assert!(wildcard_match("*", "anything"));
+        assert!(wildcard_match(
+            "spiffe://*/ns/a/sa/x",
+            "spiffe://td/ns/a/sa/x"
+        ));
+    }
+}

@@ -1,0 +1,215 @@
+//! TLS between agents: TLS 1.3 only, ALPN `h2`, AES-GCM first (ring), mutual
+//! authentication with workload certificates.
+//!
+//! - The server presents the certificate of the workload that was
+//!   addressed and requires a client certificate that chains to the trust
+//!   roots (no certificate, another CA or an expired one: refused).
+//! - The client presents its source workload's certificate and accepts
+//!   only a server whose chain verifies *and* whose SPIFFE ID is the one
+//!   expected for the endpoint (names are not checked: SPIFFE certificates
+//!   carry URIs, not DNS names).
+//!
+//! Both sides read the current certificate at each handshake, so rotation
+//! needs no new config.
+
+use std::sync::Arc;
+
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, Error, RootCertStore, ServerConfig,
+    SignatureScheme,
+    client::{
+        ResolvesClientCert,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
+};
+
+use crate::identity::{CertManager, SpiffeId};
+
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// ring's provider with the AES-GCM suites first (hardware AES is the
+/// common case; ChaCha20 stays as the fallback).
+pub fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::{cipher_suite, default_provider};
+    let mut provider = default_provider();
+    provider.cipher_suites = vec![
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(provider)
+}
+
+/// Builds TLS configs over one certificate manager and trust roots.
+pub struct TlsFactory {
+    provider: Arc<CryptoProvider>,
+    certs: Arc<CertManager>,
+    roots: Arc<RootCertStore>,
+    anchors: Arc<Vec<rustls::pki_types::TrustAnchor<'static>>>,
+}
+
+impl TlsFactory {
+    pub fn new(certs: Arc<CertManager>) -> Result<Self, Error> {
+        let mut roots = RootCertStore::empty();
+        let mut anchors = Vec::new();
+        for root in certs.ca().roots() {
+            roots.add(root.clone())?;
+            anchors.push(
+                webpki::anchor_from_trusted_cert(&root)
+                    .map_err(|e| Error::General(format!("trust root: {e}")))?
+                    .to_owned(),
+            );
+        }
+        Ok(Self {
+            provider: provider(),
+            certs,
+            roots: Arc::new(roots),
+            anchors: Arc::new(anchors),
+        })
+    }
+
+    /// Server side for the workload `local`.
+    pub fn server(&self, local: SpiffeId) -> Result<ServerConfig, Error> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| Error::General(e.to_string()))?;
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(Current {
+                certs: self.certs.clone(),
+                id: local,
+            }));
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(config)
+    }
+
+    /// Client side: present `source`, accept only `expected`.
+    pub fn client(&self, source: SpiffeId, expected: SpiffeId) -> Result<ClientConfig, Error> {
+        let verifier = SpiffeServerVerifier {
+            anchors: self.anchors.clone(),
+            algorithms: self.provider.signature_verification_algorithms,
+            expected,
+        };
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(Arc::new(Current {
+                certs: self.certs.clone(),
+                id: source,
+            }));
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(config)
+    }
+}
+
+/// Hands out the current certificate of one identity.
+#[derive(Debug)]
+struct Current {
+    certs: Arc<CertManager>,
+    id: SpiffeId,
+}
+
+impl std::fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertManager")
+    }
+}
+
+impl ResolvesServerCert for Current {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.certs.current(&self.id)
+    }
+}
+
+impl ResolvesClientCert for Current {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.certs.current(&self.id)
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Chain to the roots, then the SPIFFE ID the endpoint must have.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    anchors: Arc<Vec<rustls::pki_types::TrustAnchor<'static>>>,
+    algorithms: WebPkiSupportedAlgorithms,
+    expected: SpiffeId,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
+            Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
+        })?;
+        cert.verify_for_usage(
+            self.algorithms.all,
+            &self.anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| match e {
+            webpki::Error::CertExpired { .. } => {
+                Error::InvalidCertificate(CertificateError::Expired)
+            }
+            webpki::Error::UnknownIssuer => {
+                Error::InvalidCertificate(CertificateError::UnknownIssuer)
+            }
+            other => Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                Arc::new(other),
+            ))),
+        })?;
+        let presented =
+            SpiffeId::from_cert(end_entity).map_err(|e| Error::General(e.to_string()))?;
+        if presented != self.expected {
+            return Err(Error::General(format!(
+                "server identity {presented} is not the expected {}",
+                self.expected
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
