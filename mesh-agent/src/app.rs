@@ -70,6 +70,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         outbound_port: config.proxy.outbound_port,
         inbound_port: config.proxy.inbound_port,
         cgroup: config.node.cgroup.as_deref(),
+        uplinks: &config.node.uplinks,
     })?;
     report_problems(dataplane.sync(&state)?);
 

@@ -19,8 +19,10 @@ pub mod programs {
     pub const TO_POD: &str = "mesh_to_pod";
     /// sock_ops on the node's pod cgroup subtree: tracks meshed connections.
     pub const SOCKOPS: &str = "mesh_sockops";
+    /// tc ingress on the node's uplinks: hands inbound HBONE to the agent.
+    pub const UPLINK: &str = "mesh_uplink";
     /// Every program, in load order.
-    pub const ALL: [&str; 3] = [FROM_POD, TO_POD, SOCKOPS];
+    pub const ALL: [&str; 4] = [FROM_POD, TO_POD, SOCKOPS, UPLINK];
 }
 
 /// Names of the maps, as `bpftool map show` lists them (at most 15 bytes).
@@ -76,8 +78,10 @@ pub mod counter {
     pub const CONN_TRACKED: u32 = 3;
     /// sock_ops saw a tracked connection close and forgot it.
     pub const CONN_CLOSED: u32 = 4;
+    /// An HBONE SYN from another node was handed to the inbound listener.
+    pub const INBOUND_CAPTURED: u32 = 5;
     /// Number of counters.
-    pub const LEN: u32 = 5;
+    pub const LEN: u32 = 6;
     /// Human names, by index.
     pub const NAMES: [&str; LEN as usize] = [
         "captured",
@@ -85,6 +89,7 @@ pub mod counter {
         "assign_failed",
         "conn_tracked",
         "conn_closed",
+        "inbound_captured",
     ];
 }
 
@@ -112,6 +117,8 @@ pub struct ServiceValue {
 
 /// The workload runs on this node (its interface carries our tc programs).
 pub const WORKLOAD_LOCAL: u32 = 1 << 0;
+/// Plaintext connections from outside the mesh to this workload are dropped.
+pub const WORKLOAD_STRICT: u32 = 1 << 1;
 
 /// Value of [`maps::WORKLOADS`], keyed by a raw IPv4 address.
 #[repr(C)]
@@ -134,6 +141,11 @@ pub struct PodStats {
     pub bytes_to_pod: u64,
     /// Connections (SYNs) of this pod handed to the agent.
     pub captured: u64,
+    /// Connections from outside the mesh (forwarded, not from this host)
+    /// let in to a permissive pod.
+    pub plaintext_in: u64,
+    /// The same, dropped because the pod is strict.
+    pub plaintext_dropped: u64,
 }
 
 impl PodStats {
@@ -144,6 +156,8 @@ impl PodStats {
         self.packets_to_pod += other.packets_to_pod;
         self.bytes_to_pod += other.bytes_to_pod;
         self.captured += other.captured;
+        self.plaintext_in += other.plaintext_in;
+        self.plaintext_dropped += other.plaintext_dropped;
     }
 }
 

@@ -1,33 +1,20 @@
 //! tc ingress on a meshed pod's host-side interface: what the pod sends.
 //!
-//! Besides counting, this is the outbound capture. A TCP segment to a meshed
-//! destination (service VIP:port or meshed workload IP) is handed to a socket
-//! of the agent with `bpf_sk_assign`, without rewriting the packet:
-//! - a segment of a flow the agent already holds goes to that socket;
-//! - a SYN with no such socket goes to the agent's transparent listener, so
-//!   the accepted socket's local address *is* the original destination.
-//!
-//! Assigned packets get the steer mark so the node routes them locally.
+//! Besides counting, this is the outbound capture: a TCP segment to a
+//! meshed destination (service VIP:port or meshed workload IP) is handed to
+//! the agent's outbound listener or to the agent socket that owns its flow
+//! (see [`crate::steer`]).
 //!
 //! Only this hook sees pod traffic, so the agent's own connections (which
 //! start in the node namespace) are never captured.
 
-use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK, bpf_sock, bpf_sock_tuple},
-    helpers::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
-    macros::classifier,
-    programs::TcContext,
-};
-use mesh_common::{PodStats, Settings, counter};
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use mesh_common::{PodStats, counter};
 
 use crate::{
-    counters, maps,
-    packet::{self, TcpV4},
+    counters, maps, packet,
+    steer::{self, Steered},
 };
-
-const TCP_LISTEN: u32 = 10;
-const TCP_TIME_WAIT: u32 = 6;
-const IPV4_TUPLE_LEN: u32 = 12;
 
 #[classifier]
 pub fn mesh_from_pod(ctx: TcContext) -> i32 {
@@ -38,12 +25,12 @@ pub fn mesh_from_pod(ctx: TcContext) -> i32 {
         stats.packets_from_pod += 1;
         stats.bytes_from_pod += u64::from(ctx.len());
     }
-    steer(&ctx, stats);
+    capture(&ctx, stats);
     TC_ACT_OK
 }
 
 #[inline(always)]
-fn steer(ctx: &TcContext, stats: Option<&mut PodStats>) {
+fn capture(ctx: &TcContext, stats: Option<&mut PodStats>) {
     let Some(settings) = maps::settings() else {
         return;
     };
@@ -57,96 +44,10 @@ fn steer(ctx: &TcContext, stats: Option<&mut PodStats>) {
     if tcp.dport == settings.inbound_port || !maps::is_meshed_destination(tcp.daddr, tcp.dport) {
         return;
     }
-    if assign_existing(ctx, settings, &tcp) {
-        return;
-    }
-    if tcp.is_syn() && assign_listener(ctx, settings, &tcp) {
+    if let Steered::New = steer::steer(ctx, settings, &tcp, settings.outbound_port) {
         counters::bump(counter::CAPTURED);
         if let Some(stats) = stats {
             stats.captured += 1;
         }
     }
-}
-
-/// Hands the segment to the socket that already owns its flow, if any.
-/// Returns true when the segment was assigned.
-#[inline(always)]
-fn assign_existing(ctx: &TcContext, settings: &Settings, tcp: &TcpV4) -> bool {
-    let mut tuple = tuple_v4(tcp.saddr, tcp.daddr, tcp.sport, tcp.dport);
-    let Some(sk) = lookup(ctx, &mut tuple) else {
-        return false;
-    };
-    // SAFETY: sk is a valid socket reference until released below.
-    let state = unsafe { (*sk).state };
-    // A listener here would be some node socket on the destination port, not
-    // ours; a TIME_WAIT socket must not swallow a new SYN.
-    let assigned = state != TCP_LISTEN && state != TCP_TIME_WAIT && assign(ctx, sk, settings);
-    release(sk);
-    assigned
-}
-
-/// Hands a SYN to the agent's transparent outbound listener.
-#[inline(always)]
-fn assign_listener(ctx: &TcContext, settings: &Settings, tcp: &TcpV4) -> bool {
-    let mut tuple = tuple_v4(tcp.saddr, tcp.daddr, tcp.sport, settings.outbound_port);
-    let Some(sk) = lookup(ctx, &mut tuple) else {
-        counters::bump(counter::NO_LISTENER);
-        return false;
-    };
-    // SAFETY: sk is a valid socket reference until released below.
-    let state = unsafe { (*sk).state };
-    let assigned = state == TCP_LISTEN && assign(ctx, sk, settings);
-    release(sk);
-    assigned
-}
-
-#[inline(always)]
-fn tuple_v4(saddr: u32, daddr: u32, sport: u16, dport: u16) -> bpf_sock_tuple {
-    // SAFETY: an all-zero tuple is valid; the IPv4 arm is filled in below.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    // SAFETY: writing the IPv4 arm of a plain-data union.
-    let v4 = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
-    v4.saddr = saddr;
-    v4.daddr = daddr;
-    v4.sport = sport.to_be();
-    v4.dport = dport.to_be();
-    tuple
-}
-
-/// `bpf_skc_lookup_tcp` in the skb's namespace. skc (not sk) lookup, because
-/// sk lookup reports a half-open connection as its listener.
-#[inline(always)]
-fn lookup(ctx: &TcContext, tuple: &mut bpf_sock_tuple) -> Option<*mut bpf_sock> {
-    // SAFETY: helper call with a valid context and tuple; result checked.
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            ctx.skb.skb as *mut _,
-            tuple,
-            IPV4_TUPLE_LEN,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
-    (!sk.is_null()).then_some(sk)
-}
-
-#[inline(always)]
-fn assign(ctx: &TcContext, sk: *mut bpf_sock, settings: &Settings) -> bool {
-    // SAFETY: sk is a referenced socket from lookup().
-    let ret = unsafe { bpf_sk_assign(ctx.skb.skb as *mut _, sk as *mut _, 0) };
-    if ret != 0 {
-        counters::bump(counter::ASSIGN_FAILED);
-        return false;
-    }
-    // set_mark replaces the whole mark: keep the bits that are not ours.
-    // SAFETY: reading a field of the context the kernel handed us.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    ctx.set_mark((mark & !settings.mark_mask) | settings.mark);
-    true
-}
-
-#[inline(always)]
-fn release(sk: *mut bpf_sock) {
-    // SAFETY: every successful lookup is released exactly once.
-    unsafe { bpf_sk_release(sk as *mut _) };
 }

@@ -6,6 +6,10 @@
 //! - [`to_pod`]: tc egress on the same interface. Counts what the pod receives.
 //! - [`sockops`]: sock_ops on the node's pod cgroup subtree. Tracks meshed
 //!   connections in an LRU map and forgets them when they close.
+//! - [`uplink`]: tc ingress on the node's uplinks. Hands HBONE from other
+//!   nodes to the agent's inbound listener.
+//! - [`to_pod`] also enforces strict mode: plaintext from outside the mesh
+//!   to a strict pod is dropped.
 //!
 //! Which pods, services and addresses are meshed is data the agent writes
 //! into the maps in [`maps`]; nothing here is specific to one cluster.
@@ -17,7 +21,9 @@ mod from_pod;
 mod maps;
 mod packet;
 mod sockops;
+mod steer;
 mod to_pod;
+mod uplink;
 
 #[cfg(not(test))]
 #[panic_handler]

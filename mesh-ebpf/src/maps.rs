@@ -54,3 +54,10 @@ pub fn local_workload(addr: u32) -> Option<u32> {
     let value = unsafe { MESH_WORKLOADS.get(addr) }?;
     (value.flags & mesh_common::WORKLOAD_LOCAL != 0).then_some(value.workload_id)
 }
+
+/// The `WORKLOAD_*` flags of a meshed workload address.
+#[inline(always)]
+pub fn workload_flags(addr: u32) -> Option<u32> {
+    // SAFETY: the value is copied out before the map can change it.
+    unsafe { MESH_WORKLOADS.get(addr) }.map(|value| value.flags)
+}

@@ -434,7 +434,7 @@ fn pinned_ids(pin_root: &Path) -> PinnedIds {
 
 fn assert_running_state(s: &SingleNode) -> PinnedIds {
     let ids = pinned_ids(&s.node.pin_root);
-    assert_eq!(ids.programs.len(), 3);
+    assert_eq!(ids.programs.len(), mesh_common::programs::ALL.len());
     assert_eq!(ids.maps.len(), mesh_common::maps::ALL.len());
     // 2 tc links per meshed pod (4 pods) + sock_ops on the node cgroup.
     assert_eq!(ids.links.len(), 9);

@@ -16,7 +16,10 @@ mod lines;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Locality, Policy, Resilience, Split};
+use crate::{
+    authz::Authorization,
+    model::{Locality, Policy, Resilience, Split, WorkloadMode},
+};
 
 /// Why a config was refused.
 #[derive(Debug, thiserror::Error)]
@@ -47,9 +50,67 @@ pub struct Config {
     #[serde(default)]
     pub proxy: ProxyConfig,
     #[serde(default)]
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub hbone: HboneConfig,
+    #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    #[serde(default)]
+    pub authorization: Authorization,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// SPIFFE trust domain of every workload.
+    pub trust_domain: String,
+    /// Directory of the embedded CA: created with a new root on first
+    /// start, shared by every node that must trust each other.
+    pub ca_dir: PathBuf,
+    /// Alternatively, a signing CA (root or intermediate) and the roots.
+    pub ca: Option<CaFiles>,
+    /// Lifetime of workload certificates, renewed at half-life.
+    pub cert_lifetime_s: u64,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".into(),
+            ca_dir: PathBuf::from("/var/lib/mesh-agent/ca"),
+            ca: None,
+            cert_lifetime_s: 24 * 3600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub roots: PathBuf,
+}
+
+/// HTTP/2 tunnel pooling between agents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HboneConfig {
+    /// Connections per (source identity, destination identity, node).
+    pub max_connections_per_peer: usize,
+    /// Open another connection once every pooled one carries this many streams.
+    pub streams_per_connection: usize,
+}
+
+impl Default for HboneConfig {
+    fn default() -> Self {
+        Self {
+            max_connections_per_peer: 4,
+            streams_per_connection: 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +123,10 @@ pub struct NodeConfig {
     /// agent still captures and proxies, but does not track sockets.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// Interfaces that carry traffic from other nodes: HBONE (port 15008)
+    /// to local pods arriving there is steered to the agent.
+    #[serde(default)]
+    pub uplinks: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,6 +181,10 @@ pub struct WorkloadConfig {
     /// The workload's cgroup: absolute, or relative to `node.cgroup`.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// `strict`: the kernel drops plaintext connections from outside the
+    /// mesh; `permissive` (default) lets them in, counted as plaintext.
+    #[serde(default)]
+    pub mode: WorkloadMode,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -281,6 +350,23 @@ impl Config {
                 );
             }
         }
+
+        if self.identity.trust_domain.is_empty() || self.identity.trust_domain.contains('/') {
+            return fail(
+                "identity.trust_domain".into(),
+                "must be a non-empty name without '/'".into(),
+            );
+        }
+        if self.identity.cert_lifetime_s < 2 {
+            return fail(
+                "identity.cert_lifetime_s".into(),
+                "must be at least 2".into(),
+            );
+        }
+        if self.hbone.max_connections_per_peer == 0 || self.hbone.streams_per_connection == 0 {
+            return fail("hbone".into(), "limits must be at least 1".into());
+        }
+        self.authorization.validate()?;
 
         let mut vips: HashMap<SocketAddrV4, usize> = HashMap::new();
         for (index, service) in self.services.iter().enumerate() {

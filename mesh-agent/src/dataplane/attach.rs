@@ -16,7 +16,7 @@ use aya::{
     },
     util::KernelVersion,
 };
-use mesh_common::programs::{FROM_POD, SOCKOPS, TO_POD};
+use mesh_common::programs::{FROM_POD, SOCKOPS, TO_POD, UPLINK};
 
 use super::{DataplaneError, PinLayout, error_chain};
 
@@ -52,38 +52,57 @@ impl PodAttachment {
 
 pub fn pod(ebpf: &mut Ebpf, pins: &PinLayout, ifname: &str) -> Result<PodAttachment, String> {
     let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(|e| format!("not found ({e})"))?;
+    let links = vec![
+        tc(
+            ebpf,
+            pins,
+            ifname,
+            FROM_POD,
+            TcAttachType::Ingress,
+            "from_pod",
+        )?,
+        tc(ebpf, pins, ifname, TO_POD, TcAttachType::Egress, "to_pod")?,
+    ];
+    Ok(PodAttachment { ifindex, links })
+}
+
+/// Inbound HBONE steering on one of the node's uplinks.
+pub fn uplink(ebpf: &mut Ebpf, pins: &PinLayout, ifname: &str) -> Result<Attachment, String> {
+    nix::net::if_::if_nametoindex(ifname).map_err(|e| format!("not found ({e})"))?;
+    tc(ebpf, pins, ifname, UPLINK, TcAttachType::Ingress, "uplink")
+}
+
+/// Attaches one tc program and pins its link (`<pin root>/links/<ifname>_<suffix>`).
+fn tc(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    ifname: &str,
+    name: &str,
+    attach_type: TcAttachType,
+    suffix: &str,
+) -> Result<Attachment, String> {
     if !has_tcx() {
         // Netlink tc needs the clsact qdisc; it may already be there.
         let _ = tc::qdisc_add_clsact(ifname);
     }
-    let mut links = Vec::with_capacity(2);
-    for (name, attach_type, suffix) in [
-        (FROM_POD, TcAttachType::Ingress, "from_pod"),
-        (TO_POD, TcAttachType::Egress, "to_pod"),
-    ] {
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| format!("program {name} is not loaded"))?;
-        let link = program
-            .attach(ifname, attach_type)
-            .and_then(|id| program.take_link(id))
-            .map_err(|e| format!("attaching {name}: {}", error_chain(&e)))?;
-        let attachment = if has_tcx() {
-            // TCX: a real link object that can be pinned.
-            let fd_link = FdLink::try_from(link).map_err(|e| format!("link {name}: {e}"))?;
-            let path = pins.pod_link(ifname, suffix);
-            Attachment::Pinned(
-                fd_link
-                    .pin(&path)
-                    .map_err(|e| format!("pinning {}: {}", path.display(), error_chain(&e)))?,
-            )
-        } else {
-            Attachment::Netlink(link)
-        };
-        links.push(attachment);
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| format!("program {name} is not loaded"))?;
+    let link = program
+        .attach(ifname, attach_type)
+        .and_then(|id| program.take_link(id))
+        .map_err(|e| format!("attaching {name}: {}", error_chain(&e)))?;
+    if !has_tcx() {
+        return Ok(Attachment::Netlink(link));
     }
-    Ok(PodAttachment { ifindex, links })
+    // TCX: a real link object that can be pinned.
+    let fd_link = FdLink::try_from(link).map_err(|e| format!("link {name}: {e}"))?;
+    let path = pins.pod_link(ifname, suffix);
+    let pinned = fd_link
+        .pin(&path)
+        .map_err(|e| format!("pinning {}: {}", path.display(), error_chain(&e)))?;
+    Ok(Attachment::Pinned(pinned))
 }
 
 pub fn sockops(

@@ -7,10 +7,10 @@ use std::{collections::HashMap as StdHashMap, net::Ipv4Addr};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use mesh_common::{
     ConnKey, ConnValue, PodStats, ServiceKey, ServiceValue, Settings, WORKLOAD_LOCAL,
-    WorkloadValue, counter, ipv4_from_raw, ipv4_to_raw,
+    WORKLOAD_STRICT, WorkloadValue, counter, ipv4_from_raw, ipv4_to_raw,
 };
 
-use crate::model::MeshState;
+use crate::model::{MeshState, WorkloadMode};
 
 /// A map was missing from the object or had an unexpected type.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +98,9 @@ impl KernelMaps {
         let workloads: StdHashMap<u32, WorkloadValue> = state
             .workload_addrs()
             .map(|(ip, id, local)| {
-                let flags = if local { WORKLOAD_LOCAL } else { 0 };
+                let strict = state.workloads[id].mode == WorkloadMode::Strict;
+                let flags = if local { WORKLOAD_LOCAL } else { 0 }
+                    | if strict { WORKLOAD_STRICT } else { 0 };
                 (
                     ipv4_to_raw(ip.octets()),
                     WorkloadValue {

@@ -50,6 +50,8 @@ pub enum DataplaneError {
     },
     #[error(transparent)]
     Map(#[from] maps::KernelMapError),
+    #[error("uplink {interface}: {message}")]
+    Uplink { interface: String, message: String },
     #[error("attaching sock_ops to cgroup {}: {message}", path.display())]
     Cgroup { path: PathBuf, message: String },
 }
@@ -61,6 +63,8 @@ pub struct DataplaneSettings<'a> {
     pub inbound_port: u16,
     /// The cgroup subtree of the node's pods, for connection tracking.
     pub cgroup: Option<&'a Path>,
+    /// Interfaces where HBONE from other nodes arrives.
+    pub uplinks: &'a [String],
 }
 
 pub struct Dataplane {
@@ -70,6 +74,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     maps: KernelMaps,
     sockops: Option<Attachment>,
+    uplinks: Vec<Attachment>,
     pods: BTreeMap<String, PodAttachment>,
     closed: bool,
 }
@@ -105,6 +110,7 @@ impl Dataplane {
         for name in [
             mesh_common::programs::FROM_POD,
             mesh_common::programs::TO_POD,
+            mesh_common::programs::UPLINK,
         ] {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
             program
@@ -133,6 +139,7 @@ impl Dataplane {
             ebpf,
             maps,
             sockops: None,
+            uplinks: Vec::new(),
             pods: BTreeMap::new(),
             closed: false,
         };
@@ -143,6 +150,16 @@ impl Dataplane {
                 cgroup,
             )?);
             info!(cgroup = %cgroup.display(), "connection tracking attached");
+        }
+        for uplink in settings.uplinks {
+            let attachment = attach::uplink(&mut dataplane.ebpf, &dataplane.pins, uplink).map_err(
+                |message| DataplaneError::Uplink {
+                    interface: uplink.clone(),
+                    message,
+                },
+            )?;
+            dataplane.uplinks.push(attachment);
+            info!(interface = %uplink, "inbound HBONE steering attached");
         }
         Ok(dataplane)
     }
@@ -228,6 +245,9 @@ impl Dataplane {
         if let Some(sockops) = self.sockops.take() {
             sockops.detach();
         }
+        std::mem::take(&mut self.uplinks)
+            .into_iter()
+            .for_each(Attachment::detach);
         self.pins.remove_all()
     }
 }

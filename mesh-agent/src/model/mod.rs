@@ -16,12 +16,15 @@ use serde::Serialize;
 
 pub use self::policy::{
     CircuitBreaker, HealthCheck, Locality, OutlierDetection, Policy, Resilience, Retry, Split,
+    WorkloadMode,
 };
-use crate::config::Config;
+use crate::{authz::Authorization, config::Config, identity::SpiffeId};
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MeshState {
     pub node_name: String,
+    pub trust_domain: String,
+    pub authorization: Authorization,
     /// Indexed by workload id (the id the kernel maps carry).
     pub workloads: Vec<Workload>,
     /// Indexed by service id.
@@ -39,6 +42,7 @@ pub struct Workload {
     pub service_account: String,
     pub ips: Vec<Ipv4Addr>,
     pub node: String,
+    pub mode: WorkloadMode,
     /// Set when the workload runs on this node.
     pub local: Option<LocalWorkload>,
 }
@@ -95,7 +99,13 @@ pub enum Destination {
 }
 
 impl MeshState {
-    pub fn new(node_name: String, workloads: Vec<Workload>, services: Vec<Service>) -> Self {
+    pub fn new(
+        node_name: String,
+        trust_domain: String,
+        authorization: Authorization,
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+    ) -> Self {
         let workload_by_ip = workloads
             .iter()
             .enumerate()
@@ -112,11 +122,33 @@ impl MeshState {
             .collect();
         Self {
             node_name,
+            trust_domain,
+            authorization,
             workloads,
             services,
             workload_by_ip,
             service_by_vip,
         }
+    }
+
+    /// The SPIFFE ID of a workload.
+    pub fn identity(&self, workload: &Workload) -> SpiffeId {
+        SpiffeId::new(
+            &self.trust_domain,
+            &workload.namespace,
+            &workload.service_account,
+        )
+    }
+
+    /// Identities of this node's workloads: the certificates the agent holds.
+    pub fn local_identities(&self) -> Vec<SpiffeId> {
+        let mut ids: Vec<SpiffeId> = self
+            .local_workloads()
+            .map(|(_, w, _)| self.identity(w))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     /// Builds the model from a validated config file.
@@ -140,6 +172,7 @@ impl MeshState {
                     service_account: w.service_account.clone(),
                     ips: w.ips.clone(),
                     node: on_node,
+                    mode: w.mode,
                     local,
                 }
             })
@@ -186,7 +219,13 @@ impl MeshState {
                     .collect(),
             })
             .collect();
-        Self::new(node.name.clone(), workloads, services)
+        Self::new(
+            node.name.clone(),
+            config.identity.trust_domain.clone(),
+            config.authorization.clone(),
+            workloads,
+            services,
+        )
     }
 
     pub fn destination(&self, addr: SocketAddrV4) -> Destination {

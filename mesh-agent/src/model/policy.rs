@@ -134,3 +134,14 @@ impl Default for HealthCheck {
         }
     }
 }
+
+/// Whether a workload also accepts plaintext from outside the mesh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkloadMode {
+    /// Plaintext from outside the mesh is let in (and counted).
+    #[default]
+    Permissive,
+    /// Plaintext from outside the mesh is dropped in the kernel.
+    Strict,
+}
