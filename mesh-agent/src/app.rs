@@ -27,11 +27,18 @@ use crate::{
     admin::{self, AdminState},
     config::{Config, any_addr},
     dataplane::{Dataplane, DataplaneSettings, KernelMaps, PinLayout, maps::raw_ip},
+    hbone::{
+        client::HboneClient,
+        server::{Inbound, InboundStats},
+    },
     health::HealthChecks,
+    identity::{CertManager, CertificateAuthority, EmbeddedCa, SpiffeId, ca::CaError},
     lb::Registry,
     model::MeshState,
     proxy::{self, Outbound, OutboundStats, Routes},
-    routing, watch,
+    routing,
+    tls::TlsFactory,
+    watch,
 };
 
 pub struct RunOptions {
@@ -61,9 +68,18 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 
 async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     let state = Arc::new(MeshState::from_config(&config));
+    let certs = CertManager::new(
+        certificate_authority(&config)?,
+        config.identity.cert_lifetime(),
+    );
+    report_cert_problems(certs.ensure(&state.local_identities()).await);
+    let tls = Arc::new(TlsFactory::new(certs.clone()).context("trust roots")?);
     let outbound_addr = any_addr(config.proxy.outbound_port);
     let listener = proxy::transparent_listener(outbound_addr)
         .with_context(|| format!("outbound listener on {outbound_addr}"))?;
+    let inbound_addr = any_addr(config.proxy.inbound_port);
+    let inbound_listener = proxy::transparent_listener(inbound_addr)
+        .with_context(|| format!("inbound listener on {inbound_addr}"))?;
 
     let mut dataplane = Dataplane::load(&DataplaneSettings {
         pin_root: &options.pin_root,
@@ -84,9 +100,22 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     let (routes_tx, routes_rx) =
         tokio::sync::watch::channel(Arc::new(Routes::new(state, &registry)));
 
+    let inbound_stats = Arc::new(InboundStats::default());
+    let hbone = Arc::new(HboneClient::new(
+        tls.clone(),
+        config.hbone.clone(),
+        config.proxy.connect_timeout(),
+    ));
     let admin_state = AdminState {
         ready: ready.clone(),
-        stats: stats_fn(dataplane.pins().clone(), stats.clone(), routes_rx.clone()),
+        stats: stats_fn(StatsSources {
+            pins: dataplane.pins().clone(),
+            outbound: stats.clone(),
+            inbound: inbound_stats.clone(),
+            hbone: hbone.clone(),
+            certs: certs.clone(),
+            routes: routes_rx.clone(),
+        }),
     };
     for addr in [options.admin, options.ready] {
         let listener = admin::bind(addr)
@@ -94,7 +123,22 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("admin listener on {addr}"))?;
         tokio::spawn(admin::serve(listener, admin_state.clone(), stop.clone()));
     }
-    let outbound = Outbound::new(listener, routes_rx, config.proxy.connect_timeout(), stats);
+    let inbound = Inbound::new(
+        inbound_listener,
+        routes_rx.clone(),
+        tls,
+        config.proxy.connect_timeout(),
+        inbound_stats,
+    );
+    let inbound_accepting = tokio::spawn(inbound.serve(stop.clone(), tracker.clone()));
+    let outbound = Outbound::new(
+        listener,
+        routes_rx,
+        config.proxy.connect_timeout(),
+        config.proxy.inbound_port,
+        hbone,
+        stats,
+    );
     let accepting = tokio::spawn(outbound.serve(stop.clone(), tracker.clone()));
 
     ready.store(true, Ordering::Release);
@@ -111,17 +155,18 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         routes: &routes_tx,
         registry: &registry,
         health: &mut health,
+        certs: &certs,
     };
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = hangup.recv() => reloader.reload(&mut config),
+            _ = hangup.recv() => reloader.reload(&mut config).await,
             Some(()) = changed.recv() => {
                 // Let a burst of writes settle before reading the file.
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 while changed.try_recv().is_ok() {}
-                reloader.reload(&mut config);
+                reloader.reload(&mut config).await;
             }
         }
     }
@@ -130,6 +175,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     ready.store(false, Ordering::Release);
     stop.cancel();
     let _ = accepting.await;
+    let _ = inbound_accepting.await;
     tracker.close();
     if tokio::time::timeout(config.proxy.drain_timeout(), tracker.wait())
         .await
@@ -149,11 +195,12 @@ struct Reloader<'a> {
     routes: &'a tokio::sync::watch::Sender<Arc<Routes>>,
     registry: &'a Arc<Registry>,
     health: &'a mut HealthChecks,
+    certs: &'a Arc<CertManager>,
 }
 
 impl Reloader<'_> {
     /// Applies the config file if it is valid; otherwise keeps `current`.
-    fn reload(&mut self, current: &mut Config) {
+    async fn reload(&mut self, current: &mut Config) {
         let config = match Config::load(self.path) {
             Ok(config) => config,
             Err(error) => {
@@ -175,10 +222,26 @@ impl Reloader<'_> {
             }
         }
         self.health.sync(&state, self.registry);
+        report_cert_problems(self.certs.ensure(&state.local_identities()).await);
         self.routes
             .send_replace(Arc::new(Routes::new(state, self.registry)));
         info!("config reloaded");
         *current = config;
+    }
+}
+
+/// The CA named in the config: signing files, or the embedded CA's directory.
+fn certificate_authority(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
+    let ca = match &config.identity.ca {
+        Some(files) => EmbeddedCa::load(&files.cert, &files.key, &files.roots)?,
+        None => EmbeddedCa::load_or_create(&config.identity.ca_dir)?,
+    };
+    Ok(Arc::new(ca))
+}
+
+fn report_cert_problems(problems: Vec<(SpiffeId, CaError)>) {
+    for (identity, error) in problems {
+        error!(%identity, %error, "no certificate for workload; retrying at the next config change");
     }
 }
 
@@ -188,13 +251,27 @@ fn report_problems(problems: Vec<String>) {
     }
 }
 
-/// `/stats`: the proxy's counters and what the kernel maps hold, read from
-/// the pins so the admin server needs no access to the dataplane.
-fn stats_fn(
+/// Everything `/stats` reports on.
+struct StatsSources {
     pins: PinLayout,
     outbound: Arc<OutboundStats>,
+    inbound: Arc<InboundStats>,
+    hbone: Arc<HboneClient>,
+    certs: Arc<CertManager>,
     routes: tokio::sync::watch::Receiver<Arc<Routes>>,
-) -> admin::StatsFn {
+}
+
+/// `/stats`: the proxy's counters and what the kernel maps hold, read from
+/// the pins so the admin server needs no access to the dataplane.
+fn stats_fn(sources: StatsSources) -> admin::StatsFn {
+    let StatsSources {
+        pins,
+        outbound,
+        inbound,
+        hbone,
+        certs,
+        routes,
+    } = sources;
     Arc::new(move || {
         let services = routes.borrow().balancers.snapshot();
         let kernel = match KernelMaps::open_pinned(&pins) {
@@ -218,6 +295,8 @@ fn stats_fn(
                             "packets_to_pod": s.packets_to_pod,
                             "bytes_to_pod": s.bytes_to_pod,
                             "captured": s.captured,
+                            "plaintext_in": s.plaintext_in,
+                            "plaintext_dropped": s.plaintext_dropped,
                         })
                     })
                     .collect();
@@ -237,6 +316,13 @@ fn stats_fn(
             }
             Err(error) => json!({ "error": error.to_string() }),
         };
-        json!({ "outbound": outbound.snapshot(), "services": services, "kernel": kernel })
+        json!({
+            "outbound": outbound.snapshot(),
+            "inbound": inbound.snapshot(),
+            "hbone": { "connections_opened": hbone.connections_opened.load(Ordering::Relaxed) },
+            "certificates": certs.snapshot(),
+            "services": services,
+            "kernel": kernel,
+        })
     })
 }

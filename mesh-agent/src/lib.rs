@@ -8,6 +8,7 @@ pub mod authz;
 pub mod cleanup;
 pub mod config;
 pub mod dataplane;
+pub mod hbone;
 pub mod health;
 pub mod identity;
 pub mod lb;

@@ -72,6 +72,11 @@ impl TlsFactory {
         })
     }
 
+    /// The certificate `id` presents now.
+    pub fn current_cert(&self, id: &SpiffeId) -> Option<Arc<CertifiedKey>> {
+        self.certs.current(id)
+    }
+
     /// Server side for the workload `local`.
     pub fn server(&self, local: SpiffeId) -> Result<ServerConfig, Error> {
         let verifier =

@@ -125,6 +125,13 @@ impl Pod {
 
     /// Runs `mesh-pod connect` to completion: one JSON report per connection.
     pub fn connect(&self, addr: SocketAddr, options: Connect) -> Vec<Value> {
+        self.try_connect(addr, options)
+            .unwrap_or_else(|error| panic!("client in {} to {addr} failed: {error}", self.name))
+    }
+
+    /// Like [`Pod::connect`], but a client that could not connect at all is
+    /// an `Err` with its message rather than a panic.
+    pub fn try_connect(&self, addr: SocketAddr, options: Connect) -> Result<Vec<Value>, String> {
         let mut command = self.command(&mesh_pod_bin());
         command.args([
             "connect",
@@ -143,16 +150,13 @@ impl Pod {
         }
         command.args(["--parallel", &options.parallel.max(1).to_string()]);
         let output = command.output().expect("running client");
-        assert!(
-            output.status.success(),
-            "client in {} to {addr} failed: {}",
-            self.name,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout)
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&output.stdout)
             .lines()
             .map(|l| serde_json::from_str(l).expect("client JSON"))
-            .collect()
+            .collect())
     }
 
     /// Opens one connection and keeps it open until the result is released.

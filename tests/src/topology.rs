@@ -23,10 +23,15 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
 pub struct Node {
     pub name: String,
+    /// The embedded CA's directory; nodes of one test share it to share a root.
+    pub ca_dir: std::path::PathBuf,
+    owns_ca_dir: bool,
     pub index: u8,
     /// The node's own address (on its loopback).
     pub ip: Ipv4Addr,
     pub pin_root: std::path::PathBuf,
+    /// Interfaces to other nodes.
+    pub uplinks: Vec<String>,
     /// Pods go before the node's cgroup and namespace when dropped.
     pods: Vec<Pod>,
     pub cgroup: Cgroup,
@@ -45,9 +50,12 @@ impl Node {
         netns.sysctl("net.ipv4.ip_forward", "1");
         Self {
             pin_root: std::path::PathBuf::from("/sys/fs/bpf").join(&name),
+            ca_dir: std::env::temp_dir().join(format!("{name}-ca")),
+            owns_ca_dir: true,
             name,
             index,
             ip,
+            uplinks: Vec::new(),
             pods: Vec::new(),
             cgroup,
             netns,
@@ -150,13 +158,29 @@ impl Node {
             .unwrap_or_else(|| panic!("no pod {name} on {}", self.name))
     }
 
-    /// The config's `node:` section for this node.
+    /// Trusts the same CA as `other` (the first node's agent creates it).
+    pub fn share_ca_with(&mut self, other: &Node) {
+        self.ca_dir = other.ca_dir.clone();
+        self.owns_ca_dir = false;
+    }
+
+    /// The config's `node:` and `identity:` sections for this node.
     pub fn node_yaml(&self) -> String {
         format!(
-            "node: {{ name: {}, cgroup: {} }}\n",
+            "node: {{ name: {}, cgroup: {}{} }}\nidentity: {{ ca_dir: {} }}\n",
             self.name,
-            self.cgroup.path().display()
+            self.cgroup.path().display(),
+            self.uplinks_yaml(),
+            self.ca_dir.display()
         )
+    }
+
+    fn uplinks_yaml(&self) -> String {
+        if self.uplinks.is_empty() {
+            String::new()
+        } else {
+            format!(", uplinks: [{}]", self.uplinks.join(", "))
+        }
     }
 
     /// A `workloads:` entry for one of this node's pods.
@@ -167,4 +191,59 @@ impl Node {
             pod.name, pod.ip, pod.host_if, pod.name
         )
     }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.owns_ca_dir {
+            let _ = std::fs::remove_dir_all(&self.ca_dir);
+        }
+    }
+}
+
+/// Wires two nodes together like a flat network: a veth pair `up<n>`
+/// between their namespaces, node addresses `10.0.0.<n>/24` on it, and a
+/// route to each other's pod range (`10.<10+n>.0.0/16`) via the other node.
+pub fn connect(a: &mut Node, b: &mut Node) {
+    let a_if = format!("up{}", b.index);
+    let b_if = format!("up{}", a.index);
+    crate::run(
+        "ip",
+        &[
+            "link",
+            "add",
+            &a_if,
+            "netns",
+            a.netns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b_if,
+            "netns",
+            b.netns.name(),
+        ],
+    );
+    let (a_index, b_index) = (a.index, b.index);
+    for (node, ifname, peer) in [(&mut *a, &a_if, b_index), (&mut *b, &b_if, a_index)] {
+        node.netns.ip(&[
+            "addr",
+            "add",
+            &format!("10.0.0.{}/24", node.index),
+            "dev",
+            ifname,
+        ]);
+        node.netns.ip(&["link", "set", ifname, "up"]);
+        node.netns.ip(&[
+            "route",
+            "add",
+            &format!("10.{}.0.0/16", 10 + peer),
+            "via",
+            &format!("10.0.0.{peer}"),
+            "dev",
+            ifname,
+        ]);
+        node.uplinks.push(ifname.clone());
+    }
+    b.share_ca_with(a);
 }

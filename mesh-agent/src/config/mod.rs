@@ -75,6 +75,12 @@ pub struct IdentityConfig {
     pub cert_lifetime_s: u64,
 }
 
+impl IdentityConfig {
+    pub fn cert_lifetime(&self) -> Duration {
+        Duration::from_secs(self.cert_lifetime_s)
+    }
+}
+
 impl Default for IdentityConfig {
     fn default() -> Self {
         Self {

@@ -78,6 +78,22 @@ impl EmbeddedCa {
     /// Loads the CA from `dir`, or creates a new self-signed root there
     /// when the directory holds none yet (the default set-up).
     pub fn load_or_create(dir: &Path) -> Result<Self, CaError> {
+        let file_err = |source| CaError::File {
+            path: dir.to_owned(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(file_err)?;
+        // Agents starting together on a fresh directory: one creates, the
+        // others wait on the lock and load what it wrote.
+        let lock = fs::File::open(dir).map_err(file_err)?;
+        // SAFETY: flock on a descriptor we own; released when `lock` closes.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+            return Err(file_err(std::io::Error::last_os_error()));
+        }
         if !dir.join(CA_KEY).exists() {
             Self::create(dir)?;
         }

@@ -2,7 +2,8 @@
 //! decides where each goes, connects there and splices the two.
 
 mod outbound;
-mod splice;
+pub mod splice;
+mod upstream;
 
 use std::{net::SocketAddr, sync::Arc};
 

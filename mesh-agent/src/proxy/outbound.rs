@@ -2,7 +2,6 @@
 //! to us by the `mesh_from_pod` tc program.
 
 use std::{
-    io,
     net::{SocketAddr, SocketAddrV4},
     sync::{
         Arc,
@@ -22,8 +21,10 @@ use tracing::{debug, info, warn};
 use super::{
     Routes,
     splice::{self, Side},
+    upstream::{self, Finished, OpenError, Opener},
 };
 use crate::{
+    hbone::client::HboneClient,
     lb::{RetryPermit, ServiceBalancer},
     model::{Destination, ServicePort},
 };
@@ -34,6 +35,8 @@ pub struct OutboundStats {
     pub accepted: AtomicU64,
     pub active: AtomicU64,
     pub connect_failures: AtomicU64,
+    pub denied: AtomicU64,
+    pub tunnelled: AtomicU64,
 }
 
 #[derive(Debug, Serialize)]
@@ -41,14 +44,19 @@ pub struct OutboundStatsSnapshot {
     pub accepted: u64,
     pub active: u64,
     pub connect_failures: u64,
+    pub denied: u64,
+    pub tunnelled: u64,
 }
 
 impl OutboundStats {
     pub fn snapshot(&self) -> OutboundStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         OutboundStatsSnapshot {
-            accepted: self.accepted.load(Ordering::Relaxed),
-            active: self.active.load(Ordering::Relaxed),
-            connect_failures: self.connect_failures.load(Ordering::Relaxed),
+            accepted: get(&self.accepted),
+            active: get(&self.active),
+            connect_failures: get(&self.connect_failures),
+            denied: get(&self.denied),
+            tunnelled: get(&self.tunnelled),
         }
     }
 }
@@ -57,6 +65,8 @@ pub struct Outbound {
     listener: TcpListener,
     routes: watch::Receiver<Arc<Routes>>,
     connect_timeout: Duration,
+    inbound_port: u16,
+    hbone: Arc<HboneClient>,
     stats: Arc<OutboundStats>,
 }
 
@@ -65,12 +75,16 @@ impl Outbound {
         listener: TcpListener,
         routes: watch::Receiver<Arc<Routes>>,
         connect_timeout: Duration,
+        inbound_port: u16,
+        hbone: Arc<HboneClient>,
         stats: Arc<OutboundStats>,
     ) -> Self {
         Self {
             listener,
             routes,
             connect_timeout,
+            inbound_port,
+            hbone,
             stats,
         }
     }
@@ -97,6 +111,8 @@ impl Outbound {
             let connection = Connection {
                 routes,
                 connect_timeout: self.connect_timeout,
+                inbound_port: self.inbound_port,
+                hbone: self.hbone.clone(),
                 stats: self.stats.clone(),
             };
             tracker.spawn(connection.run(client, peer));
@@ -108,6 +124,8 @@ impl Outbound {
 struct Connection {
     routes: Arc<Routes>,
     connect_timeout: Duration,
+    inbound_port: u16,
+    hbone: Arc<HboneClient>,
     stats: Arc<OutboundStats>,
 }
 
@@ -120,10 +138,10 @@ impl Connection {
 
     async fn proxy(&self, client: TcpStream, peer: SocketAddr) {
         // The transparent socket's local address is where the pod connected to.
-        let original = match client.local_addr() {
-            Ok(SocketAddr::V4(addr)) => addr,
-            other => {
-                warn!(%peer, ?other, "captured connection without an IPv4 destination");
+        let (original, peer) = match (client.local_addr(), peer) {
+            (Ok(SocketAddr::V4(original)), SocketAddr::V4(peer)) => (original, peer),
+            (local, _) => {
+                warn!(%peer, ?local, "captured connection that is not IPv4");
                 return splice::reset(client);
             }
         };
@@ -141,15 +159,25 @@ impl Connection {
         }
     }
 
-    async fn proxy_direct(&self, client: TcpStream, peer: SocketAddr, original: SocketAddrV4) {
+    fn opener(&self, timeout: Duration) -> Opener<'_> {
+        Opener {
+            routes: &self.routes,
+            hbone: &self.hbone,
+            inbound_port: self.inbound_port,
+            timeout,
+            stats: &self.stats,
+        }
+    }
+
+    async fn proxy_direct(&self, client: TcpStream, peer: SocketAddrV4, original: SocketAddrV4) {
         let started = Instant::now();
-        match connect(original, self.connect_timeout).await {
+        match self.opener(self.connect_timeout).open(original, peer).await {
             Ok(upstream) => {
-                let spliced = splice::splice(client, upstream, None).await;
-                log_close(peer, original, original, &spliced, started);
+                let done = upstream::splice(client, upstream, None).await;
+                self.finished(peer, original, original, &done, started);
             }
             Err(error) => {
-                warn!(%peer, destination = %original, %error, "connect failed; resetting client");
+                warn!(%peer, destination = %original, %error, "no path to the destination; resetting client");
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 splice::reset(client);
             }
@@ -159,7 +187,7 @@ impl Connection {
     async fn proxy_service(
         &self,
         client: TcpStream,
-        peer: SocketAddr,
+        peer: SocketAddrV4,
         original: SocketAddrV4,
         service: usize,
         port: ServicePort,
@@ -175,15 +203,11 @@ impl Connection {
                 return splice::reset(client);
             }
         };
-        let client_ip = match peer {
-            SocketAddr::V4(peer) => *peer.ip(),
-            SocketAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
-        };
-        let timeout = balancer.connect_timeout(self.connect_timeout);
+        let opener = self.opener(balancer.connect_timeout(self.connect_timeout));
         let mut tried = Vec::new();
         let mut _retry: Option<RetryPermit> = None;
         let (upstream, endpoint) = loop {
-            let endpoint = match balancer.pick(client_ip, &tried) {
+            let endpoint = match balancer.pick(*peer.ip(), &tried) {
                 Ok(endpoint) => endpoint,
                 Err(error) => {
                     warn!(%peer, destination = %original, service = %balancer.name, tried = tried.len(), %error, "no endpoint; resetting client");
@@ -194,12 +218,16 @@ impl Connection {
             let target = ServiceBalancer::target(&endpoint, port);
             let connecting = endpoint.begin_connect();
             let attempt = Instant::now();
-            match connect(target, timeout).await {
+            match opener.open(target, peer).await {
                 Ok(upstream) => {
                     endpoint.connect_succeeded(attempt.elapsed());
                     break (upstream, endpoint);
                 }
-                Err(error) => {
+                Err(OpenError::Denied(rule)) => {
+                    warn!(%peer, service = %balancer.name, endpoint = %target, rule, "denied; resetting client");
+                    return splice::reset(client);
+                }
+                Err(OpenError::Failed(error)) => {
                     drop(connecting);
                     balancer.report_failure(&endpoint);
                     tried.push(endpoint.ip);
@@ -222,40 +250,47 @@ impl Connection {
         admission.established();
         let _active = endpoint.begin_active();
         let target = ServiceBalancer::target(&endpoint, port);
-        let spliced = splice::splice(client, upstream, balancer.idle_timeout()).await;
-        if matches!(spliced.error, Some((Side::Upstream, _))) {
+        let done = upstream::splice(client, upstream, balancer.idle_timeout()).await;
+        if matches!(done.error, Some((Side::Upstream, _))) {
             balancer.report_failure(&endpoint);
         }
-        log_close(peer, original, target, &spliced, started);
+        self.finished(peer, original, target, &done, started);
+    }
+
+    fn finished(
+        &self,
+        peer: SocketAddrV4,
+        original: SocketAddrV4,
+        endpoint: SocketAddrV4,
+        done: &Finished,
+        started: Instant,
+    ) {
+        if done.tunnelled {
+            self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
+        }
+        log_close(peer, original, endpoint, done, started);
     }
 }
 
 fn log_close(
-    peer: SocketAddr,
+    peer: SocketAddrV4,
     original: SocketAddrV4,
     endpoint: SocketAddrV4,
-    spliced: &splice::Spliced,
+    done: &Finished,
     started: Instant,
 ) {
     let duration_ms = started.elapsed().as_millis() as u64;
-    match &spliced.error {
+    let tunnelled = done.tunnelled;
+    match &done.error {
         None => info!(
-            %peer, destination = %original, %endpoint,
-            sent = spliced.sent, received = spliced.received, duration_ms,
+            %peer, destination = %original, %endpoint, tunnelled,
+            sent = done.sent, received = done.received, duration_ms,
             "connection closed"
         ),
         Some((side, error)) => info!(
-            %peer, destination = %original, %endpoint,
-            sent = spliced.sent, received = spliced.received, duration_ms, ?side, %error,
+            %peer, destination = %original, %endpoint, tunnelled,
+            sent = done.sent, received = done.received, duration_ms, ?side, %error,
             "connection reset"
         ),
     }
-}
-
-async fn connect(target: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }

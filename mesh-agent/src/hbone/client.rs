@@ -1,0 +1,240 @@
+//! The HBONE client: a CONNECT stream to `target` through the destination
+//! node's agent, over a pooled mutual-TLS HTTP/2 connection.
+//!
+//! Pool key: (source identity, destination identity, destination node), as
+//! HBONE requires one tunnel per identity pair. Several busy streams must
+//! not share one TCP connection's window and one core: a new connection is
+//! opened once every pooled one carries `streams_per_connection` streams,
+//! up to `max_connections_per_peer`; beyond that the least loaded is shared.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddrV4},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use http_body_util::Empty;
+use hyper::{Method, Request, StatusCode, body::Bytes, client::conn::http2::SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::{pki_types::ServerName, sign::CertifiedKey};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info};
+
+use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
+use crate::{config::HboneConfig, identity::SpiffeId, tls::TlsFactory};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddrV4, std::io::Error),
+    #[error("TLS with {0}: {1}")]
+    Tls(SocketAddrV4, String),
+    #[error("HTTP/2 with {0}: {1}")]
+    Http(SocketAddrV4, hyper::Error),
+    /// The destination refused the stream (authorization: 401/403).
+    #[error("{0} answered {1}")]
+    Refused(SocketAddrV4, StatusCode),
+    #[error("{0} answered {1}")]
+    Status(SocketAddrV4, StatusCode),
+}
+
+impl HboneError {
+    /// Refused by policy: retrying elsewhere would only be refused again.
+    pub fn is_denied(&self) -> bool {
+        matches!(self, HboneError::Refused(..))
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: SpiffeId,
+    destination: SpiffeId,
+    node: String,
+}
+
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicUsize>,
+    /// The source certificate this connection authenticated with. Once it
+    /// is renewed the connection takes no new streams (its open ones run
+    /// on), so new connections always present the current certificate.
+    cert: Option<Arc<CertifiedKey>>,
+}
+
+/// Counts a stream on its pooled connection until dropped.
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct HboneClient {
+    tls: Arc<TlsFactory>,
+    config: HboneConfig,
+    connect_timeout: Duration,
+    pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    /// One connection attempt per key at a time: a burst of new streams
+    /// waits for the connection being made instead of each making its own.
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    pub connections_opened: AtomicU64,
+}
+
+/// Where a stream goes.
+pub struct Destination<'a> {
+    pub source: &'a SpiffeId,
+    pub identity: &'a SpiffeId,
+    pub node: &'a str,
+    /// The destination pod's IP on the HBONE port.
+    pub gateway: SocketAddrV4,
+    /// The CONNECT authority: the endpoint the stream is for.
+    pub target: SocketAddrV4,
+    /// The original client, for the `Forwarded` header.
+    pub client: IpAddr,
+}
+
+impl HboneClient {
+    pub fn new(tls: Arc<TlsFactory>, config: HboneConfig, connect_timeout: Duration) -> Self {
+        Self {
+            tls,
+            config,
+            connect_timeout,
+            pool: Mutex::default(),
+            dialing: Mutex::default(),
+            connections_opened: AtomicU64::new(0),
+        }
+    }
+
+    /// Opens a CONNECT stream; the returned IO carries the connection's bytes.
+    pub async fn open(
+        &self,
+        to: &Destination<'_>,
+    ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, StreamGuard), HboneError> {
+        let key = PoolKey {
+            source: to.source.clone(),
+            destination: to.identity.clone(),
+            node: to.node.to_owned(),
+        };
+        let (mut sender, guard) = match self.pooled(&key) {
+            Some(pooled) => pooled,
+            None => {
+                let dialing = self
+                    .dialing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(key.clone())
+                    .or_default()
+                    .clone();
+                let _turn = dialing.lock().await;
+                // Whoever dialled before us may have made room.
+                match self.pooled(&key) {
+                    Some(pooled) => pooled,
+                    None => self.connect(key, to).await?,
+                }
+            }
+        };
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(to.target.to_string())
+            .header("forwarded", format!("for={}", to.client))
+            .body(Empty::<Bytes>::new())
+            .expect("static request parts");
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| HboneError::Http(to.gateway, e))?;
+        match response.status() {
+            StatusCode::OK => {}
+            status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                return Err(HboneError::Refused(to.gateway, status));
+            }
+            status => return Err(HboneError::Status(to.gateway, status)),
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|e| HboneError::Http(to.gateway, e))?;
+        Ok((TokioIo::new(upgraded), guard))
+    }
+
+    /// A pooled connection with room, unless the pool should grow.
+    fn pooled(&self, key: &PoolKey) -> Option<(SendRequest<Empty<Bytes>>, StreamGuard)> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let connections = pool.get_mut(key)?;
+        let current = self.tls.current_cert(&key.source);
+        connections.retain(|c| {
+            let same_cert = match (&c.cert, &current) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+            same_cert && !c.sender.is_closed()
+        });
+        let least = connections
+            .iter()
+            .min_by_key(|c| c.streams.load(Ordering::Relaxed))?;
+        let busy = least.streams.load(Ordering::Relaxed) >= self.config.streams_per_connection;
+        if busy && connections.len() < self.config.max_connections_per_peer {
+            return None;
+        }
+        least.streams.fetch_add(1, Ordering::Relaxed);
+        Some((least.sender.clone(), StreamGuard(least.streams.clone())))
+    }
+
+    async fn connect(
+        &self,
+        key: PoolKey,
+        to: &Destination<'_>,
+    ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard), HboneError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(to.gateway))
+            .await
+            .map_err(|_| HboneError::Connect(to.gateway, std::io::ErrorKind::TimedOut.into()))?
+            .map_err(|e| HboneError::Connect(to.gateway, e))?;
+        let _ = tcp.set_nodelay(true);
+        let config = self
+            .tls
+            .client(key.source.clone(), key.destination.clone())
+            .map_err(|e| HboneError::Tls(to.gateway, e.to_string()))?;
+        let name = ServerName::IpAddress((*to.gateway.ip()).into());
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            TlsConnector::from(Arc::new(config)).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| HboneError::Tls(to.gateway, "handshake timed out".into()))?
+        .map_err(|e| HboneError::Tls(to.gateway, e.to_string()))?;
+        let cert = self.tls.current_cert(&key.source);
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| HboneError::Http(to.gateway, e))?;
+        let gateway = to.gateway;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%gateway, %error, "HBONE connection ended");
+            }
+        });
+        self.connections_opened.fetch_add(1, Ordering::Relaxed);
+        info!(source = %key.source, destination = %key.destination, node = %key.node, %gateway, "HBONE connection opened");
+        let streams = Arc::new(AtomicUsize::new(1));
+        let guard = StreamGuard(streams.clone());
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .push(Pooled {
+                sender: sender.clone(),
+                streams,
+                cert,
+            });
+        Ok((sender, guard))
+    }
+}

@@ -1,0 +1,289 @@
+//! The HBONE server: connections to a local pod's IP on port 15008, steered
+//! here by `mesh_uplink`. The accepted socket's local address says which
+//! pod was addressed, so the agent presents that workload's certificate.
+//! Only clients whose certificate chains to the trust roots get through the
+//! handshake; each CONNECT must name a local workload, passes
+//! authorization, and is spliced to the pod.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, warn};
+
+use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW, splice_tunnel};
+use crate::{
+    authz::{Decision, Request as AuthzRequest},
+    identity::SpiffeId,
+    proxy::{Routes, splice},
+    tls::{ALPN_H2, TlsFactory},
+};
+
+#[derive(Debug, Default)]
+pub struct InboundStats {
+    pub connections: AtomicU64,
+    pub refused: AtomicU64,
+    pub streams: AtomicU64,
+    pub denied: AtomicU64,
+    pub dry_run_denied: AtomicU64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InboundStatsSnapshot {
+    pub connections: u64,
+    pub refused: u64,
+    pub streams: u64,
+    pub denied: u64,
+    pub dry_run_denied: u64,
+}
+
+impl InboundStats {
+    pub fn snapshot(&self) -> InboundStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        InboundStatsSnapshot {
+            connections: get(&self.connections),
+            refused: get(&self.refused),
+            streams: get(&self.streams),
+            denied: get(&self.denied),
+            dry_run_denied: get(&self.dry_run_denied),
+        }
+    }
+}
+
+pub struct Inbound {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    routes: watch::Receiver<Arc<Routes>>,
+    tls: Arc<TlsFactory>,
+    acceptors: Mutex<HashMap<SpiffeId, TlsAcceptor>>,
+    connect_timeout: Duration,
+    stats: Arc<InboundStats>,
+}
+
+impl Inbound {
+    pub fn new(
+        listener: TcpListener,
+        routes: watch::Receiver<Arc<Routes>>,
+        tls: Arc<TlsFactory>,
+        connect_timeout: Duration,
+        stats: Arc<InboundStats>,
+    ) -> Self {
+        Self {
+            listener,
+            shared: Arc::new(Shared {
+                routes,
+                tls,
+                acceptors: Mutex::default(),
+                connect_timeout,
+                stats,
+            }),
+        }
+    }
+
+    pub async fn serve(self, stop: CancellationToken, tracker: TaskTracker) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = stop.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        warn!(%error, "inbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            self.shared
+                .stats
+                .connections
+                .fetch_add(1, Ordering::Relaxed);
+            let shared = self.shared.clone();
+            tracker.spawn(async move { shared.connection(stream, peer).await });
+        }
+    }
+}
+
+impl Shared {
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let refuse = |reason: String, stream: Option<TcpStream>| {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, reason, "inbound HBONE refused");
+            if let Some(stream) = stream {
+                splice::reset(stream);
+            }
+        };
+        let Ok(SocketAddr::V4(local)) = stream.local_addr() else {
+            return refuse("no IPv4 destination".into(), Some(stream));
+        };
+        let state = self.routes.borrow().state.clone();
+        let Some((_, workload)) = state
+            .workload_by_ip(*local.ip())
+            .filter(|(_, w)| w.local.is_some())
+        else {
+            return refuse(
+                format!("{} is not a workload on this node", local.ip()),
+                Some(stream),
+            );
+        };
+        let identity = state.identity(workload);
+        let acceptor = match self.acceptor(&identity) {
+            Ok(acceptor) => acceptor,
+            Err(error) => {
+                return refuse(format!("TLS config for {identity}: {error}"), Some(stream));
+            }
+        };
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => return refuse(format!("TLS handshake failed: {error}"), None),
+            Err(_) => return refuse("TLS handshake timed out".into(), None),
+        };
+        let (_, session) = tls.get_ref();
+        if session.alpn_protocol() != Some(ALPN_H2) {
+            return refuse("client did not negotiate ALPN h2".into(), None);
+        }
+        let client = match session.peer_certificates().and_then(|certs| certs.first()) {
+            Some(cert) => match SpiffeId::from_cert(cert) {
+                Ok(id) => id,
+                Err(error) => return refuse(format!("client certificate: {error}"), None),
+            },
+            None => return refuse("no client certificate".into(), None),
+        };
+        debug!(%peer, %client, server = %identity, "inbound HBONE connection");
+        let this = self.clone();
+        let service = service_fn(move |request| {
+            let this = this.clone();
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(this.stream(request, &client, peer).await) }
+        });
+        let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+        if let Err(error) = result {
+            debug!(%peer, %error, "inbound HBONE connection ended");
+        }
+    }
+
+    /// One CONNECT stream.
+    async fn stream(
+        &self,
+        mut request: Request<hyper::body::Incoming>,
+        client: &SpiffeId,
+        peer: SocketAddr,
+    ) -> Response<Empty<Bytes>> {
+        let status = |code: StatusCode| {
+            Response::builder()
+                .status(code)
+                .body(Empty::new())
+                .expect("static response parts")
+        };
+        if request.method() != Method::CONNECT {
+            return status(StatusCode::METHOD_NOT_ALLOWED);
+        }
+        let Some(target) = request
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddrV4>().ok())
+        else {
+            return status(StatusCode::BAD_REQUEST);
+        };
+        let state = self.routes.borrow().state.clone();
+        let Some((_, workload)) = state
+            .workload_by_ip(*target.ip())
+            .filter(|(_, w)| w.local.is_some())
+        else {
+            warn!(%client, %target, "CONNECT to something that is not a workload on this node");
+            return status(StatusCode::BAD_REQUEST);
+        };
+        let source_ip = forwarded_for(&request).unwrap_or(match peer.ip() {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+        });
+        let decision = state.authorization.check(&AuthzRequest {
+            principal: Some(client),
+            source_ip,
+            workload_namespace: &workload.namespace,
+            workload_name: &workload.name,
+            port: target.port(),
+        });
+        match decision {
+            Decision::Allow => {}
+            Decision::DryRunDeny(rule) => {
+                self.stats.dry_run_denied.fetch_add(1, Ordering::Relaxed);
+                info!(%client, %source_ip, %target, rule, "dry run: would deny");
+            }
+            Decision::Deny(rule) => {
+                self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                warn!(%client, %source_ip, %target, rule, "denied");
+                return status(StatusCode::UNAUTHORIZED);
+            }
+        }
+        let upstream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
+                Ok(Ok(upstream)) => upstream,
+                Ok(Err(error)) => {
+                    warn!(%client, %target, %error, "connect to the workload failed");
+                    return status(StatusCode::SERVICE_UNAVAILABLE);
+                }
+                Err(_) => return status(StatusCode::GATEWAY_TIMEOUT),
+            };
+        let _ = upstream.set_nodelay(true);
+        self.stats.streams.fetch_add(1, Ordering::Relaxed);
+        let upgrade = hyper::upgrade::on(&mut request);
+        let client = client.clone();
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let done = splice_tunnel(upstream, TokioIo::new(upgraded)).await;
+                    info!(
+                        %client, %source_ip, %target, sent = done.received, received = done.sent,
+                        error = done.error.map(|e| e.to_string()), "inbound stream closed"
+                    );
+                }
+                Err(error) => warn!(%client, %target, %error, "CONNECT upgrade failed"),
+            }
+        });
+        status(StatusCode::OK)
+    }
+
+    fn acceptor(&self, identity: &SpiffeId) -> Result<TlsAcceptor, rustls::Error> {
+        let mut acceptors = self.acceptors.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(acceptor) = acceptors.get(identity) {
+            return Ok(acceptor.clone());
+        }
+        let acceptor = TlsAcceptor::from(Arc::new(self.tls.server(identity.clone())?));
+        acceptors.insert(identity.clone(), acceptor.clone());
+        Ok(acceptor)
+    }
+}
+
+/// The client address an HBONE peer put in `Forwarded: for=…`.
+fn forwarded_for<B>(request: &Request<B>) -> Option<std::net::Ipv4Addr> {
+    let header = request.headers().get("forwarded")?.to_str().ok()?;
+    header.split([';', ',']).find_map(|part| {
+        let value = part.trim().strip_prefix("for=")?;
+        value.trim_matches('"').parse().ok()
+    })
+}

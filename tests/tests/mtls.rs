@@ -1,0 +1,568 @@
+//! Identity, mutual TLS (HBONE) between nodes, authorization and strict
+//! mode: two simulated nodes, each with its own agent, wired by a veth
+//! "uplink", pods on both. Needs root.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    agent::Agent,
+    payload,
+    pod::{Connect, Server},
+    process::{self, Guarded},
+    topology::{self, Node},
+};
+use serde_json::Value;
+
+const VIP: &str = "10.96.0.10:80";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+
+fn vip() -> SocketAddr {
+    VIP.parse().unwrap()
+}
+
+/// Node 1 runs `client` (sa client) and `other` (sa other); node 2 runs
+/// `server` (sa server) behind the VIP. Fields drop in order.
+struct TwoNodes {
+    agent_a: Agent,
+    agent_b: Agent,
+    _servers: Vec<Server>,
+    a: Node,
+    b: Node,
+}
+
+struct Options<'a> {
+    /// What node 1 believes the server's service account is.
+    server_sa_seen_from_a: &'a str,
+    /// `authorization:` section for node 2 (YAML), if any.
+    authorization_b: &'a str,
+    /// Workload certificate lifetime on both nodes.
+    cert_lifetime_s: Option<u64>,
+    /// Mode of `server` and of the extra permissive pod `open` on node 2.
+    server_mode: &'a str,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self {
+            server_sa_seen_from_a: "server",
+            authorization_b: "",
+            cert_lifetime_s: None,
+            server_mode: "permissive",
+        }
+    }
+}
+
+fn workload(node: &Node, pod: &str, sa: &str, mode: &str) -> String {
+    let p = node.pod(pod);
+    format!(
+        "  - {{ name: {pod}, service_account: {sa}, ips: [{}], interface: {}, cgroup: {pod}, mode: {mode} }}\n",
+        p.ip, p.host_if
+    )
+}
+
+fn remote(node: &Node, pod: &str, sa: &str) -> String {
+    format!(
+        "  - {{ name: {pod}, service_account: {sa}, ips: [{}], node: {} }}\n",
+        node.pod(pod).ip,
+        node.name
+    )
+}
+
+fn config_a(t: &TwoNodesSetup, o: &Options<'_>) -> String {
+    format!(
+        "{}workloads:\n{}{}{}services:
+  - name: web
+    vip: 10.96.0.10
+    ports: [{{ port: 80, target_port: 8080 }}]
+    endpoints: [{{ ip: {} }}]
+",
+        t.a.node_yaml(),
+        workload(&t.a, "client", "client", "permissive"),
+        workload(&t.a, "other", "other", "permissive"),
+        remote(&t.b, "server", o.server_sa_seen_from_a),
+        t.b.pod("server").ip,
+    )
+}
+
+fn config_b(t: &TwoNodesSetup, o: &Options<'_>) -> String {
+    format!(
+        "{}workloads:\n{}{}{}{}{}",
+        t.b.node_yaml(),
+        workload(&t.b, "server", "server", o.server_mode),
+        workload(&t.b, "open", "open", "permissive"),
+        remote(&t.a, "client", "client"),
+        remote(&t.a, "other", "other"),
+        o.authorization_b,
+    )
+}
+
+struct TwoNodesSetup {
+    a: Node,
+    b: Node,
+}
+
+fn two_nodes(label: &str, options: &Options<'_>) -> TwoNodes {
+    let mut a = Node::new(label, 1);
+    let mut b = Node::new(label, 2);
+    for pod in ["client", "other", "plain"] {
+        a.add_pod(pod);
+    }
+    for pod in ["server", "open"] {
+        b.add_pod(pod);
+    }
+    topology::connect(&mut a, &mut b);
+    let setup = TwoNodesSetup { a, b };
+    let servers = vec![
+        setup.b.pod("server").serve(8080, "server", false),
+        setup.b.pod("open").serve(8080, "open", false),
+    ];
+    // Node 1's agent creates the shared CA; node 2's loads it.
+    let agent_a = Agent::start(&setup.a, &with_lifetime(config_a(&setup, options), options));
+    let agent_b = Agent::start(&setup.b, &with_lifetime(config_b(&setup, options), options));
+    TwoNodes {
+        agent_a,
+        agent_b,
+        _servers: servers,
+        a: setup.a,
+        b: setup.b,
+    }
+}
+
+/// Puts the certificate lifetime into the `identity:` line.
+fn with_lifetime(config: String, options: &Options<'_>) -> String {
+    match options.cert_lifetime_s {
+        Some(lifetime) => {
+            config
+                .lines()
+                .map(|line| {
+                    if line.starts_with("identity:") {
+                        line.replace(" }", &format!(", cert_lifetime_s: {lifetime} }}"))
+                    } else {
+                        line.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+                + "\n"
+        }
+        None => config,
+    }
+}
+
+fn greeting(report: &Value) -> (String, SocketAddr) {
+    let text = report["greeting"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no greeting: {report}"));
+    let (name, peer) = text.split_once(' ').unwrap();
+    (name.to_owned(), peer.parse().unwrap())
+}
+
+/// Runs a program inside a node's network namespace.
+fn in_node(node: &Node, program: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(program);
+    command.args(args);
+    process::enter(&mut command, &node.netns.path(), None);
+    command
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn cross_node_traffic_is_mutual_tls_13_on_the_wire() {
+    let t = two_nodes("wire", &Options::default());
+    let pcap = std::env::temp_dir().join(format!("{}.pcap", t.a.name));
+    let uplink = t.a.uplinks[0].clone();
+    let capture = in_node(
+        &t.a,
+        "tcpdump",
+        &[
+            "-i",
+            &uplink,
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            pcap.to_str().unwrap(),
+            "tcp",
+        ],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("tcpdump");
+    let capture = Guarded::new(capture);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let reports = t.a.pod("client").connect(
+        vip(),
+        Connect {
+            count: 3,
+            send: 256 * 1024,
+            ..Default::default()
+        },
+    );
+    for report in &reports {
+        let (name, peer) = greeting(report);
+        // Reached through node 2's agent.
+        assert_eq!(
+            (name.as_str(), peer.ip()),
+            ("server", "10.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        );
+        let expected = format!("{} {}", 256 * 1024, report["sent_sha256"].as_str().unwrap());
+        assert_eq!(report["reply"], expected.as_str(), "{report}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drop(capture);
+    let bytes = std::fs::read(&pcap).expect("pcap");
+    let _ = std::fs::remove_file(&pcap);
+
+    let mut plaintext = vec![0; 64];
+    payload::fill(&mut plaintext, 4096);
+    assert!(
+        !contains(&bytes, &plaintext),
+        "the payload crossed the link in clear"
+    );
+    assert!(
+        !contains(&bytes, b"server 10.0.0.2"),
+        "the greeting crossed the link in clear"
+    );
+    // TLS 1.3: the ServerHello's supported_versions selects 0x0304, and the
+    // data travels in application-data records.
+    assert!(
+        contains(&bytes, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]),
+        "no TLS 1.3 ServerHello"
+    );
+    assert!(
+        contains(&bytes, &[0x17, 0x03, 0x03]),
+        "no TLS application data"
+    );
+    assert!(contains(&bytes, b"h2"), "no ALPN h2");
+
+    // Node 2 saw the client's SPIFFE ID.
+    let inbound = &t.agent_b.stats()["inbound"];
+    assert_eq!(inbound["streams"], 3, "{inbound}");
+    assert!(t.agent_b.log().contains(CLIENT_ID), "{}", t.agent_b.log());
+    assert_eq!(t.agent_a.stats()["outbound"]["tunnelled"], 3);
+}
+
+#[test]
+fn the_client_rejects_a_server_with_the_wrong_identity() {
+    let t = two_nodes(
+        "wrongid",
+        &Options {
+            server_sa_seen_from_a: "web",
+            ..Default::default()
+        },
+    );
+    let report = &t.a.pod("client").connect(vip(), Connect::default())[0];
+    assert!(
+        report.get("error").is_some(),
+        "connected to an impostor: {report}"
+    );
+    let log = t.agent_a.log();
+    assert!(
+        log.contains("server identity spiffe://cluster.local/ns/default/sa/server is not the expected spiffe://cluster.local/ns/default/sa/web"),
+        "{log}"
+    );
+}
+
+/// A client certificate and key (PEM files), or none.
+type CertFiles = Option<(PathBuf, PathBuf)>;
+
+/// Writes `cert`/`key` PEMs for the client identity, signed by `issuer`.
+fn client_cert(
+    dir: &Path,
+    name: &str,
+    issuer: Option<(&rcgen::Certificate, &rcgen::KeyPair)>,
+    expired: bool,
+) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(CLIENT_ID.try_into().unwrap())];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    if expired {
+        params.not_before = now - time::Duration::days(2);
+        params.not_after = now - time::Duration::days(1);
+    }
+    let cert = match issuer {
+        Some((ca, ca_key)) => params.signed_by(&key, ca, ca_key).unwrap(),
+        None => params.self_signed(&key).unwrap(),
+    };
+    let cert_path = dir.join(format!("{name}-cert.pem"));
+    let key_path = dir.join(format!("{name}-key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
+
+/// A CA (certificate object for signing) loaded from a CA directory.
+fn load_ca(dir: &Path) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca-key.pem")).unwrap())
+        .unwrap();
+    let pem = std::fs::read_to_string(dir.join("ca-cert.pem")).unwrap();
+    let cert = rcgen::CertificateParams::from_ca_cert_pem(&pem)
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    (cert, key)
+}
+
+fn other_ca() -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    (params.self_signed(&key).unwrap(), key)
+}
+
+#[test]
+fn clients_without_a_valid_certificate_are_refused() {
+    let t = two_nodes("badcert", &Options::default());
+    let dir = std::env::temp_dir().join(format!("{}-certs", t.a.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, ca_key) = load_ca(&t.a.ca_dir);
+    let (foreign, foreign_key) = other_ca();
+    let gateway = format!("{}:15008", t.b.pod("server").ip);
+    let roots = t.a.ca_dir.join("root-cert.pem");
+    let attempt = |cert: CertFiles| {
+        let mut args = vec![
+            "s_client",
+            "-connect",
+            &gateway,
+            "-alpn",
+            "h2",
+            "-tls1_3",
+            "-CAfile",
+            roots.to_str().unwrap(),
+        ];
+        let paths;
+        if let Some((cert, key)) = &cert {
+            paths = [
+                cert.to_str().unwrap().to_owned(),
+                key.to_str().unwrap().to_owned(),
+            ];
+            args.extend(["-cert", &paths[0], "-key", &paths[1]]);
+        }
+        in_node(&t.a, "openssl", &args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl s_client");
+    };
+    let refusals = |t: &TwoNodes| t.agent_b.stats()["inbound"]["refused"].as_u64().unwrap();
+
+    // Each attempt must be refused, for its own reason.
+    let cases: [(&str, CertFiles, &[&str]); 3] = [
+        ("no certificate", None, &["no certificate"]),
+        (
+            "another CA",
+            Some(client_cert(
+                &dir,
+                "foreign",
+                Some((&foreign, &foreign_key)),
+                false,
+            )),
+            &["unknownissuer", "unknown issuer"],
+        ),
+        (
+            "expired",
+            Some(client_cert(&dir, "expired", Some((&ca, &ca_key)), true)),
+            &["expired"],
+        ),
+    ];
+    for (count, (what, cert, reasons)) in cases.into_iter().enumerate() {
+        attempt(cert);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while refusals(&t) <= count as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not refused:\n{}",
+                t.agent_b.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = t.agent_b.log().to_lowercase();
+        let last = log
+            .lines()
+            .rfind(|l| l.contains("inbound hbone refused"))
+            .unwrap()
+            .to_owned();
+        assert!(
+            reasons.iter().any(|r| last.contains(r)),
+            "{what}: refused for another reason: {last}"
+        );
+    }
+    // A valid mesh client still gets through.
+    let report = &t.a.pod("client").connect(vip(), Connect::default())[0];
+    assert_eq!(greeting(report).0, "server");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn authorization_allows_denies_and_dry_runs_and_follows_edits() {
+    let deny_others = "authorization:
+  default_action: deny
+  rules:
+    - { name: clients-only, action: allow, from: { principals: ['spiffe://cluster.local/ns/default/sa/client'] } }
+";
+    let options = Options {
+        authorization_b: deny_others,
+        ..Default::default()
+    };
+    let t = two_nodes("authz", &options);
+    let allowed = &t.a.pod("client").connect(vip(), Connect::default())[0];
+    assert_eq!(greeting(allowed).0, "server", "{allowed}");
+    let denied = &t.a.pod("other").connect(vip(), Connect::default())[0];
+    assert!(
+        denied.get("error").is_some(),
+        "denied principal got through: {denied}"
+    );
+    assert_eq!(t.agent_b.stats()["inbound"]["denied"], 1);
+
+    // Dry run, applied by editing the file: logged, not enforced.
+    let dry = deny_others.replace(
+        "default_action: deny",
+        "default_action: deny\n  dry_run: true",
+    );
+    let config = std::fs::read_to_string(&t.agent_b.config_path)
+        .unwrap()
+        .replace(deny_others, &dry);
+    t.agent_b.rewrite_config(&config);
+    assert!(
+        t.agent_b
+            .wait_log("config reloaded", 1, Duration::from_secs(10))
+    );
+    let passed = &t.a.pod("other").connect(vip(), Connect::default())[0];
+    assert_eq!(greeting(passed).0, "server", "{passed}");
+    assert!(
+        t.agent_b.log().contains("dry run: would deny"),
+        "{}",
+        t.agent_b.log()
+    );
+    assert_eq!(t.agent_b.stats()["inbound"]["dry_run_denied"], 1);
+}
+
+#[test]
+fn certificates_rotate_without_dropping_a_long_lived_stream() {
+    let options = Options {
+        cert_lifetime_s: Some(4),
+        ..Default::default()
+    };
+    let t = two_nodes("rotate", &options);
+    let started = Instant::now();
+    let held = t.a.pod("client").hold(vip());
+    assert_eq!(held.greeting.split(' ').next(), Some("server"));
+    // Three renewals (every 2 s) while the stream stays open, and well past
+    // the first certificate's expiry.
+    let renewals = || -> u64 {
+        t.agent_a.stats()["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["renewals"].as_u64().unwrap())
+            .min()
+            .unwrap_or(0)
+    };
+    while renewals() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no renewals: {}",
+            t.agent_a.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(started.elapsed() > Duration::from_secs(4));
+    let report = held.release();
+    assert_eq!(
+        report["reply"],
+        format!("0 {}", report["sent_sha256"].as_str().unwrap()),
+        "{report}"
+    );
+    // New connections present the current certificate: the first one has
+    // expired, and node 2 would refuse it.
+    let fresh = &t.a.pod("client").connect(vip(), Connect::default())[0];
+    assert_eq!(greeting(fresh).0, "server", "{fresh}");
+    assert_eq!(t.agent_b.stats()["inbound"]["refused"], 0);
+}
+
+#[test]
+fn strict_mode_drops_plaintext_from_outside_the_mesh() {
+    let t = two_nodes(
+        "strict",
+        &Options {
+            server_mode: "strict",
+            ..Default::default()
+        },
+    );
+    // `plain` on node 1 is not meshed: its connections are forwarded as is.
+    let plain = t.a.pod("plain");
+    let strict = SocketAddr::from((t.b.pod("server").ip, 8080));
+    let open = SocketAddr::from((t.b.pod("open").ip, 8080));
+    let error = plain
+        .try_connect(strict, Connect::default())
+        .expect_err("strict pod took plaintext");
+    assert!(
+        error.contains("timed out") || error.contains("Connection timed out"),
+        "{error}"
+    );
+    let report = &plain.connect(open, Connect::default())[0];
+    assert_eq!(
+        greeting(report),
+        (
+            "open".to_owned(),
+            SocketAddr::from((plain.ip, greeting(report).1.port()))
+        )
+    );
+
+    let stats = t.agent_b.stats();
+    let pod = |name: &str| {
+        stats["kernel"]["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["interface"] == format!("p-{name}"))
+            .unwrap()
+            .clone()
+    };
+    assert!(
+        pod("server")["plaintext_dropped"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    assert!(
+        pod("open")["plaintext_in"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    // Mesh traffic to the strict pod still flows (it arrives from the agent).
+    let report = &t.a.pod("client").connect(vip(), Connect::default())[0];
+    assert_eq!(greeting(report).0, "server");
+}
+
+#[test]
+fn a_hundred_parallel_streams_across_nodes_arrive_intact() {
+    let t = two_nodes("streams", &Options::default());
+    let reports = t.a.pod("client").connect(
+        vip(),
+        Connect {
+            count: 100,
+            parallel: 100,
+            send: 1 << 20,
+            ..Default::default()
+        },
+    );
+    assert_eq!(reports.len(), 100);
+    for report in &reports {
+        assert!(report.get("error").is_none(), "{report}");
+        let expected = format!("{} {}", 1 << 20, report["sent_sha256"].as_str().unwrap());
+        assert_eq!(report["reply"], expected.as_str(), "{report}");
+    }
+    let stats = t.agent_a.stats();
+    assert_eq!(stats["outbound"]["tunnelled"], 100);
+    // Busy streams spread over several connections, never one per stream.
+    let opened = stats["hbone"]["connections_opened"].as_u64().unwrap();
+    assert!((2..=4).contains(&opened), "{opened} HBONE connections");
+}
