@@ -23,6 +23,11 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 frame we accept (fewer, larger frames per byte moved).
 pub const MAX_FRAME: u32 = 1024 * 1024;
 
+/// Hard cap on streams per HTTP/2 connection (the server's
+/// SETTINGS_MAX_CONCURRENT_STREAMS); the client opens more connections well
+/// before it (see `HboneConfig::streams_per_connection`).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -28,7 +28,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW, splice_tunnel};
+use super::{
+    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
+    splice_tunnel,
+};
 use crate::{
     authz::{Decision, Request as AuthzRequest},
     identity::SpiffeId,
@@ -176,6 +179,7 @@ impl Shared {
             async move { Ok::<_, Infallible>(this.stream(request, &client, peer).await) }
         });
         let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
