@@ -1,59 +1,81 @@
-//! `cargo xtask demo`: one simulated node, four pods, the agent on a built-in
-//! config, real traffic, and what the agent and the kernel saw. Leaves
-//! nothing behind.
+//! `cargo xtask demo`: two simulated nodes, five pods, an agent per node on
+//! a built-in config, real traffic (same node and across nodes over mutual
+//! TLS), and what the agents and the kernel saw. Leaves nothing behind.
 
 use std::{net::SocketAddr, process::Command};
 
-use mesh_tests::{agent::Agent, pod::Connect, topology::Node};
+use mesh_tests::{
+    agent::Agent,
+    pod::Connect,
+    topology::{self, Node},
+};
 
 const VIP: &str = "10.96.0.10:80";
 
 fn main() {
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("the demo creates namespaces and loads BPF programs: run it as root");
         std::process::exit(1);
     }
-    let mut node = Node::new("demo", 1);
+    let mut node1 = Node::new("demo", 1);
     for pod in ["client", "web-1", "web-2", "legacy"] {
-        node.add_pod(pod);
+        node1.add_pod(pod);
     }
-    let config = built_in_config(&node);
-    section("Simulated node");
-    println!(
-        "node {} (netns {}, node IP {})",
-        node.name,
-        node.netns.name(),
-        node.ip
-    );
-    for pod in ["client", "web-1", "web-2", "legacy"] {
-        let p = node.pod(pod);
-        let meshed = if pod == "legacy" {
-            "not meshed"
-        } else {
-            "meshed"
-        };
+    let mut node2 = Node::new("demo", 2);
+    node2.add_pod("web-3");
+    topology::connect(&mut node1, &mut node2);
+    let config1 = node1_config(&node1, &node2);
+    let config2 = node2_config(&node1, &node2);
+
+    section("Simulated cluster");
+    for (node, pods) in [
+        (&node1, &["client", "web-1", "web-2", "legacy"][..]),
+        (&node2, &["web-3"][..]),
+    ] {
         println!(
-            "  pod {:<7} {:<11} veth {:<9} {meshed}",
-            p.name, p.ip, p.host_if
+            "node {} (netns {}, node IP {})",
+            node.name,
+            node.netns.name(),
+            node.ip
         );
+        for pod in pods {
+            let p = node.pod(pod);
+            let meshed = if *pod == "legacy" {
+                "not meshed"
+            } else {
+                "meshed"
+            };
+            println!(
+                "  pod {:<7} {:<11} veth {:<9} {meshed}",
+                p.name, p.ip, p.host_if
+            );
+        }
     }
-    section("Built-in agent config");
-    print!("{config}");
+    section("Built-in agent config, node 1");
+    print!("{config1}");
 
-    let _web1 = node.pod("web-1").serve(8080, "web-1", false);
-    let _web2 = node.pod("web-2").serve(8080, "web-2", false);
-    let _legacy = node.pod("legacy").serve(8080, "legacy", false);
-    let agent = Agent::start(&node, &config);
+    let _servers = [
+        node1.pod("web-1").serve(8080, "web-1", false),
+        node1.pod("web-2").serve(8080, "web-2", false),
+        node2.pod("web-3").serve(8080, "web-3", false),
+        node1.pod("legacy").serve(8080, "legacy", false),
+    ];
+    // Node 1's agent creates the shared CA, node 2's loads it.
+    let mut agent1 = Agent::start(&node1, &config1);
+    let agent2 = Agent::start(&node2, &config2);
     println!(
-        "\nagent ready (pid {}, pins under {})",
-        agent.pid(),
-        agent.pin_root.display()
+        "\nagents ready (pins under {} and {})",
+        agent1.pin_root.display(),
+        agent2.pin_root.display()
     );
 
-    section(&format!("client -> service VIP {VIP}, 6 connections"));
+    section(&format!(
+        "client -> service VIP {VIP}: 6 connections, round robin over 3 endpoints"
+    ));
     let vip: SocketAddr = VIP.parse().expect("VIP");
-    for (i, report) in node
-        .pod("client")
+    let client = node1.pod("client");
+    for (i, report) in client
         .connect(
             vip,
             Connect {
@@ -66,14 +88,24 @@ fn main() {
     {
         let greeting = report["greeting"].as_str().unwrap_or("?");
         let (backend, peer) = greeting.split_once(' ').unwrap_or((greeting, "?"));
+        let path = if backend == "web-3" {
+            "node 1 agent =HBONE: TLS 1.3, mutual SPIFFE identities=> node 2 agent"
+        } else {
+            "node 1 agent (same node)"
+        };
         println!(
-            "  #{} answered by {backend:<6} (it saw the connection come from {peer}: the agent)",
+            "  #{} answered by {backend:<6} (saw {peer:<16}) via {path}",
             i + 1
         );
     }
+    let stats2 = agent2.stats();
+    println!(
+        "  node 2 accepted {} HBONE stream(s)",
+        stats2["inbound"]["streams"]
+    );
 
     section("client -> VIP, 64 MiB with checksum and half-close");
-    let report = &node.pod("client").connect(
+    let report = &client.connect(
         vip,
         Connect {
             send: 64 << 20,
@@ -91,16 +123,17 @@ fn main() {
     );
 
     section("client -> legacy pod (not a meshed destination)");
-    let legacy: SocketAddr = (node.pod("legacy").ip, 8080).into();
-    let report = &node.pod("client").connect(legacy, Connect::default())[0];
+    let legacy: SocketAddr = (node1.pod("legacy").ip, 8080).into();
+    let report = &client.connect(legacy, Connect::default())[0];
     println!(
         "  {} (the peer is the client itself: the agent was bypassed)",
         report["greeting"].as_str().unwrap_or("?")
     );
 
-    section("What the agent and the kernel counted (GET localhost:15000/stats)");
-    let stats = agent.stats();
+    section("What node 1's agent and kernel counted (GET localhost:15000/stats)");
+    let stats = agent1.stats();
     println!("  proxy: {}", stats["outbound"]);
+    println!("  certificates: {}", stats["certificates"]);
     println!("  kernel counters: {}", stats["kernel"]["counters"]);
     for pod in stats["kernel"]["pods"].as_array().into_iter().flatten() {
         println!(
@@ -113,9 +146,23 @@ fn main() {
             pod["captured"]
         );
     }
+    for endpoint in stats["services"][0]["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "  endpoint {:<10} local {:<5} healthy {:<5} connections {:>2} ewma {:.3} ms",
+            endpoint["ip"].as_str().unwrap_or("?"),
+            endpoint["local"],
+            endpoint["healthy"],
+            endpoint["connections"],
+            endpoint["ewma_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
 
-    section("bpftool: the pinned programs, maps and links");
-    let root = agent.pin_root.display().to_string();
+    section("bpftool: node 1's pinned programs, maps and links");
+    let root = agent1.pin_root.display().to_string();
     for name in mesh_common::programs::ALL {
         bpftool(&["prog", "show", "pinned", &format!("{root}/progs/{name}")]);
     }
@@ -142,27 +189,54 @@ fn main() {
     ]);
 
     section("SIGTERM");
-    let mut agent = agent;
-    let status = agent.terminate();
+    let status = agent1.terminate();
     let left = std::path::Path::new(&root).exists();
     println!(
-        "  agent exited ({status}); pin root {}",
+        "  node 1 agent exited ({status}); pin root {}",
         if left { "STILL PRESENT" } else { "removed" }
     );
-    drop(agent);
-    drop(node);
-    println!("  namespaces and cgroups removed");
+    drop(agent1);
+    drop(agent2);
+    drop(node2);
+    drop(node1);
+    println!("  agents stopped; namespaces and cgroups removed");
 }
 
-fn built_in_config(node: &Node) -> String {
+/// Node 1: the client, two local endpoints and one on node 2. Locality is
+/// off so round robin visits all three.
+fn node1_config(node1: &Node, node2: &Node) -> String {
     format!(
-        "{}workloads:\n{}{}{}services:\n  - name: web\n    namespace: default\n    vip: 10.96.0.10\n    policy: round_robin\n    ports: [{{ port: 80, target_port: 8080 }}]\n    endpoints: [{{ ip: {} }}, {{ ip: {} }}]\n",
-        node.node_yaml(),
-        node.workload_yaml("client"),
-        node.workload_yaml("web-1"),
-        node.workload_yaml("web-2"),
-        node.pod("web-1").ip,
-        node.pod("web-2").ip,
+        "{}workloads:
+{}{}{}  - {{ name: web-3, ips: [{}], node: {} }}
+services:
+  - name: web
+    namespace: default
+    vip: 10.96.0.10
+    policy: round_robin
+    locality: off
+    ports: [{{ port: 80, target_port: 8080 }}]
+    endpoints: [{{ ip: {} }}, {{ ip: {} }}, {{ ip: {} }}]
+",
+        node1.node_yaml(),
+        node1.workload_yaml("client"),
+        node1.workload_yaml("web-1"),
+        node1.workload_yaml("web-2"),
+        node2.pod("web-3").ip,
+        node2.name,
+        node1.pod("web-1").ip,
+        node1.pod("web-2").ip,
+        node2.pod("web-3").ip,
+    )
+}
+
+/// Node 2: its endpoint, and who the client on node 1 is.
+fn node2_config(node1: &Node, node2: &Node) -> String {
+    format!(
+        "{}workloads:\n{}  - {{ name: client, ips: [{}], node: {} }}\n",
+        node2.node_yaml(),
+        node2.workload_yaml("web-3"),
+        node1.pod("client").ip,
+        node1.name,
     )
 }
 
