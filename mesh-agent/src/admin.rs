@@ -3,6 +3,7 @@
 //!   the proxy and the kernel counted;
 //! - `0.0.0.0:15021`: `/healthz/ready`, 200 once the programs are attached
 //!   and the config is loaded, 503 before.
+//! - `0.0.0.0:15020`: `/metrics`, for Prometheus.
 
 use std::{
     convert::Infallible,
@@ -22,11 +23,14 @@ use tracing::{debug, warn};
 
 /// Produces the body of `/stats`.
 pub type StatsFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// Produces the body of `/metrics` (Prometheus text exposition).
+pub type MetricsFn = Arc<dyn Fn() -> String + Send + Sync>;
 
 #[derive(Clone)]
 pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     pub stats: StatsFn,
+    pub metrics: MetricsFn,
 }
 
 /// Serves `routes` on `listener` until `stop` fires.
@@ -71,6 +75,30 @@ fn respond(state: &AdminState, request: Request<hyper::body::Incoming>) -> Respo
             let body = serde_json::to_vec_pretty(&(state.stats)()).unwrap_or_default();
             Response::builder()
                 .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .expect("static response parts")
+        }
+        "/metrics" => {
+            let openmetrics = (state.metrics)();
+            // Prometheus asks for OpenMetrics; other tools get the classic format.
+            let wants_openmetrics = request
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            let (content_type, body) = if wants_openmetrics {
+                (
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    openmetrics,
+                )
+            } else {
+                (
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    crate::metrics::to_classic_text(&openmetrics),
+                )
+            };
+            Response::builder()
+                .header("content-type", content_type)
                 .body(Full::new(Bytes::from(body)))
                 .expect("static response parts")
         }

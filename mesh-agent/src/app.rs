@@ -34,6 +34,7 @@ use crate::{
     health::HealthChecks,
     identity::{CertManager, CertificateAuthority, EmbeddedCa, SpiffeId, ca::CaError},
     lb::Registry,
+    metrics::Metrics,
     model::MeshState,
     proxy::{self, Outbound, OutboundStats, Routes},
     routing,
@@ -46,6 +47,7 @@ pub struct RunOptions {
     pub pin_root: PathBuf,
     pub admin: SocketAddr,
     pub ready: SocketAddr,
+    pub metrics: SocketAddr,
 }
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
@@ -101,23 +103,28 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         tokio::sync::watch::channel(Arc::new(Routes::new(state, &registry)));
 
     let inbound_stats = Arc::new(InboundStats::default());
+    let metrics = Arc::new(Metrics::default());
+    metrics.set_labels(&config.metrics.labels);
     let hbone = Arc::new(HboneClient::new(
         tls.clone(),
         config.hbone.clone(),
         config.proxy.connect_timeout(),
     ));
+    let sources = Arc::new(StatsSources {
+        pins: dataplane.pins().clone(),
+        outbound: stats.clone(),
+        inbound: inbound_stats.clone(),
+        hbone: hbone.clone(),
+        certs: certs.clone(),
+        routes: routes_rx.clone(),
+        metrics: metrics.clone(),
+    });
     let admin_state = AdminState {
         ready: ready.clone(),
-        stats: stats_fn(StatsSources {
-            pins: dataplane.pins().clone(),
-            outbound: stats.clone(),
-            inbound: inbound_stats.clone(),
-            hbone: hbone.clone(),
-            certs: certs.clone(),
-            routes: routes_rx.clone(),
-        }),
+        stats: stats_fn(sources.clone()),
+        metrics: Arc::new(move || crate::telemetry::render_metrics(&sources)),
     };
-    for addr in [options.admin, options.ready] {
+    for addr in [options.admin, options.ready, options.metrics] {
         let listener = admin::bind(addr)
             .await
             .with_context(|| format!("admin listener on {addr}"))?;
@@ -129,6 +136,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         tls,
         config.proxy.connect_timeout(),
         inbound_stats,
+        metrics.clone(),
     );
     let inbound_accepting = tokio::spawn(inbound.serve(stop.clone(), tracker.clone()));
     let outbound = Outbound::new(
@@ -138,6 +146,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         config.proxy.inbound_port,
         hbone,
         stats,
+        metrics.clone(),
     );
     let accepting = tokio::spawn(outbound.serve(stop.clone(), tracker.clone()));
 
@@ -156,6 +165,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         registry: &registry,
         health: &mut health,
         certs: &certs,
+        metrics: &metrics,
     };
     loop {
         tokio::select! {
@@ -196,6 +206,7 @@ struct Reloader<'a> {
     registry: &'a Arc<Registry>,
     health: &'a mut HealthChecks,
     certs: &'a Arc<CertManager>,
+    metrics: &'a Metrics,
 }
 
 impl Reloader<'_> {
@@ -204,6 +215,7 @@ impl Reloader<'_> {
         let config = match Config::load(self.path) {
             Ok(config) => config,
             Err(error) => {
+                self.metrics.reload_failures.fetch_add(1, Ordering::Relaxed);
                 error!(%error, "config rejected; keeping the last good config");
                 return;
             }
@@ -214,9 +226,15 @@ impl Reloader<'_> {
             );
         }
         let state = Arc::new(MeshState::from_config(&config));
+        let live = state
+            .workloads
+            .iter()
+            .map(|w| (w.namespace.clone(), w.name.clone()))
+            .collect();
         match self.dataplane.sync(&state) {
             Ok(problems) => report_problems(problems),
             Err(error) => {
+                self.metrics.reload_failures.fetch_add(1, Ordering::Relaxed);
                 error!(%error, "updating the kernel maps; keeping the last good config");
                 return;
             }
@@ -225,6 +243,9 @@ impl Reloader<'_> {
         report_cert_problems(self.certs.ensure(&state.local_identities()).await);
         self.routes
             .send_replace(Arc::new(Routes::new(state, self.registry)));
+        self.metrics.set_labels(&config.metrics.labels);
+        self.metrics.retain_workloads(&live);
+        self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
         info!("config reloaded");
         *current = config;
     }
@@ -251,30 +272,32 @@ fn report_problems(problems: Vec<String>) {
     }
 }
 
-/// Everything `/stats` reports on.
-struct StatsSources {
-    pins: PinLayout,
-    outbound: Arc<OutboundStats>,
-    inbound: Arc<InboundStats>,
-    hbone: Arc<HboneClient>,
-    certs: Arc<CertManager>,
-    routes: tokio::sync::watch::Receiver<Arc<Routes>>,
+/// Everything `/stats` and `/metrics` report on.
+pub(crate) struct StatsSources {
+    pub pins: PinLayout,
+    pub outbound: Arc<OutboundStats>,
+    pub inbound: Arc<InboundStats>,
+    pub hbone: Arc<HboneClient>,
+    pub certs: Arc<CertManager>,
+    pub routes: tokio::sync::watch::Receiver<Arc<Routes>>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// `/stats`: the proxy's counters and what the kernel maps hold, read from
 /// the pins so the admin server needs no access to the dataplane.
-fn stats_fn(sources: StatsSources) -> admin::StatsFn {
-    let StatsSources {
-        pins,
-        outbound,
-        inbound,
-        hbone,
-        certs,
-        routes,
-    } = sources;
+fn stats_fn(sources: Arc<StatsSources>) -> admin::StatsFn {
     Arc::new(move || {
+        let StatsSources {
+            pins,
+            outbound,
+            inbound,
+            hbone,
+            certs,
+            routes,
+            ..
+        } = &*sources;
         let services = routes.borrow().balancers.snapshot();
-        let kernel = match KernelMaps::open_pinned(&pins) {
+        let kernel = match KernelMaps::open_pinned(pins) {
             Ok(maps) => {
                 let counters: serde_json::Map<String, serde_json::Value> = maps
                     .counters()

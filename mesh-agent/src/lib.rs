@@ -2,6 +2,7 @@
 //! pods' connections to it, proxies them to their endpoints, and cleans up
 //! after itself. `main.rs` is the CLI; [`app`] wires the pieces together.
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod authz;
@@ -12,8 +13,10 @@ pub mod hbone;
 pub mod health;
 pub mod identity;
 pub mod lb;
+pub mod metrics;
 pub mod model;
 pub mod proxy;
 pub mod routing;
+mod telemetry;
 pub mod tls;
 pub mod watch;

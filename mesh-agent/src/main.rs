@@ -37,6 +37,9 @@ enum Command {
         /// Readiness endpoint (`/healthz/ready`).
         #[arg(long, default_value = "0.0.0.0:15021")]
         ready: SocketAddr,
+        /// Prometheus endpoint (`/metrics`).
+        #[arg(long, default_value = "0.0.0.0:15020")]
+        metrics: SocketAddr,
     },
     /// Remove what an agent that did not exit cleanly left behind: pinned
     /// programs, maps and links (which detaches tc and cgroup programs) and
@@ -79,12 +82,14 @@ fn main() -> ExitCode {
                 pin_root,
                 admin,
                 ready,
+                metrics,
             } => {
                 app::run(app::RunOptions {
                     config,
                     pin_root,
                     admin,
                     ready,
+                    metrics,
                 })
                 .await
             }
@@ -104,9 +109,12 @@ fn main() -> ExitCode {
 
 fn init_tracing(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a terminal: logs in files and collectors stay plain.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     authz::Authorization,
+    metrics::MetricsConfig,
     model::{Locality, Policy, Resilience, Split, WorkloadMode},
 };
 
@@ -25,10 +26,12 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("reading config {path}: {source}")]
+    /// (The I/O error is part of the message, not a `source`, so chained
+    /// reports do not print it twice.)
+    #[error("reading config {}: {error}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The YAML does not describe a config (bad syntax, type, or unknown field).
     #[error("config {origin}: {message}")]
@@ -59,6 +62,8 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     #[serde(default)]
     pub authorization: Authorization,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -255,9 +260,9 @@ fn default_weight() -> u32 {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(&text, &path.display().to_string())
     }
@@ -373,6 +378,7 @@ impl Config {
             return fail("hbone".into(), "limits must be at least 1".into());
         }
         self.authorization.validate()?;
+        self.metrics.validate()?;
 
         let mut vips: HashMap<SocketAddrV4, usize> = HashMap::new();
         for (index, service) in self.services.iter().enumerate() {

@@ -157,6 +157,29 @@ impl KernelMaps {
             .collect()
     }
 
+    /// `(map name, entries, capacity)` of the maps that grow with the cluster.
+    pub fn fill_levels(&self) -> Vec<(&'static str, usize, u32)> {
+        use mesh_common::maps::{CONNS, POD_STATS, SERVICES, WORKLOADS};
+        vec![
+            (
+                SERVICES,
+                self.services.keys().count(),
+                mesh_common::MAX_SERVICES,
+            ),
+            (
+                WORKLOADS,
+                self.workloads.keys().count(),
+                mesh_common::MAX_WORKLOADS,
+            ),
+            (
+                POD_STATS,
+                self.pod_stats.keys().count(),
+                mesh_common::MAX_POD_INTERFACES,
+            ),
+            (CONNS, self.conns.keys().count(), mesh_common::MAX_CONNS),
+        ]
+    }
+
     /// Live tracked connections.
     pub fn conns(&self) -> Vec<(ConnKey, ConnValue)> {
         self.conns.iter().filter_map(Result::ok).collect()

@@ -33,8 +33,10 @@ use super::{
     splice_tunnel,
 };
 use crate::{
+    access::{Outcome, Record},
     authz::{Decision, Request as AuthzRequest},
     identity::SpiffeId,
+    metrics::Metrics,
     proxy::{Routes, splice},
     tls::{ALPN_H2, TlsFactory},
 };
@@ -81,6 +83,7 @@ struct Shared {
     acceptors: Mutex<HashMap<SpiffeId, TlsAcceptor>>,
     connect_timeout: Duration,
     stats: Arc<InboundStats>,
+    metrics: Arc<Metrics>,
 }
 
 impl Inbound {
@@ -90,6 +93,7 @@ impl Inbound {
         tls: Arc<TlsFactory>,
         connect_timeout: Duration,
         stats: Arc<InboundStats>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             listener,
@@ -99,6 +103,7 @@ impl Inbound {
                 acceptors: Mutex::default(),
                 connect_timeout,
                 stats,
+                metrics,
             }),
         }
     }
@@ -225,6 +230,15 @@ impl Shared {
             IpAddr::V4(ip) => ip,
             IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
         });
+        let mut record = Record::new(
+            "destination",
+            &state,
+            SocketAddrV4::new(source_ip, 0),
+            target,
+        );
+        record.source_principal = client.to_string();
+        record.mutual_tls = true;
+        record.endpoint = Some(target);
         let decision = state.authorization.check(&AuthzRequest {
             principal: Some(client),
             source_ip,
@@ -241,6 +255,7 @@ impl Shared {
             Decision::Deny(rule) => {
                 self.stats.denied.fetch_add(1, Ordering::Relaxed);
                 warn!(%client, %source_ip, %target, rule, "denied");
+                record.finish(&self.metrics, Outcome::Denied, 0, 0, Some(rule));
                 return status(StatusCode::UNAUTHORIZED);
             }
         }
@@ -257,16 +272,26 @@ impl Shared {
         self.stats.streams.fetch_add(1, Ordering::Relaxed);
         let upgrade = hyper::upgrade::on(&mut request);
         let client = client.clone();
+        let metrics = self.metrics.clone();
+        record.opened(&metrics);
         tokio::spawn(async move {
             match upgrade.await {
                 Ok(upgraded) => {
                     let done = splice_tunnel(upstream, TokioIo::new(upgraded)).await;
-                    info!(
-                        %client, %source_ip, %target, sent = done.received, received = done.sent,
-                        error = done.error.map(|e| e.to_string()), "inbound stream closed"
-                    );
+                    debug!(%client, %source_ip, %target, "inbound stream closed");
+                    // Seen from the client: what it sent reached the pod.
+                    let outcome = if done.error.is_some() {
+                        Outcome::Reset
+                    } else {
+                        Outcome::Ok
+                    };
+                    let error = done.error.map(|e| e.to_string());
+                    record.finish(&metrics, outcome, done.received, done.sent, error);
                 }
-                Err(error) => warn!(%client, %target, %error, "CONNECT upgrade failed"),
+                Err(error) => {
+                    warn!(%client, %target, %error, "CONNECT upgrade failed");
+                    record.finish(&metrics, Outcome::Reset, 0, 0, Some(error.to_string()));
+                }
             }
         });
         status(StatusCode::OK)

@@ -12,7 +12,9 @@ pub mod state;
 use std::{net::Ipv4Addr, sync::Arc};
 
 pub use self::{
-    service::{Admission, PickError, RetryPermit, ServiceBalancer, ServiceSnapshot},
+    service::{
+        Admission, MemberSnapshot, PickError, RetryPermit, ServiceBalancer, ServiceSnapshot,
+    },
     state::{EndpointState, Registry},
 };
 use crate::model::MeshState;

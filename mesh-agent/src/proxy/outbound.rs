@@ -16,16 +16,18 @@ use tokio::{
     sync::watch,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{
     Routes,
     splice::{self, Side},
-    upstream::{self, Finished, OpenError, Opener},
+    upstream::{self, OpenError, Opener},
 };
 use crate::{
+    access::{Outcome, Record},
     hbone::client::HboneClient,
-    lb::{RetryPermit, ServiceBalancer},
+    lb::{PickError, RetryPermit, ServiceBalancer},
+    metrics::Metrics,
     model::{Destination, ServicePort},
 };
 
@@ -68,6 +70,7 @@ pub struct Outbound {
     inbound_port: u16,
     hbone: Arc<HboneClient>,
     stats: Arc<OutboundStats>,
+    metrics: Arc<Metrics>,
 }
 
 impl Outbound {
@@ -78,6 +81,7 @@ impl Outbound {
         inbound_port: u16,
         hbone: Arc<HboneClient>,
         stats: Arc<OutboundStats>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             listener,
@@ -86,6 +90,7 @@ impl Outbound {
             inbound_port,
             hbone,
             stats,
+            metrics,
         }
     }
 
@@ -114,6 +119,7 @@ impl Outbound {
                 inbound_port: self.inbound_port,
                 hbone: self.hbone.clone(),
                 stats: self.stats.clone(),
+                metrics: self.metrics.clone(),
             };
             tracker.spawn(connection.run(client, peer));
         }
@@ -127,6 +133,7 @@ struct Connection {
     inbound_port: u16,
     hbone: Arc<HboneClient>,
     stats: Arc<OutboundStats>,
+    metrics: Arc<Metrics>,
 }
 
 impl Connection {
@@ -170,16 +177,24 @@ impl Connection {
     }
 
     async fn proxy_direct(&self, client: TcpStream, peer: SocketAddrV4, original: SocketAddrV4) {
-        let started = Instant::now();
+        let mut record = Record::new("source", &self.routes.state, peer, original);
         match self.opener(self.connect_timeout).open(original, peer).await {
             Ok(upstream) => {
-                let done = upstream::splice(client, upstream, None).await;
-                self.finished(peer, original, original, &done, started);
+                record.endpoint = Some(original);
+                record.mutual_tls = matches!(upstream, upstream::Upstream::Tunnel(..));
+                self.splice(client, upstream, None, record).await;
             }
             Err(error) => {
                 warn!(%peer, destination = %original, %error, "no path to the destination; resetting client");
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 splice::reset(client);
+                record.finish(
+                    &self.metrics,
+                    failure_outcome(&error),
+                    0,
+                    0,
+                    Some(error.to_string()),
+                );
             }
         }
     }
@@ -192,15 +207,27 @@ impl Connection {
         service: usize,
         port: ServicePort,
     ) {
-        let started = Instant::now();
+        let state = &self.routes.state;
+        let mut record = Record::new("source", state, peer, original);
         let Some(balancer) = self.routes.balancers.service(service) else {
             return splice::reset(client);
         };
+        record.service = format!(
+            "{}.{}.svc.{}",
+            balancer.name, balancer.namespace, state.trust_domain
+        );
         let mut admission = match balancer.admit() {
             Ok(admission) => admission,
             Err(error) => {
                 warn!(%peer, destination = %original, service = %balancer.name, %error, "refused");
-                return splice::reset(client);
+                splice::reset(client);
+                return record.finish(
+                    &self.metrics,
+                    Outcome::Breaker,
+                    0,
+                    0,
+                    Some(error.to_string()),
+                );
             }
         };
         let opener = self.opener(balancer.connect_timeout(self.connect_timeout));
@@ -212,10 +239,18 @@ impl Connection {
                 Err(error) => {
                     warn!(%peer, destination = %original, service = %balancer.name, tried = tried.len(), %error, "no endpoint; resetting client");
                     self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                    return splice::reset(client);
+                    splice::reset(client);
+                    let outcome = match error {
+                        PickError::Overflow => Outcome::Breaker,
+                        PickError::NoEndpoint if tried.is_empty() => Outcome::NoEndpoint,
+                        PickError::NoEndpoint => Outcome::Refused,
+                    };
+                    return record.finish(&self.metrics, outcome, 0, 0, Some(error.to_string()));
                 }
             };
             let target = ServiceBalancer::target(&endpoint, port);
+            record.endpoint = Some(target);
+            record.set_destination_workload(state, endpoint.ip);
             let connecting = endpoint.begin_connect();
             let attempt = Instant::now();
             match opener.open(target, peer).await {
@@ -225,7 +260,8 @@ impl Connection {
                 }
                 Err(OpenError::Denied(rule)) => {
                     warn!(%peer, service = %balancer.name, endpoint = %target, rule, "denied; resetting client");
-                    return splice::reset(client);
+                    splice::reset(client);
+                    return record.finish(&self.metrics, Outcome::Denied, 0, 0, Some(rule));
                 }
                 Err(OpenError::Failed(error)) => {
                     drop(connecting);
@@ -240,7 +276,9 @@ impl Connection {
                     warn!(%peer, service = %balancer.name, endpoint = %target, %error, retrying = permit.is_some(), "connect failed");
                     if permit.is_none() {
                         self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                        return splice::reset(client);
+                        splice::reset(client);
+                        let outcome = failure_outcome(&OpenError::Failed(error.clone()));
+                        return record.finish(&self.metrics, outcome, 0, 0, Some(error));
                     }
                     _retry = permit;
                 }
@@ -249,48 +287,44 @@ impl Connection {
         drop(_retry);
         admission.established();
         let _active = endpoint.begin_active();
-        let target = ServiceBalancer::target(&endpoint, port);
-        let done = upstream::splice(client, upstream, balancer.idle_timeout()).await;
-        if matches!(done.error, Some((Side::Upstream, _))) {
+        record.mutual_tls = matches!(upstream, upstream::Upstream::Tunnel(..));
+        let upstream_failed = self
+            .splice(client, upstream, balancer.idle_timeout(), record)
+            .await;
+        if upstream_failed {
             balancer.report_failure(&endpoint);
         }
-        self.finished(peer, original, target, &done, started);
     }
 
-    fn finished(
+    /// Splices, then writes the record. Returns whether the upstream failed.
+    async fn splice(
         &self,
-        peer: SocketAddrV4,
-        original: SocketAddrV4,
-        endpoint: SocketAddrV4,
-        done: &Finished,
-        started: Instant,
-    ) {
+        client: TcpStream,
+        upstream: upstream::Upstream,
+        idle: Option<Duration>,
+        record: Record,
+    ) -> bool {
+        record.opened(&self.metrics);
+        let done = upstream::splice(client, upstream, idle).await;
         if done.tunnelled {
             self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
         }
-        log_close(peer, original, endpoint, done, started);
+        let outcome = match &done.error {
+            None => Outcome::Ok,
+            Some((Side::Idle, _)) => Outcome::Timeout,
+            Some(_) => Outcome::Reset,
+        };
+        let upstream_failed = matches!(done.error, Some((Side::Upstream, _)));
+        let error = done.error.map(|(side, e)| format!("{side:?}: {e}"));
+        record.finish(&self.metrics, outcome, done.sent, done.received, error);
+        upstream_failed
     }
 }
 
-fn log_close(
-    peer: SocketAddrV4,
-    original: SocketAddrV4,
-    endpoint: SocketAddrV4,
-    done: &Finished,
-    started: Instant,
-) {
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let tunnelled = done.tunnelled;
-    match &done.error {
-        None => info!(
-            %peer, destination = %original, %endpoint, tunnelled,
-            sent = done.sent, received = done.received, duration_ms,
-            "connection closed"
-        ),
-        Some((side, error)) => info!(
-            %peer, destination = %original, %endpoint, tunnelled,
-            sent = done.sent, received = done.received, duration_ms, ?side, %error,
-            "connection reset"
-        ),
+fn failure_outcome(error: &OpenError) -> Outcome {
+    match error {
+        OpenError::Denied(_) => Outcome::Denied,
+        OpenError::Failed(message) if message.contains("timed out") => Outcome::Timeout,
+        OpenError::Failed(_) => Outcome::Refused,
     }
 }

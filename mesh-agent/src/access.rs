@@ -1,0 +1,171 @@
+//! One record per connection, written when it ends: to the access log (a
+//! structured tracing event with target `access`: JSON with
+//! `--log-format json`) and to the Istio TCP metrics. Both come from the
+//! same record, so they always agree.
+
+use std::{net::SocketAddrV4, time::Instant};
+
+use serde::Serialize;
+use tracing::info;
+
+use crate::{
+    metrics::{Metrics, TcpLabels},
+    model::MeshState,
+};
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Both directions ended cleanly.
+    Ok,
+    /// Reset by either side (or by an error on the way).
+    Reset,
+    /// No endpoint could be connected (connect refused or failed).
+    Refused,
+    /// Authorization said no.
+    Denied,
+    /// A circuit breaker limit was reached.
+    Breaker,
+    /// Idle or connect timeout.
+    Timeout,
+    /// No endpoint available.
+    NoEndpoint,
+}
+
+impl Outcome {
+    fn response_flags(self) -> &'static str {
+        match self {
+            Outcome::Ok | Outcome::Reset => "-",
+            Outcome::Refused | Outcome::Timeout => "UF",
+            Outcome::Denied => "DENY",
+            Outcome::Breaker => "UO",
+            Outcome::NoEndpoint => "NR",
+        }
+    }
+}
+
+/// Who talked to whom, filled in as the connection is set up.
+pub struct Record {
+    pub reporter: &'static str,
+    pub started: Instant,
+    pub client: SocketAddrV4,
+    pub destination: SocketAddrV4,
+    pub endpoint: Option<SocketAddrV4>,
+    pub service: String,
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub destination_principal: String,
+    pub mutual_tls: bool,
+}
+
+impl Record {
+    /// Starts a record, naming the source and destination from the model.
+    pub fn new(
+        reporter: &'static str,
+        state: &MeshState,
+        client: SocketAddrV4,
+        destination: SocketAddrV4,
+    ) -> Self {
+        let mut record = Record {
+            reporter,
+            started: Instant::now(),
+            client,
+            destination,
+            endpoint: None,
+            service: String::new(),
+            source_workload: String::new(),
+            source_namespace: String::new(),
+            source_principal: String::new(),
+            destination_workload: String::new(),
+            destination_namespace: String::new(),
+            destination_principal: String::new(),
+            mutual_tls: false,
+        };
+        if let Some((_, w)) = state.workload_by_ip(*client.ip()) {
+            record.source_workload = w.name.clone();
+            record.source_namespace = w.namespace.clone();
+            record.source_principal = state.identity(w).to_string();
+        }
+        record.set_destination_workload(state, *destination.ip());
+        record
+    }
+
+    /// Names the destination after the workload at `ip`, if it is one.
+    pub fn set_destination_workload(&mut self, state: &MeshState, ip: std::net::Ipv4Addr) {
+        if let Some((_, w)) = state.workload_by_ip(ip) {
+            self.destination_workload = w.name.clone();
+            self.destination_namespace = w.namespace.clone();
+            self.destination_principal = state.identity(w).to_string();
+        }
+    }
+
+    fn labels(&self, outcome: Option<Outcome>) -> TcpLabels {
+        TcpLabels {
+            reporter: self.reporter,
+            source_workload: self.source_workload.clone(),
+            source_workload_namespace: self.source_namespace.clone(),
+            source_principal: self.source_principal.clone(),
+            destination_workload: self.destination_workload.clone(),
+            destination_workload_namespace: self.destination_namespace.clone(),
+            destination_principal: self.destination_principal.clone(),
+            destination_service: self.service.clone(),
+            connection_security_policy: if self.mutual_tls {
+                "mutual_tls"
+            } else {
+                "none"
+            },
+            response_flags: outcome.map_or("-", Outcome::response_flags),
+        }
+    }
+
+    /// The connection is established: count it as opened.
+    pub fn opened(&self, metrics: &Metrics) {
+        metrics.opened(&self.labels(None));
+    }
+
+    /// The connection is over (or never got going): metrics and access log.
+    pub fn finish(
+        self,
+        metrics: &Metrics,
+        outcome: Outcome,
+        sent: u64,
+        received: u64,
+        error: Option<String>,
+    ) {
+        let established = matches!(outcome, Outcome::Ok | Outcome::Reset)
+            || (outcome == Outcome::Timeout && self.endpoint.is_some());
+        let labels = self.labels(Some(outcome));
+        if !established {
+            // Never opened: count it as opened and closed at once, flagged.
+            metrics.opened(&labels);
+        }
+        metrics.closed(&labels, sent, received);
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let endpoint = self.endpoint.map(|e| e.to_string()).unwrap_or_default();
+        info!(
+            target: "access",
+            reporter = self.reporter,
+            src = %self.client,
+            src_workload = %self.source_workload,
+            src_namespace = %self.source_namespace,
+            src_identity = %self.source_principal,
+            dst = %self.destination,
+            dst_service = %self.service,
+            dst_workload = %self.destination_workload,
+            dst_namespace = %self.destination_namespace,
+            dst_identity = %self.destination_principal,
+            endpoint,
+            mtls = self.mutual_tls,
+            sent,
+            received,
+            duration_ms,
+            result = ?outcome,
+            error = error.unwrap_or_default(),
+            "connection"
+        );
+    }
+}
