@@ -8,10 +8,20 @@ use std::{net::SocketAddrV4, time::Instant};
 use serde::Serialize;
 use tracing::info;
 
+use std::sync::Arc;
+
 use crate::{
+    live::{Live, Registration},
     metrics::{Metrics, TcpLabels},
     model::MeshState,
 };
+
+/// Where connection records go.
+#[derive(Default)]
+pub struct Sinks {
+    pub metrics: Arc<Metrics>,
+    pub live: Arc<Live>,
+}
 
 /// How a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -122,20 +132,30 @@ impl Record {
         }
     }
 
-    /// The connection is established: count it as opened.
-    pub fn opened(&self, metrics: &Metrics) {
-        metrics.opened(&self.labels(None));
+    /// The connection is established: count it as opened and list it as
+    /// live until the registration drops.
+    pub fn opened(&self, sinks: &Sinks) -> Registration {
+        sinks.metrics.opened(&self.labels(None));
+        sinks.live.register(
+            self.client,
+            self.destination,
+            self.endpoint,
+            &self.source_workload,
+            &self.destination_workload,
+            self.mutual_tls,
+        )
     }
 
     /// The connection is over (or never got going): metrics and access log.
     pub fn finish(
         self,
-        metrics: &Metrics,
+        sinks: &Sinks,
         outcome: Outcome,
         sent: u64,
         received: u64,
         error: Option<String>,
     ) {
+        let metrics = &sinks.metrics;
         let established = matches!(outcome, Outcome::Ok | Outcome::Reset)
             || (outcome == Outcome::Timeout && self.endpoint.is_some());
         let labels = self.labels(Some(outcome));
@@ -146,6 +166,25 @@ impl Record {
         metrics.closed(&labels, sent, received);
         let duration_ms = self.started.elapsed().as_millis() as u64;
         let endpoint = self.endpoint.map(|e| e.to_string()).unwrap_or_default();
+        sinks.live.publish(serde_json::json!({
+            "time": humantime_now(),
+            "reporter": self.reporter,
+            "src": self.client.to_string(),
+            "src_workload": self.source_workload,
+            "src_namespace": self.source_namespace,
+            "src_identity": self.source_principal,
+            "dst": self.destination.to_string(),
+            "dst_service": self.service,
+            "dst_workload": self.destination_workload,
+            "dst_namespace": self.destination_namespace,
+            "dst_identity": self.destination_principal,
+            "endpoint": endpoint,
+            "mtls": self.mutual_tls,
+            "sent": sent,
+            "received": received,
+            "duration_ms": duration_ms,
+            "result": outcome,
+        }));
         info!(
             target: "access",
             reporter = self.reporter,
@@ -168,4 +207,11 @@ impl Record {
             "connection"
         );
     }
+}
+
+/// Seconds since the Unix epoch, with milliseconds.
+fn humantime_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

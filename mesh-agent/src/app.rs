@@ -11,10 +11,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
 };
 
 use anyhow::Context;
@@ -24,7 +21,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self, AdminState},
+    access::Sinks,
+    admin::{self, AdminState, AdminView},
     config::{Config, any_addr},
     dataplane::{Dataplane, DataplaneSettings, KernelMaps, PinLayout, maps::raw_ip},
     hbone::{
@@ -34,6 +32,7 @@ use crate::{
     health::HealthChecks,
     identity::{CertManager, CertificateAuthority, EmbeddedCa, SpiffeId, ca::CaError},
     lb::Registry,
+    live::Live,
     metrics::Metrics,
     model::MeshState,
     proxy::{self, Outbound, OutboundStats, Routes},
@@ -42,7 +41,11 @@ use crate::{
     watch,
 };
 
+/// Changes the log filter at run time (tracing EnvFilter syntax).
+pub type LogControl = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
+
 pub struct RunOptions {
+    pub log: LogControl,
     pub config: PathBuf,
     pub pin_root: PathBuf,
     pub admin: SocketAddr,
@@ -69,6 +72,17 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 }
 
 async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
+    // The endpoints answer from the start: readiness says 503 until the
+    // programs are attached, the rest "starting".
+    let stop = CancellationToken::new();
+    let admin_state = AdminState::default();
+    let ready = admin_state.ready.clone();
+    for addr in [options.admin, options.ready, options.metrics] {
+        let listener = admin::bind(addr)
+            .await
+            .with_context(|| format!("admin listener on {addr}"))?;
+        tokio::spawn(admin::serve(listener, admin_state.clone(), stop.clone()));
+    }
     let state = Arc::new(MeshState::from_config(&config));
     let certs = CertManager::new(
         certificate_authority(&config)?,
@@ -92,9 +106,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     })?;
     report_problems(dataplane.sync(&state)?);
 
-    let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let ready = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(OutboundStats::default());
     let registry = Arc::new(Registry::default());
     let mut health = HealthChecks::default();
@@ -105,38 +117,35 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     let inbound_stats = Arc::new(InboundStats::default());
     let metrics = Arc::new(Metrics::default());
     metrics.set_labels(&config.metrics.labels);
+    let sinks = Arc::new(Sinks {
+        metrics: metrics.clone(),
+        live: Arc::new(Live::default()),
+    });
+    let (config_tx, config_rx) = tokio::sync::watch::channel(Arc::new(config.clone()));
     let hbone = Arc::new(HboneClient::new(
         tls.clone(),
         config.hbone.clone(),
         config.proxy.connect_timeout(),
     ));
-    let sources = Arc::new(StatsSources {
+    let view: Arc<dyn AdminView> = Arc::new(AgentView {
         pins: dataplane.pins().clone(),
         outbound: stats.clone(),
         inbound: inbound_stats.clone(),
         hbone: hbone.clone(),
         certs: certs.clone(),
         routes: routes_rx.clone(),
-        metrics: metrics.clone(),
+        sinks: sinks.clone(),
+        config: config_rx,
+        log: options.log.clone(),
     });
-    let admin_state = AdminState {
-        ready: ready.clone(),
-        stats: stats_fn(sources.clone()),
-        metrics: Arc::new(move || crate::telemetry::render_metrics(&sources)),
-    };
-    for addr in [options.admin, options.ready, options.metrics] {
-        let listener = admin::bind(addr)
-            .await
-            .with_context(|| format!("admin listener on {addr}"))?;
-        tokio::spawn(admin::serve(listener, admin_state.clone(), stop.clone()));
-    }
+    let _ = admin_state.view.set(view);
     let inbound = Inbound::new(
         inbound_listener,
         routes_rx.clone(),
         tls,
         config.proxy.connect_timeout(),
         inbound_stats,
-        metrics.clone(),
+        sinks.clone(),
     );
     let inbound_accepting = tokio::spawn(inbound.serve(stop.clone(), tracker.clone()));
     let outbound = Outbound::new(
@@ -146,7 +155,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         config.proxy.inbound_port,
         hbone,
         stats,
-        metrics.clone(),
+        sinks,
     );
     let accepting = tokio::spawn(outbound.serve(stop.clone(), tracker.clone()));
 
@@ -166,6 +175,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         health: &mut health,
         certs: &certs,
         metrics: &metrics,
+        config: &config_tx,
     };
     loop {
         tokio::select! {
@@ -207,6 +217,7 @@ struct Reloader<'a> {
     health: &'a mut HealthChecks,
     certs: &'a Arc<CertManager>,
     metrics: &'a Metrics,
+    config: &'a tokio::sync::watch::Sender<Arc<Config>>,
 }
 
 impl Reloader<'_> {
@@ -246,6 +257,7 @@ impl Reloader<'_> {
         self.metrics.set_labels(&config.metrics.labels);
         self.metrics.retain_workloads(&live);
         self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+        self.config.send_replace(Arc::new(config.clone()));
         info!("config reloaded");
         *current = config;
     }
@@ -272,30 +284,70 @@ fn report_problems(problems: Vec<String>) {
     }
 }
 
-/// Everything `/stats` and `/metrics` report on.
-pub(crate) struct StatsSources {
+/// What the admin endpoints report on.
+pub(crate) struct AgentView {
     pub pins: PinLayout,
     pub outbound: Arc<OutboundStats>,
     pub inbound: Arc<InboundStats>,
     pub hbone: Arc<HboneClient>,
     pub certs: Arc<CertManager>,
     pub routes: tokio::sync::watch::Receiver<Arc<Routes>>,
-    pub metrics: Arc<Metrics>,
+    pub sinks: Arc<Sinks>,
+    pub config: tokio::sync::watch::Receiver<Arc<Config>>,
+    pub log: LogControl,
+}
+
+impl AdminView for AgentView {
+    fn stats(&self) -> serde_json::Value {
+        stats(self)
+    }
+
+    fn metrics(&self) -> String {
+        crate::telemetry::render_metrics(self)
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        let routes = self.routes.borrow().clone();
+        json!({
+            "config": &*self.config.borrow().clone(),
+            "workloads": routes.state.workloads,
+            "services": routes.balancers.snapshot(),
+            "certificates": self.certs.snapshot(),
+        })
+    }
+
+    fn connections(&self) -> serde_json::Value {
+        json!(self.sinks.live.snapshot())
+    }
+
+    fn graph(&self) -> serde_json::Value {
+        json!(self.sinks.metrics.edges())
+    }
+
+    fn events(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.sinks.live.subscribe()
+    }
+
+    fn set_log_filter(&self, filter: &str) -> Result<String, String> {
+        let applied = (self.log)(filter)?;
+        info!(filter = %applied, "log filter changed");
+        Ok(applied)
+    }
 }
 
 /// `/stats`: the proxy's counters and what the kernel maps hold, read from
 /// the pins so the admin server needs no access to the dataplane.
-fn stats_fn(sources: Arc<StatsSources>) -> admin::StatsFn {
-    Arc::new(move || {
-        let StatsSources {
-            pins,
-            outbound,
-            inbound,
-            hbone,
-            certs,
-            routes,
-            ..
-        } = &*sources;
+fn stats(view: &AgentView) -> serde_json::Value {
+    let AgentView {
+        pins,
+        outbound,
+        inbound,
+        hbone,
+        certs,
+        routes,
+        ..
+    } = view;
+    {
         let services = routes.borrow().balancers.snapshot();
         let kernel = match KernelMaps::open_pinned(pins) {
             Ok(maps) => {
@@ -347,5 +399,5 @@ fn stats_fn(sources: Arc<StatsSources>) -> admin::StatsFn {
             "services": services,
             "kernel": kernel,
         })
-    })
+    }
 }

@@ -2,9 +2,11 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
+use std::sync::Arc;
+
 use clap::{Parser, Subcommand, ValueEnum};
-use mesh_agent::{app, cleanup, config::Config};
-use tracing_subscriber::EnvFilter;
+use mesh_agent::{app, cleanup, cli, config::Config};
+use tracing_subscriber::{EnvFilter, prelude::*, reload};
 
 /// eBPF-accelerated, sidecar-free service mesh: one agent per node.
 #[derive(Parser)]
@@ -54,6 +56,37 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Summary of a running agent: proxy, kernel, certificates, endpoints.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+    },
+    /// Live connections of a running agent, with bytes and age.
+    Connections {
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+    },
+    /// Follow connections as they finish: source to destination with
+    /// identities, verdict and bytes.
+    Observe {
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+        /// Print the raw JSON events.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Who talks to whom, as Graphviz DOT (or SVG with --svg).
+    Graph {
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+        #[arg(long)]
+        svg: bool,
+    },
+    /// Typed dump of every pinned map (JSON), read from bpffs.
+    Inspect {
+        #[arg(long, default_value = mesh_common::DEFAULT_PIN_ROOT, env = "MESH_PIN_ROOT")]
+        pin_root: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -64,7 +97,7 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format, &cli.log);
+    let log = init_tracing(cli.log_format, &cli.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -85,6 +118,7 @@ fn main() -> ExitCode {
                 metrics,
             } => {
                 app::run(app::RunOptions {
+                    log,
                     config,
                     pin_root,
                     admin,
@@ -95,6 +129,11 @@ fn main() -> ExitCode {
             }
             Command::Cleanup { pin_root } => cleanup::run(&pin_root).await,
             Command::Check { config } => Config::load(&config).map(|_| ()).map_err(Into::into),
+            Command::Status { admin } => cli::status(admin),
+            Command::Connections { admin } => cli::connections(admin),
+            Command::Observe { admin, json } => cli::observe(admin, json),
+            Command::Graph { admin, svg } => cli::graph(admin, svg),
+            Command::Inspect { pin_root } => cli::inspect(&pin_root),
         }
     });
     match result {
@@ -107,16 +146,32 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat, filter: &str) {
+/// Sets up logging; returns the control `/logging` uses to change the filter.
+fn init_tracing(format: LogFormat, filter: &str) -> app::LogControl {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
     // Colours only for a terminal: logs in files and collectors stay plain.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi),
+            )
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
     }
+    Arc::new(move |text: &str| {
+        let filter = EnvFilter::try_new(text).map_err(|e| format!("log filter {text:?}: {e}"))?;
+        handle.reload(filter).map_err(|e| e.to_string())?;
+        Ok(text.to_owned())
+    })
 }

@@ -96,6 +96,17 @@ fn value_or_unknown(value: &str) -> String {
     }
 }
 
+/// One line of the who-talks-to-whom graph.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Edge {
+    pub source: String,
+    pub destination: String,
+    pub connections: u64,
+    pub sent: u64,
+    pub received: u64,
+    pub mutual_tls: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
@@ -162,6 +173,53 @@ impl Metrics {
     fn update(&self, labels: &TcpLabels, change: impl FnOnce(&mut TcpTotals)) {
         let mut tcp = self.tcp.lock().unwrap_or_else(|p| p.into_inner());
         change(tcp.entry(labels.clone()).or_default());
+    }
+
+    /// Who talked to whom, summed over everything else: one edge per
+    /// (source workload, destination workload or service).
+    pub fn edges(&self) -> Vec<Edge> {
+        let tcp = self.tcp.lock().unwrap_or_else(|p| p.into_inner());
+        let mut edges: HashMap<(String, String), Edge> = HashMap::new();
+        let name = |ns: &str, workload: &str, fallback: &str| {
+            if workload.is_empty() {
+                fallback.to_owned()
+            } else {
+                format!("{ns}/{workload}")
+            }
+        };
+        for (labels, totals) in tcp.iter() {
+            let source = name(
+                &labels.source_workload_namespace,
+                &labels.source_workload,
+                "unknown",
+            );
+            let destination = name(
+                &labels.destination_workload_namespace,
+                &labels.destination_workload,
+                if labels.destination_service.is_empty() {
+                    "unknown"
+                } else {
+                    &labels.destination_service
+                },
+            );
+            let edge = edges
+                .entry((source.clone(), destination.clone()))
+                .or_insert_with(|| Edge {
+                    source,
+                    destination,
+                    connections: 0,
+                    sent: 0,
+                    received: 0,
+                    mutual_tls: false,
+                });
+            edge.connections += totals.closed;
+            edge.sent += totals.sent;
+            edge.received += totals.received;
+            edge.mutual_tls |= labels.connection_security_policy == "mutual_tls";
+        }
+        let mut edges: Vec<Edge> = edges.into_values().collect();
+        edges.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
+        edges
     }
 
     /// Drops the series of workloads no longer in the config, given as

@@ -8,15 +8,15 @@ use std::{collections::HashMap, sync::atomic::Ordering};
 use prometheus_client::registry::Registry;
 
 use crate::{
-    app::StatsSources,
+    app::AgentView,
     dataplane::KernelMaps,
     lb::MemberSnapshot,
     metrics::{counter_family, gauge_family, render},
 };
 
-pub(crate) fn render_metrics(sources: &StatsSources) -> String {
+pub(crate) fn render_metrics(sources: &AgentView) -> String {
     let mut registry = Registry::default();
-    sources.metrics.register(&mut registry);
+    sources.sinks.metrics.register(&mut registry);
     let routes = sources.routes.borrow().clone();
 
     let services = routes.balancers.snapshot();

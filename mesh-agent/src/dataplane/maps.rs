@@ -180,6 +180,80 @@ impl KernelMaps {
         ]
     }
 
+    /// Every map's entries, with the raw fields bpftool shows and decoded
+    /// addresses beside them.
+    pub fn dump(&self) -> serde_json::Value {
+        use serde_json::json;
+        let services: Vec<_> = self
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| {
+                json!({
+                    "key": { "addr": k.addr, "port": k.port, "pad": k.pad, "ip": raw_ip(k.addr).to_string() },
+                    "value": { "service_id": v.service_id, "flags": v.flags },
+                })
+            })
+            .collect();
+        let workloads: Vec<_> = self
+            .workloads
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| {
+                json!({
+                    "key": k, "ip": raw_ip(k).to_string(),
+                    "value": { "workload_id": v.workload_id, "flags": v.flags },
+                })
+            })
+            .collect();
+        let pods: Vec<_> = self
+            .pod_stats()
+            .into_iter()
+            .map(|(ifindex, s)| {
+                json!({
+                    "key": ifindex,
+                    "interface": nix::net::if_::if_indextoname(ifindex).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                    "value": {
+                        "packets_from_pod": s.packets_from_pod, "bytes_from_pod": s.bytes_from_pod,
+                        "packets_to_pod": s.packets_to_pod, "bytes_to_pod": s.bytes_to_pod,
+                        "captured": s.captured, "plaintext_in": s.plaintext_in, "plaintext_dropped": s.plaintext_dropped,
+                    },
+                })
+            })
+            .collect();
+        let conns: Vec<_> = self
+            .conns()
+            .into_iter()
+            .map(|(k, v)| {
+                json!({
+                    "key": {
+                        "local_addr": k.local_addr, "remote_addr": k.remote_addr,
+                        "local_port": k.local_port, "remote_port": k.remote_port,
+                        "local": format!("{}:{}", raw_ip(k.local_addr), k.local_port),
+                        "remote": format!("{}:{}", raw_ip(k.remote_addr), k.remote_port),
+                    },
+                    "value": { "cookie": v.cookie, "established_ns": v.established_ns, "workload_id": v.workload_id, "direction": v.direction },
+                })
+            })
+            .collect();
+        let settings = self.settings.get(&0, 0).ok().map(|s| {
+            json!({ "outbound_port": s.outbound_port, "inbound_port": s.inbound_port, "mark": s.mark, "mark_mask": s.mark_mask })
+        });
+        let counters: serde_json::Map<String, serde_json::Value> = self
+            .counters()
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value.into()))
+            .collect();
+        json!({
+            mesh_common::maps::SERVICES: services,
+            mesh_common::maps::WORKLOADS: workloads,
+            mesh_common::maps::POD_STATS: pods,
+            mesh_common::maps::CONNS: conns,
+            mesh_common::maps::SETTINGS: settings,
+            mesh_common::maps::COUNTERS: counters,
+        })
+    }
+
     /// Live tracked connections.
     pub fn conns(&self) -> Vec<(ConnKey, ConnValue)> {
         self.conns.iter().filter_map(Result::ok).collect()

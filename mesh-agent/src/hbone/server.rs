@@ -33,10 +33,9 @@ use super::{
     splice_tunnel,
 };
 use crate::{
-    access::{Outcome, Record},
+    access::{Outcome, Record, Sinks},
     authz::{Decision, Request as AuthzRequest},
     identity::SpiffeId,
-    metrics::Metrics,
     proxy::{Routes, splice},
     tls::{ALPN_H2, TlsFactory},
 };
@@ -83,7 +82,7 @@ struct Shared {
     acceptors: Mutex<HashMap<SpiffeId, TlsAcceptor>>,
     connect_timeout: Duration,
     stats: Arc<InboundStats>,
-    metrics: Arc<Metrics>,
+    sinks: Arc<Sinks>,
 }
 
 impl Inbound {
@@ -93,7 +92,7 @@ impl Inbound {
         tls: Arc<TlsFactory>,
         connect_timeout: Duration,
         stats: Arc<InboundStats>,
-        metrics: Arc<Metrics>,
+        sinks: Arc<Sinks>,
     ) -> Self {
         Self {
             listener,
@@ -103,7 +102,7 @@ impl Inbound {
                 acceptors: Mutex::default(),
                 connect_timeout,
                 stats,
-                metrics,
+                sinks,
             }),
         }
     }
@@ -255,7 +254,7 @@ impl Shared {
             Decision::Deny(rule) => {
                 self.stats.denied.fetch_add(1, Ordering::Relaxed);
                 warn!(%client, %source_ip, %target, rule, "denied");
-                record.finish(&self.metrics, Outcome::Denied, 0, 0, Some(rule));
+                record.finish(&self.sinks, Outcome::Denied, 0, 0, Some(rule));
                 return status(StatusCode::UNAUTHORIZED);
             }
         }
@@ -272,8 +271,8 @@ impl Shared {
         self.stats.streams.fetch_add(1, Ordering::Relaxed);
         let upgrade = hyper::upgrade::on(&mut request);
         let client = client.clone();
-        let metrics = self.metrics.clone();
-        record.opened(&metrics);
+        let sinks = self.sinks.clone();
+        let registration = record.opened(&sinks);
         tokio::spawn(async move {
             match upgrade.await {
                 Ok(upgraded) => {
@@ -286,11 +285,13 @@ impl Shared {
                         Outcome::Ok
                     };
                     let error = done.error.map(|e| e.to_string());
-                    record.finish(&metrics, outcome, done.received, done.sent, error);
+                    drop(registration);
+                    record.finish(&sinks, outcome, done.received, done.sent, error);
                 }
                 Err(error) => {
                     warn!(%client, %target, %error, "CONNECT upgrade failed");
-                    record.finish(&metrics, Outcome::Reset, 0, 0, Some(error.to_string()));
+                    drop(registration);
+                    record.finish(&sinks, Outcome::Reset, 0, 0, Some(error.to_string()));
                 }
             }
         });

@@ -24,10 +24,9 @@ use super::{
     upstream::{self, OpenError, Opener},
 };
 use crate::{
-    access::{Outcome, Record},
+    access::{Outcome, Record, Sinks},
     hbone::client::HboneClient,
     lb::{PickError, RetryPermit, ServiceBalancer},
-    metrics::Metrics,
     model::{Destination, ServicePort},
 };
 
@@ -70,7 +69,7 @@ pub struct Outbound {
     inbound_port: u16,
     hbone: Arc<HboneClient>,
     stats: Arc<OutboundStats>,
-    metrics: Arc<Metrics>,
+    sinks: Arc<Sinks>,
 }
 
 impl Outbound {
@@ -81,7 +80,7 @@ impl Outbound {
         inbound_port: u16,
         hbone: Arc<HboneClient>,
         stats: Arc<OutboundStats>,
-        metrics: Arc<Metrics>,
+        sinks: Arc<Sinks>,
     ) -> Self {
         Self {
             listener,
@@ -90,7 +89,7 @@ impl Outbound {
             inbound_port,
             hbone,
             stats,
-            metrics,
+            sinks,
         }
     }
 
@@ -119,7 +118,7 @@ impl Outbound {
                 inbound_port: self.inbound_port,
                 hbone: self.hbone.clone(),
                 stats: self.stats.clone(),
-                metrics: self.metrics.clone(),
+                sinks: self.sinks.clone(),
             };
             tracker.spawn(connection.run(client, peer));
         }
@@ -133,7 +132,7 @@ struct Connection {
     inbound_port: u16,
     hbone: Arc<HboneClient>,
     stats: Arc<OutboundStats>,
-    metrics: Arc<Metrics>,
+    sinks: Arc<Sinks>,
 }
 
 impl Connection {
@@ -189,7 +188,7 @@ impl Connection {
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 splice::reset(client);
                 record.finish(
-                    &self.metrics,
+                    &self.sinks,
                     failure_outcome(&error),
                     0,
                     0,
@@ -221,13 +220,7 @@ impl Connection {
             Err(error) => {
                 warn!(%peer, destination = %original, service = %balancer.name, %error, "refused");
                 splice::reset(client);
-                return record.finish(
-                    &self.metrics,
-                    Outcome::Breaker,
-                    0,
-                    0,
-                    Some(error.to_string()),
-                );
+                return record.finish(&self.sinks, Outcome::Breaker, 0, 0, Some(error.to_string()));
             }
         };
         let opener = self.opener(balancer.connect_timeout(self.connect_timeout));
@@ -245,7 +238,7 @@ impl Connection {
                         PickError::NoEndpoint if tried.is_empty() => Outcome::NoEndpoint,
                         PickError::NoEndpoint => Outcome::Refused,
                     };
-                    return record.finish(&self.metrics, outcome, 0, 0, Some(error.to_string()));
+                    return record.finish(&self.sinks, outcome, 0, 0, Some(error.to_string()));
                 }
             };
             let target = ServiceBalancer::target(&endpoint, port);
@@ -261,7 +254,7 @@ impl Connection {
                 Err(OpenError::Denied(rule)) => {
                     warn!(%peer, service = %balancer.name, endpoint = %target, rule, "denied; resetting client");
                     splice::reset(client);
-                    return record.finish(&self.metrics, Outcome::Denied, 0, 0, Some(rule));
+                    return record.finish(&self.sinks, Outcome::Denied, 0, 0, Some(rule));
                 }
                 Err(OpenError::Failed(error)) => {
                     drop(connecting);
@@ -278,7 +271,7 @@ impl Connection {
                         self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                         splice::reset(client);
                         let outcome = failure_outcome(&OpenError::Failed(error.clone()));
-                        return record.finish(&self.metrics, outcome, 0, 0, Some(error));
+                        return record.finish(&self.sinks, outcome, 0, 0, Some(error));
                     }
                     _retry = permit;
                 }
@@ -304,8 +297,8 @@ impl Connection {
         idle: Option<Duration>,
         record: Record,
     ) -> bool {
-        record.opened(&self.metrics);
-        let done = upstream::splice(client, upstream, idle).await;
+        let registration = record.opened(&self.sinks);
+        let done = upstream::splice(client, upstream, idle, &registration.bytes).await;
         if done.tunnelled {
             self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
         }
@@ -316,7 +309,7 @@ impl Connection {
         };
         let upstream_failed = matches!(done.error, Some((Side::Upstream, _)));
         let error = done.error.map(|(side, e)| format!("{side:?}: {e}"));
-        record.finish(&self.metrics, outcome, done.sent, done.received, error);
+        record.finish(&self.sinks, outcome, done.sent, done.received, error);
         upstream_failed
     }
 }

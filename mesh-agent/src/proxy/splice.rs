@@ -43,10 +43,15 @@ pub struct Spliced {
 
 /// Splices until both directions end; with `idle`, a connection with no
 /// bytes either way for that long is reset on both sides.
-pub async fn splice(client: TcpStream, upstream: TcpStream, idle: Option<Duration>) -> Spliced {
+pub async fn splice(
+    client: TcpStream,
+    upstream: TcpStream,
+    idle: Option<Duration>,
+    counted: &crate::live::Bytes,
+) -> Spliced {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
-    let (mut sent, mut received) = (0u64, 0u64);
+    let (sent, received) = (&counted.sent, &counted.received);
     let started = Instant::now();
     // Milliseconds since `started` of the last byte moved either way.
     let last_activity = AtomicU64::new(0);
@@ -54,14 +59,14 @@ pub async fn splice(client: TcpStream, upstream: TcpStream, idle: Option<Duratio
         let to_upstream = pump(
             &mut client_read,
             &mut upstream_write,
-            &mut sent,
+            sent,
             started,
             &last_activity,
         );
         let to_client = pump(
             &mut upstream_read,
             &mut client_write,
-            &mut received,
+            received,
             started,
             &last_activity,
         );
@@ -98,8 +103,8 @@ pub async fn splice(client: TcpStream, upstream: TcpStream, idle: Option<Duratio
         abort(upstream_read, upstream_write);
     }
     Spliced {
-        sent,
-        received,
+        sent: sent.load(Ordering::Relaxed),
+        received: received.load(Ordering::Relaxed),
         error,
     }
 }
@@ -133,7 +138,7 @@ impl PumpSide {
 async fn pump(
     from: &mut OwnedReadHalf,
     to: &mut OwnedWriteHalf,
-    count: &mut u64,
+    count: &AtomicU64,
     started: Instant,
     last_activity: &AtomicU64,
 ) -> Result<(), (PumpSide, io::Error)> {
@@ -148,7 +153,7 @@ async fn pump(
                 to.write_all(&buffer[..n])
                     .await
                     .map_err(|e| (PumpSide::Write, e))?;
-                *count += n as u64;
+                count.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
             Err(error) => return Err((PumpSide::Read, error)),

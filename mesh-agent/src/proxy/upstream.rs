@@ -127,10 +127,17 @@ impl Opener<'_> {
 }
 
 /// Splices the client with whichever upstream it got.
-pub async fn splice(client: TcpStream, upstream: Upstream, idle: Option<Duration>) -> Finished {
+/// Bytes of a tunnelled connection are known when it ends; a plain one
+/// counts into `counted` as it goes.
+pub async fn splice(
+    client: TcpStream,
+    upstream: Upstream,
+    idle: Option<Duration>,
+    counted: &crate::live::Bytes,
+) -> Finished {
     match upstream {
         Upstream::Tcp(upstream) => {
-            let done = splice::splice(client, upstream, idle).await;
+            let done = splice::splice(client, upstream, idle, counted).await;
             Finished {
                 sent: done.sent,
                 received: done.received,
