@@ -82,10 +82,6 @@ impl Drop for Registration {
 }
 
 impl Live {
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one plain record of who talks to whom"
-    )]
     pub fn register(
         self: &Arc<Self>,
         client: SocketAddrV4,
