@@ -273,3 +273,231 @@ fn a_deleted_workloads_series_are_gone_at_the_next_scrape() {
     .into();
     assert_eq!(reloads["mesh_config_reloads_total"], 1.0, "{after}");
 }
+
+/// Runs `mesh-agent ARGS` in the node's namespace (where its admin API is).
+fn cli(node: &Node, args: &[&str]) -> std::process::Output {
+    let mut command = Command::new(mesh_tests::mesh_agent_bin());
+    command.args(args);
+    process::enter(&mut command, &node.netns.path(), None);
+    command.output().expect("mesh-agent CLI")
+}
+
+#[test]
+fn readiness_waits_for_the_programs_and_config_dump_follows_reloads() {
+    let mut node = Node::new("ready", 1);
+    node.add_pod("client");
+    node.add_pod("be1");
+    let _server = node.pod("be1").serve(8080, "be1", false);
+    let text = config(&node, &["be1"]);
+    let agent = Agent::spawn(&node, &text);
+    // From the moment it answers until it is ready: 503, and ready only
+    // once every link is pinned (attached).
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((code, _)) = agent.http_get(15021, "/healthz/ready") {
+            if code == 200 {
+                let links = std::fs::read_dir(node.pin_root.join("links"))
+                    .map(|d| d.count())
+                    .unwrap_or(0);
+                assert_eq!(links, 5, "ready before the programs were attached");
+                break;
+            }
+            seen.push(code);
+        }
+        assert!(Instant::now() < deadline, "never ready: {}", agent.log());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        seen.contains(&503),
+        "readiness was never observed as not ready: {seen:?}"
+    );
+
+    let dump = |agent: &Agent| -> serde_json::Value {
+        let (code, body) = agent.http_get(15000, "/config_dump").unwrap();
+        assert_eq!(code, 200);
+        assert!(
+            !body.contains("PRIVATE KEY"),
+            "a key leaked into config_dump"
+        );
+        serde_json::from_str(&body).unwrap()
+    };
+    let before = dump(&agent);
+    assert_eq!(before["config"]["services"][0]["policy"], "round_robin");
+    assert_eq!(
+        before["certificates"][0]["identity"],
+        "spiffe://cluster.local/ns/default/sa/default"
+    );
+    agent.rewrite_config(&text.replace("policy: round_robin", "policy: random"));
+    assert!(agent.wait_log("config reloaded", 1, Duration::from_secs(10)));
+    let after = dump(&agent);
+    assert_eq!(after["config"]["services"][0]["policy"], "random");
+    assert_eq!(after["services"][0]["policy"], "random");
+}
+
+#[test]
+fn connections_logging_and_the_status_command() {
+    let c = cluster("conns", &["be1"]);
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let held = c.node.pod("client").hold(vip);
+    let (code, body) = c.agent.http_get(15000, "/connections").unwrap();
+    assert_eq!(code, 200);
+    let live: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let entry = live
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["client"] == held.local.to_string().as_str())
+        .unwrap_or_else(|| panic!("held connection not listed: {live}"));
+    assert_eq!(entry["destination"], VIP);
+    assert_eq!(entry["destination_workload"], "be1");
+    // The server's greeting came back through the agent already.
+    assert!(entry["received"].as_u64().unwrap() > 0, "{entry}");
+
+    let table = cli(&c.node, &["connections"]);
+    assert!(
+        String::from_utf8_lossy(&table.stdout).contains(&held.local.to_string()),
+        "{table:?}"
+    );
+    let status = cli(&c.node, &["status"]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("service default/web (round_robin)"),
+        "{status}"
+    );
+
+    let (code, _) = c.agent.http_get(15000, "/logging?level=debug").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        c.agent
+            .wait_log("log filter changed", 1, Duration::from_secs(5)),
+        "{}",
+        c.agent.log()
+    );
+    let (code, _) = c
+        .agent
+        .http_get(15000, "/logging?level=no=such=filter")
+        .unwrap();
+    assert_eq!(code, 400);
+    held.release();
+}
+
+#[test]
+fn inspect_and_bpftool_agree_on_the_maps() {
+    let c = cluster("inspect", &["be1", "be2"]);
+    let output = cli(
+        &c.node,
+        &["inspect", "--pin-root", c.node.pin_root.to_str().unwrap()],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let inspect: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    for (map, key_fields, value_fields) in [
+        (
+            "MESH_SERVICES",
+            &["addr", "port"][..],
+            &["service_id", "flags"][..],
+        ),
+        ("MESH_WORKLOADS", &[][..], &["workload_id", "flags"][..]),
+    ] {
+        let path = c.node.pin_root.join("maps").join(map);
+        let bpftool = mesh_tests::bpftool(&["map", "dump", "pinned", path.to_str().unwrap()])
+            .expect("bpftool map dump");
+        let project = |entry: &serde_json::Value| -> String {
+            let key = if key_fields.is_empty() {
+                entry["key"].to_string()
+            } else {
+                key_fields
+                    .iter()
+                    .map(|f| entry["key"][f].to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let value = value_fields
+                .iter()
+                .map(|f| entry["value"][f].to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            format!("{key}={value}")
+        };
+        // bpftool -j gives raw bytes under key/value and the BTF-decoded
+        // fields under `formatted`.
+        let mut from_bpftool: Vec<String> = bpftool
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| project(e.get("formatted").unwrap_or(e)))
+            .collect();
+        let mut from_inspect: Vec<String> = inspect[map]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(project)
+            .collect();
+        from_bpftool.sort();
+        from_inspect.sort();
+        assert!(!from_bpftool.is_empty(), "{map} is empty");
+        assert_eq!(from_inspect, from_bpftool, "{map}");
+    }
+}
+
+#[test]
+fn observe_streams_connections_and_graph_renders() {
+    let c = cluster("observe", &["be1"]);
+    let mut command = Command::new(mesh_tests::mesh_agent_bin());
+    command
+        .arg("observe")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    process::enter(&mut command, &c.node.netns.path(), None);
+    let mut child = command.spawn().expect("observe");
+    let stdout = child.stdout.take().unwrap();
+    let _observer = Guarded::new(child);
+    let (lines, _) = mesh_tests::process::Lines::collect(stdout);
+    let vip: SocketAddr = VIP.parse().unwrap();
+    // The observer subscribes once its request arrives; connect until it reports.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while lines.snapshot().is_empty() {
+        assert!(Instant::now() < deadline, "observe printed nothing");
+        c.node.pod("client").connect(
+            vip,
+            Connect {
+                send: 10,
+                ..Default::default()
+            },
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let line = lines.snapshot()[0].clone();
+    for needle in [
+        "client",
+        "be1",
+        "OK",
+        "sent=10",
+        "spiffe://cluster.local/ns/default/sa/default",
+    ] {
+        assert!(line.contains(needle), "observe line lacks {needle}: {line}");
+    }
+
+    let graph = cli(&c.node, &["graph"]);
+    let dot = String::from_utf8_lossy(&graph.stdout).into_owned();
+    assert!(
+        dot.contains("\"default/client\" -> \"default/be1\""),
+        "{dot}"
+    );
+    let mut render = Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("graphviz dot");
+    std::io::Write::write_all(render.stdin.as_mut().unwrap(), dot.as_bytes()).unwrap();
+    let svg = render.wait_with_output().unwrap();
+    assert!(
+        svg.status.success() && String::from_utf8_lossy(&svg.stdout).contains("<svg"),
+        "dot rejected:\n{dot}"
+    );
+}
