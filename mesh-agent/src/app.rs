@@ -24,7 +24,10 @@ use crate::{
     access::Sinks,
     admin::{self, AdminState, AdminView},
     config::{Config, any_addr},
-    dataplane::{Dataplane, DataplaneSettings, KernelMaps, PinLayout, maps::raw_ip},
+    dataplane::{
+        Dataplane, DataplaneSettings, KernelMaps, PinLayout,
+        maps::{conn_json, pod_json},
+    },
     hbone::{
         client::HboneClient,
         server::{Inbound, InboundStats},
@@ -359,33 +362,12 @@ fn stats(view: &AgentView) -> serde_json::Value {
                 let pods: Vec<_> = maps
                     .pod_stats()
                     .into_iter()
-                    .map(|(ifindex, s)| {
-                        json!({
-                            "ifindex": ifindex,
-                            "interface": nix::net::if_::if_indextoname(ifindex)
-                                .map(|n| n.to_string_lossy().into_owned())
-                                .unwrap_or_default(),
-                            "packets_from_pod": s.packets_from_pod,
-                            "bytes_from_pod": s.bytes_from_pod,
-                            "packets_to_pod": s.packets_to_pod,
-                            "bytes_to_pod": s.bytes_to_pod,
-                            "captured": s.captured,
-                            "plaintext_in": s.plaintext_in,
-                            "plaintext_dropped": s.plaintext_dropped,
-                        })
-                    })
+                    .map(|(i, s)| pod_json(i, &s))
                     .collect();
                 let conns: Vec<_> = maps
                     .conns()
                     .into_iter()
-                    .map(|(k, v)| {
-                        json!({
-                            "local": format!("{}:{}", raw_ip(k.local_addr), k.local_port),
-                            "remote": format!("{}:{}", raw_ip(k.remote_addr), k.remote_port),
-                            "workload_id": v.workload_id,
-                            "direction": v.direction,
-                        })
-                    })
+                    .map(|(k, v)| conn_json(&k, &v))
                     .collect();
                 json!({ "counters": counters, "pods": pods, "conns": conns })
             }

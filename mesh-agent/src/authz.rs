@@ -75,6 +75,29 @@ pub enum Decision {
     DryRunDeny(String),
 }
 
+impl Decision {
+    /// What the caller does with the decision: `Ok(dry_run_denied)` to go
+    /// ahead, `Err(rule)` to refuse. A dry-run deny is logged here, so every
+    /// enforcement point reports it the same way.
+    pub fn enforce(self, request: &Request<'_>) -> Result<bool, String> {
+        match self {
+            Decision::Allow => Ok(false),
+            Decision::DryRunDeny(rule) => {
+                tracing::info!(
+                    principal = %request.principal.map(|p| p.to_string()).unwrap_or_default(),
+                    source_ip = %request.source_ip,
+                    workload = %format!("{}/{}", request.workload_namespace, request.workload_name),
+                    port = request.port,
+                    rule,
+                    "dry run: would deny"
+                );
+                Ok(true)
+            }
+            Decision::Deny(rule) => Err(rule),
+        }
+    }
+}
+
 impl Authorization {
     pub fn check(&self, request: &Request<'_>) -> Decision {
         let matching = |action: Action| {

@@ -209,32 +209,12 @@ impl KernelMaps {
         let pods: Vec<_> = self
             .pod_stats()
             .into_iter()
-            .map(|(ifindex, s)| {
-                json!({
-                    "key": ifindex,
-                    "interface": nix::net::if_::if_indextoname(ifindex).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                    "value": {
-                        "packets_from_pod": s.packets_from_pod, "bytes_from_pod": s.bytes_from_pod,
-                        "packets_to_pod": s.packets_to_pod, "bytes_to_pod": s.bytes_to_pod,
-                        "captured": s.captured, "plaintext_in": s.plaintext_in, "plaintext_dropped": s.plaintext_dropped,
-                    },
-                })
-            })
+            .map(|(i, s)| pod_json(i, &s))
             .collect();
         let conns: Vec<_> = self
             .conns()
             .into_iter()
-            .map(|(k, v)| {
-                json!({
-                    "key": {
-                        "local_addr": k.local_addr, "remote_addr": k.remote_addr,
-                        "local_port": k.local_port, "remote_port": k.remote_port,
-                        "local": format!("{}:{}", raw_ip(k.local_addr), k.local_port),
-                        "remote": format!("{}:{}", raw_ip(k.remote_addr), k.remote_port),
-                    },
-                    "value": { "cookie": v.cookie, "established_ns": v.established_ns, "workload_id": v.workload_id, "direction": v.direction },
-                })
-            })
+            .map(|(k, v)| conn_json(&k, &v))
             .collect();
         let settings = self.settings.get(&0, 0).ok().map(|s| {
             json!({ "outbound_port": s.outbound_port, "inbound_port": s.inbound_port, "mark": s.mark, "mark_mask": s.mark_mask })
@@ -283,6 +263,37 @@ where
         map.remove(&key)?;
     }
     Ok(())
+}
+
+/// One pod interface's counters, as `/stats` and `inspect` show them.
+pub fn pod_json(ifindex: u32, s: &PodStats) -> serde_json::Value {
+    serde_json::json!({
+        "ifindex": ifindex,
+        "interface": nix::net::if_::if_indextoname(ifindex)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        "packets_from_pod": s.packets_from_pod,
+        "bytes_from_pod": s.bytes_from_pod,
+        "packets_to_pod": s.packets_to_pod,
+        "bytes_to_pod": s.bytes_to_pod,
+        "captured": s.captured,
+        "plaintext_in": s.plaintext_in,
+        "plaintext_dropped": s.plaintext_dropped,
+    })
+}
+
+/// One tracked connection, raw fields and decoded addresses.
+pub fn conn_json(k: &ConnKey, v: &ConnValue) -> serde_json::Value {
+    serde_json::json!({
+        "local": format!("{}:{}", raw_ip(k.local_addr), k.local_port),
+        "remote": format!("{}:{}", raw_ip(k.remote_addr), k.remote_port),
+        "local_addr": k.local_addr,
+        "remote_addr": k.remote_addr,
+        "cookie": v.cookie,
+        "established_ns": v.established_ns,
+        "workload_id": v.workload_id,
+        "direction": v.direction,
+    })
 }
 
 /// Formats a raw map address.

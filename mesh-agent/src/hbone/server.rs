@@ -26,7 +26,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{
     CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
@@ -34,7 +34,7 @@ use super::{
 };
 use crate::{
     access::{Outcome, Record, Sinks},
-    authz::{Decision, Request as AuthzRequest},
+    authz::Request as AuthzRequest,
     identity::SpiffeId,
     proxy::{Routes, splice},
     tls::{ALPN_H2, TlsFactory},
@@ -238,20 +238,19 @@ impl Shared {
         record.source_principal = client.to_string();
         record.mutual_tls = true;
         record.endpoint = Some(target);
-        let decision = state.authorization.check(&AuthzRequest {
+        let asking = AuthzRequest {
             principal: Some(client),
             source_ip,
             workload_namespace: &workload.namespace,
             workload_name: &workload.name,
             port: target.port(),
-        });
-        match decision {
-            Decision::Allow => {}
-            Decision::DryRunDeny(rule) => {
+        };
+        match state.authorization.check(&asking).enforce(&asking) {
+            Ok(false) => {}
+            Ok(true) => {
                 self.stats.dry_run_denied.fetch_add(1, Ordering::Relaxed);
-                info!(%client, %source_ip, %target, rule, "dry run: would deny");
             }
-            Decision::Deny(rule) => {
+            Err(rule) => {
                 self.stats.denied.fetch_add(1, Ordering::Relaxed);
                 warn!(%client, %source_ip, %target, rule, "denied");
                 record.finish(&self.sinks, Outcome::Denied, 0, 0, Some(rule));

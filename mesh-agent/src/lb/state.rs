@@ -18,8 +18,12 @@ use super::ewma::PeakEwma;
 
 /// Latency assumed for an endpoint before its first connect.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
-/// How fast the latency estimate forgets.
-const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// How fast the latency estimate forgets. Connect latency is normally well
+/// under a millisecond, so one scheduling hiccup on a busy node is a large
+/// peak; a long decay would let it steer traffic for many seconds (and
+/// favour endpoints that are rarely measured). Two seconds forgives that
+/// quickly while a slow endpoint, measured again and again, stays slow.
+const EWMA_DECAY: Duration = Duration::from_secs(2);
 
 pub struct EndpointState {
     pub ip: Ipv4Addr,
@@ -110,6 +114,13 @@ impl EndpointState {
             outlier.ejections = 0;
             outlier.ejected_until = None;
         }
+    }
+
+    /// How long after connecting the endpoint sent its first byte. Peak-EWMA
+    /// takes it like a connect latency, so an endpoint slow to answer loses
+    /// P2C comparisons even when it accepts at once.
+    pub fn response_observed(&self, latency: Duration) {
+        lock(&self.ewma).observe(latency, Instant::now());
     }
 
     /// Counts a failure; returns the failures in a row so far.

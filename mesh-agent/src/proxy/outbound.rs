@@ -181,7 +181,7 @@ impl Connection {
             Ok(upstream) => {
                 record.endpoint = Some(original);
                 record.mutual_tls = matches!(upstream, upstream::Upstream::Tunnel(..));
-                self.splice(client, upstream, None, record).await;
+                self.splice(client, upstream, None, record, &|_| {}).await;
             }
             Err(error) => {
                 warn!(%peer, destination = %original, %error, "no path to the destination; resetting client");
@@ -281,8 +281,11 @@ impl Connection {
         admission.established();
         let _active = endpoint.begin_active();
         record.mutual_tls = matches!(upstream, upstream::Upstream::Tunnel(..));
+        // The first response byte feeds the endpoint's latency estimate too:
+        // a server slow to answer is slow, however fast it accepts.
+        let observe = |latency| endpoint.response_observed(latency);
         let upstream_failed = self
-            .splice(client, upstream, balancer.idle_timeout(), record)
+            .splice(client, upstream, balancer.idle_timeout(), record, &observe)
             .await;
         if upstream_failed {
             balancer.report_failure(&endpoint);
@@ -296,9 +299,11 @@ impl Connection {
         upstream: upstream::Upstream,
         idle: Option<Duration>,
         record: Record,
+        first_response: &(dyn Fn(Duration) + Sync),
     ) -> bool {
         let registration = record.opened(&self.sinks);
-        let done = upstream::splice(client, upstream, idle, &registration.bytes).await;
+        let done =
+            upstream::splice(client, upstream, idle, &registration.bytes, first_response).await;
         if done.tunnelled {
             self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
         }

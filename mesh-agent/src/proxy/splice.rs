@@ -43,11 +43,14 @@ pub struct Spliced {
 
 /// Splices until both directions end; with `idle`, a connection with no
 /// bytes either way for that long is reset on both sides.
+/// `first_response` is told, once, how long after the splice began the
+/// upstream sent its first byte (what a slow server looks like from here).
 pub async fn splice(
     client: TcpStream,
     upstream: TcpStream,
     idle: Option<Duration>,
     counted: &crate::live::Bytes,
+    first_response: &(dyn Fn(Duration) + Sync),
 ) -> Spliced {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
@@ -62,6 +65,7 @@ pub async fn splice(
             sent,
             started,
             &last_activity,
+            None,
         );
         let to_client = pump(
             &mut upstream_read,
@@ -69,6 +73,7 @@ pub async fn splice(
             received,
             started,
             &last_activity,
+            Some(first_response),
         );
         tokio::pin!(to_upstream, to_client);
         let (mut up_done, mut down_done) = (false, false);
@@ -141,6 +146,7 @@ async fn pump(
     count: &AtomicU64,
     started: Instant,
     last_activity: &AtomicU64,
+    mut first_data: Option<&(dyn Fn(Duration) + Sync)>,
 ) -> Result<(), (PumpSide, io::Error)> {
     let mut buffer: Option<Box<[u8]>> = None;
     loop {
@@ -149,6 +155,9 @@ async fn pump(
         match from.try_read(buffer) {
             Ok(0) => return to.shutdown().await.map_err(|e| (PumpSide::Write, e)),
             Ok(n) => {
+                if let Some(report) = first_data.take() {
+                    report(started.elapsed());
+                }
                 last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                 to.write_all(&buffer[..n])
                     .await

@@ -15,11 +15,10 @@ use std::{
 
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tracing::info;
 
 use super::{OutboundStats, Routes, splice};
 use crate::{
-    authz::{Decision, Request},
+    authz::Request,
     hbone::{
         self,
         client::{Destination, HboneClient, StreamGuard},
@@ -91,22 +90,16 @@ impl Opener<'_> {
                 }
             }
             Some((_, workload)) => {
-                let decision = state.authorization.check(&Request {
+                let request = Request {
                     principal: source.as_ref(),
                     source_ip: *client.ip(),
                     workload_namespace: &workload.namespace,
                     workload_name: &workload.name,
                     port: target.port(),
-                });
-                match decision {
-                    Decision::Allow => {}
-                    Decision::DryRunDeny(rule) => {
-                        info!(client = %client, %target, rule, "dry run: would deny");
-                    }
-                    Decision::Deny(rule) => {
-                        self.stats.denied.fetch_add(1, Ordering::Relaxed);
-                        return Err(OpenError::Denied(rule));
-                    }
+                };
+                if let Err(rule) = state.authorization.check(&request).enforce(&request) {
+                    self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                    return Err(OpenError::Denied(rule));
                 }
                 self.tcp(target).await
             }
@@ -134,10 +127,11 @@ pub async fn splice(
     upstream: Upstream,
     idle: Option<Duration>,
     counted: &crate::live::Bytes,
+    first_response: &(dyn Fn(Duration) + Sync),
 ) -> Finished {
     match upstream {
         Upstream::Tcp(upstream) => {
-            let done = splice::splice(client, upstream, idle, counted).await;
+            let done = splice::splice(client, upstream, idle, counted, first_response).await;
             Finished {
                 sent: done.sent,
                 received: done.received,

@@ -175,11 +175,13 @@ fn connect(
         }
         Err(error) => return Err(error.into()),
     };
+    let started = std::time::Instant::now();
     let local = stream.local_addr().ok();
     let mut report = serde_json::json!({ "local": local });
     if let Err(error) = session(stream, send, hold, reset, &mut report) {
         report["error"] = error.to_string().into();
     }
+    report["duration_ms"] = (started.elapsed().as_millis() as u64).into();
     Ok(report.to_string())
 }
 
