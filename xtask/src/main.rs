@@ -41,8 +41,9 @@ enum Task {
     /// Build everything, start a simulated node with pods and an agent on the
     /// built-in config, send traffic, show what happened, clean up.
     Demo,
-    /// Remove what interrupted tests or demos left: namespaces, cgroups and
-    /// pins whose names start with the fixtures' prefix.
+    /// Remove what interrupted or failed tests and demos left: namespaces,
+    /// cgroups, pins and temporary files whose names start with the
+    /// fixtures' prefix (failed tests keep their agent logs there).
     CleanTestEnv,
 }
 
