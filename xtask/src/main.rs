@@ -224,6 +224,17 @@ fn clean_test_env(root: &Path) -> anyhow::Result<()> {
     ] {
         remove_cgroup_tree(Path::new(cgroup_root));
     }
+    // Configs, CA directories, captures, and the agent logs kept for failed tests.
+    for entry in std::fs::read_dir(std::env::temp_dir())?.flatten() {
+        if owned(&entry.file_name().to_string_lossy()) {
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
     println!("test environment clean");
     Ok(())
 }
