@@ -56,6 +56,18 @@ fn cluster(label: &str, backends: &[&str]) -> Cluster {
     }
 }
 
+/// Scrapes until `ready` holds (at most 10 s), and returns that scrape.
+fn scrape_until(agent: &Agent, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(agent);
+        if ready(&text) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn scrape(agent: &Agent) -> String {
     let (code, body) = agent
         .http_get(METRICS_PORT, "/metrics")
@@ -94,7 +106,6 @@ fn byte_counters_and_the_access_log_match_a_known_transfer() {
     // What the server sent back: the greeting line and the answer line.
     let back = (greeting.len() + 1 + reply.len() + 1) as f64;
 
-    let text = scrape(&c.agent);
     let labels = [
         ("reporter", "source"),
         ("source_workload", "client"),
@@ -103,6 +114,10 @@ fn byte_counters_and_the_access_log_match_a_known_transfer() {
         ("connection_security_policy", "none"),
         ("response_flags", "-"),
     ];
+    // The agent records the close just after the client has its answer.
+    let text = scrape_until(&c.agent, |text| {
+        sample(text, "istio_tcp_connections_closed_total", &labels) == Some(1.0)
+    });
     assert_eq!(
         sample(&text, "istio_tcp_sent_bytes_total", &labels),
         Some(N as f64),
@@ -172,7 +187,17 @@ fn promtool_accepts_the_exposition_and_prometheus_scrapes_it() {
             ..Default::default()
         },
     );
-    let text = scrape(&c.agent);
+    let text = scrape_until(&c.agent, |text| {
+        let closed = |b: &str| {
+            sample(
+                text,
+                "istio_tcp_connections_closed_total",
+                &[("destination_workload", b)],
+            )
+            .unwrap_or(0.0)
+        };
+        closed("be1") + closed("be2") == 4.0
+    });
 
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])
@@ -220,7 +245,9 @@ fn promtool_accepts_the_exposition_and_prometheus_scrapes_it() {
             .map(|(_, body)| body)
             .unwrap_or_default();
         let json: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
-        if let Some(value) = json["data"]["result"][0]["value"][1].as_str() {
+        if let Some(value) = json["data"]["result"][0]["value"][1].as_str()
+            && value == "4000"
+        {
             break value.to_owned();
         }
         assert!(
@@ -244,7 +271,11 @@ fn a_deleted_workloads_series_are_gone_at_the_next_scrape() {
             ..Default::default()
         },
     );
-    let before = scrape(&c.agent);
+    let before = scrape_until(&c.agent, |text| {
+        ["be1", "be2"]
+            .iter()
+            .all(|b| text.contains(&format!("destination_workload=\"{b}\"")))
+    });
     for workload in ["be1", "be2"] {
         assert!(
             before.contains(&format!("destination_workload=\"{workload}\"")),

@@ -301,12 +301,12 @@ impl Connection {
         record: Record,
         first_response: &(dyn Fn(Duration) + Sync),
     ) -> bool {
+        if record.mutual_tls {
+            self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
+        }
         let registration = record.opened(&self.sinks);
         let done =
             upstream::splice(client, upstream, idle, &registration.bytes, first_response).await;
-        if done.tunnelled {
-            self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
-        }
         let outcome = match &done.error {
             None => Outcome::Ok,
             Some((Side::Idle, _)) => Outcome::Timeout,

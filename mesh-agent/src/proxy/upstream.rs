@@ -44,7 +44,6 @@ pub struct Finished {
     pub sent: u64,
     pub received: u64,
     pub error: Option<(splice::Side, io::Error)>,
-    pub tunnelled: bool,
 }
 
 pub struct Opener<'a> {
@@ -136,7 +135,6 @@ pub async fn splice(
                 sent: done.sent,
                 received: done.received,
                 error: done.error,
-                tunnelled: false,
             }
         }
         Upstream::Tunnel(stream, _guard) => {
@@ -145,7 +143,6 @@ pub async fn splice(
                 sent: done.sent,
                 received: done.received,
                 error: done.error.map(|e| (splice::Side::Upstream, e)),
-                tunnelled: true,
             }
         }
     }
