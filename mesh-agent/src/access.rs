@@ -167,7 +167,7 @@ impl Record {
         let duration_ms = self.started.elapsed().as_millis() as u64;
         let endpoint = self.endpoint.map(|e| e.to_string()).unwrap_or_default();
         sinks.live.publish(serde_json::json!({
-            "time": humantime_now(),
+            "time": unix_seconds(),
             "reporter": self.reporter,
             "src": self.client.to_string(),
             "src_workload": self.source_workload,
@@ -210,7 +210,7 @@ impl Record {
 }
 
 /// Seconds since the Unix epoch, with milliseconds.
-fn humantime_now() -> f64 {
+fn unix_seconds() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())

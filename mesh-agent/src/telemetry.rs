@@ -241,6 +241,8 @@ pub(crate) fn render_metrics(sources: &AgentView) -> String {
                 ]
             }),
         );
+        // One walk over the maps per scrape (MESH_CONNS can be large).
+        let levels = maps.fill_levels();
         counter_family(
             &mut registry,
             "mesh_kernel_events",
@@ -253,17 +255,17 @@ pub(crate) fn render_metrics(sources: &AgentView) -> String {
             &mut registry,
             "mesh_map_entries",
             "Entries in the agent's kernel maps",
-            maps.fill_levels()
-                .into_iter()
-                .map(|(name, used, _)| (vec![("map", name.to_owned())], used as f64)),
+            levels
+                .iter()
+                .map(|(name, used, _)| (vec![("map", (*name).to_owned())], *used as f64)),
         );
         gauge_family(
             &mut registry,
             "mesh_map_capacity",
             "Capacity of the agent's kernel maps",
-            maps.fill_levels()
-                .into_iter()
-                .map(|(name, _, capacity)| (vec![("map", name.to_owned())], capacity as f64)),
+            levels.iter().map(|(name, _, capacity)| {
+                (vec![("map", (*name).to_owned())], f64::from(*capacity))
+            }),
         );
     }
     render(&registry)
