@@ -24,10 +24,7 @@ use crate::{
     access::Sinks,
     admin::{self, AdminState, AdminView},
     config::{Config, any_addr},
-    dataplane::{
-        Dataplane, DataplaneSettings, KernelMaps, PinLayout,
-        maps::{conn_json, pod_json},
-    },
+    dataplane::{Dataplane, DataplaneSettings, KernelMaps, PinLayout},
     hbone::{
         client::HboneClient,
         server::{Inbound, InboundStats},
@@ -353,24 +350,11 @@ fn stats(view: &AgentView) -> serde_json::Value {
     {
         let services = routes.borrow().balancers.snapshot();
         let kernel = match KernelMaps::open_pinned(pins) {
-            Ok(maps) => {
-                let counters: serde_json::Map<String, serde_json::Value> = maps
-                    .counters()
-                    .into_iter()
-                    .map(|(name, value)| (name.to_owned(), value.into()))
-                    .collect();
-                let pods: Vec<_> = maps
-                    .pod_stats()
-                    .into_iter()
-                    .map(|(i, s)| pod_json(i, &s))
-                    .collect();
-                let conns: Vec<_> = maps
-                    .conns()
-                    .into_iter()
-                    .map(|(k, v)| conn_json(&k, &v))
-                    .collect();
-                json!({ "counters": counters, "pods": pods, "conns": conns })
-            }
+            Ok(maps) => json!({
+                "counters": maps.counters_json(),
+                "pods": maps.pods_json(),
+                "conns": maps.conns_json(),
+            }),
             Err(error) => json!({ "error": error.to_string() }),
         };
         json!({

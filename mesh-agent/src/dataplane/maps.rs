@@ -180,6 +180,32 @@ impl KernelMaps {
         ]
     }
 
+    /// The event counters as a JSON object, by name.
+    pub fn counters_json(&self) -> serde_json::Value {
+        let counters: serde_json::Map<String, serde_json::Value> = self
+            .counters()
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value.into()))
+            .collect();
+        counters.into()
+    }
+
+    /// Every pod interface's counters (see [`pod_json`]).
+    pub fn pods_json(&self) -> serde_json::Value {
+        self.pod_stats()
+            .into_iter()
+            .map(|(i, s)| pod_json(i, &s))
+            .collect()
+    }
+
+    /// Every tracked connection (see [`conn_json`]).
+    pub fn conns_json(&self) -> serde_json::Value {
+        self.conns()
+            .into_iter()
+            .map(|(k, v)| conn_json(&k, &v))
+            .collect()
+    }
+
     /// Every map's entries, with the raw fields bpftool shows and decoded
     /// addresses beside them.
     pub fn dump(&self) -> serde_json::Value {
@@ -206,31 +232,16 @@ impl KernelMaps {
                 })
             })
             .collect();
-        let pods: Vec<_> = self
-            .pod_stats()
-            .into_iter()
-            .map(|(i, s)| pod_json(i, &s))
-            .collect();
-        let conns: Vec<_> = self
-            .conns()
-            .into_iter()
-            .map(|(k, v)| conn_json(&k, &v))
-            .collect();
         let settings = self.settings.get(&0, 0).ok().map(|s| {
             json!({ "outbound_port": s.outbound_port, "inbound_port": s.inbound_port, "mark": s.mark, "mark_mask": s.mark_mask })
         });
-        let counters: serde_json::Map<String, serde_json::Value> = self
-            .counters()
-            .into_iter()
-            .map(|(name, value)| (name.to_owned(), value.into()))
-            .collect();
         json!({
             mesh_common::maps::SERVICES: services,
             mesh_common::maps::WORKLOADS: workloads,
-            mesh_common::maps::POD_STATS: pods,
-            mesh_common::maps::CONNS: conns,
+            mesh_common::maps::POD_STATS: self.pods_json(),
+            mesh_common::maps::CONNS: self.conns_json(),
             mesh_common::maps::SETTINGS: settings,
-            mesh_common::maps::COUNTERS: counters,
+            mesh_common::maps::COUNTERS: self.counters_json(),
         })
     }
 
