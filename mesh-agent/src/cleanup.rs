@@ -1,8 +1,9 @@
 //! `mesh-agent cleanup`: removes what an agent that did not exit cleanly
 //! (SIGKILL, crash, power loss of the process) left in the kernel.
 //!
-//! Everything the agent attaches is a pinned link or held by its process,
-//! so unpinning the root detaches and frees all of it. The steer routing is
+//! Everything the agent attaches is a pinned link, or a netlink tc filter
+//! recorded in a pinned map (kernels before 6.6), so deleting the recorded
+//! filters and unpinning the root detaches and frees all of it. The steer routing is
 //! per network namespace: run this in the namespace the agent ran in.
 
 use std::{fs::File, os::fd::AsRawFd, path::Path};
@@ -24,7 +25,7 @@ pub async fn run(pin_root: &Path) -> anyhow::Result<()> {
                 pins.root().display()
             );
         }
-        pins.remove_all()
+        crate::dataplane::remove_leftovers(&pins)
             .with_context(|| format!("removing pin root {}", pins.root().display()))?;
         tracing::info!(pin_root = %pins.root().display(), "removed pins, programs and links");
     } else {

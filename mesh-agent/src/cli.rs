@@ -1,6 +1,7 @@
 //! The operator commands: `status`, `connections`, `observe`, `graph` talk
 //! to a running agent's admin API (localhost:15000, so run them in the
-//! agent's network namespace); `inspect` reads the pinned maps directly.
+//! agent's network namespace); `inspect` reads the pinned maps directly;
+//! `probe` checks the kernel itself.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -206,5 +207,45 @@ pub fn inspect(pin_root: &Path) -> anyhow::Result<()> {
     let maps = KernelMaps::open_pinned(&PinLayout::new(pin_root))
         .with_context(|| format!("opening the maps pinned under {}", pin_root.display()))?;
     println!("{}", serde_json::to_string_pretty(&maps.dump())?);
+    Ok(())
+}
+
+/// `probe`: the kernel features and a verifier pass of every program.
+pub fn probe(json: bool) -> anyhow::Result<()> {
+    use crate::dataplane::{features, probe_programs};
+    let statuses = features::probe();
+    let programs = probe_programs();
+    let kernel = features::kernel_release();
+    if json {
+        let report = serde_json::json!({
+            "kernel": kernel,
+            "features": statuses,
+            "programs": programs,
+        });
+        println!("{report}");
+    } else {
+        println!("kernel {kernel}");
+        for status in &statuses {
+            let verdict = match (status.available, status.fallback) {
+                (true, _) => "yes",
+                (false, Some(_)) => "no (fallback)",
+                (false, None) => "MISSING",
+            };
+            println!(
+                "  {:<48} {:<14} since {}",
+                status.name, verdict, status.since
+            );
+        }
+        for program in &programs {
+            match &program.error {
+                None => println!("  program {:<40} loads", program.name),
+                Some(error) => println!("  program {:<40} FAILS: {error}", program.name),
+            }
+        }
+    }
+    features::require(&statuses)?;
+    if let Some(failed) = programs.iter().find(|p| !p.loaded) {
+        bail!("program {} does not load on this kernel", failed.name);
+    }
     Ok(())
 }

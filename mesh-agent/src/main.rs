@@ -82,6 +82,14 @@ enum Command {
         #[arg(long)]
         svg: bool,
     },
+    /// Check this kernel: every feature the agent needs (program and map
+    /// types, helpers, attach modes) and whether each program passes the
+    /// verifier. Exits 1 when the agent could not run here.
+    Probe {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Typed dump of every pinned map (JSON), read from bpffs.
     Inspect {
         #[arg(long, default_value = mesh_common::DEFAULT_PIN_ROOT, env = "MESH_PIN_ROOT")]
@@ -134,6 +142,7 @@ fn main() -> ExitCode {
             Command::Observe { admin, json } => cli::observe(admin, json),
             Command::Graph { admin, svg } => cli::graph(admin, svg),
             Command::Inspect { pin_root } => cli::inspect(&pin_root),
+            Command::Probe { json } => cli::probe(json),
         }
     });
     match result {

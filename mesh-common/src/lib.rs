@@ -39,8 +39,15 @@ pub mod maps {
     pub const SETTINGS: &str = "MESH_SETTINGS";
     /// [`super::counter`] index -> u64, per CPU: program-wide event counters.
     pub const COUNTERS: &str = "MESH_COUNTERS";
+    /// [`super::TcFilterKey`] -> [`super::TcFilterValue`]: tc filters the
+    /// agent attached over netlink (kernels before 6.6 have no tc link to
+    /// pin), so `cleanup` can find and remove them after a crash. Programs
+    /// never touch it.
+    pub const TC_FILTERS: &str = "MESH_TC_FILTERS";
     /// Every map, in a stable order.
-    pub const ALL: [&str; 6] = [SERVICES, WORKLOADS, POD_STATS, CONNS, SETTINGS, COUNTERS];
+    pub const ALL: [&str; 7] = [
+        SERVICES, WORKLOADS, POD_STATS, CONNS, SETTINGS, COUNTERS, TC_FILTERS,
+    ];
 }
 
 /// Layout of one agent's pin root (default [`DEFAULT_PIN_ROOT`]).
@@ -210,6 +217,30 @@ pub struct Settings {
     pub pad: u32,
 }
 
+/// Key of [`maps::TC_FILTERS`]: where a netlink tc filter sits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TcFilterKey {
+    pub ifindex: u32,
+    /// [`TC_INGRESS`] or [`TC_EGRESS`].
+    pub direction: u32,
+}
+
+/// [`TcFilterKey::direction`] of an ingress filter.
+pub const TC_INGRESS: u32 = 0;
+/// [`TcFilterKey::direction`] of an egress filter.
+pub const TC_EGRESS: u32 = 1;
+
+/// Value of [`maps::TC_FILTERS`]: what identifies the filter to netlink.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcFilterValue {
+    pub priority: u32,
+    pub handle: u32,
+    /// Index of the filter's program in [`programs::ALL`].
+    pub program: u32,
+}
+
 /// Mark the tc program sets on packets it hands to the agent, and the mask it
 /// owns. The node's routing sends marked packets to the local table.
 pub const STEER_MARK: u32 = 0x200;
@@ -240,4 +271,6 @@ mod user {
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for ConnValue {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for TcFilterKey {}
+    unsafe impl aya::Pod for TcFilterValue {}
 }

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     ConnKey, ConnValue, MAX_CONNS, MAX_POD_INTERFACES, MAX_SERVICES, MAX_WORKLOADS, PodStats,
-    ServiceKey, ServiceValue, Settings, WorkloadValue, counter,
+    ServiceKey, ServiceValue, Settings, TcFilterKey, TcFilterValue, WorkloadValue, counter,
 };
 
 // BTF map definitions carry the key and value types, so `bpftool map dump`
@@ -32,6 +32,15 @@ pub static MESH_SETTINGS: Array<Settings, 1> = Array::new();
 
 #[btf_map]
 pub static MESH_COUNTERS: PerCpuArray<u64, { counter::LEN as usize }> = PerCpuArray::new();
+
+/// Written and read by the agent only (see `mesh_common::maps::TC_FILTERS`);
+/// defined here so it is created, pinned and typed like every other map.
+#[btf_map]
+pub static MESH_TC_FILTERS: HashMap<
+    TcFilterKey,
+    TcFilterValue,
+    { 2 * MAX_POD_INTERFACES as usize },
+> = HashMap::new();
 
 /// The agent's settings, or `None` before the agent has written them.
 #[inline(always)]

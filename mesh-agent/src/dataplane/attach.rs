@@ -2,8 +2,9 @@
 //!
 //! Links are pinned where the kernel supports link objects (TCX on 6.6+,
 //! cgroup links on 5.7+), so `bpftool link` shows them and `cleanup` can
-//! detach them after a crash by unpinning. Older attachments (netlink tc)
-//! are held in memory and detached when dropped.
+//! detach them after a crash by unpinning. Netlink tc filters (before 6.6)
+//! are held in memory, detached when dropped, and recorded in a pinned map
+//! so `cleanup` can find them too (see [`super::tc_filters`]).
 
 use std::{fs::File, path::Path};
 
@@ -18,22 +19,33 @@ use aya::{
 };
 use mesh_common::programs::{FROM_POD, SOCKOPS, TO_POD, UPLINK};
 
-use super::{DataplaneError, PinLayout, error_chain};
+use super::{DataplaneError, PinLayout, error_chain, tc_filters::TcFilterRecords};
 
 /// One attached program.
 pub enum Attachment {
     /// A link object pinned in bpffs.
     Pinned(PinnedLink),
     /// A netlink tc filter (kernels before 6.6); detached on drop.
-    Netlink(SchedClassifierLink),
+    Netlink {
+        link: SchedClassifierLink,
+        ifindex: u32,
+        attach_type: TcAttachType,
+    },
 }
 
 impl Attachment {
-    pub fn detach(self) {
+    pub fn detach(self, records: &mut TcFilterRecords) {
         match self {
             // Unpinning drops the last reference we own: the link detaches.
             Attachment::Pinned(link) => drop(link.unpin()),
-            Attachment::Netlink(link) => drop(link),
+            Attachment::Netlink {
+                link,
+                ifindex,
+                attach_type,
+            } => {
+                drop(link);
+                records.forget(ifindex, attach_type);
+            }
         }
     }
 }
@@ -45,42 +57,73 @@ pub struct PodAttachment {
 }
 
 impl PodAttachment {
-    pub fn detach(self) {
-        self.links.into_iter().for_each(Attachment::detach);
+    pub fn detach(self, records: &mut TcFilterRecords) {
+        for link in self.links {
+            link.detach(records);
+        }
     }
 }
 
-pub fn pod(ebpf: &mut Ebpf, pins: &PinLayout, ifname: &str) -> Result<PodAttachment, String> {
-    let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(|e| format!("not found ({e})"))?;
-    let links = vec![
-        tc(
-            ebpf,
-            pins,
-            ifname,
-            FROM_POD,
-            TcAttachType::Ingress,
-            "from_pod",
-        )?,
-        tc(ebpf, pins, ifname, TO_POD, TcAttachType::Egress, "to_pod")?,
-    ];
+/// Where the kernel lets us attach: the program object and the records of
+/// netlink filters.
+pub struct Target<'a> {
+    pub ebpf: &'a mut Ebpf,
+    pub pins: &'a PinLayout,
+    pub records: &'a mut TcFilterRecords,
+}
+
+pub fn pod(target: &mut Target<'_>, ifname: &str) -> Result<PodAttachment, String> {
+    let ifindex = ifindex(ifname)?;
+    let mut links = Vec::with_capacity(2);
+    for (name, attach_type, suffix) in [
+        (FROM_POD, TcAttachType::Ingress, "from_pod"),
+        (TO_POD, TcAttachType::Egress, "to_pod"),
+    ] {
+        match tc(target, ifname, ifindex, name, attach_type, suffix) {
+            Ok(link) => links.push(link),
+            Err(error) => {
+                // Leave nothing half-attached.
+                links
+                    .into_iter()
+                    .for_each(|link: Attachment| link.detach(target.records));
+                return Err(error);
+            }
+        }
+    }
     Ok(PodAttachment { ifindex, links })
 }
 
 /// Inbound HBONE steering on one of the node's uplinks.
-pub fn uplink(ebpf: &mut Ebpf, pins: &PinLayout, ifname: &str) -> Result<Attachment, String> {
-    nix::net::if_::if_nametoindex(ifname).map_err(|e| format!("not found ({e})"))?;
-    tc(ebpf, pins, ifname, UPLINK, TcAttachType::Ingress, "uplink")
+pub fn uplink(target: &mut Target<'_>, ifname: &str) -> Result<Attachment, String> {
+    let ifindex = ifindex(ifname)?;
+    tc(
+        target,
+        ifname,
+        ifindex,
+        UPLINK,
+        TcAttachType::Ingress,
+        "uplink",
+    )
+}
+
+fn ifindex(ifname: &str) -> Result<u32, String> {
+    nix::net::if_::if_nametoindex(ifname).map_err(|e| format!("not found ({e})"))
 }
 
 /// Attaches one tc program and pins its link (`<pin root>/links/<ifname>_<suffix>`).
 fn tc(
-    ebpf: &mut Ebpf,
-    pins: &PinLayout,
+    target: &mut Target<'_>,
     ifname: &str,
-    name: &str,
+    ifindex: u32,
+    name: &'static str,
     attach_type: TcAttachType,
     suffix: &str,
 ) -> Result<Attachment, String> {
+    let Target {
+        ebpf,
+        pins,
+        records,
+    } = target;
     if !has_tcx() {
         // Netlink tc needs the clsact qdisc; it may already be there.
         let _ = tc::qdisc_add_clsact(ifname);
@@ -94,7 +137,12 @@ fn tc(
         .and_then(|id| program.take_link(id))
         .map_err(|e| format!("attaching {name}: {}", error_chain(&e)))?;
     if !has_tcx() {
-        return Ok(Attachment::Netlink(link));
+        records.record(ifindex, attach_type, name, &link)?;
+        return Ok(Attachment::Netlink {
+            link,
+            ifindex,
+            attach_type,
+        });
     }
     // TCX: a real link object that can be pinned.
     let fd_link = FdLink::try_from(link).map_err(|e| format!("link {name}: {e}"))?;
@@ -134,6 +182,6 @@ pub fn sockops(
 }
 
 /// aya attaches tc programs as TCX links from 6.6 on, as netlink filters before.
-fn has_tcx() -> bool {
+pub fn has_tcx() -> bool {
     KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0))
 }

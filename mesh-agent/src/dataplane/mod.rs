@@ -3,8 +3,10 @@
 //! them, and keeps the maps and attachments in step with the mesh model.
 
 mod attach;
+pub mod features;
 pub mod maps;
 pub mod pins;
+pub mod tc_filters;
 
 use std::{
     collections::BTreeMap,
@@ -20,7 +22,10 @@ use aya::{
 use mesh_common::{STEER_MARK, STEER_MARK_MASK, Settings};
 use tracing::{info, warn};
 
-use self::attach::{Attachment, PodAttachment};
+use self::{
+    attach::{Attachment, PodAttachment, Target},
+    tc_filters::TcFilterRecords,
+};
 pub use self::{maps::KernelMaps, pins::PinLayout};
 use crate::model::MeshState;
 
@@ -54,6 +59,8 @@ pub enum DataplaneError {
     Uplink { interface: String, message: String },
     #[error("attaching sock_ops to cgroup {}: {message}", path.display())]
     Cgroup { path: PathBuf, message: String },
+    #[error(transparent)]
+    Kernel(#[from] features::MissingFeature),
 }
 
 /// What the agent tells the programs about itself.
@@ -73,6 +80,7 @@ pub struct Dataplane {
     _lock: File,
     ebpf: Ebpf,
     maps: KernelMaps,
+    tc_filters: TcFilterRecords,
     sockops: Option<Attachment>,
     uplinks: Vec<Attachment>,
     pods: BTreeMap<String, PodAttachment>,
@@ -90,10 +98,11 @@ impl Dataplane {
         let lock = lock_pin_root(&pins)?;
         if has_pins(&pins) {
             warn!(pin_root = %pins.root().display(), "removing state a previous agent left behind");
-            pins.remove_all().map_err(pin_root_err)?;
+            remove_leftovers(&pins).map_err(pin_root_err)?;
             pins.create().map_err(pin_root_err)?;
         }
 
+        check_kernel()?;
         let mut ebpf = Ebpf::load(OBJECT)?;
         for name in mesh_common::maps::ALL {
             let path = pins.map(name);
@@ -107,6 +116,10 @@ impl Dataplane {
             ebpf.take_map(name)
                 .ok_or(maps::KernelMapError::Missing(name))
         })?;
+        let tc_filters = TcFilterRecords::new(
+            ebpf.take_map(mesh_common::maps::TC_FILTERS)
+                .ok_or(maps::KernelMapError::Missing(mesh_common::maps::TC_FILTERS))?,
+        )?;
         for name in [
             mesh_common::programs::FROM_POD,
             mesh_common::programs::TO_POD,
@@ -138,6 +151,7 @@ impl Dataplane {
             _lock: lock,
             ebpf,
             maps,
+            tc_filters,
             sockops: None,
             uplinks: Vec::new(),
             pods: BTreeMap::new(),
@@ -152,16 +166,25 @@ impl Dataplane {
             info!(cgroup = %cgroup.display(), "connection tracking attached");
         }
         for uplink in settings.uplinks {
-            let attachment = attach::uplink(&mut dataplane.ebpf, &dataplane.pins, uplink).map_err(
-                |message| DataplaneError::Uplink {
-                    interface: uplink.clone(),
-                    message,
-                },
-            )?;
+            let attachment =
+                attach::uplink(&mut dataplane.target(), uplink).map_err(|message| {
+                    DataplaneError::Uplink {
+                        interface: uplink.clone(),
+                        message,
+                    }
+                })?;
             dataplane.uplinks.push(attachment);
             info!(interface = %uplink, "inbound HBONE steering attached");
         }
         Ok(dataplane)
+    }
+
+    fn target(&mut self) -> Target<'_> {
+        Target {
+            ebpf: &mut self.ebpf,
+            pins: &self.pins,
+            records: &mut self.tc_filters,
+        }
     }
 
     pub fn pins(&self) -> &PinLayout {
@@ -192,7 +215,7 @@ impl Dataplane {
         for ifname in gone {
             if let Some(pod) = self.pods.remove(&ifname) {
                 self.maps.remove_pod_interface(pod.ifindex);
-                pod.detach();
+                pod.detach(&mut self.tc_filters);
                 info!(interface = %ifname, "pod interface detached");
             }
         }
@@ -203,7 +226,7 @@ impl Dataplane {
             if self.pods.contains_key(ifname) {
                 continue;
             }
-            match attach::pod(&mut self.ebpf, &self.pins, ifname) {
+            match attach::pod(&mut self.target(), ifname) {
                 Ok(pod) => {
                     self.maps.add_pod_interface(pod.ifindex)?;
                     info!(
@@ -240,14 +263,14 @@ impl Dataplane {
         }
         self.closed = true;
         for (_, pod) in std::mem::take(&mut self.pods) {
-            pod.detach();
+            pod.detach(&mut self.tc_filters);
         }
         if let Some(sockops) = self.sockops.take() {
-            sockops.detach();
+            sockops.detach(&mut self.tc_filters);
         }
-        std::mem::take(&mut self.uplinks)
-            .into_iter()
-            .for_each(Attachment::detach);
+        for uplink in std::mem::take(&mut self.uplinks) {
+            uplink.detach(&mut self.tc_filters);
+        }
         self.pins.remove_all()
     }
 }
@@ -295,6 +318,88 @@ fn lock_pin_root(pins: &PinLayout) -> Result<File, DataplaneError> {
         return Err(DataplaneError::PinRootBusy(pins.root().to_owned()));
     }
     Ok(dir)
+}
+
+/// Stops on a missing kernel feature; names the fallbacks taken.
+fn check_kernel() -> Result<(), features::MissingFeature> {
+    let statuses = features::probe();
+    features::require(&statuses)?;
+    for status in statuses.iter().filter(|s| !s.available) {
+        if let Some(fallback) = status.fallback {
+            info!(
+                kernel = %features::kernel_release(),
+                feature = status.name,
+                fallback,
+                "kernel feature missing: using the fallback"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether each program of the embedded object passes this kernel's
+/// verifier, loaded on its own (nothing pinned or attached). For
+/// `mesh-agent probe` and the kernel matrix.
+pub fn probe_programs() -> Vec<ProgramStatus> {
+    let mut ebpf = match Ebpf::load(OBJECT) {
+        Ok(ebpf) => ebpf,
+        Err(error) => {
+            let error = error_chain(&error);
+            return mesh_common::programs::ALL
+                .iter()
+                .map(|name| ProgramStatus {
+                    name,
+                    loaded: false,
+                    error: Some(format!("loading the object: {error}")),
+                })
+                .collect();
+        }
+    };
+    mesh_common::programs::ALL
+        .iter()
+        .map(|&name| {
+            let result = match ebpf.program_mut(name) {
+                Some(aya::programs::Program::SchedClassifier(p)) => p.load(),
+                Some(aya::programs::Program::SockOps(p)) => p.load(),
+                _ => Err(aya::programs::ProgramError::NotLoaded),
+            };
+            ProgramStatus {
+                name,
+                loaded: result.is_ok(),
+                error: result.err().map(|e| verifier_tail(&error_chain(&e))),
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProgramStatus {
+    pub name: &'static str,
+    pub loaded: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The end of a verifier log is where it says why; the start is the
+/// program listing.
+fn verifier_tail(message: &str) -> String {
+    let lines: Vec<&str> = message.lines().collect();
+    let keep = lines.len().saturating_sub(12);
+    if keep == 0 {
+        return message.to_owned();
+    }
+    format!("{}\n...\n{}", lines[0], lines[keep..].join("\n"))
+}
+
+/// Removes what a previous agent on this pin root left: its netlink tc
+/// filters (which hold their programs in the kernel), then every pin.
+pub fn remove_leftovers(pins: &PinLayout) -> std::io::Result<()> {
+    match tc_filters::remove_recorded(pins) {
+        Ok(0) => {}
+        Ok(count) => info!(count, "removed netlink tc filters a previous agent left"),
+        Err(error) => warn!(%error, "removing recorded netlink tc filters"),
+    }
+    pins.remove_all()
 }
 
 fn has_pins(pins: &PinLayout) -> bool {
