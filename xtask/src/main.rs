@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <verb>`. Every verb installs what it needs
 //! first, so each works on a fresh machine.
 
+mod kernels;
 mod prereqs;
 
 use std::{
@@ -30,8 +31,12 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Run every test (unit and end-to-end; needs root).
+    /// Run every test (unit and end-to-end; needs root), then the short
+    /// kernel matrix (5.10 and 6.1 in qemu) unless a filter is given.
     Test {
+        /// Skip the kernel matrix.
+        #[arg(long)]
+        no_kernels: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -41,6 +46,16 @@ enum Task {
     /// Build everything, start a simulated node with pods and an agent on the
     /// built-in config, send traffic, show what happened, clean up.
     Demo,
+    /// The kernel matrix: boot Debian's kernels (5.10 to the newest 7.x) in
+    /// qemu and run the programs and the core scenarios in each.
+    Kernels {
+        /// Only the kernels CI runs (5.10 and 6.1).
+        #[arg(long)]
+        short: bool,
+        /// Kernel series to run ("5.10", "6.12"; "6.x" is the newest 6).
+        #[arg(long = "kernel", value_name = "SERIES")]
+        kernels: Vec<String>,
+    },
     /// Remove what interrupted or failed tests and demos left: namespaces,
     /// cgroups, pins and temporary files whose names start with the
     /// fixtures' prefix (failed tests keep their agent logs there).
@@ -53,9 +68,10 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => prereqs::install_all(),
         Task::BuildEbpf => build_ebpf(&root),
         Task::Build { release } => build(&root, release),
-        Task::Test { args } => {
+        Task::Test { no_kernels, args } => {
             prereqs::install_all()?;
             build(&root, false)?;
+            let matrix = !no_kernels && args.is_empty();
             let mut command = cargo(&root);
             command.args([
                 "test",
@@ -67,7 +83,14 @@ fn main() -> anyhow::Result<()> {
             if !args.is_empty() {
                 command.arg("--").args(args);
             }
-            run(&mut command)
+            let tests = run(&mut command);
+            // The matrix runs even when a test failed: its table says
+            // whether the failure is this kernel's alone.
+            if matrix {
+                prereqs::install_matrix_packages()?;
+                kernels::run(&root, &kernels::Options::short())?;
+            }
+            tests
         }
         Task::Lint => {
             prereqs::install_toolchain()?;
@@ -90,6 +113,19 @@ fn main() -> anyhow::Result<()> {
             prereqs::install_all()?;
             build(&root, false)?;
             run(&mut Command::new(root.join("target/debug/mesh-demo")))
+        }
+        Task::Kernels { short, kernels } => {
+            prereqs::install_all()?;
+            prereqs::install_matrix_packages()?;
+            build(&root, false)?;
+            let options = if !kernels.is_empty() {
+                kernels::Options { series: kernels }
+            } else if short {
+                kernels::Options::short()
+            } else {
+                kernels::Options::full()
+            };
+            kernels::run(&root, &options)
         }
         Task::CleanTestEnv => clean_test_env(&root),
     }

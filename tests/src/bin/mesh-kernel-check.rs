@@ -1,0 +1,366 @@
+//! The kernel matrix's guest runner (`cargo xtask kernels` boots it as part
+//! of a throw-away initramfs under each kernel): probes the kernel with
+//! `mesh-agent probe`, then runs the core end-to-end scenarios on the same
+//! simulated nodes the test suite uses. Each result is one line on stdout,
+//! `MESH-KCHECK <json>`, which the host turns into the matrix table; the
+//! last line is `MESH-KCHECK-DONE <json>`.
+//!
+//! It also runs on the host (as root), which is how it is debugged.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    panic::AssertUnwindSafe,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use mesh_agent::dataplane::{PinLayout, tc_filters::TcFilterRecords};
+use mesh_common::programs;
+use mesh_tests::{
+    agent::Agent,
+    mesh_agent_bin,
+    pod::Connect,
+    topology::{self, Node},
+};
+use serde_json::{Value, json};
+
+const VIP: &str = "10.96.0.10:80";
+
+fn main() {
+    let mut all_ok = true;
+    let mut emit = |kind: &str, name: &str, result: Result<Value, String>, seconds: f64| {
+        all_ok &= result.is_ok();
+        let line = match result {
+            Ok(detail) => {
+                json!({"kind": kind, "name": name, "ok": true, "detail": detail, "seconds": seconds})
+            }
+            Err(error) => {
+                json!({"kind": kind, "name": name, "ok": false, "error": error, "seconds": seconds})
+            }
+        };
+        println!("MESH-KCHECK {line}");
+    };
+
+    let started = Instant::now();
+    let probe = probe();
+    let probe_ok = probe.is_ok();
+    if let Ok(report) = &probe {
+        for program in report["programs"].as_array().into_iter().flatten() {
+            let name = program["name"].as_str().unwrap_or("?");
+            let result = if program["loaded"] == true {
+                Ok(json!("loaded"))
+            } else {
+                Err(program["error"].as_str().unwrap_or("?").to_owned())
+            };
+            emit("load", name, result, 0.0);
+        }
+    }
+    emit("probe", "features", probe, started.elapsed().as_secs_f64());
+
+    // Without loadable programs every scenario would fail the same way.
+    if probe_ok {
+        for (name, scenario) in SCENARIOS {
+            let started = Instant::now();
+            let result = std::panic::catch_unwind(AssertUnwindSafe(scenario))
+                .unwrap_or_else(|panic| Err(panic_message(&panic)));
+            let seconds = started.elapsed().as_secs_f64();
+            // Attach results ride along in the scenario's detail.
+            if let Ok(detail) = &result {
+                for (program, mode) in detail["attached"].as_object().into_iter().flatten() {
+                    emit("attach", program, Ok(mode.clone()), 0.0);
+                }
+            }
+            emit("scenario", name, result, seconds);
+        }
+    }
+    println!("MESH-KCHECK-DONE {}", json!({ "ok": all_ok }));
+    std::process::exit(if all_ok { 0 } else { 1 });
+}
+
+type Scenario = fn() -> Result<Value, String>;
+
+const SCENARIOS: &[(&str, Scenario)] = &[
+    ("pod to service VIP through the agent", vip_through_agent),
+    ("non-meshed traffic untouched", bypass),
+    ("cross-node HBONE mTLS", cross_node),
+    ("exit leaves nothing behind", clean_exit),
+    ("cleanup after SIGKILL leaves nothing", crash_cleanup),
+];
+
+fn probe() -> Result<Value, String> {
+    let output = Command::new(mesh_agent_bin())
+        .args(["probe", "--json"])
+        .output()
+        .map_err(|e| format!("running mesh-agent probe: {e}"))?;
+    let report: Value = serde_json::from_slice(&output.stdout).map_err(|e| {
+        format!(
+            "mesh-agent probe printed no report ({e}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).trim().to_owned());
+    }
+    Ok(report)
+}
+
+/// One node: `client` and the backends `be1`, `be2` meshed behind the VIP;
+/// `plain` is not meshed.
+fn single_node(label: &str) -> (Node, Agent, Vec<mesh_tests::pod::Server>) {
+    let mut node = Node::new(label, 1);
+    for pod in ["client", "be1", "be2", "plain"] {
+        node.add_pod(pod);
+    }
+    let config = format!(
+        "{}workloads:\n{}{}{}services:
+  - name: echo
+    vip: 10.96.0.10
+    policy: round_robin
+    ports: [{{ port: 80, target_port: 8080 }}]
+    endpoints: [{{ ip: {} }}, {{ ip: {} }}]
+",
+        node.node_yaml(),
+        node.workload_yaml("client"),
+        node.workload_yaml("be1"),
+        node.workload_yaml("be2"),
+        node.pod("be1").ip,
+        node.pod("be2").ip,
+    );
+    let servers = ["be1", "be2", "plain"]
+        .iter()
+        .map(|pod| node.pod(pod).serve(8080, pod, false))
+        .collect();
+    let agent = Agent::start(&node, &config);
+    (node, agent, servers)
+}
+
+fn vip_through_agent() -> Result<Value, String> {
+    let (node, agent, _servers) = single_node("kvip");
+    let reports = node.pod("client").try_connect(
+        VIP.parse().unwrap(),
+        Connect {
+            count: 4,
+            ..Default::default()
+        },
+    )?;
+    let mut per_backend = BTreeMap::new();
+    for report in &reports {
+        let (name, peer) = greeting(report)?;
+        if peer.ip() != node.ip {
+            return Err(format!("{name} saw {peer}, not the agent at {}", node.ip));
+        }
+        *per_backend.entry(name).or_insert(0) += 1;
+    }
+    let expected = BTreeMap::from([("be1".to_owned(), 2), ("be2".to_owned(), 2)]);
+    if per_backend != expected {
+        return Err(format!("round robin gave {per_backend:?}"));
+    }
+    let captured = agent.counter("captured");
+    if captured != 4 {
+        return Err(format!("kernel counted {captured} captures, not 4"));
+    }
+    let mut attached = serde_json::Map::new();
+    for (program, link) in [
+        (programs::FROM_POD, "p-client_from_pod"),
+        (programs::TO_POD, "p-client_to_pod"),
+        (programs::SOCKOPS, "sockops"),
+    ] {
+        attached.insert(program.into(), attach_mode(&agent.pin_root, program, link)?);
+    }
+    Ok(json!({ "backends": per_backend, "attached": attached }))
+}
+
+fn bypass() -> Result<Value, String> {
+    let (node, agent, _servers) = single_node("kbyp");
+    let plain = node.pod("plain");
+    let reports = node.pod("client").try_connect(
+        SocketAddr::new(plain.ip.into(), 8080),
+        Connect {
+            count: 2,
+            ..Default::default()
+        },
+    )?;
+    for report in &reports {
+        let (name, peer) = greeting(report)?;
+        let client: Ipv4Addr = node.pod("client").ip;
+        if name != "plain" || peer.ip() != client {
+            return Err(format!("{name} saw {peer}: expected plain to see {client}"));
+        }
+    }
+    let accepted = agent.stats()["outbound"]["accepted"].as_u64().unwrap_or(0);
+    if accepted != 0 {
+        return Err(format!("the agent accepted {accepted} connections"));
+    }
+    Ok(json!({ "connections": reports.len() }))
+}
+
+fn cross_node() -> Result<Value, String> {
+    let mut a = Node::new("khb", 1);
+    let mut b = Node::new("khb", 2);
+    a.add_pod("client");
+    b.add_pod("server");
+    topology::connect(&mut a, &mut b);
+    let workload = |node: &Node, pod: &str| {
+        let p = node.pod(pod);
+        format!(
+            "  - {{ name: {pod}, service_account: {pod}, ips: [{}], interface: {}, cgroup: {pod} }}\n",
+            p.ip, p.host_if
+        )
+    };
+    let remote = |node: &Node, pod: &str| {
+        format!(
+            "  - {{ name: {pod}, service_account: {pod}, ips: [{}], node: {} }}\n",
+            node.pod(pod).ip,
+            node.name
+        )
+    };
+    let config_a = format!(
+        "{}workloads:\n{}{}services:
+  - name: web
+    vip: 10.96.0.10
+    ports: [{{ port: 80, target_port: 8080 }}]
+    endpoints: [{{ ip: {} }}]
+",
+        a.node_yaml(),
+        workload(&a, "client"),
+        remote(&b, "server"),
+        b.pod("server").ip,
+    );
+    let config_b = format!(
+        "{}workloads:\n{}{}",
+        b.node_yaml(),
+        workload(&b, "server"),
+        remote(&a, "client"),
+    );
+    let _server = b.pod("server").serve(8080, "server", false);
+    let agent_a = Agent::start(&a, &config_a);
+    let agent_b = Agent::start(&b, &config_b);
+    let reports = a.pod("client").try_connect(
+        VIP.parse().unwrap(),
+        Connect {
+            count: 2,
+            send: 64 << 10,
+            ..Default::default()
+        },
+    )?;
+    for report in &reports {
+        let (name, _) = greeting(report)?;
+        if name != "server" {
+            return Err(format!("reached {name}"));
+        }
+    }
+    let tunnels = agent_a.stats()["hbone"]["connections_opened"]
+        .as_u64()
+        .unwrap_or(0);
+    if tunnels == 0 {
+        return Err("no HBONE connection was opened".into());
+    }
+    let inbound = agent_b.stats()["inbound"].clone();
+    let uplink_link = format!("{}_uplink", b.uplinks[0]);
+    let mut attached = serde_json::Map::new();
+    attached.insert(
+        programs::UPLINK.into(),
+        attach_mode(&agent_b.pin_root, programs::UPLINK, &uplink_link)?,
+    );
+    Ok(json!({ "tunnels": tunnels, "inbound": inbound, "attached": attached }))
+}
+
+fn clean_exit() -> Result<Value, String> {
+    let (node, mut agent, _servers) = single_node("kexit");
+    let before = mesh_programs();
+    if before.is_empty() {
+        return Err("no mesh program is loaded while the agent runs".into());
+    }
+    let status = agent.terminate();
+    if !status.success() {
+        return Err(format!("agent exited with {status}"));
+    }
+    nothing_left(&node, &agent.pin_root)?;
+    Ok(json!({ "programs_while_running": before.len() }))
+}
+
+fn crash_cleanup() -> Result<Value, String> {
+    let (node, mut agent, _servers) = single_node("kkill");
+    agent.kill();
+    let left = mesh_programs();
+    if left.is_empty() {
+        return Err("SIGKILL should leave the pinned programs in place".into());
+    }
+    let output = agent.cleanup();
+    if !output.status.success() {
+        return Err(format!(
+            "cleanup failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    nothing_left(&node, &agent.pin_root)?;
+    Ok(json!({ "programs_after_kill": left.len() }))
+}
+
+/// How `program` is attached: a pinned link (`links/<link>`) or a netlink
+/// filter recorded in the pinned tc filter map.
+fn attach_mode(pin_root: &Path, program: &str, link: &str) -> Result<Value, String> {
+    let pins = PinLayout::new(pin_root);
+    if pins.link(link).exists() {
+        return Ok(json!(if program == programs::SOCKOPS {
+            "cgroup link"
+        } else {
+            "tcx link"
+        }));
+    }
+    let records = TcFilterRecords::open_pinned(&pins).map_err(|e| e.to_string())?;
+    if records.list().iter().any(|f| f.program == program) {
+        return Ok(json!("netlink filter"));
+    }
+    Err(format!("{program} is neither linked nor a recorded filter"))
+}
+
+/// Names of the loaded programs that are ours.
+fn mesh_programs() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter_map(|info| info.name_as_str().map(str::to_owned))
+        .filter(|name| programs::ALL.contains(&name.as_str()))
+        .collect()
+}
+
+/// No program of ours, no pins, no steer rule in the node (waits a little:
+/// the kernel frees programs after an RCU grace period).
+fn nothing_left(node: &Node, pin_root: &Path) -> Result<(), String> {
+    if pin_root.exists() {
+        return Err(format!("{} still exists", pin_root.display()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mesh_programs().is_empty() {
+        if Instant::now() > deadline {
+            return Err(format!("programs still loaded: {:?}", mesh_programs()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rules = node.netns.ip(&["rule", "show"]);
+    if rules.contains("fwmark 0x200") {
+        return Err(format!("steer rule left behind: {rules}"));
+    }
+    Ok(())
+}
+
+fn greeting(report: &Value) -> Result<(String, SocketAddr), String> {
+    let text = report["greeting"]
+        .as_str()
+        .ok_or_else(|| format!("no greeting: {report}"))?;
+    let (name, peer) = text
+        .split_once(' ')
+        .ok_or_else(|| format!("bad greeting {text:?}"))?;
+    let peer = peer.parse().map_err(|e| format!("{peer:?}: {e}"))?;
+    Ok((name.to_owned(), peer))
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "panicked".into())
+}
