@@ -10,6 +10,13 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
+    // The tests' outside witnesses: capture on the wire, a foreign TLS
+    // client, the exposition linter and a real server, DOT rendering.
+    ("tcpdump", "tcpdump"),
+    ("openssl", "openssl"),
+    ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
+    ("dot", "graphviz"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -73,8 +80,27 @@ fn install_bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the kernel matrix needs besides the build: qemu, a static busybox
+/// for the guest, cpio, modinfo and the module decompressors.
+const MATRIX_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
+    ("cpio", "cpio"),
+    ("modinfo", "kmod"),
+    ("xz", "xz-utils"),
+    ("zstd", "zstd"),
+];
+
+pub fn install_matrix_packages() -> anyhow::Result<()> {
+    install(MATRIX_PACKAGES)
+}
+
 fn install_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    install(PACKAGES)
+}
+
+fn install(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = packages
         .iter()
         .filter(|(command, _)| {
             !Command::new("sh")
@@ -84,12 +110,13 @@ fn install_packages() -> anyhow::Result<()> {
         })
         .map(|(_, package)| *package)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
     println!("installing {}", missing.join(" "));
     status("apt-get", &["update", "-qq"])?;
-    let mut args = vec!["install", "-y", "-qq"];
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend(&missing);
     let ok = Command::new("apt-get")
         .args(&args)
