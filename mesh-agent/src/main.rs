@@ -106,6 +106,9 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log = init_tracing(cli.log_format, &cli.log);
+    if matches!(cli.command, Command::Run { .. }) {
+        raise_open_files_limit();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -151,6 +154,34 @@ fn main() -> ExitCode {
             tracing::error!("{error:#}");
             eprintln!("mesh-agent: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Every proxied connection holds two descriptors (more with HBONE), so
+/// the agent lifts its open-file limit as far as it may: to the kernel's
+/// `nr_open` when privileged, else the soft limit up to the hard one.
+fn raise_open_files_limit() {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(1 << 20);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: nr_open.max(limit.rlim_max),
+            rlim_max: nr_open.max(limit.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }

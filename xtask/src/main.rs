@@ -46,6 +46,17 @@ enum Task {
     /// Build everything, start a simulated node with pods and an agent on the
     /// built-in config, send traffic, show what happened, clean up.
     Demo,
+    /// The benchmark: release build, two simulated nodes, meshed versus
+    /// plain pods (iperf3, sockperf, connection rate, agent CPU and memory);
+    /// table and JSON in target/bench.
+    Bench {
+        /// Every case once, for a few seconds (what CI runs).
+        #[arg(long)]
+        smoke: bool,
+        /// Extra arguments for mesh-bench (--rounds, --seconds, --idle-connections).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
     /// The kernel matrix: boot Debian's kernels (5.10 to the newest 7.x) in
     /// qemu and run the programs and the core scenarios in each.
     Kernels {
@@ -126,6 +137,20 @@ fn main() -> anyhow::Result<()> {
                 kernels::Options::full()
             };
             kernels::run(&root, &options)
+        }
+        Task::Bench { smoke, args } => {
+            prereqs::install_all()?;
+            prereqs::install_bench_packages()?;
+            build(&root, true)?;
+            let mut command = Command::new(root.join("target/release/mesh-bench"));
+            command
+                .current_dir(&root)
+                .arg("--out")
+                .arg(root.join("target/bench"));
+            if smoke {
+                command.arg("--smoke");
+            }
+            run(command.args(args))
         }
         Task::CleanTestEnv => clean_test_env(&root),
     }

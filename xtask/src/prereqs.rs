@@ -91,6 +91,13 @@ const MATRIX_PACKAGES: &[(&str, &str)] = &[
     ("zstd", "zstd"),
 ];
 
+/// Load generators of the benchmark.
+const BENCH_PACKAGES: &[(&str, &str)] = &[("iperf3", "iperf3"), ("sockperf", "sockperf")];
+
+pub fn install_bench_packages() -> anyhow::Result<()> {
+    install(BENCH_PACKAGES)
+}
+
 pub fn install_matrix_packages() -> anyhow::Result<()> {
     install(MATRIX_PACKAGES)
 }
