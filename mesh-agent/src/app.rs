@@ -35,7 +35,7 @@ use crate::{
     live::Live,
     metrics::Metrics,
     model::MeshState,
-    proxy::{self, Outbound, OutboundStats, Routes},
+    proxy::{self, Outbound, OutboundSettings, OutboundStats, Routes},
     routing,
     tls::TlsFactory,
     watch,
@@ -151,8 +151,15 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     let outbound = Outbound::new(
         listener,
         routes_rx,
-        config.proxy.connect_timeout(),
-        config.proxy.inbound_port,
+        OutboundSettings {
+            connect_timeout: config.proxy.connect_timeout(),
+            inbound_port: config.proxy.inbound_port,
+            fast_path: config
+                .proxy
+                .fast_path
+                .then(|| dataplane.fast_path())
+                .flatten(),
+        },
         hbone,
         stats,
         sinks,

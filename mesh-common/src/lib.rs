@@ -21,8 +21,12 @@ pub mod programs {
     pub const SOCKOPS: &str = "mesh_sockops";
     /// tc ingress on the node's uplinks: hands inbound HBONE to the agent.
     pub const UPLINK: &str = "mesh_uplink";
+    /// sk_skb stream verdict on the sockets in [`super::maps::SPLICE_ON`]:
+    /// the same-node fast path, moving bytes between the two sockets of a
+    /// proxied connection inside the kernel.
+    pub const SPLICE: &str = "mesh_splice";
     /// Every program, in load order.
-    pub const ALL: [&str; 4] = [FROM_POD, TO_POD, SOCKOPS, UPLINK];
+    pub const ALL: [&str; 5] = [FROM_POD, TO_POD, SOCKOPS, UPLINK, SPLICE];
 }
 
 /// Names of the maps, as `bpftool map show` lists them (at most 15 bytes).
@@ -44,9 +48,17 @@ pub mod maps {
     /// pin), so `cleanup` can find and remove them after a crash. Programs
     /// never touch it.
     pub const TC_FILTERS: &str = "MESH_TC_FILTERS";
+    /// [`super::ConnKey`] of one of the agent's sockets -> the *other*
+    /// socket of the same proxied connection (sockhash): where the fast
+    /// path sends what arrives. No program runs on it.
+    pub const SPLICE_TO: &str = "MESH_SPLICE_TO";
+    /// [`super::ConnKey`] -> the same socket (sockhash), with
+    /// `mesh_splice` attached: sockets whose incoming bytes the kernel
+    /// moves. Entered only once the peer is in [`SPLICE_TO`].
+    pub const SPLICE_ON: &str = "MESH_SPLICE_ON";
     /// Every map, in a stable order.
-    pub const ALL: [&str; 7] = [
-        SERVICES, WORKLOADS, POD_STATS, CONNS, SETTINGS, COUNTERS, TC_FILTERS,
+    pub const ALL: [&str; 9] = [
+        SERVICES, WORKLOADS, POD_STATS, CONNS, SETTINGS, COUNTERS, TC_FILTERS, SPLICE_TO, SPLICE_ON,
     ];
 }
 
@@ -62,6 +74,10 @@ pub mod pins {
 
 /// Where an agent pins everything unless told otherwise.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/mesh";
+
+/// Capacity of [`maps::SPLICE_TO`] and [`maps::SPLICE_ON`]: two sockets
+/// per kernel-spliced connection.
+pub const MAX_SPLICED_SOCKETS: u32 = 131_072;
 
 /// Capacity of [`maps::SERVICES`].
 pub const MAX_SERVICES: u32 = 16_384;
@@ -87,8 +103,12 @@ pub mod counter {
     pub const CONN_CLOSED: u32 = 4;
     /// An HBONE SYN from another node was handed to the inbound listener.
     pub const INBOUND_CAPTURED: u32 = 5;
+    /// Bytes the fast path moved between two of the agent's sockets.
+    pub const SPLICED_BYTES: u32 = 6;
+    /// Segments the fast path found no peer for (left to the agent).
+    pub const SPLICE_NO_PEER: u32 = 7;
     /// Number of counters.
-    pub const LEN: u32 = 6;
+    pub const LEN: u32 = 8;
     /// Human names, by index.
     pub const NAMES: [&str; LEN as usize] = [
         "captured",
@@ -97,6 +117,8 @@ pub mod counter {
         "conn_tracked",
         "conn_closed",
         "inbound_captured",
+        "spliced_bytes",
+        "splice_no_peer",
     ];
 }
 

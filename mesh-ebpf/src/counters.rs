@@ -7,9 +7,14 @@ use crate::maps::{MESH_COUNTERS, MESH_POD_STATS};
 
 #[inline(always)]
 pub fn bump(index: u32) {
+    add(index, 1);
+}
+
+#[inline(always)]
+pub fn add(index: u32, amount: u64) {
     if let Some(value) = MESH_COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
-        unsafe { *value += 1 };
+        unsafe { *value += amount };
     }
 }
 

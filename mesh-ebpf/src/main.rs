@@ -8,6 +8,9 @@
 //!   connections in an LRU map and forgets them when they close.
 //! - [`uplink`]: tc ingress on the node's uplinks. Hands HBONE from other
 //!   nodes to the agent's inbound listener.
+//! - [`splice`]: sk_skb stream verdict on the agent's own sockets of a
+//!   proxied connection: moves what arrives on one to the other inside the
+//!   kernel (the same-node fast path).
 //! - [`to_pod`] also enforces strict mode: plaintext from outside the mesh
 //!   to a strict pod is dropped.
 //!
@@ -21,6 +24,7 @@ mod from_pod;
 mod maps;
 mod packet;
 mod sockops;
+mod splice;
 mod steer;
 mod to_pod;
 mod uplink;

@@ -2,12 +2,13 @@
 //! from `mesh-common`, so user space opens the same maps by the same names.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
     macros::btf_map,
 };
 use mesh_common::{
-    ConnKey, ConnValue, MAX_CONNS, MAX_POD_INTERFACES, MAX_SERVICES, MAX_WORKLOADS, PodStats,
-    ServiceKey, ServiceValue, Settings, TcFilterKey, TcFilterValue, WorkloadValue, counter,
+    ConnKey, ConnValue, MAX_CONNS, MAX_POD_INTERFACES, MAX_SERVICES, MAX_SPLICED_SOCKETS,
+    MAX_WORKLOADS, PodStats, ServiceKey, ServiceValue, Settings, TcFilterKey, TcFilterValue,
+    WorkloadValue, counter,
 };
 
 // BTF map definitions carry the key and value types, so `bpftool map dump`
@@ -41,6 +42,12 @@ pub static MESH_TC_FILTERS: HashMap<
     TcFilterValue,
     { 2 * MAX_POD_INTERFACES as usize },
 > = HashMap::new();
+
+#[btf_map]
+pub static MESH_SPLICE_TO: SockHash<ConnKey, { MAX_SPLICED_SOCKETS as usize }> = SockHash::new();
+
+#[btf_map]
+pub static MESH_SPLICE_ON: SockHash<ConnKey, { MAX_SPLICED_SOCKETS as usize }> = SockHash::new();
 
 /// The agent's settings, or `None` before the agent has written them.
 #[inline(always)]

@@ -790,6 +790,7 @@ const PROGRAMS: &[&str] = &[
     "mesh_to_pod",
     "mesh_sockops",
     "mesh_uplink",
+    "mesh_splice",
 ];
 
 /// The markdown table: one row per kernel, a column per program (load and

@@ -151,6 +151,10 @@ pub struct ProxyConfig {
     pub connect_timeout_ms: u64,
     /// On SIGTERM, how long open connections may finish, in milliseconds.
     pub drain_timeout_ms: u64,
+    /// Let the kernel move the bytes of plaintext proxied connections
+    /// (same node, or to destinations outside the mesh) once admitted,
+    /// where the kernel can (see `mesh-agent probe`). Read at start.
+    pub fast_path: bool,
 }
 
 impl Default for ProxyConfig {
@@ -160,6 +164,7 @@ impl Default for ProxyConfig {
             inbound_port: 15008,
             connect_timeout_ms: 5_000,
             drain_timeout_ms: 5_000,
+            fast_path: true,
         }
     }
 }

@@ -130,6 +130,34 @@ const FEATURES: &[Feature] = &[
         check: Check::KernelAtLeast(5, 7),
     },
     Feature {
+        name: "program type sk_skb",
+        since: "4.14",
+        used_by: "mesh_splice (same-node fast path)",
+        fallback: Some(FAST_PATH_FALLBACK),
+        check: Check::Program(ProgramType::SkSkb),
+    },
+    Feature {
+        name: "map type sockhash",
+        since: "4.18",
+        used_by: "MESH_SPLICE_TO, MESH_SPLICE_ON (same-node fast path)",
+        fallback: Some(FAST_PATH_FALLBACK),
+        check: Check::Map(MapType::SockHash),
+    },
+    Feature {
+        name: "helper bpf_sk_redirect_hash in sk_skb",
+        since: "4.18",
+        used_by: "mesh_splice (same-node fast path)",
+        fallback: Some(FAST_PATH_FALLBACK),
+        check: Check::Helper(ProgramType::SkSkb, BpfHelper::BPF_FUNC_sk_redirect_hash),
+    },
+    Feature {
+        name: "sk_skb stream verdict without a parser",
+        since: "5.10",
+        used_by: "mesh_splice (same-node fast path)",
+        fallback: Some(FAST_PATH_FALLBACK),
+        check: Check::KernelAtLeast(5, 10),
+    },
+    Feature {
         name: "TCX attachment (tc links)",
         since: "6.6",
         used_by: "mesh_from_pod, mesh_to_pod, mesh_uplink",
@@ -140,6 +168,17 @@ const FEATURES: &[Feature] = &[
         check: Check::KernelAtLeast(6, 6),
     },
 ];
+
+const FAST_PATH_FALLBACK: &str = "the agent copies same-node bytes in user space";
+
+/// Whether the same-node fast path can run: every feature whose fallback
+/// is the user-space copy is there.
+pub fn fast_path_supported(statuses: &[FeatureStatus]) -> bool {
+    statuses
+        .iter()
+        .filter(|s| s.fallback == Some(FAST_PATH_FALLBACK))
+        .all(|s| s.available)
+}
 
 /// One feature's verdict on this kernel.
 #[derive(Debug, Clone, Serialize)]

@@ -3,6 +3,7 @@
 //! them, and keeps the maps and attachments in step with the mesh model.
 
 mod attach;
+pub mod fast_path;
 pub mod features;
 pub mod maps;
 pub mod pins;
@@ -17,13 +18,15 @@ use std::{
 
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, SockOps},
+    maps::SockHash,
+    programs::{SchedClassifier, SkSkb, SockOps},
 };
 use mesh_common::{STEER_MARK, STEER_MARK_MASK, Settings};
 use tracing::{info, warn};
 
 use self::{
     attach::{Attachment, PodAttachment, Target},
+    fast_path::FastPath,
     tc_filters::TcFilterRecords,
 };
 pub use self::{maps::KernelMaps, pins::PinLayout};
@@ -81,6 +84,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     maps: KernelMaps,
     tc_filters: TcFilterRecords,
+    /// `None` when the kernel cannot run it.
+    fast_path: Option<std::sync::Arc<FastPath>>,
     sockops: Option<Attachment>,
     uplinks: Vec<Attachment>,
     pods: BTreeMap<String, PodAttachment>,
@@ -102,7 +107,7 @@ impl Dataplane {
             pins.create().map_err(pin_root_err)?;
         }
 
-        check_kernel()?;
+        let fast_path_supported = check_kernel()?;
         let mut ebpf = Ebpf::load(OBJECT)?;
         for name in mesh_common::maps::ALL {
             let path = pins.map(name);
@@ -120,6 +125,11 @@ impl Dataplane {
             ebpf.take_map(mesh_common::maps::TC_FILTERS)
                 .ok_or(maps::KernelMapError::Missing(mesh_common::maps::TC_FILTERS))?,
         )?;
+        let fast_path = if fast_path_supported {
+            Some(std::sync::Arc::new(load_fast_path(&mut ebpf, &pins)?))
+        } else {
+            None
+        };
         for name in [
             mesh_common::programs::FROM_POD,
             mesh_common::programs::TO_POD,
@@ -152,6 +162,7 @@ impl Dataplane {
             ebpf,
             maps,
             tc_filters,
+            fast_path,
             sockops: None,
             uplinks: Vec::new(),
             pods: BTreeMap::new(),
@@ -185,6 +196,11 @@ impl Dataplane {
             pins: &self.pins,
             records: &mut self.tc_filters,
         }
+    }
+
+    /// The same-node fast path, when this kernel runs it.
+    pub fn fast_path(&self) -> Option<std::sync::Arc<FastPath>> {
+        self.fast_path.clone()
     }
 
     pub fn pins(&self) -> &PinLayout {
@@ -320,8 +336,35 @@ fn lock_pin_root(pins: &PinLayout) -> Result<File, DataplaneError> {
     Ok(dir)
 }
 
-/// Stops on a missing kernel feature; names the fallbacks taken.
-fn check_kernel() -> Result<(), features::MissingFeature> {
+/// Loads `mesh_splice`, attaches it to `MESH_SPLICE_ON` (a map
+/// attachment lives as long as the map, which is pinned) and takes both
+/// splice maps.
+fn load_fast_path(ebpf: &mut Ebpf, pins: &PinLayout) -> Result<FastPath, DataplaneError> {
+    use mesh_common::maps::{SPLICE_ON, SPLICE_TO};
+    let name = mesh_common::programs::SPLICE;
+    let take = |ebpf: &mut Ebpf, map: &'static str| {
+        let data = ebpf
+            .take_map(map)
+            .ok_or(maps::KernelMapError::Missing(map))?;
+        SockHash::try_from(data)
+            .map_err(|source| DataplaneError::Map(maps::KernelMapError::Map { name: map, source }))
+    };
+    let to = take(ebpf, SPLICE_TO)?;
+    let on = take(ebpf, SPLICE_ON)?;
+    let program: &mut SkSkb = program_mut(ebpf, name)?;
+    program
+        .load()
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    pin_program(program.pin(pins.program(name)), pins, name)?;
+    program
+        .attach(on.fd())
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    Ok(FastPath::new(to, on))
+}
+
+/// Stops on a missing kernel feature; names the fallbacks taken. Returns
+/// whether the same-node fast path can run.
+fn check_kernel() -> Result<bool, features::MissingFeature> {
     let statuses = features::probe();
     features::require(&statuses)?;
     for status in statuses.iter().filter(|s| !s.available) {
@@ -334,7 +377,7 @@ fn check_kernel() -> Result<(), features::MissingFeature> {
             );
         }
     }
-    Ok(())
+    Ok(features::fast_path_supported(&statuses))
 }
 
 /// Whether each program of the embedded object passes this kernel's
@@ -361,6 +404,7 @@ pub fn probe_programs() -> Vec<ProgramStatus> {
             let result = match ebpf.program_mut(name) {
                 Some(aya::programs::Program::SchedClassifier(p)) => p.load(),
                 Some(aya::programs::Program::SockOps(p)) => p.load(),
+                Some(aya::programs::Program::SkSkb(p)) => p.load(),
                 _ => Err(aya::programs::ProgramError::NotLoaded),
             };
             ProgramStatus {

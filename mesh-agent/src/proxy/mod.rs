@@ -9,7 +9,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
 
-pub use self::outbound::{Outbound, OutboundStats};
+pub use self::outbound::{Outbound, OutboundSettings, OutboundStats};
 use crate::{
     lb::{Balancers, Registry},
     model::MeshState,

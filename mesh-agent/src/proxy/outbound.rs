@@ -25,6 +25,7 @@ use super::{
 };
 use crate::{
     access::{Outcome, Record, Sinks},
+    dataplane::fast_path::FastPath,
     hbone::client::HboneClient,
     lb::{PickError, RetryPermit, ServiceBalancer},
     model::{Destination, ServicePort},
@@ -70,14 +71,24 @@ pub struct Outbound {
     hbone: Arc<HboneClient>,
     stats: Arc<OutboundStats>,
     sinks: Arc<Sinks>,
+    /// The kernel moves admitted plaintext connections' bytes, when set.
+    fast_path: Option<Arc<FastPath>>,
+}
+
+/// How the outbound proxy reaches endpoints.
+pub struct OutboundSettings {
+    pub connect_timeout: Duration,
+    /// The HBONE port of other nodes' agents.
+    pub inbound_port: u16,
+    /// The kernel moves admitted plaintext connections' bytes, when set.
+    pub fast_path: Option<Arc<FastPath>>,
 }
 
 impl Outbound {
     pub fn new(
         listener: TcpListener,
         routes: watch::Receiver<Arc<Routes>>,
-        connect_timeout: Duration,
-        inbound_port: u16,
+        settings: OutboundSettings,
         hbone: Arc<HboneClient>,
         stats: Arc<OutboundStats>,
         sinks: Arc<Sinks>,
@@ -85,11 +96,12 @@ impl Outbound {
         Self {
             listener,
             routes,
-            connect_timeout,
-            inbound_port,
+            connect_timeout: settings.connect_timeout,
+            inbound_port: settings.inbound_port,
             hbone,
             stats,
             sinks,
+            fast_path: settings.fast_path,
         }
     }
 
@@ -119,6 +131,7 @@ impl Outbound {
                 hbone: self.hbone.clone(),
                 stats: self.stats.clone(),
                 sinks: self.sinks.clone(),
+                fast_path: self.fast_path.clone(),
             };
             tracker.spawn(connection.run(client, peer));
         }
@@ -133,6 +146,7 @@ struct Connection {
     hbone: Arc<HboneClient>,
     stats: Arc<OutboundStats>,
     sinks: Arc<Sinks>,
+    fast_path: Option<Arc<FastPath>>,
 }
 
 impl Connection {
@@ -305,8 +319,15 @@ impl Connection {
             self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
         }
         let registration = record.opened(&self.sinks);
-        let done =
-            upstream::splice(client, upstream, idle, &registration.bytes, first_response).await;
+        let done = upstream::splice(
+            client,
+            upstream,
+            idle,
+            &registration.bytes,
+            first_response,
+            self.fast_path.as_deref(),
+        )
+        .await;
         let outcome = match &done.error {
             None => Outcome::Ok,
             Some((Side::Idle, _)) => Outcome::Timeout,

@@ -3,12 +3,22 @@
 //!   the other, and the opposite direction keeps flowing (half-close);
 //! - a reset or any I/O error on either side resets both sides (RST, not FIN),
 //!   so neither peer mistakes an abort for a clean end.
+//!
+//! With the fast path the kernel moves the bytes (see
+//! [`crate::dataplane::fast_path`]) and the same loop still runs: it sees
+//! end of stream and errors exactly as before, forwards the rare segment
+//! the kernel passes up, and takes byte counts, idleness and the first
+//! response time from the kernel's TCP counters.
 
 use std::{
     io,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
+
+use crate::dataplane::fast_path::{self, FastPath};
+
+use std::os::fd::AsRawFd;
 
 use tokio::{
     io::AsyncWriteExt,
@@ -21,6 +31,102 @@ use tokio::{
 /// Buffer per direction, allocated only once data arrives so an idle
 /// connection holds none.
 const BUFFER_SIZE: usize = 64 * 1024;
+
+/// How long an end of stream may wait for the fast path to queue the data
+/// before it (see [`fast_path::wait_forwarded`]).
+const FORWARD_LIMIT: Duration = Duration::from_secs(5);
+
+/// Backlog (bytes redirected but not yet queued on the other socket) at
+/// which a kernel-moved direction is paused, and below which it resumes.
+const BACKLOG_HIGH: u64 = 4 << 20;
+const BACKLOG_LOW: u64 = 1 << 20;
+
+/// Flow control of one kernel-moved direction. The kernel queues what it
+/// redirects to a slow receiver without limit; pausing the direction leaves
+/// new bytes in the sender's socket, where TCP's window holds the sender.
+#[derive(Default)]
+struct Gate {
+    /// The kernel moves this direction (flow control applies).
+    kernel: std::sync::atomic::AtomicBool,
+    paused: std::sync::atomic::AtomicBool,
+    /// Bytes that had arrived when the direction was paused.
+    arrived_at_pause: AtomicU64,
+    resumed: tokio::sync::Notify,
+}
+
+impl Gate {
+    fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    async fn wait_open(&self) {
+        loop {
+            let resumed = self.resumed.notified();
+            if !self.is_paused() {
+                return;
+            }
+            resumed.await;
+        }
+    }
+
+    /// Pauses or resumes by the backlog between `from` (where bytes
+    /// arrive) and `to` (where the kernel queues them).
+    fn regulate(
+        &self,
+        fast: &FastPath,
+        key: &mesh_common::ConnKey,
+        from: std::os::fd::RawFd,
+        arrived: u64,
+        to: std::os::fd::RawFd,
+    ) {
+        if !self.kernel.load(Ordering::Acquire) {
+            return;
+        }
+        // SAFETY: the descriptor belongs to a stream alive for the whole splice.
+        let to = unsafe { std::os::fd::BorrowedFd::borrow_raw(to) };
+        let Some(queued) = fast_path::bytes_queued(&to) else {
+            return;
+        };
+        if !self.is_paused() {
+            if arrived.saturating_sub(queued) > BACKLOG_HIGH {
+                fast.pause(key);
+                self.arrived_at_pause.store(arrived, Ordering::Relaxed);
+                self.paused.store(true, Ordering::Release);
+            }
+        } else if self
+            .arrived_at_pause
+            .load(Ordering::Relaxed)
+            .saturating_sub(queued)
+            < BACKLOG_LOW
+        {
+            // SAFETY: as above.
+            let from = unsafe { std::os::fd::BorrowedFd::borrow_raw(from) };
+            if let Err(error) = fast.resume(key, &from) {
+                tracing::warn!(%error, "fast path: resuming a paused direction");
+            }
+            self.paused.store(false, Ordering::Release);
+            self.resumed.notify_waiters();
+        }
+    }
+}
+
+/// Hands the upstream-to-client direction to the kernel.
+struct HandOver<'a> {
+    fast: &'a FastPath,
+    key: mesh_common::ConnKey,
+    fd: std::os::fd::RawFd,
+}
+
+impl HandOver<'_> {
+    fn run(&self, gate: &Gate) {
+        // SAFETY: the descriptor belongs to a stream alive for the whole splice.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        match self.fast.resume(&self.key, &fd) {
+            Ok(()) => gate.kernel.store(true, Ordering::Release),
+            Err(error) => tracing::debug!(%error, "upstream direction stays in user space"),
+        }
+    }
+}
 
 /// Which connection an error came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,13 +157,51 @@ pub async fn splice(
     idle: Option<Duration>,
     counted: &crate::live::Bytes,
     first_response: &(dyn Fn(Duration) + Sync),
+    fast_path: Option<&FastPath>,
 ) -> Spliced {
+    let keys = match fast_path.map(|fast| fast.splice(&client, &upstream)) {
+        Some(Ok(keys)) => Some(keys),
+        Some(Err(error)) => {
+            tracing::debug!(%error, "copying in user space");
+            None
+        }
+        None => None,
+    };
+    let kernel = keys.is_some();
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
-    let (sent, received) = (&counted.sent, &counted.received);
+    // In kernel mode the pumps only see what the kernel passes up; the
+    // totals come from TCP's own counters.
+    let passed_up = crate::live::Bytes::default();
+    let (sent, received) = if kernel {
+        (&passed_up.sent, &passed_up.received)
+    } else {
+        (&counted.sent, &counted.received)
+    };
     let started = Instant::now();
+    let client_fd = client_read.as_ref().as_raw_fd();
+    let upstream_fd = upstream_read.as_ref().as_raw_fd();
+    let mut first_response = Some(first_response);
+    let mut tick = Duration::from_millis(1);
+    let mut next_tick = kernel.then(|| started + tick);
+    // Flow control of each kernel-moved direction (client to upstream,
+    // upstream to client). The upstream's first bytes go through user
+    // space (they time the first response); the kernel takes over after.
+    let (up_gate, down_gate) = (Gate::default(), Gate::default());
+    up_gate.kernel.store(kernel, Ordering::Relaxed);
+    let hand_over = match (fast_path, keys) {
+        (Some(fast), Some((_, upstream_key))) => Some(HandOver {
+            fast,
+            key: upstream_key,
+            fd: upstream_fd,
+        }),
+        _ => None,
+    };
+    let mut last_arrived = (0u64, 0u64);
     // Milliseconds since `started` of the last byte moved either way.
     let last_activity = AtomicU64::new(0);
+    // Which sides' ends of stream were read (client, upstream).
+    let mut fins = (false, false);
     let error = {
         let to_upstream = pump(
             &mut client_read,
@@ -66,6 +210,7 @@ pub async fn splice(
             started,
             &last_activity,
             None,
+            kernel.then_some((&up_gate, None)),
         );
         let to_client = pump(
             &mut upstream_read,
@@ -73,14 +218,13 @@ pub async fn splice(
             received,
             started,
             &last_activity,
-            Some(first_response),
+            first_response.take(),
+            kernel.then_some((&down_gate, hand_over.as_ref())),
         );
         tokio::pin!(to_upstream, to_client);
         let (mut up_done, mut down_done) = (false, false);
+        let mut idle_deadline = idle.map(|idle| started + idle);
         loop {
-            let idle_deadline = idle.map(|idle| {
-                started + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + idle
-            });
             tokio::select! {
                 result = &mut to_upstream, if !up_done => match result {
                     Ok(()) => up_done = true,
@@ -92,26 +236,79 @@ pub async fn splice(
                 },
                 _ = sleep_until(idle_deadline), if idle_deadline.is_some() => {
                     let idle = idle.expect("deadline implies idle");
-                    let quiet = started.elapsed().saturating_sub(Duration::from_millis(last_activity.load(Ordering::Relaxed)));
+                    let mut quiet = started.elapsed().saturating_sub(Duration::from_millis(last_activity.load(Ordering::Relaxed)));
+                    if kernel {
+                        let (client, upstream) = (counters_of(client_fd), counters_of(upstream_fd));
+                        let kernel_quiet = client.last_data_recv_ms.min(upstream.last_data_recv_ms);
+                        quiet = quiet.min(Duration::from_millis(kernel_quiet.into()));
+                    }
                     if quiet >= idle {
                         break Some((Side::Idle, io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
                     }
+                    idle_deadline = Some(Instant::now() + (idle - quiet));
+                }
+                // Kernel mode: live byte counts, and the first response
+                // byte for the endpoint's latency estimate (polled at
+                // doubling intervals, so its error is at most the interval).
+                _ = sleep_until(next_tick), if next_tick.is_some() => {
+                    let (client, upstream) = (counters_of(client_fd), counters_of(upstream_fd));
+                    counted.sent.store(client.bytes_received, Ordering::Relaxed);
+                    counted.received.store(upstream.bytes_received, Ordering::Relaxed);
+                    if let (Some(fast), Some((client_key, upstream_key))) = (fast_path, keys) {
+                        up_gate.regulate(fast, &client_key, client_fd, client.bytes_received, upstream_fd);
+                        down_gate.regulate(fast, &upstream_key, upstream_fd, upstream.bytes_received, client_fd);
+                    }
+                    // Poll fast while bytes move (flow control needs it),
+                    // back off when the connection is quiet.
+                    let arrived = (client.bytes_received, upstream.bytes_received);
+                    let paused = up_gate.is_paused() || down_gate.is_paused();
+                    tick = if arrived != last_arrived || paused {
+                        Duration::from_millis(1)
+                    } else {
+                        (tick * 2).min(Duration::from_secs(1))
+                    };
+                    last_arrived = arrived;
+                    next_tick = Some(Instant::now() + tick);
                 }
             }
+            fins = (up_done, down_done);
             if up_done && down_done {
                 break None;
             }
         }
+    };
+    let (sent, received) = if kernel {
+        // TCP counts a received FIN as a byte; an end of stream read means
+        // one arrived.
+        let (client, upstream) = (counters_of(client_fd), counters_of(upstream_fd));
+        let sent = client.bytes_received.saturating_sub(fins.0.into());
+        let received = upstream.bytes_received.saturating_sub(fins.1.into());
+        counted.sent.store(sent, Ordering::Relaxed);
+        counted.received.store(received, Ordering::Relaxed);
+        (sent, received)
+    } else {
+        (
+            sent.load(Ordering::Relaxed),
+            received.load(Ordering::Relaxed),
+        )
     };
     if error.is_some() {
         abort(client_read, client_write);
         abort(upstream_read, upstream_write);
     }
     Spliced {
-        sent: sent.load(Ordering::Relaxed),
-        received: received.load(Ordering::Relaxed),
+        sent,
+        received,
         error,
     }
+}
+
+/// The kernel's counters of a socket we hold (by descriptor, so the pumps
+/// can keep their halves borrowed).
+fn counters_of(fd: std::os::fd::RawFd) -> fast_path::TcpCounters {
+    // SAFETY: the descriptor belongs to a stream alive for the whole splice.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    fast_path::tcp_counters(&fd).unwrap_or_default()
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -147,13 +344,30 @@ async fn pump(
     started: Instant,
     last_activity: &AtomicU64,
     mut first_data: Option<&(dyn Fn(Duration) + Sync)>,
+    kernel_moved: Option<(&Gate, Option<&HandOver<'_>>)>,
 ) -> Result<(), (PumpSide, io::Error)> {
+    let kernel = kernel_moved.is_some();
+    let gate = kernel_moved.map(|(gate, _)| gate);
+    let mut hand_over = kernel_moved.and_then(|(_, hand_over)| hand_over);
     let mut buffer: Option<Box<[u8]>> = None;
     loop {
+        if let Some(gate) = gate {
+            gate.wait_open().await;
+        }
         from.readable().await.map_err(|e| (PumpSide::Read, e))?;
+        // Paused meanwhile: what is queued must wait for the kernel, or it
+        // would overtake bytes still in the kernel's backlog.
+        if gate.is_some_and(Gate::is_paused) {
+            continue;
+        }
         let buffer = buffer.get_or_insert_with(|| vec![0; BUFFER_SIZE].into_boxed_slice());
         match from.try_read(buffer) {
-            Ok(0) => return to.shutdown().await.map_err(|e| (PumpSide::Write, e)),
+            Ok(0) => {
+                if kernel {
+                    fast_path::wait_forwarded(from.as_ref(), to.as_ref(), FORWARD_LIMIT).await;
+                }
+                return to.shutdown().await.map_err(|e| (PumpSide::Write, e));
+            }
             Ok(n) => {
                 if let Some(report) = first_data.take() {
                     report(started.elapsed());
@@ -163,6 +377,11 @@ async fn pump(
                     .await
                     .map_err(|e| (PumpSide::Write, e))?;
                 count.fetch_add(n as u64, Ordering::Relaxed);
+                // Nothing of this direction is held here now: the kernel
+                // may take it over.
+                if let (Some(hand_over), Some(gate)) = (hand_over.take(), gate) {
+                    hand_over.run(gate);
+                }
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
             Err(error) => return Err((PumpSide::Read, error)),

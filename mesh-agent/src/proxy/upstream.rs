@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use super::{OutboundStats, Routes, splice};
 use crate::{
     authz::Request,
+    dataplane::fast_path::FastPath,
     hbone::{
         self,
         client::{Destination, HboneClient, StreamGuard},
@@ -127,10 +128,12 @@ pub async fn splice(
     idle: Option<Duration>,
     counted: &crate::live::Bytes,
     first_response: &(dyn Fn(Duration) + Sync),
+    fast_path: Option<&FastPath>,
 ) -> Finished {
     match upstream {
         Upstream::Tcp(upstream) => {
-            let done = splice::splice(client, upstream, idle, counted, first_response).await;
+            let done =
+                splice::splice(client, upstream, idle, counted, first_response, fast_path).await;
             Finished {
                 sent: done.sent,
                 received: done.received,

@@ -169,6 +169,21 @@ fn vip_through_agent() -> Result<Value, String> {
     ] {
         attached.insert(program.into(), attach_mode(&agent.pin_root, program, link)?);
     }
+    // The replies came back through the same-node fast path, where the
+    // kernel runs it (the agent says so at start when it cannot).
+    let spliced = agent.counter("spliced_bytes");
+    let fast_path = if PinLayout::new(&agent.pin_root)
+        .program(programs::SPLICE)
+        .exists()
+    {
+        if spliced == 0 {
+            return Err("the fast path is loaded but moved no byte".into());
+        }
+        json!(format!("sockhash verdict, {spliced} B moved"))
+    } else {
+        json!("not loaded: user-space copy")
+    };
+    attached.insert(programs::SPLICE.into(), fast_path);
     Ok(json!({ "backends": per_backend, "attached": attached }))
 }
 

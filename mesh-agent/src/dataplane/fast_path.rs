@@ -1,0 +1,193 @@
+//! The same-node fast path, user-space side: hands the two sockets of an
+//! admitted, plaintext proxied connection to the kernel (`mesh_splice`),
+//! which then moves their bytes without the agent copying them.
+//!
+//! Order matters, so that no byte can overtake another:
+//! 1. each socket goes into `MESH_SPLICE_TO` under its peer's key: both
+//!    get a psock, but no program runs on them yet;
+//! 2. a socket goes into `MESH_SPLICE_ON` (where `mesh_splice` is
+//!    attached): from then on what arrives on it is redirected, and the
+//!    target exists;
+//! 3. `SO_RCVLOWAT` is set on it, which makes TCP signal "data ready":
+//!    bytes that arrived before step 2 go through the verdict first, in
+//!    order.
+//!
+//! Step 2 happens for a direction only while the agent holds none of its
+//! bytes: for the client's socket at once (the agent has read nothing),
+//! for the upstream's once its first bytes have been copied in user space
+//! (which is how the agent times the first response for the balancer).
+//! Closing a socket takes it out of both maps.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    os::fd::AsRawFd,
+    sync::Mutex,
+};
+
+use aya::maps::{MapData, SockHash};
+use mesh_common::{ConnKey, ipv4_to_raw};
+use tokio::net::TcpStream;
+
+use super::error_chain;
+
+pub struct FastPath {
+    maps: Mutex<Maps>,
+}
+
+struct Maps {
+    to: SockHash<MapData, ConnKey>,
+    on: SockHash<MapData, ConnKey>,
+}
+
+impl FastPath {
+    pub fn new(to: SockHash<MapData, ConnKey>, on: SockHash<MapData, ConnKey>) -> Self {
+        Self {
+            maps: Mutex::new(Maps { to, on }),
+        }
+    }
+
+    /// Pairs `a` and `b` and lets the kernel move what arrives on `a`;
+    /// [`FastPath::resume`] does the same for `b` later. On error nothing
+    /// is left in the maps and the caller copies in user space as usual.
+    /// Returns the sockets' keys.
+    pub fn splice(&self, a: &TcpStream, b: &TcpStream) -> Result<(ConnKey, ConnKey), String> {
+        let (key_a, key_b) = (key(a)?, key(b)?);
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        let result = (|| {
+            maps.to.insert(key_a, b.as_raw_fd(), 0)?;
+            maps.to.insert(key_b, a.as_raw_fd(), 0)?;
+            maps.on.insert(key_a, a.as_raw_fd(), 0)
+        })();
+        if let Err(error) = result {
+            for key in [key_a, key_b] {
+                let _ = maps.on.remove(&key);
+                let _ = maps.to.remove(&key);
+            }
+            return Err(format!("fast path: {}", error_chain(&error)));
+        }
+        drop(maps);
+        // Flushes what arrived before the verdict was in place.
+        set_recv_lowat(a, 1).map_err(|e| format!("fast path: SO_RCVLOWAT: {e}"))?;
+        Ok((key_a, key_b))
+    }
+
+    /// Stops moving what arrives on one socket: it stays in that socket's
+    /// receive queue, where TCP flow control holds the sender back. The
+    /// kernel queues redirected bytes for a slow receiver without bound, so
+    /// the agent pauses a direction whose backlog grows too large.
+    pub fn pause(&self, key: &ConnKey) {
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = maps.on.remove(key);
+    }
+
+    /// Lets the kernel move what arrives on a socket (again, after a pause),
+    /// starting with what queued up meanwhile: in order, as long as the
+    /// agent holds none of that direction's bytes.
+    pub fn resume(&self, key: &ConnKey, stream: &impl AsRawFd) -> Result<(), String> {
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        maps.on
+            .insert(key, stream.as_raw_fd(), 0)
+            .map_err(|e| format!("fast path: resuming: {}", error_chain(&e)))?;
+        drop(maps);
+        set_recv_lowat(stream, 1).map_err(|e| format!("fast path: SO_RCVLOWAT: {e}"))
+    }
+}
+
+fn set_recv_lowat(stream: &impl AsRawFd, bytes: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: setsockopt with an int option value of the size we pass.
+    let ret = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The socket's key as `mesh_splice` computes it for its segments.
+fn key(stream: &TcpStream) -> Result<ConnKey, String> {
+    let v4 = |addr: std::io::Result<SocketAddr>| match addr {
+        Ok(SocketAddr::V4(addr)) => Ok(addr),
+        Ok(other) => Err(format!("fast path: {other} is not IPv4")),
+        Err(e) => Err(format!("fast path: {e}")),
+    };
+    let (local, remote): (SocketAddrV4, SocketAddrV4) =
+        (v4(stream.local_addr())?, v4(stream.peer_addr())?);
+    Ok(ConnKey {
+        local_addr: ipv4_to_raw(local.ip().octets()),
+        remote_addr: ipv4_to_raw(remote.ip().octets()),
+        local_port: local.port(),
+        remote_port: remote.port(),
+    })
+}
+
+/// What the kernel says a TCP socket moved, for byte counts and idleness
+/// when the agent no longer sees the bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TcpCounters {
+    pub bytes_received: u64,
+    /// Bytes the peer acknowledged.
+    pub bytes_acked: u64,
+    /// Milliseconds since the last data segment arrived.
+    pub last_data_recv_ms: u32,
+    /// Milliseconds since the last data segment was sent.
+    pub last_data_sent_ms: u32,
+}
+
+pub fn tcp_counters(stream: &impl AsRawFd) -> Option<TcpCounters> {
+    // SAFETY: getsockopt into a zeroed tcp_info of the size we pass.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let ret = libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        (ret == 0).then_some(TcpCounters {
+            bytes_received: info.tcpi_bytes_received,
+            bytes_acked: info.tcpi_bytes_acked,
+            last_data_recv_ms: info.tcpi_last_data_recv,
+            last_data_sent_ms: info.tcpi_last_data_sent,
+        })
+    }
+}
+
+/// Bytes written into a socket so far: acknowledged plus still queued.
+pub fn bytes_queued(stream: &impl AsRawFd) -> Option<u64> {
+    let acked = tcp_counters(stream)?.bytes_acked;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one int.
+    let ret = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
+    (ret == 0).then(|| acked + outq.max(0) as u64)
+}
+
+/// Before an end of stream is carried from `from` to `to`: waits until
+/// the kernel has queued on `to` every byte that arrived on `from`, so the
+/// FIN cannot overtake data still on its way through the fast path.
+/// Gives up after `limit` (a peer that stopped reading holds the data back
+/// no matter what, and the FIN then waits behind it in TCP anyway).
+pub async fn wait_forwarded(from: &impl AsRawFd, to: &impl AsRawFd, limit: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut pause = std::time::Duration::from_micros(50);
+    loop {
+        // The FIN we are about to carry took one sequence number, which
+        // TCP counts as a received byte.
+        let arrived = tcp_counters(from).map_or(0, |c| c.bytes_received.saturating_sub(1));
+        let queued = bytes_queued(to).unwrap_or(u64::MAX);
+        if queued >= arrived || tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(10));
+    }
+}
