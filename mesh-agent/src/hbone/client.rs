@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
-use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
+use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
 use crate::{config::HboneConfig, identity::SpiffeId, tls::TlsFactory};
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +212,7 @@ impl HboneClient {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .max_send_buf_size(SEND_BUFFER)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| HboneError::Http(to.gateway, e))?;

@@ -22,6 +22,12 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 frame we accept (fewer, larger frames per byte moved).
 pub const MAX_FRAME: u32 = 1024 * 1024;
+/// Bytes h2 buffers per stream before it stops taking writes (hyper's
+/// default, 400 KiB, caps one stream below what the window allows).
+pub const SEND_BUFFER: usize = 4 * 1024 * 1024;
+/// Copy buffer per direction of a tunnelled connection (allocated when the
+/// stream opens, idle or not: see the README's known gaps).
+pub const COPY_BUFFER: usize = 64 * 1024;
 
 /// Hard cap on streams per HTTP/2 connection (the server's
 /// SETTINGS_MAX_CONCURRENT_STREAMS); the client opens more connections well
@@ -44,7 +50,7 @@ pub async fn splice_tunnel<S>(mut tcp: tokio::net::TcpStream, mut stream: S) -> 
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, 64 * 1024, 64 * 1024)
+    match tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUFFER, COPY_BUFFER)
         .await
     {
         Ok((sent, received)) => Tunnelled {

@@ -29,8 +29,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
 use super::{
-    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
-    splice_tunnel,
+    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, SEND_BUFFER,
+    STREAM_WINDOW, splice_tunnel,
 };
 use crate::{
     access::{Outcome, Record, Sinks},
@@ -187,6 +187,7 @@ impl Shared {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .max_send_buf_size(SEND_BUFFER)
             .serve_connection(TokioIo::new(tls), service)
             .await;
         if let Err(error) = result {
