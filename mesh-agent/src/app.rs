@@ -105,6 +105,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         uplinks: &config.node.uplinks,
     })?;
     report_problems(dataplane.sync(&state)?);
+    release_load_memory();
 
     let tracker = TaskTracker::new();
     let stats = Arc::new(OutboundStats::default());
@@ -372,5 +373,14 @@ fn stats(view: &AgentView) -> serde_json::Value {
             "services": services,
             "kernel": kernel,
         })
+    }
+}
+
+/// Loading parses the kernel's BTF (several MB of types) for relocations;
+/// the allocator keeps the freed pages unless asked to give them back.
+fn release_load_memory() {
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
