@@ -110,6 +110,15 @@ impl Gate {
     }
 }
 
+/// What a pump of a kernel-moved direction needs besides its sockets.
+struct KernelMoved<'a> {
+    gate: &'a Gate,
+    /// Set for the upstream-to-client direction until handed over.
+    hand_over: Option<&'a HandOver<'a>>,
+    /// The live byte count of this direction.
+    live: &'a AtomicU64,
+}
+
 /// Hands the upstream-to-client direction to the kernel.
 struct HandOver<'a> {
     fast: &'a FastPath,
@@ -210,7 +219,11 @@ pub async fn splice(
             started,
             &last_activity,
             None,
-            kernel.then_some((&up_gate, None)),
+            kernel.then_some(KernelMoved {
+                gate: &up_gate,
+                hand_over: None,
+                live: &counted.sent,
+            }),
         );
         let to_client = pump(
             &mut upstream_read,
@@ -219,7 +232,11 @@ pub async fn splice(
             started,
             &last_activity,
             first_response.take(),
-            kernel.then_some((&down_gate, hand_over.as_ref())),
+            kernel.then_some(KernelMoved {
+                gate: &down_gate,
+                hand_over: hand_over.as_ref(),
+                live: &counted.received,
+            }),
         );
         tokio::pin!(to_upstream, to_client);
         let (mut up_done, mut down_done) = (false, false);
@@ -252,8 +269,8 @@ pub async fn splice(
                 // doubling intervals, so its error is at most the interval).
                 _ = sleep_until(next_tick), if next_tick.is_some() => {
                     let (client, upstream) = (counters_of(client_fd), counters_of(upstream_fd));
-                    counted.sent.store(client.bytes_received, Ordering::Relaxed);
-                    counted.received.store(upstream.bytes_received, Ordering::Relaxed);
+                    counted.sent.fetch_max(client.bytes_received, Ordering::Relaxed);
+                    counted.received.fetch_max(upstream.bytes_received, Ordering::Relaxed);
                     if let (Some(fast), Some((client_key, upstream_key))) = (fast_path, keys) {
                         up_gate.regulate(fast, &client_key, client_fd, client.bytes_received, upstream_fd);
                         down_gate.regulate(fast, &upstream_key, upstream_fd, upstream.bytes_received, client_fd);
@@ -344,11 +361,12 @@ async fn pump(
     started: Instant,
     last_activity: &AtomicU64,
     mut first_data: Option<&(dyn Fn(Duration) + Sync)>,
-    kernel_moved: Option<(&Gate, Option<&HandOver<'_>>)>,
+    kernel_moved: Option<KernelMoved<'_>>,
 ) -> Result<(), (PumpSide, io::Error)> {
     let kernel = kernel_moved.is_some();
-    let gate = kernel_moved.map(|(gate, _)| gate);
-    let mut hand_over = kernel_moved.and_then(|(_, hand_over)| hand_over);
+    let gate = kernel_moved.as_ref().map(|k| k.gate);
+    let live = kernel_moved.as_ref().map(|k| k.live);
+    let mut hand_over = kernel_moved.and_then(|k| k.hand_over);
     let mut buffer: Option<Box<[u8]>> = None;
     loop {
         if let Some(gate) = gate {
@@ -376,7 +394,11 @@ async fn pump(
                 to.write_all(&buffer[..n])
                     .await
                     .map_err(|e| (PumpSide::Write, e))?;
-                count.fetch_add(n as u64, Ordering::Relaxed);
+                let total = count.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                if let Some(live) = live {
+                    // The kernel's totals include these bytes too.
+                    live.fetch_max(total, Ordering::Relaxed);
+                }
                 // Nothing of this direction is held here now: the kernel
                 // may take it over.
                 if let (Some(hand_over), Some(gate)) = (hand_over.take(), gate) {

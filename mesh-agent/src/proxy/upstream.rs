@@ -83,7 +83,9 @@ impl Opener<'_> {
                     target,
                     client: (*client.ip()).into(),
                 };
-                match self.hbone.open(&destination).await {
+                // Boxed: the TLS and HTTP/2 handshakes are large futures,
+                // and every connection's task would carry their size.
+                match Box::pin(self.hbone.open(&destination)).await {
                     Ok((stream, guard)) => Ok(Upstream::Tunnel(stream, guard)),
                     Err(error) if error.is_denied() => Err(OpenError::Denied(error.to_string())),
                     Err(error) => Err(OpenError::Failed(error.to_string())),
