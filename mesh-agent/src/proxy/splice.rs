@@ -378,8 +378,24 @@ async fn pump(
         if gate.is_some_and(Gate::is_paused) {
             continue;
         }
-        let buffer = buffer.get_or_insert_with(|| vec![0; BUFFER_SIZE].into_boxed_slice());
-        match from.try_read(buffer) {
+        // Readiness may come without data (the fast path's sockets are
+        // woken when the kernel takes their bytes): until the first bytes
+        // really arrive, read into a small stack buffer and allocate none.
+        let read = match buffer.as_mut() {
+            Some(buffer) => from.try_read(buffer),
+            None => {
+                let mut first = [0u8; 2048];
+                from.try_read(&mut first).inspect(|&n| {
+                    if n > 0 {
+                        let mut big = vec![0; BUFFER_SIZE].into_boxed_slice();
+                        big[..n].copy_from_slice(&first[..n]);
+                        buffer = Some(big);
+                    }
+                })
+            }
+        };
+        let buffer = buffer.as_deref().unwrap_or_default();
+        match read {
             Ok(0) => {
                 if kernel {
                     fast_path::wait_forwarded(from.as_ref(), to.as_ref(), FORWARD_LIMIT).await;
