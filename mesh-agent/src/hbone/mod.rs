@@ -25,9 +25,10 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 /// Bytes h2 buffers per stream before it stops taking writes (hyper's
 /// default, 400 KiB, caps one stream below what the window allows).
 pub const SEND_BUFFER: usize = 4 * 1024 * 1024;
-/// Copy buffer per direction of a tunnelled connection (allocated when the
-/// stream opens, idle or not: see the README's known gaps).
+/// Copy buffer per direction of a tunnelled connection, once data flows;
+/// an idle one holds [`FIRST_BUFFER`].
 pub const COPY_BUFFER: usize = 64 * 1024;
+pub const FIRST_BUFFER: usize = 2 * 1024;
 
 /// Hard cap on streams per HTTP/2 connection (the server's
 /// SETTINGS_MAX_CONCURRENT_STREAMS); the client opens more connections well
@@ -46,13 +47,19 @@ pub struct Tunnelled {
 
 /// Splices a TCP connection with a tunnel stream. End of stream maps to a
 /// write shutdown (END_STREAM) the other way; an error resets the TCP side.
-pub async fn splice_tunnel<S>(mut tcp: tokio::net::TcpStream, mut stream: S) -> Tunnelled
+pub async fn splice_tunnel<S>(mut tcp: tokio::net::TcpStream, stream: S) -> Tunnelled
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUFFER, COPY_BUFFER)
-        .await
-    {
+    let copied = {
+        let (mut tcp_read, mut tcp_write) = tcp.split();
+        let (mut tunnel_read, mut tunnel_write) = tokio::io::split(stream);
+        tokio::try_join!(
+            copy_one_way(&mut tcp_read, &mut tunnel_write),
+            copy_one_way(&mut tunnel_read, &mut tcp_write),
+        )
+    };
+    match copied {
         Ok((sent, received)) => Tunnelled {
             sent,
             received,
@@ -65,6 +72,31 @@ where
                 received: 0,
                 error: Some(error),
             }
+        }
+    }
+}
+
+/// Copies one direction until end of stream, then shuts the writer down
+/// (half-close). The full buffer is allocated once the first bytes came:
+/// an idle tunnel holds a small one.
+async fn copy_one_way<R, W>(reader: &mut R, writer: &mut W) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; FIRST_BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = reader.read(&mut buffer).await?;
+        if n == 0 {
+            writer.shutdown().await?;
+            return Ok(total);
+        }
+        writer.write_all(&buffer[..n]).await?;
+        total += n as u64;
+        if buffer.len() < COPY_BUFFER {
+            buffer.resize(COPY_BUFFER, 0);
         }
     }
 }
