@@ -183,6 +183,25 @@ impl Node {
         }
     }
 
+    /// A `workloads:` entry for one of this node's pods whose service
+    /// account is its own name (each pod its own identity).
+    pub fn own_identity_workload_yaml(&self, pod: &str) -> String {
+        let p = self.pod(pod);
+        format!(
+            "  - {{ name: {pod}, service_account: {pod}, ips: [{}], interface: {}, cgroup: {pod} }}\n",
+            p.ip, p.host_if
+        )
+    }
+
+    /// The same pod as another node's agent sees it: on this node.
+    pub fn remote_workload_yaml(&self, pod: &str) -> String {
+        format!(
+            "  - {{ name: {pod}, service_account: {pod}, ips: [{}], node: {} }}\n",
+            self.pod(pod).ip,
+            self.name
+        )
+    }
+
     /// A `workloads:` entry for one of this node's pods.
     pub fn workload_yaml(&self, pod: &str) -> String {
         let pod = self.pod(pod);

@@ -212,20 +212,8 @@ fn setup() -> anyhow::Result<Bench> {
         b.add_pod(pod);
     }
     topology::connect(&mut a, &mut b);
-    let workload = |node: &Node, pod: &str| {
-        let p = node.pod(pod);
-        format!(
-            "  - {{ name: {pod}, service_account: {pod}, ips: [{}], interface: {}, cgroup: {pod} }}\n",
-            p.ip, p.host_if
-        )
-    };
-    let remote = |node: &Node, pod: &str| {
-        format!(
-            "  - {{ name: {pod}, service_account: {pod}, ips: [{}], node: {} }}\n",
-            node.pod(pod).ip,
-            node.name
-        )
-    };
+    let workload = |node: &Node, pod: &str| node.own_identity_workload_yaml(pod);
+    let remote = |node: &Node, pod: &str| node.remote_workload_yaml(pod);
     let config_a = format!(
         "{}workloads:\n{}{}{}",
         a.node_yaml(),
