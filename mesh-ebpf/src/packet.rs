@@ -9,6 +9,15 @@ const IPPROTO_TCP: u8 = 6;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
+/// The host-order port from a context's `remote_port` field (sock_ops,
+/// sk_skb), which holds the network-order port in the high or the low half
+/// depending on the kernel.
+#[inline(always)]
+pub fn remote_port_from_field(raw: u32) -> u16 {
+    let be = if raw > 0xffff { raw >> 16 } else { raw };
+    u16::from_be(be as u16)
+}
+
 /// An IPv4 TCP segment's addressing. Addresses are raw (network order),
 /// ports host order.
 pub struct TcpV4 {

@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use mesh_common::{CONN_INBOUND, CONN_OUTBOUND, ConnKey, ConnValue, counter};
 
-use crate::{counters, maps};
+use crate::{counters, maps, packet::remote_port_from_field};
 
 const AF_INET: u32 = 2;
 const TCP_CLOSE: u32 = 7;
@@ -43,17 +43,8 @@ fn conn_key(ctx: &SockOpsContext) -> ConnKey {
         local_addr: ctx.local_ip4(),
         remote_addr: ctx.remote_ip4(),
         local_port: ctx.local_port() as u16,
-        remote_port: remote_port(ctx),
+        remote_port: remote_port_from_field(ctx.remote_port()),
     }
-}
-
-/// `remote_port` is the network-order port; depending on the kernel it sits
-/// in the low or the high half of the field.
-#[inline(always)]
-fn remote_port(ctx: &SockOpsContext) -> u16 {
-    let raw = ctx.remote_port();
-    let be = if raw > 0xffff { raw >> 16 } else { raw };
-    u16::from_be(be as u16)
 }
 
 #[inline(always)]

@@ -14,7 +14,7 @@
 use aya_ebpf::{bindings::sk_action, macros::stream_verdict, programs::SkBuffContext};
 use mesh_common::{ConnKey, counter};
 
-use crate::{counters, maps::MESH_SPLICE_TO};
+use crate::{counters, maps::MESH_SPLICE_TO, packet::remote_port_from_field};
 
 #[stream_verdict]
 pub fn mesh_splice(ctx: SkBuffContext) -> u32 {
@@ -23,7 +23,7 @@ pub fn mesh_splice(ctx: SkBuffContext) -> u32 {
         local_addr: skb.local_ipv4(),
         remote_addr: skb.remote_ipv4(),
         local_port: skb.local_port() as u16,
-        remote_port: remote_port(skb.remote_port()),
+        remote_port: remote_port_from_field(skb.remote_port()),
     };
     let len = ctx.len();
     // A bare FIN arrives as an empty segment with nothing to move: TCP has
@@ -43,12 +43,4 @@ pub fn mesh_splice(ctx: SkBuffContext) -> u32 {
         counters::bump(counter::SPLICE_NO_PEER);
     }
     sk_action::SK_PASS
-}
-
-/// `remote_port` is the network-order port, in the high half of the field
-/// on little-endian kernels (the low half on some).
-#[inline(always)]
-fn remote_port(raw: u32) -> u16 {
-    let be = if raw > 0xffff { raw >> 16 } else { raw };
-    u16::from_be(be as u16)
 }

@@ -52,22 +52,21 @@ impl FastPath {
     /// Returns the sockets' keys.
     pub fn splice(&self, a: &TcpStream, b: &TcpStream) -> Result<(ConnKey, ConnKey), String> {
         let (key_a, key_b) = (key(a)?, key(b)?);
-        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        let result = (|| {
-            maps.to.insert(key_a, b.as_raw_fd(), 0)?;
-            maps.to.insert(key_b, a.as_raw_fd(), 0)?;
-            maps.on.insert(key_a, a.as_raw_fd(), 0)
-        })();
-        if let Err(error) = result {
+        let paired = {
+            let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+            maps.to
+                .insert(key_a, b.as_raw_fd(), 0)
+                .and_then(|()| maps.to.insert(key_b, a.as_raw_fd(), 0))
+                .map_err(|e| format!("fast path: {}", error_chain(&e)))
+        };
+        if let Err(error) = paired.and_then(|()| self.resume(&key_a, a)) {
+            let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
             for key in [key_a, key_b] {
                 let _ = maps.on.remove(&key);
                 let _ = maps.to.remove(&key);
             }
-            return Err(format!("fast path: {}", error_chain(&error)));
+            return Err(error);
         }
-        drop(maps);
-        // Flushes what arrived before the verdict was in place.
-        set_recv_lowat(a, 1).map_err(|e| format!("fast path: SO_RCVLOWAT: {e}"))?;
         Ok((key_a, key_b))
     }
 
@@ -80,15 +79,18 @@ impl FastPath {
         let _ = maps.on.remove(key);
     }
 
-    /// Lets the kernel move what arrives on a socket (again, after a pause),
-    /// starting with what queued up meanwhile: in order, as long as the
-    /// agent holds none of that direction's bytes.
+    /// Lets the kernel move what arrives on a socket (at first, or again
+    /// after a pause), starting with what queued up before: in order, as
+    /// long as the agent holds none of that direction's bytes.
     pub fn resume(&self, key: &ConnKey, stream: &impl AsRawFd) -> Result<(), String> {
-        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        maps.on
+        self.maps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .on
             .insert(key, stream.as_raw_fd(), 0)
-            .map_err(|e| format!("fast path: resuming: {}", error_chain(&e)))?;
-        drop(maps);
+            .map_err(|e| format!("fast path: {}", error_chain(&e)))?;
+        // TCP signals "data ready", so what queued before the verdict was
+        // in place goes through it first.
         set_recv_lowat(stream, 1).map_err(|e| format!("fast path: SO_RCVLOWAT: {e}"))
     }
 }

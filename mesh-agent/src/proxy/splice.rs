@@ -12,13 +12,10 @@
 
 use std::{
     io,
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
-
-use crate::dataplane::fast_path::{self, FastPath};
-
-use std::os::fd::AsRawFd;
 
 use tokio::{
     io::AsyncWriteExt,
@@ -27,6 +24,8 @@ use tokio::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
 };
+
+use crate::dataplane::fast_path::{self, FastPath};
 
 /// Buffer per direction, allocated only once data arrives so an idle
 /// connection holds none.
@@ -75,16 +74,14 @@ impl Gate {
         &self,
         fast: &FastPath,
         key: &mesh_common::ConnKey,
-        from: std::os::fd::RawFd,
+        from: RawFd,
         arrived: u64,
-        to: std::os::fd::RawFd,
+        to: RawFd,
     ) {
         if !self.kernel.load(Ordering::Acquire) {
             return;
         }
-        // SAFETY: the descriptor belongs to a stream alive for the whole splice.
-        let to = unsafe { std::os::fd::BorrowedFd::borrow_raw(to) };
-        let Some(queued) = fast_path::bytes_queued(&to) else {
+        let Some(queued) = fast_path::bytes_queued(&spliced_fd(to)) else {
             return;
         };
         if !self.is_paused() {
@@ -99,9 +96,7 @@ impl Gate {
             .saturating_sub(queued)
             < BACKLOG_LOW
         {
-            // SAFETY: as above.
-            let from = unsafe { std::os::fd::BorrowedFd::borrow_raw(from) };
-            if let Err(error) = fast.resume(key, &from) {
+            if let Err(error) = fast.resume(key, &spliced_fd(from)) {
                 tracing::warn!(%error, "fast path: resuming a paused direction");
             }
             self.paused.store(false, Ordering::Release);
@@ -123,14 +118,12 @@ struct KernelMoved<'a> {
 struct HandOver<'a> {
     fast: &'a FastPath,
     key: mesh_common::ConnKey,
-    fd: std::os::fd::RawFd,
+    fd: RawFd,
 }
 
 impl HandOver<'_> {
     fn run(&self, gate: &Gate) {
-        // SAFETY: the descriptor belongs to a stream alive for the whole splice.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
-        match self.fast.resume(&self.key, &fd) {
+        match self.fast.resume(&self.key, &spliced_fd(self.fd)) {
             Ok(()) => gate.kernel.store(true, Ordering::Release),
             Err(error) => tracing::debug!(%error, "upstream direction stays in user space"),
         }
@@ -190,7 +183,6 @@ pub async fn splice(
     let started = Instant::now();
     let client_fd = client_read.as_ref().as_raw_fd();
     let upstream_fd = upstream_read.as_ref().as_raw_fd();
-    let mut first_response = Some(first_response);
     let mut tick = Duration::from_millis(1);
     let mut next_tick = kernel.then(|| started + tick);
     // Flow control of each kernel-moved direction (client to upstream,
@@ -231,7 +223,7 @@ pub async fn splice(
             received,
             started,
             &last_activity,
-            first_response.take(),
+            Some(first_response),
             kernel.then_some(KernelMoved {
                 gate: &down_gate,
                 hand_over: hand_over.as_ref(),
@@ -264,9 +256,7 @@ pub async fn splice(
                     }
                     idle_deadline = Some(Instant::now() + (idle - quiet));
                 }
-                // Kernel mode: live byte counts, and the first response
-                // byte for the endpoint's latency estimate (polled at
-                // doubling intervals, so its error is at most the interval).
+                // Kernel mode: live byte counts and flow control.
                 _ = sleep_until(next_tick), if next_tick.is_some() => {
                     let (client, upstream) = (counters_of(client_fd), counters_of(upstream_fd));
                     counted.sent.fetch_max(client.bytes_received, Ordering::Relaxed);
@@ -320,12 +310,17 @@ pub async fn splice(
     }
 }
 
-/// The kernel's counters of a socket we hold (by descriptor, so the pumps
-/// can keep their halves borrowed).
-fn counters_of(fd: std::os::fd::RawFd) -> fast_path::TcpCounters {
-    // SAFETY: the descriptor belongs to a stream alive for the whole splice.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    fast_path::tcp_counters(&fd).unwrap_or_default()
+/// The kernel's counters of a socket we hold.
+fn counters_of(fd: RawFd) -> fast_path::TcpCounters {
+    fast_path::tcp_counters(&spliced_fd(fd)).unwrap_or_default()
+}
+
+/// One of the two sockets being spliced, by descriptor: the pumps hold
+/// their halves mutably, so the control loop keeps the raw number.
+fn spliced_fd<'a>(fd: RawFd) -> BorrowedFd<'a> {
+    // SAFETY: only called with the descriptors of the two streams, which
+    // live until `splice` returns, longer than any use of the result.
+    unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
