@@ -42,10 +42,15 @@ pub trait AdminView: Send + Sync {
     fn set_log_filter(&self, filter: &str) -> Result<String, String>;
 }
 
+/// More about readiness than yes or no (e.g. the API server's reachability).
+pub type ReadinessDetails = Arc<dyn Fn() -> String + Send + Sync>;
+
 #[derive(Clone, Default)]
 pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     pub view: Arc<OnceLock<Arc<dyn AdminView>>>,
+    /// Appended to the readiness answer, ready or not.
+    pub details: Arc<OnceLock<ReadinessDetails>>,
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -82,10 +87,14 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
 fn respond(state: &AdminState, request: Request<hyper::body::Incoming>) -> Response<Body> {
     let path = request.uri().path();
     if path == "/healthz/ready" {
+        let details = state.details.get().map(|d| d()).unwrap_or_default();
         return if state.ready.load(Ordering::Acquire) {
-            text(StatusCode::OK, "ready\n".into())
+            text(StatusCode::OK, format!("ready\n{details}"))
         } else {
-            text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready\n{details}"),
+            )
         };
     }
     let Some(view) = state.view.get() else {

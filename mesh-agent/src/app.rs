@@ -6,7 +6,9 @@
 //! accepting, let open connections drain while capture stays attached,
 //! then detach and unpin everything and remove the routing. A change to the
 //! config file (or SIGHUP) reloads it; a bad config is logged and the last
-//! good one stays.
+//! good one stays. Under `kubernetes:`, workloads and services come from
+//! the API server's watches instead, and every change there is applied the
+//! same way (debounced by 50 ms).
 
 use std::{
     net::SocketAddr,
@@ -23,7 +25,7 @@ use tracing::{error, info, warn};
 use crate::{
     access::Sinks,
     admin::{self, AdminState, AdminView},
-    config::{Config, any_addr},
+    config::{Config, Overrides, any_addr},
     dataplane::{Dataplane, DataplaneSettings, KernelMaps, PinLayout},
     hbone::{
         client::HboneClient,
@@ -31,6 +33,7 @@ use crate::{
     },
     health::HealthChecks,
     identity::{CertManager, CertificateAuthority, EmbeddedCa, SpiffeId, ca::CaError},
+    kubernetes::{KubeSource, KubeStatus, mapping, model::Unmapped},
     lb::Registry,
     live::Live,
     metrics::Metrics,
@@ -47,6 +50,7 @@ pub type LogControl = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
 pub struct RunOptions {
     pub log: LogControl,
     pub config: PathBuf,
+    pub overrides: Overrides,
     pub pin_root: PathBuf,
     pub admin: SocketAddr,
     pub ready: SocketAddr,
@@ -55,7 +59,7 @@ pub struct RunOptions {
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     // Refuse a bad config before touching the kernel.
-    let config = Config::load(&options.config)?;
+    let config = Config::load_with(&options.config, &options.overrides)?;
     info!(
         config = %serde_json::to_string(&config).unwrap_or_default(),
         pin_root = %options.pin_root.display(),
@@ -77,13 +81,34 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let admin_state = AdminState::default();
     let ready = admin_state.ready.clone();
+    // Before anything waits: SIGTERM must always reach the clean-up.
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     for addr in [options.admin, options.ready, options.metrics] {
         let listener = admin::bind(addr)
             .await
             .with_context(|| format!("admin listener on {addr}"))?;
         tokio::spawn(admin::serve(listener, admin_state.clone(), stop.clone()));
     }
-    let state = Arc::new(MeshState::from_config(&config));
+    let source = ModelSource::start(&config).await?;
+    if let Some(kube) = source.kube.clone() {
+        let _ = admin_state
+            .details
+            .set(Arc::new(move || readiness_details(&kube.status())));
+    }
+    let state = loop {
+        if let Some(state) = source.state(&config) {
+            break Arc::new(state);
+        }
+        info!("waiting for the API server's first lists");
+        tokio::select! {
+            _ = source.changed() => {}
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+        }
+    };
+    let mut unmapped = report_cluster(&source, &[]);
     let certs = CertManager::new(
         certificate_authority(&config)?,
         config.identity.cert_lifetime(),
@@ -101,7 +126,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         pin_root: &options.pin_root,
         outbound_port: config.proxy.outbound_port,
         inbound_port: config.proxy.inbound_port,
-        cgroup: config.node.cgroup.as_deref(),
+        cgroup: source.tracked_cgroup(&config).as_deref(),
         uplinks: &config.node.uplinks,
     })?;
     report_problems(dataplane.sync(&state)?);
@@ -138,6 +163,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         sinks: sinks.clone(),
         config: config_rx,
         log: options.log.clone(),
+        kube: source.kube.clone(),
     });
     let _ = admin_state.view.set(view);
     let inbound = Inbound::new(
@@ -170,13 +196,13 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     ready.store(true, Ordering::Release);
     info!(node = %config.node.name, outbound = %outbound_addr, "agent ready");
 
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut hangup = signal(SignalKind::hangup())?;
     let (_watcher, mut changed) = watch::config_file(&options.config)
         .with_context(|| format!("watching {}", options.config.display()))?;
+    let mut remap = tokio::time::interval(std::time::Duration::from_secs(2));
     let mut reloader = Reloader {
         path: &options.config,
+        overrides: &options.overrides,
+        source: &source,
         dataplane: &mut dataplane,
         routes: &routes_tx,
         registry: &registry,
@@ -195,6 +221,18 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 while changed.try_recv().is_ok() {}
                 reloader.reload(&mut config).await;
+            }
+            _ = source.changed() => {
+                // Let a burst of events (a rollout) settle into one update.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                reloader.refresh(&config).await;
+                unmapped = report_cluster(&source, &unmapped);
+            }
+            // Pods whose interface or cgroup was not there yet (the CNI
+            // and kubelet may lag the API server) are looked for again.
+            _ = remap.tick(), if !unmapped.is_empty() => {
+                reloader.refresh(&config).await;
+                unmapped = report_cluster(&source, &unmapped);
             }
         }
     }
@@ -216,9 +254,97 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where workloads and services come from: the config file, or the API
+/// server's watches.
+struct ModelSource {
+    kube: Option<Arc<KubeSource>>,
+}
+
+impl ModelSource {
+    async fn start(config: &Config) -> anyhow::Result<Self> {
+        let kube = match &config.kubernetes {
+            Some(settings) => Some(Arc::new(
+                KubeSource::start(settings, &config.node.name).await?,
+            )),
+            None => None,
+        };
+        Ok(Self { kube })
+    }
+
+    /// The model under `config`; None until the API server listed
+    /// everything once.
+    fn state(&self, config: &Config) -> Option<MeshState> {
+        match &self.kube {
+            None => Some(MeshState::from_config(config)),
+            Some(kube) => {
+                let built = kube.build()?;
+                Some(MeshState::from_parts(
+                    config,
+                    built.workloads,
+                    built.services,
+                ))
+            }
+        }
+    }
+
+    /// Fires when the cluster changed; never without `kubernetes:`.
+    async fn changed(&self) {
+        match &self.kube {
+            Some(kube) => kube.changed().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The cgroup the connection tracker attaches to: `node.cgroup`, or
+    /// kubelet's kubepods cgroup.
+    fn tracked_cgroup(&self, config: &Config) -> Option<PathBuf> {
+        config.node.cgroup.clone().or_else(|| {
+            let settings = config.kubernetes.as_ref()?;
+            match mapping::kubepods_root(&settings.cgroup_root) {
+                Ok(root) => Some(root.path),
+                Err(error) => {
+                    warn!(%error, "no kubepods cgroup: connections are not tracked");
+                    None
+                }
+            }
+        })
+    }
+}
+
+/// Logs meshed pods that newly cannot be mapped to the kernel, and
+/// returns the current set.
+fn report_cluster(source: &ModelSource, before: &[Unmapped]) -> Vec<Unmapped> {
+    let Some(kube) = &source.kube else {
+        return Vec::new();
+    };
+    let status = kube.status();
+    for pod in status.unmapped.iter().filter(|p| !before.contains(p)) {
+        warn!(pod = %pod.pod, reason = %pod.reason, "meshed pod not mapped to the kernel; it stays outside the mesh until it is");
+    }
+    status.unmapped
+}
+
+/// The readiness answer's details under `kubernetes:`.
+fn readiness_details(status: &KubeStatus) -> String {
+    let mut text = match (status.synced, status.disconnected_for_s) {
+        (false, _) => "kubernetes: waiting for the first lists\n".to_owned(),
+        (true, None) => "kubernetes: connected\n".to_owned(),
+        (true, Some(seconds)) => format!(
+            "kubernetes: API server unreachable for {seconds} s, serving the last state ({})\n",
+            status.last_error.as_deref().unwrap_or("no answer")
+        ),
+    };
+    for pod in &status.unmapped {
+        text.push_str(&format!("unmapped pod {}: {}\n", pod.pod, pod.reason));
+    }
+    text
+}
+
 /// Everything a reload touches.
 struct Reloader<'a> {
     path: &'a Path,
+    overrides: &'a Overrides,
+    source: &'a ModelSource,
     dataplane: &'a mut Dataplane,
     routes: &'a tokio::sync::watch::Sender<Arc<Routes>>,
     registry: &'a Arc<Registry>,
@@ -231,7 +357,7 @@ struct Reloader<'a> {
 impl Reloader<'_> {
     /// Applies the config file if it is valid; otherwise keeps `current`.
     async fn reload(&mut self, current: &mut Config) {
-        let config = match Config::load(self.path) {
+        let config = match Config::load_with(self.path, self.overrides) {
             Ok(config) => config,
             Err(error) => {
                 self.metrics.reload_failures.fetch_add(1, Ordering::Relaxed);
@@ -239,12 +365,43 @@ impl Reloader<'_> {
                 return;
             }
         };
-        if config.node != current.node || config.proxy != current.proxy {
-            warn!(
-                "node and proxy settings change only on restart; applying workloads and services"
+        if config.node != current.node
+            || config.proxy != current.proxy
+            || config.kubernetes != current.kubernetes
+        {
+            warn!("node, proxy and kubernetes settings change only on restart; applying the rest");
+        }
+        let Some(state) = self.source.state(&config) else {
+            return;
+        };
+        if self.apply(state, &config).await {
+            self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+            info!("config reloaded");
+            *current = config;
+        }
+    }
+
+    /// Applies what the API server says now, if it changes the model.
+    async fn refresh(&mut self, config: &Config) {
+        let Some(state) = self.source.state(config) else {
+            return;
+        };
+        if state.same_mesh(&self.routes.borrow().state) {
+            return;
+        }
+        if self.apply(state, config).await {
+            info!(
+                workloads = self.routes.borrow().state.workloads.len(),
+                services = self.routes.borrow().state.services.len(),
+                "cluster change applied"
             );
         }
-        let state = Arc::new(MeshState::from_config(&config));
+    }
+
+    /// Puts a new model into the maps, balancers and certificates; false
+    /// (with the old model kept) when the kernel maps refused it.
+    async fn apply(&mut self, state: MeshState, config: &Config) -> bool {
+        let state = Arc::new(state);
         let live = state
             .workloads
             .iter()
@@ -254,8 +411,8 @@ impl Reloader<'_> {
             Ok(problems) => report_problems(problems),
             Err(error) => {
                 self.metrics.reload_failures.fetch_add(1, Ordering::Relaxed);
-                error!(%error, "updating the kernel maps; keeping the last good config");
-                return;
+                error!(%error, "updating the kernel maps; keeping the last good model");
+                return false;
             }
         }
         self.health.sync(&state, self.registry);
@@ -264,10 +421,8 @@ impl Reloader<'_> {
             .send_replace(Arc::new(Routes::new(state, self.registry)));
         self.metrics.set_labels(&config.metrics.labels);
         self.metrics.retain_workloads(&live);
-        self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
         self.config.send_replace(Arc::new(config.clone()));
-        info!("config reloaded");
-        *current = config;
+        true
     }
 }
 
@@ -303,6 +458,7 @@ pub(crate) struct AgentView {
     pub sinks: Arc<Sinks>,
     pub config: tokio::sync::watch::Receiver<Arc<Config>>,
     pub log: LogControl,
+    pub kube: Option<Arc<KubeSource>>,
 }
 
 impl AdminView for AgentView {
@@ -321,6 +477,7 @@ impl AdminView for AgentView {
             "workloads": routes.state.workloads,
             "services": routes.balancers.snapshot(),
             "certificates": self.certs.snapshot(),
+            "kubernetes": self.kube.as_ref().map(|k| k.status()),
         })
     }
 

@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod hbone;
 pub mod health;
 pub mod identity;
+pub mod kubernetes;
 pub mod lb;
 pub mod live;
 pub mod metrics;

@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use mesh_agent::{app, cleanup, cli, config::Config};
+use mesh_agent::{
+    app, cleanup, cli,
+    config::{Config, Overrides},
+};
 use tracing_subscriber::{EnvFilter, prelude::*, reload};
 
 /// eBPF-accelerated, sidecar-free service mesh: one agent per node.
@@ -27,9 +30,14 @@ enum Command {
     /// Load and attach the kernel programs, proxy captured connections, and
     /// remove everything again on SIGTERM. SIGHUP reloads the config.
     Run {
-        /// YAML config: node, proxy settings, workloads, services.
+        /// YAML config: node, proxy settings, workloads, services (or
+        /// `kubernetes:` to learn those from the API server).
         #[arg(long, short)]
         config: PathBuf,
+        /// This node's name, over the config's `node.name` (a DaemonSet
+        /// passes it from the downward API).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
         /// bpffs directory for this agent's programs, maps and links.
         #[arg(long, default_value = mesh_common::DEFAULT_PIN_ROOT, env = "MESH_PIN_ROOT")]
         pin_root: PathBuf,
@@ -55,6 +63,9 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// As for `run`.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
     },
     /// Summary of a running agent: proxy, kernel, certificates, endpoints.
     Status {
@@ -123,6 +134,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run {
                 config,
+                node_name,
                 pin_root,
                 admin,
                 ready,
@@ -131,6 +143,7 @@ fn main() -> ExitCode {
                 app::run(app::RunOptions {
                     log,
                     config,
+                    overrides: Overrides { node_name },
                     pin_root,
                     admin,
                     ready,
@@ -139,7 +152,11 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Cleanup { pin_root } => cleanup::run(&pin_root).await,
-            Command::Check { config } => Config::load(&config).map(|_| ()).map_err(Into::into),
+            Command::Check { config, node_name } => {
+                Config::load_with(&config, &Overrides { node_name })
+                    .map(|_| ())
+                    .map_err(Into::into)
+            }
             Command::Status { admin } => cli::status(admin),
             Command::Connections { admin } => cli::connections(admin),
             Command::Observe { admin, json } => cli::observe(admin, json),

@@ -268,5 +268,49 @@ pub(crate) fn render_metrics(sources: &AgentView) -> String {
             }),
         );
     }
+    if let Some(kube) = &sources.kube {
+        register_kubernetes(&mut registry, &kube.status());
+    }
     render(&registry)
+}
+
+/// The Kubernetes source: reachability, watch churn, unmapped pods.
+fn register_kubernetes(registry: &mut Registry, status: &crate::kubernetes::KubeStatus) {
+    let one = |value: f64| [(Vec::new(), value)];
+    gauge_family(
+        registry,
+        "mesh_kubernetes_connected",
+        "1 while the API server answers; 0 while the agent serves its last state",
+        one(if status.connected { 1.0 } else { 0.0 }),
+    );
+    gauge_family(
+        registry,
+        "mesh_kubernetes_synced",
+        "1 once every watch listed its resources",
+        one(if status.synced { 1.0 } else { 0.0 }),
+    );
+    gauge_family(
+        registry,
+        "mesh_kubernetes_unmapped_pods",
+        "Meshed pods on this node not found in the kernel (no host route or cgroup)",
+        one(status.unmapped.len() as f64),
+    );
+    counter_family(
+        registry,
+        "mesh_kubernetes_watch_events",
+        "Watch events received",
+        [(Vec::new(), status.events)],
+    );
+    counter_family(
+        registry,
+        "mesh_kubernetes_relists",
+        "Complete re-lists after a watch could not resume (e.g. 410 Gone)",
+        [(Vec::new(), status.relists)],
+    );
+    counter_family(
+        registry,
+        "mesh_kubernetes_watch_errors",
+        "Failed watch or list requests",
+        [(Vec::new(), status.watch_errors)],
+    );
 }

@@ -20,6 +20,7 @@ use crate::{
 
 pub const READY_PORT: u16 = 15021;
 pub const ADMIN_PORT: u16 = 15000;
+pub const METRICS_PORT: u16 = 15020;
 
 pub struct Agent {
     process: Option<Guarded>,
@@ -39,8 +40,19 @@ impl Agent {
         agent
     }
 
+    /// Like [`Agent::start`], with extra environment variables.
+    pub fn start_with_env(node: &Node, config: &str, env: &[(&str, &str)]) -> Self {
+        let agent = Self::spawn_with_env(node, config, env);
+        agent.wait_ready();
+        agent
+    }
+
     /// Starts the agent without waiting for it.
     pub fn spawn(node: &Node, config: &str) -> Self {
+        Self::spawn_with_env(node, config, &[])
+    }
+
+    fn spawn_with_env(node: &Node, config: &str, env: &[(&str, &str)]) -> Self {
         let config_path = std::env::temp_dir().join(format!("{}.yaml", node.name));
         let log_path = std::env::temp_dir().join(format!("{}.log", node.name));
         std::fs::write(&config_path, config).expect("write config");
@@ -52,6 +64,7 @@ impl Agent {
             .arg("--pin-root")
             .arg(&node.pin_root)
             .env("MESH_LOG", "info,mesh_agent=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log);
         process::enter(&mut command, &node.netns.path(), None);
@@ -145,6 +158,24 @@ impl Agent {
         let (code, body) = self.http_get(ADMIN_PORT, "/stats").expect("GET /stats");
         assert_eq!(code, 200, "/stats: {body}");
         serde_json::from_str(&body).expect("stats JSON")
+    }
+
+    /// The agent's `/config_dump` JSON.
+    pub fn config_dump(&self) -> Value {
+        let (code, body) = self
+            .http_get(ADMIN_PORT, "/config_dump")
+            .expect("GET /config_dump");
+        assert_eq!(code, 200, "/config_dump: {body}");
+        serde_json::from_str(&body).expect("config_dump JSON")
+    }
+
+    /// The agent's `/metrics` text.
+    pub fn metrics(&self) -> String {
+        let (code, body) = self
+            .http_get(METRICS_PORT, "/metrics")
+            .expect("GET /metrics");
+        assert_eq!(code, 200, "/metrics: {body}");
+        body
     }
 
     /// A kernel counter from `/stats` (e.g. "captured").

@@ -71,10 +71,21 @@ impl Drop for Cgroup {
         // Children are dropped first by their owners; rmdir may race with
         // exiting processes, so retry briefly.
         for _ in 0..50 {
-            if fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+            if remove_tree(&self.path).is_ok() || !self.path.exists() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Removes a cgroup and the empty cgroups below it (kubelet-style layouts
+/// leave intermediate levels that no fixture owns), deepest first.
+fn remove_tree(path: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(path)?.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&entry.path())?;
+        }
+    }
+    fs::remove_dir(path)
 }

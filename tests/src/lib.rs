@@ -11,6 +11,7 @@
 //! `cargo xtask clean-test-env` can find leftovers.
 
 pub mod agent;
+pub mod apiserver;
 pub mod cgroup;
 pub mod netns;
 pub mod payload;

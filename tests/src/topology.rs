@@ -64,6 +64,12 @@ impl Node {
 
     /// Adds a pod called `name` (at most 13 characters: it names the veth).
     pub fn add_pod(&mut self, name: &str) -> &Pod {
+        self.add_pod_in_cgroup(name, name)
+    }
+
+    /// Adds a pod whose cgroup is `cgroup` (a path relative to the node's
+    /// cgroup; kubelet's layouts nest it several levels deep).
+    pub fn add_pod_in_cgroup(&mut self, name: &str, cgroup: &str) -> &Pod {
         let host_if = format!("p-{name}");
         assert!(
             host_if.len() <= 15,
@@ -71,7 +77,7 @@ impl Node {
         );
         let ip = Ipv4Addr::new(10, 10 + self.index, 0, 2 + self.pods.len() as u8);
         let netns = NetNs::create(&format!("{}-{name}", self.name));
-        let cgroup = self.cgroup.child(name);
+        let cgroup = self.cgroup.child(cgroup);
         crate::run(
             "ip",
             &[

@@ -12,9 +12,12 @@ use std::{
     time::Duration,
 };
 
+mod kubernetes;
 mod lines;
 
 use serde::{Deserialize, Serialize};
+
+pub use self::kubernetes::{KubernetesConfig, MESH_LABEL};
 
 use crate::{
     authz::Authorization,
@@ -64,6 +67,16 @@ pub struct Config {
     pub authorization: Authorization,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Learn workloads and services from the Kubernetes API server.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// Settings given on the command line rather than in the file (one
+/// ConfigMap serves every node of a DaemonSet; the node name differs).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub node_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,8 +140,14 @@ impl Default for HboneConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// This node's name; workloads without `node` run here.
+    /// This node's name; workloads without `node` run here. `run
+    /// --node-name` (or `NODE_NAME`) overrides it.
+    #[serde(default)]
     pub name: String,
+    /// This node's zone, for locality (from the Node object under
+    /// `kubernetes:`).
+    #[serde(default)]
+    pub zone: Option<String>,
     /// The cgroup v2 directory that contains every meshed pod's cgroup. The
     /// connection tracker (sock_ops) attaches here. Optional: without it the
     /// agent still captures and proxies, but does not track sockets.
@@ -248,6 +267,10 @@ pub struct EndpointConfig {
     /// The node it runs on; default: the node of the workload with this IP.
     #[serde(default)]
     pub node: Option<String>,
+    /// Its zone: with `locality: prefer`, endpoints in `node.zone` come
+    /// next after same-node ones.
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -265,19 +288,32 @@ fn default_weight() -> u32 {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, &Overrides::default())
+    }
+
+    /// Reads a config file, applies `overrides`, then validates.
+    pub fn load_with(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
             error,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse_with(&text, &path.display().to_string(), overrides)
     }
 
     /// Parses and validates YAML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: Config = serde_yaml::from_str(text).map_err(|error| ConfigError::Parse {
-            origin: origin.to_owned(),
-            message: error.to_string(),
-        })?;
+        Self::parse_with(text, origin, &Overrides::default())
+    }
+
+    fn parse_with(text: &str, origin: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config: Config =
+            serde_yaml::from_str(text).map_err(|error| ConfigError::Parse {
+                origin: origin.to_owned(),
+                message: error.to_string(),
+            })?;
+        if let Some(name) = &overrides.node_name {
+            config.node.name = name.clone();
+        }
         config
             .validate()
             .map_err(|(field, message)| ConfigError::Invalid {
@@ -293,7 +329,19 @@ impl Config {
     fn validate(&self) -> Result<(), (String, String)> {
         let fail = |field: String, message: String| Err((field, message));
         if self.node.name.is_empty() {
-            return fail("node.name".into(), "must not be empty".into());
+            return fail(
+                "node.name".into(),
+                "must not be empty (set it, or pass --node-name / NODE_NAME)".into(),
+            );
+        }
+        if let Some(kubernetes) = &self.kubernetes {
+            kubernetes.validate()?;
+            if !self.workloads.is_empty() || !self.services.is_empty() {
+                return fail(
+                    "kubernetes".into(),
+                    "workloads and services come from the API server; remove `workloads:` and `services:`".into(),
+                );
+            }
         }
         let proxy = &self.proxy;
         if proxy.outbound_port == 0 || proxy.inbound_port == 0 {

@@ -37,6 +37,7 @@ struct Member {
     weight: u32,
     subset: Option<String>,
     local: bool,
+    same_zone: bool,
 }
 
 pub struct ServiceBalancer {
@@ -80,6 +81,7 @@ impl ServiceBalancer {
                 weight: e.weight,
                 subset: e.subset.clone(),
                 local: e.local,
+                same_zone: e.same_zone,
             })
             .collect();
         let mut maglev = Vec::new();
@@ -253,7 +255,14 @@ impl ServiceBalancer {
         match self.locality {
             Locality::Off => candidates,
             Locality::Strict => local,
-            Locality::Prefer if local.is_empty() => candidates,
+            Locality::Prefer if local.is_empty() => {
+                let zone: Vec<usize> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|&i| self.members[i].same_zone)
+                    .collect();
+                if zone.is_empty() { candidates } else { zone }
+            }
             Locality::Prefer => local,
         }
     }

@@ -85,6 +85,10 @@ pub struct Endpoint {
     pub node: Option<String>,
     /// Runs on this node.
     pub local: bool,
+    /// The zone it runs in, when known.
+    pub zone: Option<String>,
+    /// Runs in this node's zone (both zones known and equal).
+    pub same_zone: bool,
 }
 
 /// What a captured connection's original destination means.
@@ -151,6 +155,26 @@ impl MeshState {
         ids
     }
 
+    /// The model of workloads and services learnt elsewhere (the API
+    /// server), with the node and policy from `config`.
+    pub fn from_parts(config: &Config, workloads: Vec<Workload>, services: Vec<Service>) -> Self {
+        Self::new(
+            config.node.name.clone(),
+            config.identity.trust_domain.clone(),
+            config.authorization.clone(),
+            workloads,
+            services,
+        )
+    }
+
+    /// Workloads and services are the same as `other`'s.
+    pub fn same_mesh(&self, other: &MeshState) -> bool {
+        self.workloads == other.workloads
+            && self.services == other.services
+            && self.authorization == other.authorization
+            && self.trust_domain == other.trust_domain
+    }
+
     /// Builds the model from a validated config file.
     pub fn from_config(config: &Config) -> Self {
         let node = &config.node;
@@ -214,6 +238,8 @@ impl MeshState {
                             subset: e.subset.clone(),
                             local: on_node.as_deref() == Some(node.name.as_str()),
                             node: on_node,
+                            same_zone: e.zone.is_some() && e.zone == node.zone,
+                            zone: e.zone.clone(),
                         }
                     })
                     .collect(),

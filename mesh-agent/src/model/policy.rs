@@ -25,7 +25,8 @@ pub enum Policy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Locality {
-    /// Same-node endpoints while any is available, then the rest.
+    /// Same-node endpoints while any is available, then same-zone ones,
+    /// then the rest.
     #[default]
     Prefer,
     /// Same-node endpoints only.

@@ -1,0 +1,305 @@
+//! Cluster records to the mesh model: which pods are meshed (and with which
+//! identity), which of them run here and where they are in the kernel, and
+//! each Service's VIP, ports and endpoints.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    path::PathBuf,
+};
+
+use serde::Serialize;
+
+use super::{
+    mapping::{self, KubepodsRoot, Route},
+    records::{
+        LOCALITY_ANNOTATION, POLICY_ANNOTATION, PodRecord, SPLITS_ANNOTATION, ServiceRecord,
+        TargetPort,
+    },
+    store::ClusterState,
+};
+use crate::model::{
+    Endpoint, LocalWorkload, Locality, Policy, Resilience, Service, ServicePort, Split, Workload,
+    WorkloadMode,
+};
+
+/// What the node offers for mapping pods to the kernel, read once per build.
+pub struct NodeView {
+    pub name: String,
+    pub kubepods: Result<KubepodsRoot, String>,
+    pub routes: Vec<Route>,
+    pub sys_class_net: PathBuf,
+}
+
+/// A meshed pod on this node that could not be found in the kernel.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Unmapped {
+    pub pod: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Built {
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub unmapped: Vec<Unmapped>,
+    /// Objects the model could not use as they are (bad annotations, IP
+    /// clashes), each naming the object and field.
+    pub problems: Vec<String>,
+    pub zone: Option<String>,
+}
+
+/// Builds workloads and services from what the watches hold.
+pub fn build(cluster: &ClusterState, node: &NodeView) -> Built {
+    let mut built = Built {
+        zone: cluster
+            .node
+            .live
+            .values()
+            .next()
+            .and_then(|n| n.zone.clone()),
+        ..Built::default()
+    };
+    // The node-local watch is the authority for pods here; the
+    // cluster-wide one for the rest.
+    let mut pods: BTreeMap<&str, &PodRecord> = cluster
+        .pods
+        .live
+        .iter()
+        .filter(|(_, p)| p.node != node.name)
+        .map(|(k, p)| (k.as_str(), p))
+        .collect();
+    pods.extend(cluster.local_pods.live.iter().map(|(k, p)| (k.as_str(), p)));
+
+    let namespace_meshed = |ns: &str| cluster.namespaces.live.get(ns).is_some_and(|n| n.opted_in);
+    let mut owner_of_ip: HashMap<Ipv4Addr, &str> = HashMap::new();
+    for (pod_key, pod) in &pods {
+        let meshed = !pod.host_network
+            && !pod.finished
+            && !pod.ips.is_empty()
+            && !pod.opted_out
+            && (pod.opted_in || namespace_meshed(&pod.namespace));
+        if !meshed {
+            continue;
+        }
+        if let Some(clash) = pod.ips.iter().find_map(|ip| owner_of_ip.get(ip)) {
+            built.problems.push(format!(
+                "pod {pod_key}: an IP of it is also the IP of pod {clash}; left out"
+            ));
+            continue;
+        }
+        let local = if pod.node == node.name {
+            match map_pod(pod, node) {
+                Ok(local) => Some(local),
+                Err(reason) => {
+                    built.unmapped.push(Unmapped {
+                        pod: pod_key.to_string(),
+                        reason,
+                    });
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let mode = match pod.mode.as_deref() {
+            None => WorkloadMode::default(),
+            Some(text) => annotation(text).unwrap_or_else(|message| {
+                built.problems.push(format!(
+                    "pod {pod_key}: annotation {}: {message}",
+                    super::records::MODE_ANNOTATION
+                ));
+                WorkloadMode::default()
+            }),
+        };
+        for ip in &pod.ips {
+            owner_of_ip.insert(*ip, pod_key);
+        }
+        built.workloads.push(Workload {
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: pod.service_account.clone(),
+            ips: pod.ips.clone(),
+            node: pod.node.clone(),
+            mode,
+            local,
+        });
+    }
+
+    for (service_key, service) in &cluster.services.live {
+        if let Some(service) = build_service(service_key, service, cluster, &pods, node, &mut built)
+        {
+            built.services.push(service);
+        }
+    }
+    built
+}
+
+fn map_pod(pod: &PodRecord, node: &NodeView) -> Result<LocalWorkload, String> {
+    // One interface per pod: every IP of it must route to the same one.
+    let mut interface = None;
+    for ip in &pod.ips {
+        let found = mapping::pod_interface(&node.routes, *ip, &node.sys_class_net)?;
+        match &interface {
+            Some(first) if *first != found => {
+                return Err(format!(
+                    "its IPs route to two interfaces ({first} and {found})"
+                ));
+            }
+            _ => interface = Some(found),
+        }
+    }
+    let kubepods = node.kubepods.as_ref().map_err(Clone::clone)?;
+    let cgroup = mapping::pod_cgroup(
+        kubepods,
+        &pod.uid,
+        pod.qos_class.as_deref(),
+        &pod.containers,
+    )?;
+    Ok(LocalWorkload {
+        interface: interface.expect("a meshed pod has an IP"),
+        cgroup: Some(cgroup.path),
+    })
+}
+
+fn build_service(
+    service_key: &str,
+    service: &ServiceRecord,
+    cluster: &ClusterState,
+    pods: &BTreeMap<&str, &PodRecord>,
+    node: &NodeView,
+    built: &mut Built,
+) -> Option<Service> {
+    let vip = service.vip?;
+    let slices: Vec<_> = cluster
+        .slices
+        .live
+        .values()
+        .filter(|s| s.service == service_key)
+        .collect();
+    let ports: Vec<ServicePort> = service
+        .ports
+        .iter()
+        .filter_map(|p| {
+            // The slices carry the resolved target port under the
+            // service port's name, named target ports included.
+            let resolved = slices.iter().find_map(|s| s.ports.get(&p.name).copied());
+            let target_port = match (&p.target, resolved) {
+                (_, Some(port)) => port,
+                (TargetPort::Number(port), None) => *port,
+                (TargetPort::Name(_), None) => return None,
+            };
+            Some(ServicePort {
+                port: p.port,
+                target_port,
+            })
+        })
+        .collect();
+    if ports.is_empty() {
+        return None;
+    }
+    let pod_by_ip: HashMap<Ipv4Addr, &PodRecord> = pods
+        .values()
+        .flat_map(|p| p.ips.iter().map(move |ip| (*ip, *p)))
+        .collect();
+    let mut endpoints: Vec<Endpoint> = Vec::new();
+    for endpoint in slices.iter().flat_map(|s| &s.endpoints) {
+        let pod = endpoint
+            .pod
+            .as_deref()
+            .and_then(|k| pods.get(k).copied())
+            .or_else(|| {
+                endpoint
+                    .ips
+                    .first()
+                    .and_then(|ip| pod_by_ip.get(ip).copied())
+            });
+        for ip in &endpoint.ips {
+            if endpoints.iter().any(|e| e.ip == *ip) {
+                continue;
+            }
+            let zone = endpoint.zone.clone();
+            endpoints.push(Endpoint {
+                ip: *ip,
+                weight: 1,
+                subset: pod.and_then(|p| p.version.clone()),
+                local: endpoint.node.as_deref() == Some(node.name.as_str()),
+                node: endpoint.node.clone(),
+                same_zone: zone.is_some() && zone == built.zone,
+                zone,
+            });
+        }
+    }
+    let mut problem = |field: &str, message: String| {
+        built.problems.push(format!(
+            "service {service_key}: annotation {field}: {message}"
+        ));
+    };
+    let policy = service
+        .annotations
+        .get(POLICY_ANNOTATION)
+        .and_then(|text| {
+            annotation::<Policy>(text)
+                .map_err(|m| problem(POLICY_ANNOTATION, m))
+                .ok()
+        })
+        .unwrap_or_default();
+    let locality = service
+        .annotations
+        .get(LOCALITY_ANNOTATION)
+        .and_then(|text| {
+            annotation::<Locality>(text)
+                .map_err(|m| problem(LOCALITY_ANNOTATION, m))
+                .ok()
+        })
+        .unwrap_or_default();
+    let splits = service
+        .annotations
+        .get(SPLITS_ANNOTATION)
+        .and_then(|text| {
+            parse_splits(text)
+                .map_err(|m| problem(SPLITS_ANNOTATION, m))
+                .ok()
+        })
+        .unwrap_or_default();
+    Some(Service {
+        name: service.name.clone(),
+        namespace: service.namespace.clone(),
+        vip,
+        ports,
+        endpoints,
+        policy,
+        locality,
+        splits,
+        resilience: Resilience::default(),
+    })
+}
+
+/// An annotation value as one of the config's enum values.
+fn annotation<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    serde_yaml::from_str(text.trim()).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// `v1=90,v2=10`.
+fn parse_splits(text: &str) -> Result<Vec<Split>, String> {
+    let splits = text
+        .split(',')
+        .map(|part| {
+            let (subset, weight) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?} is not version=weight"))?;
+            let weight = weight
+                .trim()
+                .parse()
+                .map_err(|_| format!("{weight:?} is not a weight"))?;
+            Ok(Split {
+                subset: subset.trim().to_owned(),
+                weight,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if splits.iter().all(|s| s.weight == 0) {
+        return Err("at least one weight must be above 0".into());
+    }
+    Ok(splits)
+}
