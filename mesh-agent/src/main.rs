@@ -93,6 +93,13 @@ enum Command {
         #[arg(long)]
         svg: bool,
     },
+    /// Create the mesh's CA (a new root) in DIR, or keep the one there:
+    /// `ca-cert.pem`, `ca-key.pem` and `root-cert.pem`, for the
+    /// `mesh-agent-ca` secret of a Kubernetes install.
+    CaInit {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Check this kernel: every feature the agent needs (program and map
     /// types, helpers, attach modes) and whether each program passes the
     /// verifier. Exits 1 when the agent could not run here.
@@ -163,6 +170,9 @@ fn main() -> ExitCode {
             Command::Graph { admin, svg } => cli::graph(admin, svg),
             Command::Inspect { pin_root } => cli::inspect(&pin_root),
             Command::Probe { json } => cli::probe(json),
+            Command::CaInit { dir } => mesh_agent::identity::EmbeddedCa::load_or_create(&dir)
+                .map(|_| println!("CA in {}", dir.display()))
+                .map_err(Into::into),
         }
     });
     match result {

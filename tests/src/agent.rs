@@ -22,6 +22,14 @@ pub const READY_PORT: u16 = 15021;
 pub const ADMIN_PORT: u16 = 15000;
 pub const METRICS_PORT: u16 = 15020;
 
+/// How to start an agent beyond its config.
+#[derive(Default)]
+pub struct Launch<'a> {
+    pub env: &'a [(&'a str, &'a str)],
+    /// Only these capabilities (setpriv names: `bpf`, `net_admin`, ...).
+    pub capabilities: Option<&'a [&'a str]>,
+}
+
 pub struct Agent {
     process: Option<Guarded>,
     pub pin_root: PathBuf,
@@ -40,31 +48,51 @@ impl Agent {
         agent
     }
 
-    /// Like [`Agent::start`], with extra environment variables.
-    pub fn start_with_env(node: &Node, config: &str, env: &[(&str, &str)]) -> Self {
-        let agent = Self::spawn_with_env(node, config, env);
+    /// Like [`Agent::start`], launched as `launch` says.
+    pub fn start_with(node: &Node, config: &str, launch: &Launch) -> Self {
+        let agent = Self::spawn_with(node, config, launch);
         agent.wait_ready();
         agent
     }
 
     /// Starts the agent without waiting for it.
     pub fn spawn(node: &Node, config: &str) -> Self {
-        Self::spawn_with_env(node, config, &[])
+        Self::spawn_with(node, config, &Launch::default())
     }
 
-    fn spawn_with_env(node: &Node, config: &str, env: &[(&str, &str)]) -> Self {
+    fn spawn_with(node: &Node, config: &str, launch: &Launch) -> Self {
         let config_path = std::env::temp_dir().join(format!("{}.yaml", node.name));
         let log_path = std::env::temp_dir().join(format!("{}.log", node.name));
         std::fs::write(&config_path, config).expect("write config");
         let log = std::fs::File::create(&log_path).expect("create log");
-        let mut command = Command::new(mesh_agent_bin());
+        let mut command = match launch.capabilities {
+            // Root, but with only these capabilities: what a container
+            // with `capabilities: {drop: [ALL], add: [...]}` gets.
+            Some(capabilities) => {
+                let set = format!(
+                    "-all,{}",
+                    capabilities
+                        .iter()
+                        .map(|c| format!("+{c}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+                // Root's permitted set after exec is the bounding set.
+                let mut command = Command::new("setpriv");
+                command
+                    .args(["--bounding-set", &set, "--"])
+                    .arg(mesh_agent_bin());
+                command
+            }
+            None => Command::new(mesh_agent_bin()),
+        };
         command
             .args(["run", "--config"])
             .arg(&config_path)
             .arg("--pin-root")
             .arg(&node.pin_root)
             .env("MESH_LOG", "info,mesh_agent=debug")
-            .envs(env.iter().copied())
+            .envs(launch.env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log);
         process::enter(&mut command, &node.netns.path(), None);

@@ -21,10 +21,37 @@ const PACKAGES: &[(&str, &str)] = &[
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The Kubernetes schema validator the manifest tests run.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
 pub fn install_all() -> anyhow::Result<()> {
     install_packages()?;
     install_toolchain()?;
+    install_kubernetes_validate()?;
     mount_bpffs()
+}
+
+/// `kubernetes-validate` from PyPI, with the machine's Python.
+fn install_kubernetes_validate() -> anyhow::Result<()> {
+    let version =
+        output("python3", &["-m", "kubernetes_validate", "--version"]).unwrap_or_default();
+    let wanted = KUBERNETES_VALIDATE.trim_start_matches("kubernetes-validate==");
+    if version.contains(wanted) {
+        return Ok(());
+    }
+    println!("installing {KUBERNETES_VALIDATE}");
+    status(
+        "python3",
+        &[
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+            KUBERNETES_VALIDATE,
+        ],
+    )
 }
 
 /// rust-src (to build `core` for the BPF target) and bpf-linker.

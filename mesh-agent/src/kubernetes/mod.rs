@@ -48,6 +48,16 @@ use crate::config::KubernetesConfig;
 
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
+/// `(API group, resource)` of everything watched: what the ClusterRole in
+/// `deploy/` must grant (get, list, watch), and no more.
+pub const WATCHED: &[(&str, &str)] = &[
+    ("", "namespaces"),
+    ("", "nodes"),
+    ("", "pods"),
+    ("", "services"),
+    ("discovery.k8s.io", "endpointslices"),
+];
+
 /// The watches and what they hold.
 pub struct KubeSource {
     shared: Arc<Shared>,
