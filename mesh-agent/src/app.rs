@@ -534,8 +534,11 @@ fn stats(view: &AgentView) -> serde_json::Value {
 }
 
 /// Loading parses the kernel's BTF (several MB of types) for relocations;
-/// the allocator keeps the freed pages unless asked to give them back.
+/// glibc's allocator keeps the freed pages unless asked to give them back.
+/// (musl, of the static image, returns them by itself and has no
+/// malloc_trim.)
 fn release_load_memory() {
+    #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free heap memory.
     unsafe {
         libc::malloc_trim(0);

@@ -564,7 +564,6 @@ fn agent_follows_services_and_endpoints_from_the_api_server() {
     for (name, uid) in uids {
         api.apply(pod(name, uid, &node.name, node.pod(name).ip, None));
     }
-    api.apply(objects::service("shop", "echo", VIP, 80, "http"));
     let slice = |pods: &[&str]| {
         let endpoints: Vec<(Ipv4Addr, &str, &str)> = pods
             .iter()
@@ -572,9 +571,7 @@ fn agent_follows_services_and_endpoints_from_the_api_server() {
             .collect();
         objects::endpoint_slice("shop", "echo-1", "echo", 8080, &endpoints)
     };
-    api.apply(slice(&["ka"]));
 
-    // One ConfigMap for every node: the node name comes from NODE_NAME.
     let config = format!(
         "node: {{}}\nidentity: {{ ca_dir: {} }}\nkubernetes: {{ api_server: {url}, cgroup_root: {} }}\n",
         node.ca_dir.display(),
@@ -593,6 +590,13 @@ fn agent_follows_services_and_endpoints_from_the_api_server() {
         },
     );
     let client = node.pod("kc");
+    // The Service and its EndpointSlice appear: traffic flows.
+    assert!(
+        client.try_connect(vip(), Connect::default()).is_err(),
+        "no service yet"
+    );
+    api.apply(objects::service("shop", "echo", VIP, 80, "http"));
+    api.apply(slice(&["ka"]));
     let connect = || {
         client.connect(
             vip(),
@@ -602,7 +606,14 @@ fn agent_follows_services_and_endpoints_from_the_api_server() {
             },
         )
     };
+    eventually("traffic to ka", || {
+        client
+            .try_connect(vip(), Connect::default())
+            .is_ok_and(|r| answered_by(&r) == ["ka"])
+    });
     assert_eq!(answered_by(&connect()), vec!["ka"; 20]);
+    // A connection open across every change below, outage included.
+    let held = client.hold(vip());
 
     // The model shows each pod's interface and kubelet cgroup.
     let dump = agent.config_dump();
@@ -650,6 +661,12 @@ fn agent_follows_services_and_endpoints_from_the_api_server() {
         metric(&agent, "mesh_kubernetes_connected") == 1.0
     });
 
+    let report = held.release();
+    assert!(
+        report.get("error").is_none(),
+        "held connection broke: {report}"
+    );
+
     // The namespace opts out: the pods leave the mesh, and the kernel
     // stops steering them.
     assert!(
@@ -666,4 +683,77 @@ fn agent_follows_services_and_endpoints_from_the_api_server() {
             .is_empty()
     });
     drop(servers);
+}
+
+/// Two nodes, both fed by the fixture: the client's agent learns the
+/// remote endpoint's identity from its pod's service account and opens
+/// HBONE mutual TLS to it; the server's agent sees the client's.
+#[test]
+fn cross_node_identities_come_from_service_accounts() {
+    let mut n1 = Node::new("kx", 1);
+    let mut n2 = Node::new("kx", 2);
+    n1.add_pod_in_cgroup("kc", &besteffort_cgroup("uid-kc"));
+    n2.add_pod_in_cgroup("ks", &besteffort_cgroup("uid-ks"));
+    mesh_tests::topology::connect(&mut n1, &mut n2);
+    n2.share_ca_with(&n1);
+    let _server = n2.pod("ks").serve(8080, "ks", false);
+    let api = ApiServer::new();
+    api.apply(objects::namespace("shop", true));
+    for node in [&n1, &n2] {
+        api.apply(objects::node(&node.name, "zone-a"));
+    }
+    let mut client = pod("kc", "uid-kc", &n1.name, n1.pod("kc").ip, None);
+    client["spec"]["serviceAccountName"] = "frontend".into();
+    api.apply(client);
+    let mut server = pod("ks", "uid-ks", &n2.name, n2.pod("ks").ip, None);
+    server["spec"]["serviceAccountName"] = "api".into();
+    api.apply(server);
+    api.apply(objects::service("shop", "echo", VIP, 80, "http"));
+    api.apply(objects::endpoint_slice(
+        "shop",
+        "echo-1",
+        "echo",
+        8080,
+        &[(n2.pod("ks").ip, n2.name.as_str(), "ks")],
+    ));
+    let start = |node: &Node| {
+        let url = api.listen(Some(&node.netns));
+        let config = format!(
+            "node: {{ uplinks: [{}] }}\nidentity: {{ ca_dir: {} }}\nkubernetes: {{ api_server: {url}, cgroup_root: {} }}\n",
+            node.uplinks.join(", "),
+            node.ca_dir.display(),
+            node.cgroup.path().display()
+        );
+        Agent::start_with(
+            node,
+            &config,
+            &Launch {
+                env: &[("NODE_NAME", node.name.as_str())],
+                capabilities: None,
+            },
+        )
+    };
+    // Node 1's agent creates the shared CA; node 2's loads it.
+    let agent1 = start(&n1);
+    let agent2 = start(&n2);
+    let reports = n1.pod("kc").connect(
+        vip(),
+        Connect {
+            count: 3,
+            ..Default::default()
+        },
+    );
+    assert_eq!(answered_by(&reports), vec!["ks"; 3]);
+    let inbound = &agent2.stats()["inbound"];
+    assert_eq!(inbound["streams"], 3, "not over HBONE: {inbound}");
+    let certificates = agent1.stats()["certificates"].to_string();
+    assert!(
+        certificates.contains("spiffe://cluster.local/ns/shop/sa/frontend"),
+        "{certificates}"
+    );
+    let server_log = agent2.log();
+    assert!(
+        server_log.contains("spiffe://cluster.local/ns/shop/sa/frontend"),
+        "the server's agent did not see the client's identity:\n{server_log}"
+    );
 }

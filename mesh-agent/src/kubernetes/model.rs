@@ -13,14 +13,13 @@ use serde::Serialize;
 use super::{
     mapping::{self, KubepodsRoot, Route},
     records::{
-        LOCALITY_ANNOTATION, POLICY_ANNOTATION, PodRecord, SPLITS_ANNOTATION, ServiceRecord,
-        TargetPort,
+        LOCALITY_ANNOTATION, MODE_ANNOTATION, POLICY_ANNOTATION, PodRecord, SPLITS_ANNOTATION,
+        ServiceRecord, TargetPort,
     },
     store::ClusterState,
 };
 use crate::model::{
-    Endpoint, LocalWorkload, Locality, Policy, Resilience, Service, ServicePort, Split, Workload,
-    WorkloadMode,
+    Endpoint, LocalWorkload, Resilience, Service, ServicePort, Split, Workload, WorkloadMode,
 };
 
 /// What the node offers for mapping pods to the kernel, read once per build.
@@ -102,16 +101,12 @@ pub fn build(cluster: &ClusterState, node: &NodeView) -> Built {
         } else {
             None
         };
-        let mode = match pod.mode.as_deref() {
-            None => WorkloadMode::default(),
-            Some(text) => annotation(text).unwrap_or_else(|message| {
-                built.problems.push(format!(
-                    "pod {pod_key}: annotation {}: {message}",
-                    super::records::MODE_ANNOTATION
-                ));
-                WorkloadMode::default()
-            }),
-        };
+        let mode: WorkloadMode = parse_annotation(
+            pod.mode.as_deref(),
+            annotation,
+            &format!("pod {pod_key}: annotation {MODE_ANNOTATION}"),
+            &mut built.problems,
+        );
         for ip in &pod.ips {
             owner_of_ip.insert(*ip, pod_key);
         }
@@ -230,38 +225,25 @@ fn build_service(
             });
         }
     }
-    let mut problem = |field: &str, message: String| {
-        built.problems.push(format!(
-            "service {service_key}: annotation {field}: {message}"
-        ));
-    };
-    let policy = service
-        .annotations
-        .get(POLICY_ANNOTATION)
-        .and_then(|text| {
-            annotation::<Policy>(text)
-                .map_err(|m| problem(POLICY_ANNOTATION, m))
-                .ok()
-        })
-        .unwrap_or_default();
-    let locality = service
-        .annotations
-        .get(LOCALITY_ANNOTATION)
-        .and_then(|text| {
-            annotation::<Locality>(text)
-                .map_err(|m| problem(LOCALITY_ANNOTATION, m))
-                .ok()
-        })
-        .unwrap_or_default();
-    let splits = service
-        .annotations
-        .get(SPLITS_ANNOTATION)
-        .and_then(|text| {
-            parse_splits(text)
-                .map_err(|m| problem(SPLITS_ANNOTATION, m))
-                .ok()
-        })
-        .unwrap_or_default();
+    let setting = |name: &str| service.annotations.get(name).map(String::as_str);
+    let policy = parse_annotation(
+        setting(POLICY_ANNOTATION),
+        annotation,
+        &format!("service {service_key}: annotation {POLICY_ANNOTATION}"),
+        &mut built.problems,
+    );
+    let locality = parse_annotation(
+        setting(LOCALITY_ANNOTATION),
+        annotation,
+        &format!("service {service_key}: annotation {LOCALITY_ANNOTATION}"),
+        &mut built.problems,
+    );
+    let splits = parse_annotation(
+        setting(SPLITS_ANNOTATION),
+        parse_splits,
+        &format!("service {service_key}: annotation {SPLITS_ANNOTATION}"),
+        &mut built.problems,
+    );
     Some(Service {
         name: service.name.clone(),
         namespace: service.namespace.clone(),
@@ -273,6 +255,24 @@ fn build_service(
         splits,
         resilience: Resilience::default(),
     })
+}
+
+/// An annotation's value parsed, or the default when it is absent or bad
+/// (then a problem is recorded under `what`).
+fn parse_annotation<T: Default>(
+    value: Option<&str>,
+    parse: impl Fn(&str) -> Result<T, String>,
+    what: &str,
+    problems: &mut Vec<String>,
+) -> T {
+    match value.map(parse) {
+        None => T::default(),
+        Some(Ok(value)) => value,
+        Some(Err(message)) => {
+            problems.push(format!("{what}: {message}"));
+            T::default()
+        }
+    }
 }
 
 /// An annotation value as one of the config's enum values.
@@ -302,4 +302,38 @@ fn parse_splits(text: &str) -> Result<Vec<Split>, String> {
         return Err("at least one weight must be above 0".into());
     }
     Ok(splits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Locality, Policy};
+
+    #[test]
+    fn splits_annotation_parses_and_names_what_is_wrong() {
+        let splits = parse_splits("v1=90, v2 = 10").unwrap();
+        assert_eq!(
+            splits,
+            vec![
+                Split {
+                    subset: "v1".into(),
+                    weight: 90
+                },
+                Split {
+                    subset: "v2".into(),
+                    weight: 10
+                }
+            ]
+        );
+        assert!(parse_splits("v1:90").unwrap_err().contains("\"v1:90\""));
+        assert!(parse_splits("v1=x").unwrap_err().contains("\"x\""));
+        assert!(parse_splits("v1=0").unwrap_err().contains("above 0"));
+    }
+
+    #[test]
+    fn enum_annotations_take_the_config_spelling() {
+        assert_eq!(annotation::<Policy>("round_robin"), Ok(Policy::RoundRobin));
+        assert_eq!(annotation::<Locality>(" strict "), Ok(Locality::Strict));
+        assert!(annotation::<WorkloadMode>("lenient").is_err());
+    }
 }
