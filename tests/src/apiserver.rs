@@ -128,11 +128,11 @@ impl ApiServer {
         self.changed();
     }
 
-    /// Forgets the history so far: a watch resuming from an older version
-    /// gets 410 Gone and must list again.
+    /// Forgets the history so far: a watch resuming from a version older
+    /// than the current one gets 410 Gone and must list again.
     pub fn compact(&self) {
         let mut state = self.lock();
-        state.compacted_below = state.resource_version + 1;
+        state.compacted_below = state.resource_version;
         state.history.clear();
     }
 

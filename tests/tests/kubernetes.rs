@@ -250,13 +250,15 @@ async fn watch_follows_the_cluster_through_relists_and_outages() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(endpoint_ips(&source.build().unwrap(), "api"), [B_IP, C_IP]);
 
-    // History compacted and every connection cut: the watches resume from a
-    // version the server no longer has, get 410 Gone and list again. An
-    // object deleted meanwhile must disappear (only a list can tell).
+    // Connections cut; while they are down an object is deleted and the
+    // history compacted: the watches resume from a version the server no
+    // longer has, get 410 Gone and list again, and the deletion (which only
+    // a list can tell now) takes effect.
     let relists = source.status().relists;
-    api.compact();
+    api.set_down(true);
     api.delete("EndpointSlice", "shop", "api-1");
-    api.drop_connections();
+    api.compact();
+    api.set_down(false);
     until(&source, "re-list after 410 Gone", |b| {
         endpoint_ips(b, "api").is_empty()
     })
@@ -637,14 +639,34 @@ fn agent_follows_services_and_endpoints_from_the_api_server() {
         answered_by(&connect()) == vec!["kb"; 20]
     });
 
-    // A 410 Gone and a cut connection in between: still followed.
-    api.compact();
-    api.drop_connections();
+    // Connections cut, a change and a compaction while they are down: the
+    // watches get 410 Gone, list again and follow.
+    api.set_down(true);
     api.apply(slice(&["ka", "kb"]));
+    api.compact();
+    api.set_down(false);
     eventually("traffic to both", || {
         let by = answered_by(&connect());
         by.contains(&"ka".to_owned()) && by.contains(&"kb".to_owned())
     });
+
+    // Every one of the six watches missed the compacted history.
+    eventually("every watch listed again", || {
+        metric(&agent, "mesh_kubernetes_relists_total") == 6.0
+    });
+    // A cut alone resumes without a list.
+    let relists = metric(&agent, "mesh_kubernetes_relists_total");
+    api.drop_connections();
+    api.apply(slice(&["ka"]));
+    eventually("traffic to ka again", || {
+        answered_by(&connect()) == vec!["ka"; 20]
+    });
+    api.apply(slice(&["ka", "kb"]));
+    eventually("traffic to both again", || {
+        let by = answered_by(&connect());
+        by.contains(&"ka".to_owned()) && by.contains(&"kb".to_owned())
+    });
+    assert_eq!(metric(&agent, "mesh_kubernetes_relists_total"), relists);
 
     // The API server goes away: traffic still flows on the last state, and
     // readiness and metrics say so.

@@ -14,7 +14,7 @@ use super::{
     mapping::{self, KubepodsRoot, Route},
     records::{
         LOCALITY_ANNOTATION, MODE_ANNOTATION, POLICY_ANNOTATION, PodRecord, SPLITS_ANNOTATION,
-        ServiceRecord, TargetPort,
+        ServiceRecord, SliceRecord, TargetPort,
     },
     store::ClusterState,
 };
@@ -121,13 +121,40 @@ pub fn build(cluster: &ClusterState, node: &NodeView) -> Built {
         });
     }
 
+    // Indexes built once, not per service: endpoints without a targetRef
+    // are matched to their pod by IP, and slices to their service.
+    let by_ip: HashMap<Ipv4Addr, &PodRecord> = pods
+        .values()
+        .flat_map(|p| p.ips.iter().map(move |ip| (*ip, *p)))
+        .collect();
+    let pods = PodIndex {
+        by_key: &pods,
+        by_ip: &by_ip,
+    };
+    let mut slices: HashMap<&str, Vec<&SliceRecord>> = HashMap::new();
+    for slice in cluster.slices.live.values() {
+        slices
+            .entry(slice.service.as_str())
+            .or_default()
+            .push(slice);
+    }
     for (service_key, service) in &cluster.services.live {
-        if let Some(service) = build_service(service_key, service, cluster, &pods, node, &mut built)
+        let slices = slices
+            .get(service_key.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if let Some(service) = build_service(service_key, service, slices, &pods, node, &mut built)
         {
             built.services.push(service);
         }
     }
     built
+}
+
+/// The pods behind endpoints, found by `namespace/name` or by IP.
+struct PodIndex<'a> {
+    by_key: &'a BTreeMap<&'a str, &'a PodRecord>,
+    by_ip: &'a HashMap<Ipv4Addr, &'a PodRecord>,
 }
 
 fn map_pod(pod: &PodRecord, node: &NodeView) -> Result<LocalWorkload, String> {
@@ -160,18 +187,12 @@ fn map_pod(pod: &PodRecord, node: &NodeView) -> Result<LocalWorkload, String> {
 fn build_service(
     service_key: &str,
     service: &ServiceRecord,
-    cluster: &ClusterState,
-    pods: &BTreeMap<&str, &PodRecord>,
+    slices: &[&SliceRecord],
+    pods: &PodIndex,
     node: &NodeView,
     built: &mut Built,
 ) -> Option<Service> {
     let vip = service.vip?;
-    let slices: Vec<_> = cluster
-        .slices
-        .live
-        .values()
-        .filter(|s| s.service == service_key)
-        .collect();
     let ports: Vec<ServicePort> = service
         .ports
         .iter()
@@ -193,21 +214,17 @@ fn build_service(
     if ports.is_empty() {
         return None;
     }
-    let pod_by_ip: HashMap<Ipv4Addr, &PodRecord> = pods
-        .values()
-        .flat_map(|p| p.ips.iter().map(move |ip| (*ip, *p)))
-        .collect();
     let mut endpoints: Vec<Endpoint> = Vec::new();
     for endpoint in slices.iter().flat_map(|s| &s.endpoints) {
         let pod = endpoint
             .pod
             .as_deref()
-            .and_then(|k| pods.get(k).copied())
+            .and_then(|k| pods.by_key.get(k).copied())
             .or_else(|| {
                 endpoint
                     .ips
                     .first()
-                    .and_then(|ip| pod_by_ip.get(ip).copied())
+                    .and_then(|ip| pods.by_ip.get(ip).copied())
             });
         for ip in &endpoint.ips {
             if endpoints.iter().any(|e| e.ip == *ip) {
