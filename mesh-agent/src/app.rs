@@ -36,6 +36,7 @@ use crate::{
     kubernetes::{KubeSource, KubeStatus, mapping, model::Unmapped},
     lb::Registry,
     live::Live,
+    memory,
     metrics::Metrics,
     model::MeshState,
     proxy::{self, Outbound, OutboundSettings, OutboundStats, Routes},
@@ -130,7 +131,8 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         uplinks: &config.node.uplinks,
     })?;
     report_problems(dataplane.sync(&state)?);
-    release_load_memory();
+    // Loading parsed the kernel's BTF (several MB of types) for relocations.
+    memory::release();
 
     let tracker = TaskTracker::new();
     let stats = Arc::new(OutboundStats::default());
@@ -141,6 +143,19 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         tokio::sync::watch::channel(Arc::new(Routes::new(state, &registry)));
 
     let inbound_stats = Arc::new(InboundStats::default());
+    tokio::spawn(memory::release_when_quiet(
+        {
+            let (outbound, inbound) = (stats.clone(), inbound_stats.clone());
+            move || {
+                let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                load(&outbound.accepted)
+                    + load(&outbound.active)
+                    + load(&inbound.connections)
+                    + load(&inbound.streams)
+            }
+        },
+        stop.clone(),
+    ));
     let metrics = Arc::new(Metrics::default());
     metrics.set_labels(&config.metrics.labels);
     let sinks = Arc::new(Sinks {
@@ -530,17 +545,5 @@ fn stats(view: &AgentView) -> serde_json::Value {
             "services": services,
             "kernel": kernel,
         })
-    }
-}
-
-/// Loading parses the kernel's BTF (several MB of types) for relocations;
-/// glibc's allocator keeps the freed pages unless asked to give them back.
-/// (musl, of the static image, returns them by itself and has no
-/// malloc_trim.)
-fn release_load_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free heap memory.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

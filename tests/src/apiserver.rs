@@ -151,6 +151,11 @@ impl ApiServer {
         self.changed();
     }
 
+    /// The current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.lock().resource_version
+    }
+
     /// The request lines served so far.
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()

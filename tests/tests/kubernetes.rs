@@ -245,10 +245,29 @@ async fn watch_follows_the_cluster_through_relists_and_outages() {
     api.delete("Pod", "shop", "b");
     until(&source, "pod b deleted", |b| workload(b, "b").is_none()).await;
 
-    // A bookmark changes nothing.
+    // A bookmark is taken (not an error) and changes nothing.
+    let before = source.status();
     api.bookmark();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(endpoint_ips(&source.build().unwrap(), "api"), [B_IP, C_IP]);
+    let after = source.status();
+    assert_eq!(after.watch_errors, before.watch_errors, "{after:?}");
+    // ... and used: after a cut, the namespace watch (whose last event is
+    // older) resumes from the bookmark's version.
+    let bookmarked = api.resource_version();
+    api.drop_connections();
+    let resumed = format!("resourceVersion={bookmarked}");
+    let start = Instant::now();
+    while !api.requests().iter().any(|r| {
+        r.contains("/api/v1/namespaces?") && r.contains("watch=true") && r.contains(&resumed)
+    }) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:#?}",
+            api.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Connections cut; while they are down an object is deleted and the
     // history compacted: the watches resume from a version the server no

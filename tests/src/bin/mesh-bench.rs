@@ -380,7 +380,9 @@ impl Bench {
     /// node, so each costs the agent both of its sockets).
     fn memory(&self, count: usize) -> anyhow::Result<Value> {
         let agent = self.agents[0].pid();
-        std::thread::sleep(Duration::from_millis(500));
+        // Idle means after the traffic: the agent gives freed heap back
+        // once it has been quiet for a check period (5 s) after activity.
+        std::thread::sleep(Duration::from_secs(11));
         let idle = rss_bytes(agent);
         let case = &CASES[1];
         let mut command = self.pod(case.client).command(&std::env::current_exe()?);
