@@ -48,7 +48,9 @@ enum Task {
     Demo,
     /// The benchmark: release build, two simulated nodes, meshed versus
     /// plain pods (iperf3, sockperf, connection rate, agent CPU and memory);
-    /// table and JSON in target/bench.
+    /// table and JSON in target/bench. `--smoke` uses the tests' debug
+    /// build instead (it checks the bench runs; its figures are not
+    /// comparable).
     Bench {
         /// Every case once, for a few seconds (what CI runs).
         #[arg(long)]
@@ -141,8 +143,11 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { smoke, args } => {
             prereqs::install_all()?;
             prereqs::install_bench_packages()?;
-            build(&root, true)?;
-            let mut command = Command::new(root.join("target/release/mesh-bench"));
+            // The smoke run only proves the bench works: the tests' debug
+            // build spares CI a second, release, build of everything.
+            build(&root, !smoke)?;
+            let profile = if smoke { "debug" } else { "release" };
+            let mut command = Command::new(root.join(format!("target/{profile}/mesh-bench")));
             command
                 .current_dir(&root)
                 .arg("--out")

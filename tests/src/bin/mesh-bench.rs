@@ -547,6 +547,9 @@ fn report(
         "kernel": release,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "rounds": rounds,
+        // A smoke run uses the tests' debug build: it proves the bench
+        // runs, and its figures are not comparable with release runs.
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
         "seconds_per_run": seconds,
         "idle_connections": idle,
         "elapsed_s": elapsed.as_secs_f64(),
@@ -564,8 +567,9 @@ fn report(
 
 fn markdown(report: &Value) -> String {
     let mut out = format!(
-        "Benchmark {} · kernel {} · {} cores · {} round(s) of {} s, medians\n\n",
+        "Benchmark {} · {} build · kernel {} · {} cores · {} round(s) of {} s, medians\n\n",
         report["date"].as_str().unwrap_or(""),
+        report["build"].as_str().unwrap_or(""),
         report["kernel"].as_str().unwrap_or(""),
         report["cores"],
         report["rounds"],
