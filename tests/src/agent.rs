@@ -22,6 +22,20 @@ pub const READY_PORT: u16 = 15021;
 pub const ADMIN_PORT: u16 = 15000;
 pub const METRICS_PORT: u16 = 15020;
 
+/// The value of the sample `name` in metrics `text` whose labels include
+/// all of `labels`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.split(['{', ' ']).next() == Some(name))
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
 /// How to start an agent beyond its config.
 #[derive(Default)]
 pub struct Launch<'a> {
@@ -181,29 +195,28 @@ impl Agent {
         })
     }
 
+    /// The body of a GET that must answer 200.
+    fn get_ok(&self, port: u16, path: &str) -> String {
+        let (code, body) = self
+            .http_get(port, path)
+            .unwrap_or_else(|| panic!("GET {path}: no answer"));
+        assert_eq!(code, 200, "{path}: {body}");
+        body
+    }
+
     /// The agent's `/stats` JSON.
     pub fn stats(&self) -> Value {
-        let (code, body) = self.http_get(ADMIN_PORT, "/stats").expect("GET /stats");
-        assert_eq!(code, 200, "/stats: {body}");
-        serde_json::from_str(&body).expect("stats JSON")
+        serde_json::from_str(&self.get_ok(ADMIN_PORT, "/stats")).expect("stats JSON")
     }
 
     /// The agent's `/config_dump` JSON.
     pub fn config_dump(&self) -> Value {
-        let (code, body) = self
-            .http_get(ADMIN_PORT, "/config_dump")
-            .expect("GET /config_dump");
-        assert_eq!(code, 200, "/config_dump: {body}");
-        serde_json::from_str(&body).expect("config_dump JSON")
+        serde_json::from_str(&self.get_ok(ADMIN_PORT, "/config_dump")).expect("config_dump JSON")
     }
 
     /// The agent's `/metrics` text.
     pub fn metrics(&self) -> String {
-        let (code, body) = self
-            .http_get(METRICS_PORT, "/metrics")
-            .expect("GET /metrics");
-        assert_eq!(code, 200, "/metrics: {body}");
-        body
+        self.get_ok(METRICS_PORT, "/metrics")
     }
 
     /// A kernel counter from `/stats` (e.g. "captured").

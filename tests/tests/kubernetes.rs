@@ -15,7 +15,7 @@ use mesh_agent::{
     kubernetes::{KubeSource, model::Built},
 };
 use mesh_tests::{
-    agent::{Agent, Launch, READY_PORT},
+    agent::{Agent, Launch, READY_PORT, sample},
     apiserver::{
         ApiServer,
         objects::{self, PodSpec},
@@ -542,15 +542,7 @@ fn answered_by(reports: &[Value]) -> Vec<String> {
 /// The value of an unlabelled series in the agent's `/metrics`.
 fn metric(agent: &Agent, name: &str) -> f64 {
     let text = agent.metrics();
-    text.lines()
-        .find_map(|line| {
-            let rest = line.strip_prefix(name)?;
-            let value = rest
-                .strip_prefix(' ')
-                .or_else(|| rest.strip_prefix("{} "))?;
-            value.trim().parse().ok()
-        })
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    sample(&text, name, &[]).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }
 
 fn eventually(what: &str, mut check: impl FnMut() -> bool) -> Duration {

@@ -9,14 +9,13 @@ use std::{
 };
 
 use mesh_tests::{
-    agent::Agent,
+    agent::{Agent, sample},
     pod::{Connect, Server},
     process::{self, Guarded},
     topology::Node,
 };
 
 const VIP: &str = "10.96.0.10:80";
-const METRICS_PORT: u16 = 15020;
 
 struct Cluster {
     agent: Agent,
@@ -60,33 +59,12 @@ fn cluster(label: &str, backends: &[&str]) -> Cluster {
 fn scrape_until(agent: &Agent, ready: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let text = scrape(agent);
+        let text = agent.metrics();
         if ready(&text) || Instant::now() > deadline {
             return text;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn scrape(agent: &Agent) -> String {
-    let (code, body) = agent
-        .http_get(METRICS_PORT, "/metrics")
-        .expect("GET /metrics");
-    assert_eq!(code, 200, "{body}");
-    body
-}
-
-/// The value of the sample `name` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| line.split(['{', ' ']).next() == Some(name))
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
 #[test]
@@ -291,7 +269,7 @@ fn a_deleted_workloads_series_are_gone_at_the_next_scrape() {
         c.agent
             .wait_log("config reloaded", 1, Duration::from_secs(10))
     );
-    let after = scrape(&c.agent);
+    let after = c.agent.metrics();
     assert!(
         !after.contains("\"be2\""),
         "series of the deleted workload remain:\n{after}"

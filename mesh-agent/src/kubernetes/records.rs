@@ -32,6 +32,16 @@ pub fn key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
+/// The labels or annotations carry `mesh-agent.io/mesh: <value>`.
+fn mesh_mark(map: &BTreeMap<String, String>, value: &str) -> bool {
+    map.get(MESH_LABEL).is_some_and(|v| v == value)
+}
+
+/// Kubernetes: a port without a protocol is TCP.
+fn is_tcp(protocol: Option<&str>) -> bool {
+    protocol.unwrap_or("TCP") == "TCP"
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodRecord {
     pub namespace: String,
@@ -88,8 +98,8 @@ impl PodRecord {
                 .unwrap_or_else(|| "default".into()),
             node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
             ips,
-            opted_in: pod.labels().get(MESH_LABEL).map(String::as_str) == Some("enabled"),
-            opted_out: pod.annotations().get(MESH_LABEL).map(String::as_str) == Some("disabled"),
+            opted_in: mesh_mark(pod.labels(), "enabled"),
+            opted_out: mesh_mark(pod.annotations(), "disabled"),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             finished: matches!(phase, Some("Succeeded" | "Failed")),
             version: pod.labels().get(VERSION_LABEL).cloned(),
@@ -108,7 +118,7 @@ pub struct NamespaceRecord {
 impl NamespaceRecord {
     pub fn from_namespace(namespace: &Namespace) -> Self {
         Self {
-            opted_in: namespace.labels().get(MESH_LABEL).map(String::as_str) == Some("enabled"),
+            opted_in: mesh_mark(namespace.labels(), "enabled"),
         }
     }
 }
@@ -161,7 +171,7 @@ impl ServiceRecord {
             .and_then(|s| s.ports.as_ref())
             .into_iter()
             .flatten()
-            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter(|p| is_tcp(p.protocol.as_deref()))
             .filter_map(|p| {
                 let port = u16::try_from(p.port).ok()?;
                 let target = match &p.target_port {
@@ -223,7 +233,7 @@ impl SliceRecord {
             .ports
             .iter()
             .flatten()
-            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter(|p| is_tcp(p.protocol.as_deref()))
             .filter_map(|p| {
                 Some((
                     p.name.clone().unwrap_or_default(),
