@@ -125,6 +125,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let log = init_tracing(cli.log_format, &cli.log);
     if matches!(cli.command, Command::Run { .. }) {
+        mesh_agent::memory::tune_allocator();
         raise_open_files_limit();
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -9,6 +9,32 @@ use tokio_util::sync::CancellationToken;
 /// How often quiet is checked for.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 
+/// Largest allocation served from glibc's arenas; larger ones get their
+/// own mapping, returned to the kernel when freed. Above the biggest
+/// buffer the data path allocates (hyper's read buffer grows to ~400 KiB),
+/// so moving bytes maps nothing.
+const MMAP_THRESHOLD: i32 = 1024 * 1024;
+/// Free space at the top of an arena beyond which `free` gives it back.
+const TRIM_THRESHOLD: i32 = 1024 * 1024;
+
+/// Fixes glibc's allocator thresholds; call early, before the runtime.
+///
+/// By default glibc raises both thresholds each time it frees a large
+/// mapped block (up to 32 MiB and 64 MiB): after startup freed the BTF
+/// parse's buffers, every worker thread's arena kept up to that much free
+/// space at its top, which `malloc_trim` does not release for arenas other
+/// than the main one. Setting them turns the adjustment off. A no-op
+/// elsewhere (musl).
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator parameters (under the
+    // allocator's own lock).
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+    }
+}
+
 /// Releases free heap memory now (a no-op where the allocator returns it
 /// by itself: musl, of the static image, has no malloc_trim).
 pub fn release() {

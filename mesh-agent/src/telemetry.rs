@@ -117,6 +117,12 @@ pub(crate) fn render_metrics(sources: &AgentView) -> String {
 
     let outbound = sources.outbound.snapshot();
     let inbound = sources.inbound.snapshot();
+    gauge_family(
+        &mut registry,
+        "mesh_outbound_active_connections",
+        "Captured connections the outbound proxy carries now",
+        [(vec![], outbound.active as f64)],
+    );
     counter_family(
         &mut registry,
         "mesh_authorization_denied",

@@ -362,6 +362,8 @@ fn connections_logging_and_the_status_command() {
     assert_eq!(entry["destination_workload"], "be1");
     // The server's greeting came back through the agent already.
     assert!(entry["received"].as_u64().unwrap() > 0, "{entry}");
+    let active = |text: &str| sample(text, "mesh_outbound_active_connections", &[]);
+    assert_eq!(active(&c.agent.metrics()), Some(1.0));
 
     let table = cli(&c.node, &["connections"]);
     assert!(
@@ -389,6 +391,8 @@ fn connections_logging_and_the_status_command() {
         .unwrap();
     assert_eq!(code, 400);
     held.release();
+    let text = scrape_until(&c.agent, |text| active(text) == Some(0.0));
+    assert_eq!(active(&text), Some(0.0), "{text}");
 }
 
 #[test]

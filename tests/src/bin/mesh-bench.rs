@@ -403,19 +403,23 @@ impl Bench {
             let _ = child.kill();
             bail!("holding {count} connections failed: {line}");
         }
-        // Let the agent finish its upstream connects.
+        // Let the agent finish its upstream connects. Polled through the
+        // metrics' one gauge: `/stats` lists every tracked connection, and
+        // building that list for 10,000 of them would itself grow the heap
+        // being measured.
+        let active = || {
+            mesh_tests::agent::sample(
+                &self.agents[0].metrics(),
+                "mesh_outbound_active_connections",
+                &[],
+            )
+            .unwrap_or(0.0) as u64
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while self.agents[0].stats()["outbound"]["active"]
-            .as_u64()
-            .unwrap_or(0)
-            < count as u64
-            && Instant::now() < deadline
-        {
+        while active() < count as u64 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(200));
         }
-        let active = self.agents[0].stats()["outbound"]["active"]
-            .as_u64()
-            .unwrap_or(0);
+        let active = active();
         let loaded = rss_bytes(agent);
         drop(child.stdin.take());
         let _ = child.wait();
