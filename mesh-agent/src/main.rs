@@ -50,6 +50,10 @@ enum Command {
         /// Prometheus endpoint (`/metrics`).
         #[arg(long, default_value = "0.0.0.0:15020")]
         metrics: SocketAddr,
+        /// Threads that run the proxy (default: one per CPU this process
+        /// may use). Fewer than the node's cores leaves them to the pods.
+        #[arg(long, env = "MESH_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+        worker_threads: Option<u16>,
     },
     /// Remove what an agent that did not exit cleanly left behind: pinned
     /// programs, maps and links (which detaches tc and cgroup programs) and
@@ -128,10 +132,15 @@ fn main() -> ExitCode {
         mesh_agent::memory::tune_allocator();
         raise_open_files_limit();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Run {
+        worker_threads: Some(threads),
+        ..
+    } = cli.command
     {
+        runtime.worker_threads(threads.into());
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("mesh-agent: starting the runtime: {error}");
@@ -147,6 +156,7 @@ fn main() -> ExitCode {
                 admin,
                 ready,
                 metrics,
+                worker_threads: _,
             } => {
                 app::run(app::RunOptions {
                     log,

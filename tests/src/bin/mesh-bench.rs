@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use mesh_tests::{
-    agent::Agent,
+    agent::{Agent, Launch},
     pod::Pod,
     process::Guarded,
     topology::{self, Node},
@@ -71,6 +71,9 @@ enum Helper {
         count: usize,
     },
 }
+
+/// Each agent's proxy threads (see `setup`).
+const AGENT_WORKER_THREADS: u16 = 1;
 
 const IPERF_PORT: u16 = 5201;
 const SOCKPERF_PORT: u16 = 11111;
@@ -231,7 +234,19 @@ fn setup() -> anyhow::Result<Bench> {
     for (node, pod) in [(&a, "ms"), (&a, "ps"), (&b, "mr"), (&b, "pr")] {
         servers.extend(start_servers(node.pod(pod))?);
     }
-    let agents = vec![Agent::start(&a, &config_a), Agent::start(&b, &config_b)];
+    // Two simulated nodes share this machine's cores with the pods' own
+    // traffic: each agent gets one worker, as on a node with one core to
+    // spare for it (with one per CPU, two agents' workers and the pods
+    // contend for the same cores).
+    let threads = AGENT_WORKER_THREADS.to_string();
+    let launch = Launch {
+        env: &[("MESH_WORKER_THREADS", &threads)],
+        capabilities: None,
+    };
+    let agents = vec![
+        Agent::start_with(&a, &config_a, &launch),
+        Agent::start_with(&b, &config_b, &launch),
+    ];
     Ok(Bench {
         nodes: vec![a, b],
         agents,
@@ -551,6 +566,7 @@ fn report(
         "kernel": release,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "rounds": rounds,
+        "agent_worker_threads": AGENT_WORKER_THREADS,
         // A smoke run uses the tests' debug build: it proves the bench
         // runs, and its figures are not comparable with release runs.
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
@@ -571,11 +587,12 @@ fn report(
 
 fn markdown(report: &Value) -> String {
     let mut out = format!(
-        "Benchmark {} · {} build · kernel {} · {} cores · {} round(s) of {} s, medians\n\n",
+        "Benchmark {} · {} build · kernel {} · {} cores · {} worker thread(s) per agent · {} round(s) of {} s, medians\n\n",
         report["date"].as_str().unwrap_or(""),
         report["build"].as_str().unwrap_or(""),
         report["kernel"].as_str().unwrap_or(""),
         report["cores"],
+        report["agent_worker_threads"],
         report["rounds"],
         report["seconds_per_run"],
     );
