@@ -55,7 +55,7 @@ enum Task {
         /// Every case once, for a few seconds (what CI runs).
         #[arg(long)]
         smoke: bool,
-        /// Extra arguments for mesh-bench (--rounds, --seconds, --idle-connections).
+        /// Extra arguments for mesh-bench (--rounds, --seconds, --idle-connections, --only).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },

@@ -42,9 +42,21 @@ struct Cli {
     /// Idle proxied connections for the memory figure.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
+    /// Only this phase (for profiling one path; the report then lacks
+    /// the other figures).
+    #[arg(long, value_enum)]
+    only: Option<Phase>,
     /// Directory for bench.md and bench.json.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Phase {
+    Throughput,
+    Latency,
+    Connections,
+    Memory,
 }
 
 /// What runs inside the pods.
@@ -148,9 +160,15 @@ fn bench(cli: &Cli) -> anyhow::Result<()> {
     let mut figures: BTreeMap<(usize, &'static str), Vec<f64>> = BTreeMap::new();
     // Agent CPU seconds and bytes moved, per meshed case, over the throughput runs.
     let mut cpu: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
+    let runs = |phase| cli.only.is_none_or(|only| only == phase);
     for round in 0..rounds {
         eprintln!("bench: round {} of {rounds}", round + 1);
-        for (figure, parallel) in [("throughput_1_gbps", 1), ("throughput_4_gbps", 4)] {
+        let throughput: &[(&str, u32)] = if runs(Phase::Throughput) {
+            &[("throughput_1_gbps", 1), ("throughput_4_gbps", 4)]
+        } else {
+            &[]
+        };
+        for &(figure, parallel) in throughput {
             for (index, case) in CASES.iter().enumerate() {
                 let before = setup.agent_cpu_seconds();
                 let (bits, bytes) = setup.iperf(case, parallel, seconds)?;
@@ -163,7 +181,7 @@ fn bench(cli: &Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        for (index, case) in CASES.iter().enumerate() {
+        for (index, case) in CASES.iter().enumerate().filter(|_| runs(Phase::Latency)) {
             let (p50, p99) = setup.sockperf(case, seconds)?;
             figures
                 .entry((index, "latency_p50_us"))
@@ -174,7 +192,11 @@ fn bench(cli: &Cli) -> anyhow::Result<()> {
                 .or_default()
                 .push(p99);
         }
-        for (index, case) in CASES.iter().enumerate() {
+        for (index, case) in CASES
+            .iter()
+            .enumerate()
+            .filter(|_| runs(Phase::Connections))
+        {
             let rate = setup.conn_rate(case, seconds)?;
             figures
                 .entry((index, "connections_per_s"))
@@ -182,7 +204,11 @@ fn bench(cli: &Cli) -> anyhow::Result<()> {
                 .push(rate);
         }
     }
-    let memory = setup.memory(idle)?;
+    let memory = if runs(Phase::Memory) {
+        setup.memory(idle)?
+    } else {
+        Value::Null
+    };
     let report = report(
         &figures,
         &cpu,
@@ -526,8 +552,14 @@ fn report(
             continue;
         };
         for &(figure, label, higher) in FIGURES {
-            let meshed = median(&figures[&(index, figure)]);
-            let plain = median(&figures[&(baseline, figure)]);
+            let (Some(meshed_runs), Some(plain_runs)) = (
+                figures.get(&(index, figure)),
+                figures.get(&(baseline, figure)),
+            ) else {
+                continue;
+            };
+            let meshed = median(meshed_runs);
+            let plain = median(plain_runs);
             let ratio = meshed / plain;
             let bound = target(baseline, figure);
             let met = bound.map(|b| if higher { ratio >= b } else { ratio <= b });
@@ -541,8 +573,8 @@ fn report(
                 "ratio": ratio,
                 "target": bound.map(|b| format!("{} {b}", if higher { ">=" } else { "<=" })),
                 "met": met,
-                "meshed_runs": figures[&(index, figure)],
-                "plain_runs": figures[&(baseline, figure)],
+                "meshed_runs": meshed_runs,
+                "plain_runs": plain_runs,
             }));
         }
     }
@@ -629,6 +661,9 @@ fn markdown(report: &Value) -> String {
         ));
     }
     let m = &report["memory"];
+    if m.is_null() {
+        return out;
+    }
     let t = &report["memory_targets"];
     let met = |v: &Value| match v.as_bool() {
         Some(true) => "met",
