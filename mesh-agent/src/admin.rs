@@ -1,5 +1,6 @@
 //! The admin endpoints:
-//! - `127.0.0.1:15000` (localhost only): `/stats` (JSON snapshot),
+//! - `127.0.0.1:15000` (localhost only): `/stats` (JSON snapshot; of the
+//!   tracked kernel connections, the count and at most 1,000),
 //!   `/config_dump` (effective config, model, endpoint health,
 //!   certificates without keys), `/connections` (live connections),
 //!   `/events` (a stream of finished connections, one JSON line each),

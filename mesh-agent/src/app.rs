@@ -26,7 +26,7 @@ use crate::{
     access::Sinks,
     admin::{self, AdminState, AdminView},
     config::{Config, Overrides, any_addr},
-    dataplane::{Dataplane, DataplaneSettings, KernelMaps, PinLayout},
+    dataplane::{Dataplane, DataplaneSettings, KernelMaps, PinLayout, conn_json},
     hbone::{
         client::HboneClient,
         server::{Inbound, InboundStats},
@@ -515,6 +515,10 @@ impl AdminView for AgentView {
     }
 }
 
+/// Tracked kernel connections `/stats` lists at most (`mesh-agent
+/// inspect` dumps them all).
+const STATS_CONNS_LISTED: usize = 1000;
+
 /// `/stats`: the proxy's counters and what the kernel maps hold, read from
 /// the pins so the admin server needs no access to the dataplane.
 fn stats(view: &AgentView) -> serde_json::Value {
@@ -530,11 +534,21 @@ fn stats(view: &AgentView) -> serde_json::Value {
     {
         let services = routes.borrow().balancers.snapshot();
         let kernel = match KernelMaps::open_pinned(pins) {
-            Ok(maps) => json!({
-                "counters": maps.counters_json(),
-                "pods": maps.pods_json(),
-                "conns": maps.conns_json(),
-            }),
+            Ok(maps) => {
+                let conns = maps.conns();
+                json!({
+                    "counters": maps.counters_json(),
+                    "pods": maps.pods_json(),
+                    "conns_tracked": conns.len(),
+                    // A sample: the whole list of a busy node (tens of
+                    // thousands) would make every call cost megabytes.
+                    "conns": conns
+                        .iter()
+                        .take(STATS_CONNS_LISTED)
+                        .map(|(key, value)| conn_json(key, value))
+                        .collect::<Vec<_>>(),
+                })
+            }
             Err(error) => json!({ "error": error.to_string() }),
         };
         json!({

@@ -185,6 +185,11 @@ fn the_agents_own_connections_are_not_captured() {
     // upstream packets never cross a pod's ingress hook.
     let stats = s.agent.stats();
     let tracked = conns(&stats);
+    assert_eq!(
+        stats["kernel"]["conns_tracked"].as_u64(),
+        Some(tracked.len() as u64),
+        "{stats}"
+    );
     let client_side = format!("{}", held.local);
     assert!(
         tracked.iter().any(|c| c["local"] == client_side.as_str()

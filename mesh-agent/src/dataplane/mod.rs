@@ -29,7 +29,10 @@ use self::{
     fast_path::FastPath,
     tc_filters::TcFilterRecords,
 };
-pub use self::{maps::KernelMaps, pins::PinLayout};
+pub use self::{
+    maps::{KernelMaps, conn_json},
+    pins::PinLayout,
+};
 use crate::model::MeshState;
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
