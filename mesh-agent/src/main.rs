@@ -128,17 +128,13 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log = init_tracing(cli.log_format, &cli.log);
-    if matches!(cli.command, Command::Run { .. }) {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Run { worker_threads, .. } = cli.command {
         mesh_agent::memory::tune_allocator();
         raise_open_files_limit();
-    }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Run {
-        worker_threads: Some(threads),
-        ..
-    } = cli.command
-    {
-        runtime.worker_threads(threads.into());
+        if let Some(threads) = worker_threads {
+            runtime.worker_threads(threads.into());
+        }
     }
     let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,

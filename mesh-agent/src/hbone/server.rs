@@ -142,10 +142,6 @@ impl Shared {
         let Ok(SocketAddr::V4(local)) = stream.local_addr() else {
             return refuse("no IPv4 destination".into(), Some(stream));
         };
-        // HTTP/2 writes small frames (headers, window updates, short
-        // DATA): with Nagle each one after the first waits for an ACK the
-        // peer delays by 40 ms.
-        let _ = stream.set_nodelay(true);
         let state = self.routes.borrow().state.clone();
         let Some((_, workload)) = state
             .workload_by_ip(*local.ip())

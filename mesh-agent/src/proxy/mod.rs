@@ -37,6 +37,10 @@ pub fn transparent_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     // Without IP_TRANSPARENT the kernel sends no SYN-ACK from a foreign address.
     socket.set_ip_transparent_v4(true)?;
+    // Accepted sockets inherit it. A proxy forwards writes as they come:
+    // with Nagle, a short write behind another waits for the peer's
+    // delayed ACK (40 ms); HTTP/2 writes many small frames.
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;

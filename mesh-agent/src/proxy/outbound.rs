@@ -123,9 +123,6 @@ impl Outbound {
                 }
             };
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-            // A proxy forwards writes as they come: Nagle would hold a
-            // short reply until the pod's delayed ACK (40 ms).
-            let _ = client.set_nodelay(true);
             let routes = self.routes.borrow().clone();
             let connection = Connection {
                 routes,

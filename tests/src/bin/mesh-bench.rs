@@ -163,12 +163,8 @@ fn bench(cli: &Cli) -> anyhow::Result<()> {
     let runs = |phase| cli.only.is_none_or(|only| only == phase);
     for round in 0..rounds {
         eprintln!("bench: round {} of {rounds}", round + 1);
-        let throughput: &[(&str, u32)] = if runs(Phase::Throughput) {
-            &[("throughput_1_gbps", 1), ("throughput_4_gbps", 4)]
-        } else {
-            &[]
-        };
-        for &(figure, parallel) in throughput {
+        let throughput = [("throughput_1_gbps", 1), ("throughput_4_gbps", 4)];
+        for (figure, parallel) in throughput.into_iter().filter(|_| runs(Phase::Throughput)) {
             for (index, case) in CASES.iter().enumerate() {
                 let before = setup.agent_cpu_seconds();
                 let (bits, bytes) = setup.iperf(case, parallel, seconds)?;
@@ -445,9 +441,9 @@ impl Bench {
             bail!("holding {count} connections failed: {line}");
         }
         // Let the agent finish its upstream connects. Polled through the
-        // metrics' one gauge: `/stats` lists every tracked connection, and
-        // building that list for 10,000 of them would itself grow the heap
-        // being measured.
+        // metrics' one gauge: `/stats` lists up to 1,000 tracked
+        // connections, and building that list every 200 ms would itself
+        // grow the heap being measured.
         let active = || {
             mesh_tests::agent::sample(
                 &self.agents[0].metrics(),
