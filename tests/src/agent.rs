@@ -75,7 +75,12 @@ impl Agent {
     }
 
     fn spawn_with(node: &Node, config: &str, launch: &Launch) -> Self {
-        let config_path = std::env::temp_dir().join(format!("{}.yaml", node.name));
+        // The agent watches its config file's directory: one of its own
+        // keeps the agent from waking for every other file written in /tmp
+        // (its own log among them).
+        let config_dir = std::env::temp_dir().join(format!("{}.config", node.name));
+        std::fs::create_dir_all(&config_dir).expect("create config directory");
+        let config_path = config_dir.join("config.yaml");
         let log_path = std::env::temp_dir().join(format!("{}.log", node.name));
         std::fs::write(&config_path, config).expect("write config");
         let log = std::fs::File::create(&log_path).expect("create log");
@@ -312,7 +317,9 @@ impl Drop for Agent {
         if self.pin_root.exists() {
             let _ = self.cleanup();
         }
-        let _ = std::fs::remove_file(&self.config_path);
+        if let Some(config_dir) = self.config_path.parent() {
+            let _ = std::fs::remove_dir_all(config_dir);
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log_path);
         } else {

@@ -19,6 +19,8 @@ use mesh_tests::{
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10:80";
+/// Served by a backend on `server` that resets every connection.
+const RESET_VIP: &str = "10.96.0.11:80";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 
 fn vip() -> SocketAddr {
@@ -26,11 +28,13 @@ fn vip() -> SocketAddr {
 }
 
 /// Node 1 runs `client` (sa client) and `other` (sa other); node 2 runs
-/// `server` (sa server) behind the VIP. Fields drop in order.
+/// `server` (sa server) behind the VIP, and on its port 8081 a backend that
+/// resets (behind RESET_VIP). Fields drop in order.
 struct TwoNodes {
     agent_a: Agent,
     agent_b: Agent,
-    _servers: Vec<Server>,
+    /// `server`'s, then `open`'s, then the resetting one.
+    servers: Vec<Server>,
     a: Node,
     b: Node,
 }
@@ -80,11 +84,16 @@ fn config_a(t: &TwoNodesSetup, o: &Options<'_>) -> String {
     vip: 10.96.0.10
     ports: [{{ port: 80, target_port: 8080 }}]
     endpoints: [{{ ip: {} }}]
+  - name: reset
+    vip: 10.96.0.11
+    ports: [{{ port: 80, target_port: 8081 }}]
+    endpoints: [{{ ip: {} }}]
 ",
         t.a.node_yaml(),
         workload(&t.a, "client", "client", "permissive"),
         workload(&t.a, "other", "other", "permissive"),
         remote(&t.b, "server", o.server_sa_seen_from_a),
+        t.b.pod("server").ip,
         t.b.pod("server").ip,
     )
 }
@@ -120,6 +129,7 @@ fn two_nodes(label: &str, options: &Options<'_>) -> TwoNodes {
     let servers = vec![
         setup.b.pod("server").serve(8080, "server", false),
         setup.b.pod("open").serve(8080, "open", false),
+        setup.b.pod("server").serve(8081, "reset", true),
     ];
     // Node 1's agent creates the shared CA; node 2's loads it.
     let agent_a = Agent::start(&setup.a, &with_lifetime(config_a(&setup, options), options));
@@ -127,7 +137,7 @@ fn two_nodes(label: &str, options: &Options<'_>) -> TwoNodes {
     TwoNodes {
         agent_a,
         agent_b,
-        _servers: servers,
+        servers,
         a: setup.a,
         b: setup.b,
     }
@@ -565,4 +575,30 @@ fn a_hundred_parallel_streams_across_nodes_arrive_intact() {
     // Busy streams spread over several connections, never one per stream.
     let opened = stats["hbone"]["connections_opened"].as_u64().unwrap();
     assert!((2..=4).contains(&opened), "{opened} HBONE connections");
+}
+
+#[test]
+fn resets_propagate_across_nodes_both_ways() {
+    let t = two_nodes("resets", &Options::default());
+    let client = t.a.pod("client");
+
+    // The remote backend resets: the client must see a reset, not a clean
+    // end (the stream is cancelled, and the client's agent resets).
+    let report = &client.connect(RESET_VIP.parse().unwrap(), Connect::default())[0];
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(error.contains("reset"), "client saw no reset: {report}");
+
+    // The client resets: the remote backend must see a reset.
+    let report = &client.connect(
+        vip(),
+        Connect {
+            reset: true,
+            ..Default::default()
+        },
+    )[0];
+    assert_eq!(greeting(report).0, "server");
+    let seen = t.servers[0].wait_connections(1, Duration::from_secs(10));
+    let error = seen[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("reset"), "backend saw no reset: {seen:?}");
+    assert_eq!(t.agent_a.stats()["outbound"]["tunnelled"], 2);
 }

@@ -12,20 +12,20 @@ use std::{
     net::{IpAddr, SocketAddrV4},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
-use http_body_util::Empty;
-use hyper::{Method, Request, StatusCode, body::Bytes, client::conn::http2::SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{Method, Request, StatusCode};
 use rustls::{pki_types::ServerName, sign::CertifiedKey};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
-use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
+use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW, Tunnel};
 use crate::{config::HboneConfig, identity::SpiffeId, tls::TlsFactory};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,7 @@ pub enum HboneError {
     #[error("TLS with {0}: {1}")]
     Tls(SocketAddrV4, String),
     #[error("HTTP/2 with {0}: {1}")]
-    Http(SocketAddrV4, hyper::Error),
+    Http(SocketAddrV4, h2::Error),
     /// The destination refused the stream (authorization: 401/403).
     #[error("{0} answered {1}")]
     Refused(SocketAddrV4, StatusCode),
@@ -58,7 +58,9 @@ struct PoolKey {
 }
 
 struct Pooled {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// Set once the connection's task ended: it takes no more streams.
+    closed: Arc<AtomicBool>,
     streams: Arc<AtomicUsize>,
     /// The source certificate this connection authenticated with. Once it
     /// is renewed the connection takes no new streams (its open ones run
@@ -111,17 +113,15 @@ impl HboneClient {
         }
     }
 
-    /// Opens a CONNECT stream; the returned IO carries the connection's bytes.
-    pub async fn open(
-        &self,
-        to: &Destination<'_>,
-    ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, StreamGuard), HboneError> {
+    /// Opens a CONNECT stream; the returned tunnel carries the connection's
+    /// bytes.
+    pub async fn open(&self, to: &Destination<'_>) -> Result<(Tunnel, StreamGuard), HboneError> {
         let key = PoolKey {
             source: to.source.clone(),
             destination: to.identity.clone(),
             node: to.node.to_owned(),
         };
-        let (mut sender, guard) = match self.pooled(&key) {
+        let (sender, guard) = match self.pooled(&key) {
             Some(pooled) => pooled,
             None => {
                 let dialing = self
@@ -143,12 +143,12 @@ impl HboneClient {
             .method(Method::CONNECT)
             .uri(to.target.to_string())
             .header("forwarded", format!("for={}", to.client))
-            .body(Empty::<Bytes>::new())
+            .body(())
             .expect("static request parts");
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| HboneError::Http(to.gateway, e))?;
+        let http = |e| HboneError::Http(to.gateway, e);
+        let mut sender = sender.ready().await.map_err(http)?;
+        let (response, send) = sender.send_request(request, false).map_err(http)?;
+        let response = response.await.map_err(http)?;
         match response.status() {
             StatusCode::OK => {}
             status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
@@ -156,14 +156,12 @@ impl HboneClient {
             }
             status => return Err(HboneError::Status(to.gateway, status)),
         }
-        let upgraded = hyper::upgrade::on(response)
-            .await
-            .map_err(|e| HboneError::Http(to.gateway, e))?;
-        Ok((TokioIo::new(upgraded), guard))
+        let recv = response.into_body();
+        Ok((Tunnel { send, recv }, guard))
     }
 
     /// A pooled connection with room, unless the pool should grow.
-    fn pooled(&self, key: &PoolKey) -> Option<(SendRequest<Empty<Bytes>>, StreamGuard)> {
+    fn pooled(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, StreamGuard)> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         let connections = pool.get_mut(key)?;
         let current = self.tls.current_cert(&key.source);
@@ -172,7 +170,7 @@ impl HboneClient {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                 _ => false,
             };
-            same_cert && !c.sender.is_closed()
+            same_cert && !c.closed.load(Ordering::Relaxed)
         });
         let least = connections
             .iter()
@@ -189,7 +187,7 @@ impl HboneClient {
         &self,
         key: PoolKey,
         to: &Destination<'_>,
-    ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard), HboneError> {
+    ) -> Result<(SendRequest<Bytes>, StreamGuard), HboneError> {
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(to.gateway))
             .await
             .map_err(|_| HboneError::Connect(to.gateway, std::io::ErrorKind::TimedOut.into()))?
@@ -208,19 +206,23 @@ impl HboneClient {
         .map_err(|_| HboneError::Tls(to.gateway, "handshake timed out".into()))?
         .map_err(|e| HboneError::Tls(to.gateway, e.to_string()))?;
         let cert = self.tls.current_cert(&key.source);
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .max_send_buf_size(SEND_BUFFER)
-            .handshake(TokioIo::new(tls))
+            .max_send_buffer_size(SEND_BUFFER)
+            .enable_push(false)
+            .handshake(tls)
             .await
             .map_err(|e| HboneError::Http(to.gateway, e))?;
         let gateway = to.gateway;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 debug!(%gateway, %error, "HBONE connection ended");
             }
+            ended.store(true, Ordering::Relaxed);
         });
         self.connections_opened.fetch_add(1, Ordering::Relaxed);
         info!(source = %key.source, destination = %key.destination, node = %key.node, %gateway, "HBONE connection opened");
@@ -233,6 +235,7 @@ impl HboneClient {
             .or_default()
             .push(Pooled {
                 sender: sender.clone(),
+                closed,
                 streams,
                 cert,
             });

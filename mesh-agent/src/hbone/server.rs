@@ -7,7 +7,6 @@
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
     net::{IpAddr, SocketAddr, SocketAddrV4},
     sync::{
         Arc, Mutex,
@@ -16,9 +15,9 @@ use std::{
     time::Duration,
 };
 
-use http_body_util::Empty;
-use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use http::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -30,7 +29,7 @@ use tracing::{debug, warn};
 
 use super::{
     CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, SEND_BUFFER,
-    STREAM_WINDOW, splice_tunnel,
+    STREAM_WINDOW, Tunnel, splice_tunnel,
 };
 use crate::{
     access::{Outcome, Record, Sinks},
@@ -176,47 +175,62 @@ impl Shared {
             None => return refuse("no client certificate".into(), None),
         };
         debug!(%peer, %client, server = %identity, "inbound HBONE connection");
-        let this = self.clone();
-        let service = service_fn(move |request| {
-            let this = this.clone();
-            let client = client.clone();
-            async move { Ok::<_, Infallible>(this.stream(request, &client, peer).await) }
-        });
-        let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let handshake = h2::server::Builder::new()
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .max_send_buf_size(SEND_BUFFER)
-            .serve_connection(TokioIo::new(tls), service)
+            .max_send_buffer_size(SEND_BUFFER)
+            .handshake::<_, Bytes>(tls)
             .await;
-        if let Err(error) = result {
-            debug!(%peer, %error, "inbound HBONE connection ended");
+        let mut connection = match handshake {
+            Ok(connection) => connection,
+            Err(error) => return refuse(format!("HTTP/2 handshake failed: {error}"), None),
+        };
+        // Accepting drives the whole connection, its open streams included:
+        // the loop runs until the peer closes it.
+        while let Some(accepted) = connection.accept().await {
+            match accepted {
+                Ok((request, respond)) => {
+                    let this = self.clone();
+                    let client = client.clone();
+                    tokio::spawn(async move { this.stream(request, respond, client, peer).await });
+                }
+                Err(error) => {
+                    debug!(%peer, %error, "inbound HBONE connection ended");
+                    return;
+                }
+            }
         }
     }
 
-    /// One CONNECT stream.
+    /// One CONNECT stream: admitted and spliced to the pod, or answered
+    /// with the status that says why not.
     async fn stream(
         &self,
-        mut request: Request<hyper::body::Incoming>,
-        client: &SpiffeId,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        client: SpiffeId,
         peer: SocketAddr,
-    ) -> Response<Empty<Bytes>> {
-        let status = |code: StatusCode| {
-            Response::builder()
+    ) {
+        let mut refuse = |code: StatusCode| {
+            let response = Response::builder()
                 .status(code)
-                .body(Empty::new())
-                .expect("static response parts")
+                .body(())
+                .expect("static response parts");
+            // The peer may have gone meanwhile: nothing is left to tell.
+            let _ = respond.send_response(response, true);
         };
+        let client = &client;
         if request.method() != Method::CONNECT {
-            return status(StatusCode::METHOD_NOT_ALLOWED);
+            return refuse(StatusCode::METHOD_NOT_ALLOWED);
         }
         let Some(target) = request
             .uri()
             .authority()
             .and_then(|a| a.as_str().parse::<SocketAddrV4>().ok())
         else {
-            return status(StatusCode::BAD_REQUEST);
+            return refuse(StatusCode::BAD_REQUEST);
         };
         let state = self.routes.borrow().state.clone();
         let Some((_, workload)) = state
@@ -224,7 +238,7 @@ impl Shared {
             .filter(|(_, w)| w.local.is_some())
         else {
             warn!(%client, %target, "CONNECT to something that is not a workload on this node");
-            return status(StatusCode::BAD_REQUEST);
+            return refuse(StatusCode::BAD_REQUEST);
         };
         let source_ip = forwarded_for(&request).unwrap_or(match peer.ip() {
             IpAddr::V4(ip) => ip,
@@ -255,7 +269,7 @@ impl Shared {
                 self.stats.denied.fetch_add(1, Ordering::Relaxed);
                 warn!(%client, %source_ip, %target, rule, "denied");
                 record.finish(&self.sinks, Outcome::Denied, 0, 0, Some(rule));
-                return status(StatusCode::UNAUTHORIZED);
+                return refuse(StatusCode::UNAUTHORIZED);
             }
         }
         let upstream =
@@ -263,39 +277,39 @@ impl Shared {
                 Ok(Ok(upstream)) => upstream,
                 Ok(Err(error)) => {
                     warn!(%client, %target, %error, "connect to the workload failed");
-                    return status(StatusCode::SERVICE_UNAVAILABLE);
+                    return refuse(StatusCode::SERVICE_UNAVAILABLE);
                 }
-                Err(_) => return status(StatusCode::GATEWAY_TIMEOUT),
+                Err(_) => return refuse(StatusCode::GATEWAY_TIMEOUT),
             };
         let _ = upstream.set_nodelay(true);
         self.stats.streams.fetch_add(1, Ordering::Relaxed);
-        let upgrade = hyper::upgrade::on(&mut request);
-        let client = client.clone();
-        let sinks = self.sinks.clone();
-        let registration = record.opened(&sinks);
-        tokio::spawn(async move {
-            match upgrade.await {
-                Ok(upgraded) => {
-                    let done = splice_tunnel(upstream, TokioIo::new(upgraded)).await;
-                    debug!(%client, %source_ip, %target, "inbound stream closed");
-                    // Seen from the client: what it sent reached the pod.
-                    let outcome = if done.error.is_some() {
-                        Outcome::Reset
-                    } else {
-                        Outcome::Ok
-                    };
-                    let error = done.error.map(|e| e.to_string());
-                    drop(registration);
-                    record.finish(&sinks, outcome, done.received, done.sent, error);
-                }
-                Err(error) => {
-                    warn!(%client, %target, %error, "CONNECT upgrade failed");
-                    drop(registration);
-                    record.finish(&sinks, Outcome::Reset, 0, 0, Some(error.to_string()));
-                }
+        let registration = record.opened(&self.sinks);
+        let ok = Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .expect("static response parts");
+        let send = match respond.send_response(ok, false) {
+            Ok(send) => send,
+            Err(error) => {
+                warn!(%client, %target, %error, "CONNECT answer failed");
+                drop(registration);
+                splice::reset(upstream);
+                record.finish(&self.sinks, Outcome::Reset, 0, 0, Some(error.to_string()));
+                return;
             }
-        });
-        status(StatusCode::OK)
+        };
+        let recv = request.into_body();
+        let done = splice_tunnel(upstream, Tunnel { send, recv }).await;
+        debug!(%client, %source_ip, %target, "inbound stream closed");
+        // Seen from the client: what it sent reached the pod.
+        let outcome = if done.error.is_some() {
+            Outcome::Reset
+        } else {
+            Outcome::Ok
+        };
+        let error = done.error.map(|e| e.to_string());
+        drop(registration);
+        record.finish(&self.sinks, outcome, done.received, done.sent, error);
     }
 
     fn acceptor(&self, identity: &SpiffeId) -> Result<TlsAcceptor, rustls::Error> {

@@ -13,7 +13,6 @@ use std::{
     time::Duration,
 };
 
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::{OutboundStats, Routes, splice};
@@ -28,7 +27,7 @@ use crate::{
 
 pub enum Upstream {
     Tcp(TcpStream),
-    Tunnel(TokioIo<hyper::upgrade::Upgraded>, StreamGuard),
+    Tunnel(hbone::Tunnel, StreamGuard),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -261,8 +261,10 @@ fn setup() -> anyhow::Result<Bench> {
     // spare for it (with one per CPU, two agents' workers and the pods
     // contend for the same cores).
     let threads = AGENT_WORKER_THREADS.to_string();
+    // Logging as deployed (info: one access-log line per connection), not
+    // the tests' debug level.
     let launch = Launch {
-        env: &[("MESH_WORKER_THREADS", &threads)],
+        env: &[("MESH_WORKER_THREADS", &threads), ("MESH_LOG", "info")],
         capabilities: None,
     };
     let agents = vec![
