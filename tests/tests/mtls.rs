@@ -21,6 +21,8 @@ use serde_json::Value;
 const VIP: &str = "10.96.0.10:80";
 /// Served by a backend on `server` that resets every connection.
 const RESET_VIP: &str = "10.96.0.11:80";
+/// `server` again, behind a service with an idle timeout.
+const IDLE_VIP: &str = "10.96.0.12:80";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 
 fn vip() -> SocketAddr {
@@ -88,11 +90,17 @@ fn config_a(t: &TwoNodesSetup, o: &Options<'_>) -> String {
     vip: 10.96.0.11
     ports: [{{ port: 80, target_port: 8081 }}]
     endpoints: [{{ ip: {} }}]
+  - name: idle
+    vip: 10.96.0.12
+    ports: [{{ port: 80, target_port: 8080 }}]
+    endpoints: [{{ ip: {} }}]
+    resilience: {{ idle_timeout_ms: 1500 }}
 ",
         t.a.node_yaml(),
         workload(&t.a, "client", "client", "permissive"),
         workload(&t.a, "other", "other", "permissive"),
         remote(&t.b, "server", o.server_sa_seen_from_a),
+        t.b.pod("server").ip,
         t.b.pod("server").ip,
         t.b.pod("server").ip,
     )
@@ -601,4 +609,37 @@ fn resets_propagate_across_nodes_both_ways() {
     let error = seen[0]["error"].as_str().unwrap_or_default();
     assert!(error.contains("reset"), "backend saw no reset: {seen:?}");
     assert_eq!(t.agent_a.stats()["outbound"]["tunnelled"], 2);
+}
+
+#[test]
+fn a_tunnelled_connection_counts_bytes_live_and_times_out_when_idle() {
+    let t = two_nodes("idle", &Options::default());
+    let held = t.a.pod("client").hold(IDLE_VIP.parse().unwrap());
+    // The server's greeting came back through the tunnel: counted already,
+    // while the connection is open.
+    let (code, body) = t.agent_a.http_get(15000, "/connections").unwrap();
+    assert_eq!(code, 200);
+    let live: Value = serde_json::from_str(&body).unwrap();
+    let entry = live
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["client"] == held.local.to_string().as_str())
+        .unwrap_or_else(|| panic!("held connection not listed: {live}"));
+    assert_eq!(entry["received"], held.greeting.len() as u64 + 1, "{entry}");
+    // Then nothing moves, and the client's agent closes it.
+    assert!(
+        t.agent_a
+            .wait_log("idle timeout", 1, Duration::from_secs(10)),
+        "{}",
+        t.agent_a.log()
+    );
+    let report = held.release();
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("reset"),
+        "{report}"
+    );
 }

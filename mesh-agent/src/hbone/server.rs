@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 
 use super::{
     CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, SEND_BUFFER,
-    STREAM_WINDOW, Tunnel, splice_tunnel,
+    STREAM_WINDOW, Tunnel, Watch, splice_tunnel,
 };
 use crate::{
     access::{Outcome, Record, Sinks},
@@ -299,17 +299,25 @@ impl Shared {
             }
         };
         let recv = request.into_body();
-        let done = splice_tunnel(upstream, Tunnel { send, recv }).await;
+        // Seen from the client: what it sent is what reached the pod.
+        let watch = Watch {
+            to_tunnel: &registration.bytes.received,
+            from_tunnel: &registration.bytes.sent,
+            idle: None,
+            first_data: &|_| {},
+        };
+        let done = splice_tunnel(upstream, Tunnel { send, recv }, &watch).await;
         debug!(%client, %source_ip, %target, "inbound stream closed");
-        // Seen from the client: what it sent reached the pod.
         let outcome = if done.error.is_some() {
             Outcome::Reset
         } else {
             Outcome::Ok
         };
-        let error = done.error.map(|e| e.to_string());
+        let error = done.error.map(|(_, e)| e.to_string());
+        let sent = registration.bytes.sent.load(Ordering::Relaxed);
+        let received = registration.bytes.received.load(Ordering::Relaxed);
         drop(registration);
-        record.finish(&self.sinks, outcome, done.received, done.sent, error);
+        record.finish(&self.sinks, outcome, sent, received, error);
     }
 
     fn acceptor(&self, identity: &SpiffeId) -> Result<TlsAcceptor, rustls::Error> {

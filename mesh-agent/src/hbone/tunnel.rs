@@ -12,8 +12,16 @@
 //! Back-pressure is HTTP/2's own: the sender waits for stream capacity (the
 //! peer's window, capped by the send buffer), and the receiver returns
 //! window only once the pod's socket took the bytes.
+//!
+//! Like a plain splice, it counts bytes as they move (live views see them),
+//! applies the idle timeout, and reports when the first byte came back.
 
-use std::{future::poll_fn, io};
+use std::{
+    future::poll_fn,
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -25,7 +33,7 @@ use tokio::{
     },
 };
 
-use crate::proxy::splice;
+use crate::proxy::splice::{self, Side, sleep_until};
 
 /// Read size once data flows. Each read becomes one DATA frame.
 const READ_BUFFER: usize = 64 * 1024;
@@ -42,65 +50,112 @@ pub struct Tunnel {
     pub recv: RecvStream,
 }
 
-/// Bytes each way and how the tunnelled connection ended.
+/// What the caller follows of a tunnelled connection while it runs.
+pub struct Watch<'a> {
+    /// Bytes from the TCP side into the stream, counted as they go.
+    pub to_tunnel: &'a AtomicU64,
+    /// Bytes from the stream out to the TCP side.
+    pub from_tunnel: &'a AtomicU64,
+    /// With no bytes either way for this long, both sides are reset.
+    pub idle: Option<Duration>,
+    /// Told once how long after the splice began the first byte came
+    /// out of the stream.
+    pub first_data: &'a (dyn Fn(Duration) + Sync),
+}
+
+/// How a tunnelled connection ended. The side of an error is
+/// [`Side::Client`] for the TCP connection, [`Side::Upstream`] for the
+/// stream, or [`Side::Idle`].
 pub struct Tunnelled {
-    pub sent: u64,
-    pub received: u64,
-    pub error: Option<io::Error>,
+    pub error: Option<(Side, io::Error)>,
 }
 
 /// Splices a TCP connection with a tunnel stream. End of stream maps to a
 /// write shutdown the other way (FIN to END_STREAM and back); an error on
-/// either side resets both (RST_STREAM CANCEL, TCP RST).
-pub async fn splice_tunnel(mut tcp: TcpStream, tunnel: Tunnel) -> Tunnelled {
+/// either side, or the idle timeout, resets both (RST_STREAM CANCEL, TCP
+/// RST).
+pub async fn splice_tunnel(mut tcp: TcpStream, tunnel: Tunnel, watch: &Watch<'_>) -> Tunnelled {
     let Tunnel { mut send, mut recv } = tunnel;
-    let (mut sent, mut received) = (0, 0);
-    let copied = {
+    let started = Instant::now();
+    // Milliseconds since `started` of the last byte moved either way.
+    let last_activity = AtomicU64::new(0);
+    let error = {
         let (mut tcp_read, mut tcp_write) = tcp.split();
-        tokio::try_join!(
-            tcp_to_tunnel(&mut tcp_read, &mut send, &mut sent),
-            tunnel_to_tcp(&mut recv, &mut tcp_write, &mut received),
-        )
+        let both = async {
+            tokio::try_join!(
+                tcp_to_tunnel(
+                    &mut tcp_read,
+                    &mut send,
+                    watch.to_tunnel,
+                    &last_activity,
+                    started
+                ),
+                tunnel_to_tcp(&mut recv, &mut tcp_write, watch, &last_activity, started),
+            )
+        };
+        tokio::pin!(both);
+        let mut idle_deadline = watch.idle.map(|idle| started + idle);
+        loop {
+            tokio::select! {
+                result = &mut both => break result.err(),
+                _ = sleep_until(idle_deadline), if idle_deadline.is_some() => {
+                    let idle = watch.idle.expect("deadline implies idle");
+                    let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
+                    let quiet = started.elapsed().saturating_sub(last);
+                    if quiet >= idle {
+                        break Some((Side::Idle, io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
+                    }
+                    idle_deadline = Some(Instant::now() + (idle - quiet));
+                }
+            }
+        }
     };
-    let error = copied.err();
     if error.is_some() {
         send.send_reset(h2::Reason::CANCEL);
         splice::reset(tcp);
     }
-    Tunnelled {
-        sent,
-        received,
-        error,
-    }
+    Tunnelled { error }
 }
 
 /// Reads the TCP side until end of stream, then ends the stream.
 async fn tcp_to_tunnel(
     tcp: &mut ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
-    total: &mut u64,
-) -> io::Result<()> {
+    total: &AtomicU64,
+    last_activity: &AtomicU64,
+    started: Instant,
+) -> Result<(), (Side, io::Error)> {
+    let tcp_side = |e| (Side::Client, e);
     let mut buffer = BytesMut::new();
+    let mut any = false;
     loop {
         if buffer.capacity() - buffer.len() < MIN_READ {
-            if *total == 0 {
+            if !any {
                 // Allocate nothing until the client has something to say.
-                tcp.readable().await?;
+                tcp.readable().await.map_err(tcp_side)?;
                 buffer.reserve(FIRST_READ);
             } else {
                 buffer.reserve(READ_BUFFER);
             }
         }
-        let n = tcp.read_buf(&mut buffer).await?;
+        let n = tcp.read_buf(&mut buffer).await.map_err(tcp_side)?;
         if n == 0 {
-            return send.send_data(Bytes::new(), true).map_err(stream_error);
+            return send
+                .send_data(Bytes::new(), true)
+                .map_err(|e| (Side::Upstream, stream_error(e)));
         }
-        *total += n as u64;
+        any = true;
         let mut chunk = buffer.split().freeze();
         while !chunk.is_empty() {
-            let granted = capacity(send, chunk.len()).await?;
-            send.send_data(chunk.split_to(granted.min(chunk.len())), false)
-                .map_err(stream_error)?;
+            let granted = capacity(send, chunk.len())
+                .await
+                .map_err(|e| (Side::Upstream, e))?;
+            let part = chunk.split_to(granted.min(chunk.len()));
+            let moved = part.len() as u64;
+            send.send_data(part, false)
+                .map_err(|e| (Side::Upstream, stream_error(e)))?;
+            total.fetch_add(moved, Ordering::Relaxed);
+            last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         }
     }
 }
@@ -132,17 +187,27 @@ async fn capacity(send: &mut SendStream<Bytes>, wanted: usize) -> io::Result<usi
 async fn tunnel_to_tcp(
     recv: &mut RecvStream,
     tcp: &mut WriteHalf<'_>,
-    total: &mut u64,
-) -> io::Result<()> {
+    watch: &Watch<'_>,
+    last_activity: &AtomicU64,
+    started: Instant,
+) -> Result<(), (Side, io::Error)> {
+    let stream_side = |e| (Side::Upstream, stream_error(e));
+    let mut first = Some(watch.first_data);
     while let Some(data) = recv.data().await {
-        let data = data.map_err(stream_error)?;
-        tcp.write_all(&data).await?;
-        *total += data.len() as u64;
+        let data = data.map_err(stream_side)?;
+        if let Some(report) = first.take() {
+            report(started.elapsed());
+        }
+        last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        tcp.write_all(&data).await.map_err(|e| (Side::Client, e))?;
+        watch
+            .from_tunnel
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         recv.flow_control()
             .release_capacity(data.len())
-            .map_err(stream_error)?;
+            .map_err(stream_side)?;
     }
-    tcp.shutdown().await
+    tcp.shutdown().await.map_err(|e| (Side::Client, e))
 }
 
 /// An h2 stream or connection error as I/O: a reset by the peer reads as

@@ -120,9 +120,8 @@ impl Opener<'_> {
     }
 }
 
-/// Splices the client with whichever upstream it got.
-/// Bytes of a tunnelled connection are known when it ends; a plain one
-/// counts into `counted` as it goes.
+/// Splices the client with whichever upstream it got, counting bytes into
+/// `counted` as they go.
 pub async fn splice(
     client: TcpStream,
     upstream: Upstream,
@@ -142,11 +141,17 @@ pub async fn splice(
             }
         }
         Upstream::Tunnel(stream, _guard) => {
-            let done = hbone::splice_tunnel(client, stream).await;
+            let watch = hbone::Watch {
+                to_tunnel: &counted.sent,
+                from_tunnel: &counted.received,
+                idle,
+                first_data: first_response,
+            };
+            let done = hbone::splice_tunnel(client, stream, &watch).await;
             Finished {
-                sent: done.sent,
-                received: done.received,
-                error: done.error.map(|e| (splice::Side::Upstream, e)),
+                sent: counted.sent.load(Ordering::Relaxed),
+                received: counted.received.load(Ordering::Relaxed),
+                error: done.error,
             }
         }
     }
