@@ -57,6 +57,9 @@ pub struct Connect {
     pub count: u32,
     pub send: u64,
     pub reset: bool,
+    /// Send before reading the server's greeting (so the first bytes are
+    /// on their way before the path to the server is open).
+    pub send_first: bool,
     /// Source address (one of the pod's).
     pub bind: Option<Ipv4Addr>,
     /// Connections spread over this many threads.
@@ -144,6 +147,9 @@ impl Pod {
         ]);
         if options.reset {
             command.arg("--reset");
+        }
+        if options.send_first {
+            command.arg("--send-first");
         }
         if let Some(bind) = options.bind {
             command.args(["--bind", &bind.to_string()]);

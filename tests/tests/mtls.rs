@@ -23,6 +23,9 @@ const VIP: &str = "10.96.0.10:80";
 const RESET_VIP: &str = "10.96.0.11:80";
 /// `server` again, behind a service with an idle timeout.
 const IDLE_VIP: &str = "10.96.0.12:80";
+/// Port 8082 of `server` (nothing listens) and of `open` (a server), by
+/// round robin with retries.
+const RETRY_VIP: &str = "10.96.0.13:80";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 
 fn vip() -> SocketAddr {
@@ -81,7 +84,7 @@ fn remote(node: &Node, pod: &str, sa: &str) -> String {
 
 fn config_a(t: &TwoNodesSetup, o: &Options<'_>) -> String {
     format!(
-        "{}workloads:\n{}{}{}services:
+        "{}workloads:\n{}{}{}{}services:
   - name: web
     vip: 10.96.0.10
     ports: [{{ port: 80, target_port: 8080 }}]
@@ -95,14 +98,23 @@ fn config_a(t: &TwoNodesSetup, o: &Options<'_>) -> String {
     ports: [{{ port: 80, target_port: 8080 }}]
     endpoints: [{{ ip: {} }}]
     resilience: {{ idle_timeout_ms: 1500 }}
+  - name: retry
+    vip: 10.96.0.13
+    ports: [{{ port: 80, target_port: 8082 }}]
+    endpoints: [{{ ip: {} }}, {{ ip: {} }}]
+    policy: round_robin
+    resilience: {{ outlier_detection: {{ consecutive_failures: 0 }} }}
 ",
         t.a.node_yaml(),
         workload(&t.a, "client", "client", "permissive"),
         workload(&t.a, "other", "other", "permissive"),
         remote(&t.b, "server", o.server_sa_seen_from_a),
+        remote(&t.b, "open", "open"),
         t.b.pod("server").ip,
         t.b.pod("server").ip,
         t.b.pod("server").ip,
+        t.b.pod("server").ip,
+        t.b.pod("open").ip,
     )
 }
 
@@ -138,6 +150,7 @@ fn two_nodes(label: &str, options: &Options<'_>) -> TwoNodes {
         setup.b.pod("server").serve(8080, "server", false),
         setup.b.pod("open").serve(8080, "open", false),
         setup.b.pod("server").serve(8081, "reset", true),
+        setup.b.pod("open").serve(8082, "open", false),
     ];
     // Node 1's agent creates the shared CA; node 2's loads it.
     let agent_a = Agent::start(&setup.a, &with_lifetime(config_a(&setup, options), options));
@@ -641,5 +654,45 @@ fn a_tunnelled_connection_counts_bytes_live_and_times_out_when_idle() {
             .unwrap_or_default()
             .contains("reset"),
         "{report}"
+    );
+}
+
+#[test]
+fn a_retried_tunnel_sends_the_clients_first_bytes_again() {
+    let t = two_nodes("early", &Options::default());
+    // Each client sends at once, so its first bytes go out with the
+    // CONNECT; on `server`, nothing listens on 8082 and the stream is
+    // refused, so every other connection is retried on `open` and must
+    // carry those bytes again, in order, ahead of the rest.
+    let reports = t.a.pod("client").connect(
+        RETRY_VIP.parse().unwrap(),
+        Connect {
+            count: 20,
+            send: 100_000,
+            send_first: true,
+            ..Default::default()
+        },
+    );
+    for report in &reports {
+        assert!(report.get("error").is_none(), "{report}");
+        assert_eq!(greeting(report).0, "open");
+        let expected = format!("100000 {}", report["sent_sha256"].as_str().unwrap());
+        assert_eq!(report["reply"], expected.as_str(), "{report}");
+    }
+    let stats = t.agent_a.stats();
+    let retry = stats["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "retry")
+        .unwrap()
+        .clone();
+    assert!(
+        retry["counters"]["retries"].as_u64().unwrap() >= 5,
+        "{retry}"
+    );
+    assert!(
+        stats["outbound"]["early_data"].as_u64().unwrap() >= 10,
+        "{stats}"
     );
 }

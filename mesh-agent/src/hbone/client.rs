@@ -114,8 +114,16 @@ impl HboneClient {
     }
 
     /// Opens a CONNECT stream; the returned tunnel carries the connection's
-    /// bytes.
-    pub async fn open(&self, to: &Destination<'_>) -> Result<(Tunnel, StreamGuard), HboneError> {
+    /// bytes. `early` runs while the answer is awaited: bytes it yields
+    /// before the answer are sent right behind the request, so the client's
+    /// first message does not wait a round trip for the 200 (the server
+    /// holds them until it has connected to the pod; if it refuses, they
+    /// are dropped with the stream).
+    pub async fn open(
+        &self,
+        to: &Destination<'_>,
+        early: impl Future<Output = Option<Bytes>>,
+    ) -> Result<(Tunnel, StreamGuard), HboneError> {
         let key = PoolKey {
             source: to.source.clone(),
             destination: to.identity.clone(),
@@ -147,8 +155,20 @@ impl HboneClient {
             .expect("static request parts");
         let http = |e| HboneError::Http(to.gateway, e);
         let mut sender = sender.ready().await.map_err(http)?;
-        let (response, send) = sender.send_request(request, false).map_err(http)?;
-        let response = response.await.map_err(http)?;
+        let (mut response, mut send) = sender.send_request(request, false).map_err(http)?;
+        let mut early = std::pin::pin!(early);
+        let mut early_done = false;
+        let response = loop {
+            tokio::select! {
+                response = &mut response => break response.map_err(http)?,
+                data = &mut early, if !early_done => {
+                    early_done = true;
+                    if let Some(data) = data {
+                        send.send_data(data, false).map_err(http)?;
+                    }
+                }
+            }
+        };
         match response.status() {
             StatusCode::OK => {}
             status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {

@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use super::{
     Routes,
     splice::{self, Side},
-    upstream::{self, OpenError, Opener},
+    upstream::{self, EarlyData, OpenError, Opener},
 };
 use crate::{
     access::{Outcome, Record, Sinks},
@@ -39,6 +39,9 @@ pub struct OutboundStats {
     pub connect_failures: AtomicU64,
     pub denied: AtomicU64,
     pub tunnelled: AtomicU64,
+    /// Tunnelled connections whose first bytes went ahead of the CONNECT
+    /// answer.
+    pub early_data: AtomicU64,
 }
 
 #[derive(Debug, Serialize)]
@@ -48,6 +51,7 @@ pub struct OutboundStatsSnapshot {
     pub connect_failures: u64,
     pub denied: u64,
     pub tunnelled: u64,
+    pub early_data: u64,
 }
 
 impl OutboundStats {
@@ -59,6 +63,7 @@ impl OutboundStats {
             connect_failures: get(&self.connect_failures),
             denied: get(&self.denied),
             tunnelled: get(&self.tunnelled),
+            early_data: get(&self.early_data),
         }
     }
 }
@@ -191,7 +196,12 @@ impl Connection {
 
     async fn proxy_direct(&self, client: TcpStream, peer: SocketAddrV4, original: SocketAddrV4) {
         let mut record = Record::new("source", &self.routes.state, peer, original);
-        match self.opener(self.connect_timeout).open(original, peer).await {
+        let mut early = EarlyData::default();
+        let opened = self
+            .opener(self.connect_timeout)
+            .open(original, peer, &client, &mut early)
+            .await;
+        match opened {
             Ok(upstream) => {
                 record.endpoint = Some(original);
                 record.mutual_tls = matches!(upstream, upstream::Upstream::Tunnel(..));
@@ -239,6 +249,7 @@ impl Connection {
         };
         let opener = self.opener(balancer.connect_timeout(self.connect_timeout));
         let mut tried = Vec::new();
+        let mut early = EarlyData::default();
         let mut _retry: Option<RetryPermit> = None;
         let (upstream, endpoint) = loop {
             let endpoint = match balancer.pick(*peer.ip(), &tried) {
@@ -260,7 +271,7 @@ impl Connection {
             record.set_destination_workload(state, endpoint.ip);
             let connecting = endpoint.begin_connect();
             let attempt = Instant::now();
-            match opener.open(target, peer).await {
+            match opener.open(target, peer, &client, &mut early).await {
                 Ok(upstream) => {
                     endpoint.connect_succeeded(attempt.elapsed());
                     break (upstream, endpoint);

@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 
 use super::{OutboundStats, Routes, splice};
@@ -27,7 +28,45 @@ use crate::{
 
 pub enum Upstream {
     Tcp(TcpStream),
-    Tunnel(hbone::Tunnel, StreamGuard),
+    /// The tunnel, and how many of the client's bytes went ahead of its
+    /// answer ([`EarlyData`]).
+    Tunnel(hbone::Tunnel, StreamGuard, u64),
+}
+
+/// Most of the client's first bytes sent ahead of an HBONE answer.
+const EARLY_LIMIT: usize = 16 * 1024;
+
+/// The client's first bytes, when they arrived before an HBONE stream was
+/// answered: sent ahead of the answer, and kept (a shared `Bytes`, no copy)
+/// so that a retry on another endpoint sends them again.
+#[derive(Default)]
+pub struct EarlyData(Option<Bytes>);
+
+impl EarlyData {
+    /// What to send ahead of the answer: the bytes read for an earlier
+    /// attempt, or else the client's first read if it comes before the
+    /// answer does.
+    async fn take_or_read(&mut self, client: &TcpStream) -> Option<Bytes> {
+        if let Some(data) = &self.0 {
+            return Some(data.clone());
+        }
+        client.readable().await.ok()?;
+        let mut buffer = BytesMut::with_capacity(EARLY_LIMIT);
+        match client.try_read_buf(&mut buffer) {
+            Ok(n) if n > 0 => {
+                let data = buffer.freeze();
+                self.0 = Some(data.clone());
+                Some(data)
+            }
+            // End of stream stays for the splice to read; a spurious
+            // wake-up just means nothing goes early.
+            _ => None,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.0.as_ref().map_or(0, |data| data.len() as u64)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,10 +94,14 @@ pub struct Opener<'a> {
 }
 
 impl Opener<'_> {
+    /// Opens the path to `target` for `client` (the captured connection
+    /// `client_stream`, whose first bytes may go ahead into `early`).
     pub async fn open(
         &self,
         target: SocketAddrV4,
         client: SocketAddrV4,
+        client_stream: &TcpStream,
+        early: &mut EarlyData,
     ) -> Result<Upstream, OpenError> {
         let state = &self.routes.state;
         let source = state
@@ -84,8 +127,14 @@ impl Opener<'_> {
                 };
                 // Boxed: the TLS and HTTP/2 handshakes are large futures,
                 // and every connection's task would carry their size.
-                match Box::pin(self.hbone.open(&destination)).await {
-                    Ok((stream, guard)) => Ok(Upstream::Tunnel(stream, guard)),
+                let ahead = early.take_or_read(client_stream);
+                match Box::pin(self.hbone.open(&destination, ahead)).await {
+                    Ok((stream, guard)) => {
+                        if early.len() > 0 {
+                            self.stats.early_data.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Upstream::Tunnel(stream, guard, early.len()))
+                    }
                     Err(error) if error.is_denied() => Err(OpenError::Denied(error.to_string())),
                     Err(error) => Err(OpenError::Failed(error.to_string())),
                 }
@@ -140,7 +189,8 @@ pub async fn splice(
                 error: done.error,
             }
         }
-        Upstream::Tunnel(stream, _guard) => {
+        Upstream::Tunnel(stream, _guard, sent_early) => {
+            counted.sent.fetch_add(sent_early, Ordering::Relaxed);
             let watch = hbone::Watch {
                 to_tunnel: &counted.sent,
                 from_tunnel: &counted.received,

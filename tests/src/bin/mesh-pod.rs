@@ -54,6 +54,9 @@ enum Command {
         /// After the greeting, reset the connection and report nothing else.
         #[arg(long)]
         reset: bool,
+        /// Send before reading the greeting (client speaks first).
+        #[arg(long)]
+        send_first: bool,
         /// Source address to connect from.
         #[arg(long)]
         bind: Option<std::net::Ipv4Addr>,
@@ -77,9 +80,16 @@ fn main() -> anyhow::Result<()> {
             send,
             hold,
             reset,
+            send_first,
             bind,
             parallel,
         } => {
+            let plan = Plan {
+                send,
+                hold,
+                reset,
+                send_first,
+            };
             let parallel = parallel.max(1);
             let threads: Vec<_> = (0..parallel)
                 .map(|t| {
@@ -87,7 +97,7 @@ fn main() -> anyhow::Result<()> {
                     let share = count / parallel + u32::from(t < count % parallel);
                     std::thread::spawn(move || -> anyhow::Result<()> {
                         for _ in 0..share {
-                            let line = connect(addr, bind, send, hold, reset)?;
+                            let line = connect(addr, bind, plan)?;
                             println!("{line}");
                         }
                         Ok(())
@@ -160,12 +170,19 @@ fn hash_until_eof(stream: &mut TcpStream) -> io::Result<(u64, String)> {
 
 /// One connection. Failing to connect is an error; anything that goes wrong
 /// after that (a reset, typically) is part of the report, under `error`.
-fn connect(
-    addr: SocketAddr,
-    bind: Option<std::net::Ipv4Addr>,
+/// What one client connection does.
+#[derive(Clone, Copy)]
+struct Plan {
     send: u64,
     hold: bool,
     reset: bool,
+    send_first: bool,
+}
+
+fn connect(
+    addr: SocketAddr,
+    bind: Option<std::net::Ipv4Addr>,
+    plan: Plan,
 ) -> anyhow::Result<String> {
     let stream = match open(addr, bind) {
         Ok(stream) => stream,
@@ -178,29 +195,26 @@ fn connect(
     let started = std::time::Instant::now();
     let local = stream.local_addr().ok();
     let mut report = serde_json::json!({ "local": local });
-    if let Err(error) = session(stream, send, hold, reset, &mut report) {
+    if let Err(error) = session(stream, plan, &mut report) {
         report["error"] = error.to_string().into();
     }
     report["duration_ms"] = (started.elapsed().as_millis() as u64).into();
     Ok(report.to_string())
 }
 
-fn session(
-    stream: TcpStream,
-    send: u64,
-    hold: bool,
-    reset: bool,
-    report: &mut serde_json::Value,
-) -> io::Result<()> {
+fn session(mut stream: TcpStream, plan: Plan, report: &mut serde_json::Value) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
+    if plan.send_first {
+        send_payload(&mut stream, plan.send, report)?;
+    }
     let mut greeting = String::new();
     reader.read_line(&mut greeting)?;
     report["greeting"] = greeting.trim_end().into();
-    if reset {
+    if plan.reset {
         return reset_close(stream);
     }
-    if hold {
+    if plan.hold {
         // Tell the driver the connection is up, then wait for it to let go.
         println!(
             "{}",
@@ -209,7 +223,29 @@ fn session(
         io::stdout().flush()?;
         io::stdin().read_to_end(&mut Vec::new())?;
     }
-    let mut writer = stream;
+    if !plan.send_first {
+        send_payload(&mut stream, plan.send, report)?;
+    }
+    // On a socket already reset shutdown() says ENOTCONN while the reset
+    // itself is still pending: the read below reports it.
+    if let Err(error) = stream.shutdown(Shutdown::Write)
+        && error.kind() != io::ErrorKind::NotConnected
+    {
+        return Err(error);
+    }
+    let mut reply = String::new();
+    reader.read_line(&mut reply)?;
+    report["reply"] = reply.trim_end().into();
+    Ok(())
+}
+
+/// Sends `send` bytes of the deterministic payload, recording the count
+/// and checksum in the report.
+fn send_payload(
+    writer: &mut TcpStream,
+    send: u64,
+    report: &mut serde_json::Value,
+) -> io::Result<()> {
     let mut hasher = Sha256::new();
     let mut sent = 0u64;
     let mut chunk = vec![0; 256 * 1024];
@@ -223,16 +259,6 @@ fn session(
     }
     report["sent"] = sent.into();
     report["sent_sha256"] = hex(&hasher.finalize()).into();
-    // On a socket already reset shutdown() says ENOTCONN while the reset
-    // itself is still pending: the read below reports it.
-    if let Err(error) = writer.shutdown(Shutdown::Write)
-        && error.kind() != io::ErrorKind::NotConnected
-    {
-        return Err(error);
-    }
-    let mut reply = String::new();
-    reader.read_line(&mut reply)?;
-    report["reply"] = reply.trim_end().into();
     Ok(())
 }
 
