@@ -25,7 +25,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
-use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW, Tunnel};
+use super::{
+    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW, TLS_SEND_BUFFER,
+    Tunnel,
+};
 use crate::{config::HboneConfig, identity::SpiffeId, tls::TlsFactory};
 
 #[derive(Debug, thiserror::Error)]
@@ -218,13 +221,14 @@ impl HboneClient {
             .client(key.source.clone(), key.destination.clone())
             .map_err(|e| HboneError::Tls(to.gateway, e.to_string()))?;
         let name = ServerName::IpAddress((*to.gateway.ip()).into());
-        let tls = tokio::time::timeout(
+        let mut tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             TlsConnector::from(Arc::new(config)).connect(name, tcp),
         )
         .await
         .map_err(|_| HboneError::Tls(to.gateway, "handshake timed out".into()))?
         .map_err(|e| HboneError::Tls(to.gateway, e.to_string()))?;
+        tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
         let cert = self.tls.current_cert(&key.source);
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)

@@ -25,6 +25,10 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 /// Bytes h2 buffers per stream before it stops taking writes (h2's
 /// default, 400 KiB, caps one stream below what the window allows).
 pub const SEND_BUFFER: usize = 4 * 1024 * 1024;
+/// Encrypted bytes rustls queues before a write must wait for the socket:
+/// room for a whole DATA frame, so one frame goes out in one `writev`
+/// (rustls's default, 64 KiB, cut each frame's write in two).
+pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 
 /// Hard cap on streams per HTTP/2 connection (the server's
 /// SETTINGS_MAX_CONCURRENT_STREAMS); the client opens more connections well

@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 
 use super::{
     CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, SEND_BUFFER,
-    STREAM_WINDOW, Tunnel, Watch, splice_tunnel,
+    STREAM_WINDOW, TLS_SEND_BUFFER, Tunnel, Watch, splice_tunnel,
 };
 use crate::{
     access::{Outcome, Record, Sinks},
@@ -158,11 +158,12 @@ impl Shared {
                 return refuse(format!("TLS config for {identity}: {error}"), Some(stream));
             }
         };
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => return refuse(format!("TLS handshake failed: {error}"), None),
             Err(_) => return refuse("TLS handshake timed out".into(), None),
         };
+        tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(ALPN_H2) {
             return refuse("client did not negotiate ALPN h2".into(), None);

@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -35,14 +35,16 @@ use tokio::{
 
 use crate::proxy::splice::{self, Side, sleep_until};
 
-/// Read size once data flows. Each read becomes one DATA frame.
-const READ_BUFFER: usize = 64 * 1024;
+/// Largest read once data flows; each read becomes one DATA frame. With
+/// its 9-byte frame header a full one is exactly eight full TLS records
+/// (16 KiB of plaintext each): a 64 KiB read made four full records and a
+/// fifth of 9 bytes, sent in a write and a TCP segment of its own.
+const READ_BUFFER: usize = 8 * TLS_RECORD - FRAME_HEADER;
+const TLS_RECORD: usize = 16 * 1024;
+const FRAME_HEADER: usize = 9;
 /// The first read's buffer: an idle connection holds none, one that sent a
 /// little holds this much.
 const FIRST_READ: usize = 2 * 1024;
-/// Spare room below which a fresh buffer is taken before reading (smaller
-/// reads would mean smaller frames).
-const MIN_READ: usize = 8 * 1024;
 
 /// The two halves of an open CONNECT stream.
 pub struct Tunnel {
@@ -129,16 +131,20 @@ async fn tcp_to_tunnel(
     let mut buffer = BytesMut::new();
     let mut any = false;
     loop {
-        if buffer.capacity() - buffer.len() < MIN_READ {
-            if !any {
-                // Allocate nothing until the client has something to say.
-                tcp.readable().await.map_err(tcp_side)?;
-                buffer.reserve(FIRST_READ);
-            } else {
-                buffer.reserve(READ_BUFFER);
-            }
-        }
-        let n = tcp.read_buf(&mut buffer).await.map_err(tcp_side)?;
+        let limit = if any {
+            READ_BUFFER
+        } else {
+            // Allocate nothing until the client has something to say.
+            tcp.readable().await.map_err(tcp_side)?;
+            FIRST_READ
+        };
+        // Room for a whole read: the buffer is reused in place once h2 let
+        // go of every frame cut from it, or a fresh one is taken.
+        buffer.reserve(limit);
+        let n = tcp
+            .read_buf(&mut (&mut buffer).limit(limit))
+            .await
+            .map_err(tcp_side)?;
         if n == 0 {
             return send
                 .send_data(Bytes::new(), true)
