@@ -2,9 +2,10 @@
 //! `mesh-pod` processes running inside both.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    io::Write,
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
@@ -163,6 +164,38 @@ impl Pod {
             .lines()
             .map(|l| serde_json::from_str(l).expect("client JSON"))
             .collect())
+    }
+
+    /// Connects to `addr` (a peer that reads nothing) and writes without
+    /// blocking until writes have stalled for a second (or 20 s passed):
+    /// how many bytes the path took. Without back-pressure somewhere on
+    /// the way, that would be as much as 20 s of writing allows.
+    pub fn write_until_stalled(&self, addr: SocketAddr) -> u64 {
+        self.netns.run(|| {
+            let mut stream = TcpStream::connect(addr).expect("connect");
+            stream.set_nonblocking(true).unwrap();
+            let chunk = vec![7u8; 64 * 1024];
+            let mut accepted = 0u64;
+            let mut stalled_since = None;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                match stream.write(&chunk) {
+                    Ok(n) => {
+                        accepted += n as u64;
+                        stalled_since = None;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        let since = *stalled_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > Duration::from_secs(1) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => panic!("write failed: {e}"),
+                }
+            }
+            accepted
+        })
     }
 
     /// Opens one connection and keeps it open until the result is released.

@@ -3,11 +3,7 @@
 //! the fast path on and with it off (`proxy.fast_path: false`), and must be
 //! the same; with it on the kernel must have moved the bytes. Needs root.
 
-use std::{
-    io::Write,
-    net::{SocketAddr, TcpStream},
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use mesh_tests::{
     agent::Agent,
@@ -175,33 +171,7 @@ fn a_hundred_parallel_connections_arrive_intact() {
 fn a_peer_that_does_not_read_holds_the_sender_back() {
     both("fbp", |s, fast_path| {
         // Write to a server that never reads until the kernel refuses more.
-        let target = s.addr("slow");
-        let accepted = s.node.pod("client").netns.run(|| {
-            let mut stream = TcpStream::connect(target).expect("connect");
-            stream.set_nonblocking(true).unwrap();
-            let chunk = vec![7u8; 64 * 1024];
-            let mut accepted = 0u64;
-            let mut stalled_since = None;
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                match stream.write(&chunk) {
-                    Ok(n) => {
-                        accepted += n as u64;
-                        stalled_since = None;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        // Stalled for a second: the window is shut.
-                        let since = *stalled_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() > Duration::from_secs(1) {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(e) => panic!("write failed: {e}"),
-                }
-            }
-            accepted
-        });
+        let accepted = s.node.pod("client").write_until_stalled(s.addr("slow"));
         // Socket buffers along the path hold some megabytes (about 20 MiB
         // here without the fast path; it adds at most its 4 MiB backlog
         // bound); without back-pressure the sender would never stall.

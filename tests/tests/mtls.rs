@@ -151,6 +151,11 @@ fn two_nodes(label: &str, options: &Options<'_>) -> TwoNodes {
         setup.b.pod("open").serve(8080, "open", false),
         setup.b.pod("server").serve(8081, "reset", true),
         setup.b.pod("open").serve(8082, "open", false),
+        // Accepts, then reads nothing for a minute.
+        setup
+            .b
+            .pod("open")
+            .serve_delayed(8083, "slow", false, 60_000),
     ];
     // Node 1's agent creates the shared CA; node 2's loads it.
     let agent_a = Agent::start(&setup.a, &with_lifetime(config_a(&setup, options), options));
@@ -695,4 +700,20 @@ fn a_retried_tunnel_sends_the_clients_first_bytes_again() {
         stats["outbound"]["early_data"].as_u64().unwrap() >= 10,
         "{stats}"
     );
+}
+
+#[test]
+fn a_tunnel_to_a_peer_that_does_not_read_holds_the_sender_back() {
+    let t = two_nodes("tunbp", &Options::default());
+    let slow = SocketAddr::from((t.b.pod("open").ip, 8083));
+    let accepted = t.a.pod("client").write_until_stalled(slow);
+    // Socket buffers on both legs, the stream's 4 MiB window and h2's
+    // send buffer hold some tens of MiB; were h2 handed data beyond its
+    // window, the sender would never stall.
+    eprintln!("{} MiB accepted", accepted >> 20);
+    assert!(
+        accepted < 64 << 20,
+        "{accepted} bytes accepted by a tunnel to a peer that reads nothing"
+    );
+    assert_eq!(t.agent_a.stats()["outbound"]["tunnelled"], 1);
 }
