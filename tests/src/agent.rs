@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    net::TcpStream,
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::{
     mesh_agent_bin,
+    pod::Held,
     process::{self, Guarded},
     topology::Node,
 };
@@ -167,6 +168,39 @@ impl Agent {
             return Ok(Some(ExitStatus::from_raw(status)));
         }
         Ok(None)
+    }
+
+    /// The `/connections` entry of the live connection from `client`.
+    pub fn live_connection(&self, client: SocketAddr) -> Value {
+        let (code, body) = self
+            .http_get(ADMIN_PORT, "/connections")
+            .expect("GET /connections");
+        assert_eq!(code, 200, "{body}");
+        let live: Value = serde_json::from_str(&body).expect("/connections JSON");
+        live.as_array()
+            .expect("a list")
+            .iter()
+            .find(|e| e["client"] == client.to_string().as_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("{client} not listed: {live}"))
+    }
+
+    /// Waits for the agent to log an idle timeout, then checks that the
+    /// held connection was reset by it.
+    pub fn expect_idle_reset(&self, held: Held) {
+        assert!(
+            self.wait_log("idle timeout", 1, Duration::from_secs(10)),
+            "{}",
+            self.log()
+        );
+        let report = held.release();
+        assert!(
+            report["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("reset"),
+            "{report}"
+        );
     }
 
     /// GET on the agent's loopback (inside the node namespace); returns the

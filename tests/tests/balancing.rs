@@ -415,19 +415,7 @@ fn an_idle_connection_is_closed_after_the_idle_timeout() {
         &service("    resilience: { idle_timeout_ms: 300 }\n", &eps),
     );
     let held = c.node.pod("client").hold(vip());
-    assert!(
-        c.agent.wait_log("idle timeout", 1, Duration::from_secs(10)),
-        "{}",
-        c.agent.log()
-    );
-    let report = held.release();
-    assert!(
-        report["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("reset"),
-        "{report}"
-    );
+    c.agent.expect_idle_reset(held);
 }
 
 #[test]

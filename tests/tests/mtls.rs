@@ -635,31 +635,10 @@ fn a_tunnelled_connection_counts_bytes_live_and_times_out_when_idle() {
     let held = t.a.pod("client").hold(IDLE_VIP.parse().unwrap());
     // The server's greeting came back through the tunnel: counted already,
     // while the connection is open.
-    let (code, body) = t.agent_a.http_get(15000, "/connections").unwrap();
-    assert_eq!(code, 200);
-    let live: Value = serde_json::from_str(&body).unwrap();
-    let entry = live
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["client"] == held.local.to_string().as_str())
-        .unwrap_or_else(|| panic!("held connection not listed: {live}"));
+    let entry = t.agent_a.live_connection(held.local);
     assert_eq!(entry["received"], held.greeting.len() as u64 + 1, "{entry}");
     // Then nothing moves, and the client's agent closes it.
-    assert!(
-        t.agent_a
-            .wait_log("idle timeout", 1, Duration::from_secs(10)),
-        "{}",
-        t.agent_a.log()
-    );
-    let report = held.release();
-    assert!(
-        report["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("reset"),
-        "{report}"
-    );
+    t.agent_a.expect_idle_reset(held);
 }
 
 #[test]

@@ -349,15 +349,7 @@ fn connections_logging_and_the_status_command() {
     let c = cluster("conns", &["be1"]);
     let vip: SocketAddr = VIP.parse().unwrap();
     let held = c.node.pod("client").hold(vip);
-    let (code, body) = c.agent.http_get(15000, "/connections").unwrap();
-    assert_eq!(code, 200);
-    let live: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let entry = live
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["client"] == held.local.to_string().as_str())
-        .unwrap_or_else(|| panic!("held connection not listed: {live}"));
+    let entry = c.agent.live_connection(held.local);
     assert_eq!(entry["destination"], VIP);
     assert_eq!(entry["destination_workload"], "be1");
     // The server's greeting came back through the agent already.
