@@ -298,8 +298,18 @@ impl Agent {
 
     /// SIGTERM, then wait for the exit (at most 30 s).
     pub fn terminate(&mut self) -> ExitStatus {
+        self.sigterm();
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    /// SIGTERM without waiting: the agent drains, then exits.
+    pub fn sigterm(&self) {
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
+    }
+
+    /// Waits for the agent to exit (panics after `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.try_exit_status() {
                 self.process.take().map(Guarded::into_inner);
@@ -307,7 +317,7 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "agent did not exit on SIGTERM:\n{}",
+                "agent did not exit in {timeout:?}:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));

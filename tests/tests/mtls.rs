@@ -53,6 +53,8 @@ struct Options<'a> {
     cert_lifetime_s: Option<u64>,
     /// Mode of `server` and of the extra permissive pod `open` on node 2.
     server_mode: &'a str,
+    /// `proxy.drain_timeout_ms` on node 2, if not the default.
+    drain_timeout_ms_b: Option<u64>,
 }
 
 impl Default for Options<'_> {
@@ -62,6 +64,7 @@ impl Default for Options<'_> {
             authorization_b: "",
             cert_lifetime_s: None,
             server_mode: "permissive",
+            drain_timeout_ms_b: None,
         }
     }
 }
@@ -119,8 +122,12 @@ fn config_a(t: &TwoNodesSetup, o: &Options<'_>) -> String {
 }
 
 fn config_b(t: &TwoNodesSetup, o: &Options<'_>) -> String {
+    let proxy = o
+        .drain_timeout_ms_b
+        .map(|ms| format!("proxy: {{ drain_timeout_ms: {ms} }}\n"))
+        .unwrap_or_default();
     format!(
-        "{}workloads:\n{}{}{}{}{}",
+        "{}{proxy}workloads:\n{}{}{}{}{}",
         t.b.node_yaml(),
         workload(&t.b, "server", "server", o.server_mode),
         workload(&t.b, "open", "open", "permissive"),
@@ -695,4 +702,42 @@ fn a_tunnel_to_a_peer_that_does_not_read_holds_the_sender_back() {
         "{accepted} bytes accepted by a tunnel to a peer that reads nothing"
     );
     assert_eq!(t.agent_a.stats()["outbound"]["tunnelled"], 1);
+}
+
+#[test]
+fn a_stopping_agent_finishes_open_streams_and_closes_idle_pooled_connections() {
+    let mut t = two_nodes(
+        "goaway",
+        &Options {
+            drain_timeout_ms_b: Some(20_000),
+            ..Default::default()
+        },
+    );
+    // Node 1 pools an HBONE connection to node 2, idle after this one...
+    let report = &t.a.pod("client").connect(vip(), Connect::default())[0];
+    assert_eq!(greeting(report).0, "server");
+    // ...and one stream stays open.
+    let held = t.a.pod("client").hold(vip());
+    t.agent_b.sigterm();
+    std::thread::sleep(Duration::from_millis(500));
+    // Still draining: the open stream works to its end, both ways.
+    let report = held.release();
+    assert!(report.get("error").is_none(), "{report}");
+    assert!(
+        report["reply"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("0 "),
+        "{report}"
+    );
+    // Then the agent exits at once: the pooled connection got GOAWAY and
+    // closed instead of holding the drain for its whole 20 s.
+    let draining = Instant::now();
+    let status = t.agent_b.wait_exit(Duration::from_secs(40));
+    assert!(status.success(), "{status}");
+    assert!(
+        draining.elapsed() < Duration::from_secs(10),
+        "exit took {:?} after the last stream ended",
+        draining.elapsed()
+    );
 }

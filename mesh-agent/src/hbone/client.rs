@@ -72,12 +72,32 @@ struct Pooled {
 }
 
 /// Counts a stream on its pooled connection until dropped.
-pub struct StreamGuard(Arc<AtomicUsize>);
+pub struct StreamGuard {
+    streams: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+}
+
+impl StreamGuard {
+    /// The connection is unusable: it takes no more streams.
+    fn connection_closed(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.streams.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Opens a stream on a connection: once it may take one, sends the
+/// request's headers.
+async fn start(
+    sender: SendRequest<Bytes>,
+    request: Request<()>,
+) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), h2::Error> {
+    let mut sender = sender.ready().await?;
+    sender.send_request(request, false)
 }
 
 pub struct HboneClient {
@@ -132,33 +152,29 @@ impl HboneClient {
             destination: to.identity.clone(),
             node: to.node.to_owned(),
         };
-        let (sender, guard) = match self.pooled(&key) {
-            Some(pooled) => pooled,
-            None => {
-                let dialing = self
-                    .dialing
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(key.clone())
-                    .or_default()
-                    .clone();
-                let _turn = dialing.lock().await;
-                // Whoever dialled before us may have made room.
-                match self.pooled(&key) {
-                    Some(pooled) => pooled,
-                    None => self.connect(key, to).await?,
-                }
-            }
+        let request = || {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(to.target.to_string())
+                .header("forwarded", format!("for={}", to.client))
+                .body(())
+                .expect("static request parts")
         };
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(to.target.to_string())
-            .header("forwarded", format!("for={}", to.client))
-            .body(())
-            .expect("static request parts");
         let http = |e| HboneError::Http(to.gateway, e);
-        let mut sender = sender.ready().await.map_err(http)?;
-        let (mut response, mut send) = sender.send_request(request, false).map_err(http)?;
+        let (sender, guard, pooled) = self.checkout(&key, to).await?;
+        let (mut response, mut send, guard) = match start(sender, request()).await {
+            Ok((response, send)) => (response, send, guard),
+            // The peer closed this pooled connection, or sent GOAWAY on it
+            // (its agent is stopping), since it was last used: forget it
+            // and take another, once. Nothing was sent on it.
+            Err(_) if pooled => {
+                guard.connection_closed();
+                let (sender, guard, _) = self.checkout(&key, to).await?;
+                let (response, send) = start(sender, request()).await.map_err(http)?;
+                (response, send, guard)
+            }
+            Err(error) => return Err(http(error)),
+        };
         let mut early = std::pin::pin!(early);
         let mut early_done = false;
         let response = loop {
@@ -183,6 +199,32 @@ impl HboneClient {
         Ok((Tunnel { send, recv }, guard))
     }
 
+    /// A connection for a new stream: pooled (the flag says so), or else
+    /// dialled now.
+    async fn checkout(
+        &self,
+        key: &PoolKey,
+        to: &Destination<'_>,
+    ) -> Result<(SendRequest<Bytes>, StreamGuard, bool), HboneError> {
+        if let Some((sender, guard)) = self.pooled(key) {
+            return Ok((sender, guard, true));
+        }
+        let dialing = self
+            .dialing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _turn = dialing.lock().await;
+        // Whoever dialled before us may have made room.
+        if let Some((sender, guard)) = self.pooled(key) {
+            return Ok((sender, guard, true));
+        }
+        let (sender, guard) = self.connect(key.clone(), to).await?;
+        Ok((sender, guard, false))
+    }
+
     /// A pooled connection with room, unless the pool should grow.
     fn pooled(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, StreamGuard)> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
@@ -203,7 +245,11 @@ impl HboneClient {
             return None;
         }
         least.streams.fetch_add(1, Ordering::Relaxed);
-        Some((least.sender.clone(), StreamGuard(least.streams.clone())))
+        let guard = StreamGuard {
+            streams: least.streams.clone(),
+            closed: least.closed.clone(),
+        };
+        Some((least.sender.clone(), guard))
     }
 
     async fn connect(
@@ -251,7 +297,10 @@ impl HboneClient {
         self.connections_opened.fetch_add(1, Ordering::Relaxed);
         info!(source = %key.source, destination = %key.destination, node = %key.node, %gateway, "HBONE connection opened");
         let streams = Arc::new(AtomicUsize::new(1));
-        let guard = StreamGuard(streams.clone());
+        let guard = StreamGuard {
+            streams: streams.clone(),
+            closed: closed.clone(),
+        };
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -124,13 +124,19 @@ impl Inbound {
                 .connections
                 .fetch_add(1, Ordering::Relaxed);
             let shared = self.shared.clone();
-            tracker.spawn(async move { shared.connection(stream, peer).await });
+            let stop = stop.clone();
+            tracker.spawn(async move { shared.connection(stream, peer, stop).await });
         }
     }
 }
 
 impl Shared {
-    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        stop: CancellationToken,
+    ) {
         let refuse = |reason: String, stream: Option<TcpStream>| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             warn!(%peer, reason, "inbound HBONE refused");
@@ -189,18 +195,31 @@ impl Shared {
             Err(error) => return refuse(format!("HTTP/2 handshake failed: {error}"), None),
         };
         // Accepting drives the whole connection, its open streams included:
-        // the loop runs until the peer closes it.
-        while let Some(accepted) = connection.accept().await {
+        // the loop runs until the peer closes it, or, once the agent is
+        // stopping, until its last stream ended. A peer's pooled connection
+        // would otherwise hold the drain for its whole timeout; GOAWAY
+        // tells the peer to take new streams elsewhere.
+        let mut going_away = false;
+        loop {
+            let accepted = tokio::select! {
+                accepted = connection.accept() => accepted,
+                _ = stop.cancelled(), if !going_away => {
+                    going_away = true;
+                    connection.graceful_shutdown();
+                    continue;
+                }
+            };
             match accepted {
-                Ok((request, respond)) => {
+                Some(Ok((request, respond))) => {
                     let this = self.clone();
                     let client = client.clone();
                     tokio::spawn(async move { this.stream(request, respond, client, peer).await });
                 }
-                Err(error) => {
+                Some(Err(error)) => {
                     debug!(%peer, %error, "inbound HBONE connection ended");
                     return;
                 }
+                None => return,
             }
         }
     }
