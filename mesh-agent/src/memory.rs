@@ -11,8 +11,8 @@ const CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Largest allocation served from glibc's arenas; larger ones get their
 /// own mapping, returned to the kernel when freed. Above the biggest
-/// buffer the data path allocates (hyper's read buffer grows to ~400 KiB),
-/// so moving bytes maps nothing.
+/// buffers the data path allocates (HBONE reads and the frames h2 reads
+/// whole: 128 KiB between agents), so moving bytes maps nothing.
 const MMAP_THRESHOLD: i32 = 1024 * 1024;
 /// Free space at the top of an arena beyond which `free` gives it back.
 const TRIM_THRESHOLD: i32 = 1024 * 1024;
