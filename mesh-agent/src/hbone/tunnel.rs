@@ -1,10 +1,11 @@
 //! One HBONE stream spliced with a TCP connection, driving h2's streams
-//! directly so the payload is never copied in user space:
+//! directly so the payload is copied in user space only by TLS:
 //! - TCP to tunnel: bytes are read into a shared buffer and each read is
 //!   handed to h2 as a `Bytes` view of it (no copy); h2 chains it behind the
 //!   frame header and TLS encrypts it from there;
-//! - tunnel to TCP: each DATA frame's payload, a view of the TLS reader's
-//!   buffer, is written to the socket as it is.
+//! - tunnel to TCP: each DATA frame's payload, a view of h2's read buffer
+//!   (where TLS put the decrypted bytes), is written to the socket as it
+//!   is.
 //!
 //! (hyper's upgraded stream, used before, copies every DATA frame once more
 //! each way: into a fresh `Bytes` when writing, out of it when reading.)
