@@ -14,7 +14,7 @@ mod tunnel;
 
 use std::time::Duration;
 
-pub use tunnel::{Tunnel, Tunnelled, Watch, splice_tunnel};
+pub use tunnel::{Tunnel, Watch, splice_tunnel};
 
 /// HTTP/2 flow-control windows: large enough that one stream can fill a
 /// fast link without waiting for WINDOW_UPDATEs.

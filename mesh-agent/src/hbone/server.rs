@@ -326,14 +326,14 @@ impl Shared {
             idle: None,
             first_data: &|_| {},
         };
-        let done = splice_tunnel(upstream, Tunnel { send, recv }, &watch).await;
+        let ended = splice_tunnel(upstream, Tunnel { send, recv }, &watch).await;
         debug!(%client, %source_ip, %target, "inbound stream closed");
-        let outcome = if done.error.is_some() {
+        let outcome = if ended.is_some() {
             Outcome::Reset
         } else {
             Outcome::Ok
         };
-        let error = done.error.map(|(_, e)| e.to_string());
+        let error = ended.map(|(_, e)| e.to_string());
         let sent = registration.bytes.sent.load(Ordering::Relaxed);
         let received = registration.bytes.received.load(Ordering::Relaxed);
         drop(registration);

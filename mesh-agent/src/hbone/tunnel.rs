@@ -21,7 +21,7 @@ use std::{
     future::poll_fn,
     io,
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -34,7 +34,7 @@ use tokio::{
     },
 };
 
-use crate::proxy::splice::{self, Side, sleep_until};
+use crate::proxy::splice::{self, Activity, Side, idle_check, sleep_until};
 
 /// Largest read once data flows; each read becomes one DATA frame. With
 /// its 9-byte frame header a full one is exactly eight full TLS records
@@ -66,49 +66,38 @@ pub struct Watch<'a> {
     pub first_data: &'a (dyn Fn(Duration) + Sync),
 }
 
-/// How a tunnelled connection ended. The side of an error is
-/// [`Side::Client`] for the TCP connection, [`Side::Upstream`] for the
-/// stream, or [`Side::Idle`].
-pub struct Tunnelled {
-    pub error: Option<(Side, io::Error)>,
-}
-
 /// Splices a TCP connection with a tunnel stream. End of stream maps to a
 /// write shutdown the other way (FIN to END_STREAM and back); an error on
 /// either side, or the idle timeout, resets both (RST_STREAM CANCEL, TCP
-/// RST).
-pub async fn splice_tunnel(mut tcp: TcpStream, tunnel: Tunnel, watch: &Watch<'_>) -> Tunnelled {
+/// RST). Returns how it ended: `None` cleanly, or the error and its side
+/// ([`Side::Client`] for the TCP connection, [`Side::Upstream`] for the
+/// stream, or [`Side::Idle`]).
+pub async fn splice_tunnel(
+    mut tcp: TcpStream,
+    tunnel: Tunnel,
+    watch: &Watch<'_>,
+) -> Option<(Side, io::Error)> {
     let Tunnel { mut send, mut recv } = tunnel;
-    let started = Instant::now();
-    // Milliseconds since `started` of the last byte moved either way.
-    let last_activity = AtomicU64::new(0);
+    let activity = Activity::new();
     let error = {
         let (mut tcp_read, mut tcp_write) = tcp.split();
         let both = async {
             tokio::try_join!(
-                tcp_to_tunnel(
-                    &mut tcp_read,
-                    &mut send,
-                    watch.to_tunnel,
-                    &last_activity,
-                    started
-                ),
-                tunnel_to_tcp(&mut recv, &mut tcp_write, watch, &last_activity, started),
+                tcp_to_tunnel(&mut tcp_read, &mut send, watch.to_tunnel, &activity),
+                tunnel_to_tcp(&mut recv, &mut tcp_write, watch, &activity),
             )
         };
         tokio::pin!(both);
-        let mut idle_deadline = watch.idle.map(|idle| started + idle);
+        let mut idle_deadline = watch.idle.map(|idle| activity.started + idle);
         loop {
             tokio::select! {
                 result = &mut both => break result.err(),
                 _ = sleep_until(idle_deadline), if idle_deadline.is_some() => {
                     let idle = watch.idle.expect("deadline implies idle");
-                    let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
-                    let quiet = started.elapsed().saturating_sub(last);
-                    if quiet >= idle {
-                        break Some((Side::Idle, io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
+                    match idle_check(idle, activity.quiet()) {
+                        Ok(next) => idle_deadline = Some(next),
+                        Err(timed_out) => break Some(timed_out),
                     }
-                    idle_deadline = Some(Instant::now() + (idle - quiet));
                 }
             }
         }
@@ -117,7 +106,7 @@ pub async fn splice_tunnel(mut tcp: TcpStream, tunnel: Tunnel, watch: &Watch<'_>
         send.send_reset(h2::Reason::CANCEL);
         splice::reset(tcp);
     }
-    Tunnelled { error }
+    error
 }
 
 /// Reads the TCP side until end of stream, then ends the stream.
@@ -125,8 +114,7 @@ async fn tcp_to_tunnel(
     tcp: &mut ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
     total: &AtomicU64,
-    last_activity: &AtomicU64,
-    started: Instant,
+    activity: &Activity,
 ) -> Result<(), (Side, io::Error)> {
     let tcp_side = |e| (Side::Client, e);
     let mut buffer = BytesMut::new();
@@ -162,7 +150,7 @@ async fn tcp_to_tunnel(
             send.send_data(part, false)
                 .map_err(|e| (Side::Upstream, stream_error(e)))?;
             total.fetch_add(moved, Ordering::Relaxed);
-            last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            activity.touch();
         }
     }
 }
@@ -195,17 +183,16 @@ async fn tunnel_to_tcp(
     recv: &mut RecvStream,
     tcp: &mut WriteHalf<'_>,
     watch: &Watch<'_>,
-    last_activity: &AtomicU64,
-    started: Instant,
+    activity: &Activity,
 ) -> Result<(), (Side, io::Error)> {
     let stream_side = |e| (Side::Upstream, stream_error(e));
     let mut first = Some(watch.first_data);
     while let Some(data) = recv.data().await {
         let data = data.map_err(stream_side)?;
         if let Some(report) = first.take() {
-            report(started.elapsed());
+            report(activity.started.elapsed());
         }
-        last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.touch();
         tcp.write_all(&data).await.map_err(|e| (Side::Client, e))?;
         watch
             .from_tunnel

@@ -180,7 +180,8 @@ pub async fn splice(
     } else {
         (&counted.sent, &counted.received)
     };
-    let started = Instant::now();
+    let activity = Activity::new();
+    let started = activity.started;
     let client_fd = client_read.as_ref().as_raw_fd();
     let upstream_fd = upstream_read.as_ref().as_raw_fd();
     let mut tick = Duration::from_millis(1);
@@ -199,8 +200,6 @@ pub async fn splice(
         _ => None,
     };
     let mut last_arrived = (0u64, 0u64);
-    // Milliseconds since `started` of the last byte moved either way.
-    let last_activity = AtomicU64::new(0);
     // Which sides' ends of stream were read (client, upstream).
     let mut fins = (false, false);
     let error = {
@@ -208,8 +207,7 @@ pub async fn splice(
             &mut client_read,
             &mut upstream_write,
             sent,
-            started,
-            &last_activity,
+            &activity,
             None,
             kernel.then_some(KernelMoved {
                 gate: &up_gate,
@@ -221,8 +219,7 @@ pub async fn splice(
             &mut upstream_read,
             &mut client_write,
             received,
-            started,
-            &last_activity,
+            &activity,
             Some(first_response),
             kernel.then_some(KernelMoved {
                 gate: &down_gate,
@@ -245,16 +242,16 @@ pub async fn splice(
                 },
                 _ = sleep_until(idle_deadline), if idle_deadline.is_some() => {
                     let idle = idle.expect("deadline implies idle");
-                    let mut quiet = started.elapsed().saturating_sub(Duration::from_millis(last_activity.load(Ordering::Relaxed)));
+                    let mut quiet = activity.quiet();
                     if kernel {
                         let (client, upstream) = (counters_of(client_fd), counters_of(upstream_fd));
                         let kernel_quiet = client.last_data_recv_ms.min(upstream.last_data_recv_ms);
                         quiet = quiet.min(Duration::from_millis(kernel_quiet.into()));
                     }
-                    if quiet >= idle {
-                        break Some((Side::Idle, io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
+                    match idle_check(idle, quiet) {
+                        Ok(next) => idle_deadline = Some(next),
+                        Err(timed_out) => break Some(timed_out),
                     }
-                    idle_deadline = Some(Instant::now() + (idle - quiet));
                 }
                 // Kernel mode: live byte counts and flow control.
                 _ = sleep_until(next_tick), if next_tick.is_some() => {
@@ -323,6 +320,47 @@ fn spliced_fd<'a>(fd: RawFd) -> BorrowedFd<'a> {
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
+/// When a splice started and when it last moved a byte: what its idle
+/// timeout and first-response timing are measured from.
+pub(crate) struct Activity {
+    pub started: Instant,
+    /// Milliseconds since `started` of the last byte moved either way.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// A byte moved just now.
+    pub fn touch(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// How long no byte has moved.
+    pub fn quiet(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+/// The idle check when the idle deadline passed: the error that ends the
+/// splice if it was quiet for `idle`, or else the next deadline.
+pub(crate) fn idle_check(idle: Duration, quiet: Duration) -> Result<Instant, (Side, io::Error)> {
+    if quiet >= idle {
+        return Err((
+            Side::Idle,
+            io::Error::new(io::ErrorKind::TimedOut, "idle timeout"),
+        ));
+    }
+    Ok(Instant::now() + (idle - quiet))
+}
+
 /// Sleeps until `deadline`, or for ever without one.
 pub(crate) async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
@@ -354,8 +392,7 @@ async fn pump(
     from: &mut OwnedReadHalf,
     to: &mut OwnedWriteHalf,
     count: &AtomicU64,
-    started: Instant,
-    last_activity: &AtomicU64,
+    activity: &Activity,
     mut first_data: Option<&(dyn Fn(Duration) + Sync)>,
     kernel_moved: Option<KernelMoved<'_>>,
 ) -> Result<(), (PumpSide, io::Error)> {
@@ -400,9 +437,9 @@ async fn pump(
             }
             Ok(n) => {
                 if let Some(report) = first_data.take() {
-                    report(started.elapsed());
+                    report(activity.started.elapsed());
                 }
-                last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                activity.touch();
                 to.write_all(&buffer[..n])
                     .await
                     .map_err(|e| (PumpSide::Write, e))?;

@@ -197,11 +197,11 @@ pub async fn splice(
                 idle,
                 first_data: first_response,
             };
-            let done = hbone::splice_tunnel(client, stream, &watch).await;
+            let error = hbone::splice_tunnel(client, stream, &watch).await;
             Finished {
                 sent: counted.sent.load(Ordering::Relaxed),
                 received: counted.received.load(Ordering::Relaxed),
-                error: done.error,
+                error,
             }
         }
     }
