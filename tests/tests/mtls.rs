@@ -633,7 +633,8 @@ fn resets_propagate_across_nodes_both_ways() {
     let seen = t.servers[0].wait_connections(1, Duration::from_secs(10));
     let error = seen[0]["error"].as_str().unwrap_or_default();
     assert!(error.contains("reset"), "backend saw no reset: {seen:?}");
-    assert_eq!(t.agent_a.stats()["outbound"]["tunnelled"], 2);
+    let stats = t.agent_a.stats();
+    assert_eq!(stats["outbound"]["tunnelled"], 2, "{stats}");
 }
 
 #[test]

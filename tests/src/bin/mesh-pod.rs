@@ -32,7 +32,8 @@ enum Command {
         port: u16,
         #[arg(long)]
         name: String,
-        /// After the greeting, reset the connection instead of reading.
+        /// After the greeting (and a 200 ms pause), reset the connection
+        /// instead of reading.
         #[arg(long)]
         reset: bool,
         /// Hold each connection this long before greeting (a slow backend).
@@ -143,6 +144,12 @@ fn answer(mut stream: TcpStream, name: &str, reset: bool) -> io::Result<u64> {
     let peer = stream.peer_addr()?;
     stream.write_all(format!("{name} {peer}\n").as_bytes())?;
     if reset {
+        // A reset that lands before the connecting side's connect() returned
+        // turns into a failed connect there (SO_ERROR says ECONNRESET), and
+        // the agent would answer "unavailable" instead of carrying the
+        // greeting and the reset. Tests mean the reset of an established
+        // connection, so give connect() time to return first.
+        std::thread::sleep(Duration::from_millis(200));
         reset_close(stream)?;
         return Ok(0);
     }
