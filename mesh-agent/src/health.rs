@@ -1,7 +1,8 @@
 //! Active health checks: a TCP connect probe per endpoint of every service
 //! that asks for them, on the service's first target port. Thresholds turn
-//! probe results into the endpoint's `healthy` flag, which the balancers
-//! read. Reconciled on every config change; probes stop when dropped.
+//! probe results into the `healthy` flag of the endpoint as a member of that
+//! service, which its balancer reads. Reconciled on every config change;
+//! probes stop when dropped.
 
 use std::{collections::HashMap, net::SocketAddrV4, sync::Arc, time::Duration};
 
@@ -9,18 +10,27 @@ use tokio::{net::TcpStream, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
-    lb::{EndpointState, Registry},
+    lb::{EndpointState, Registry, state::ServiceKey},
     model::{HealthCheck, MeshState},
 };
 
+/// A probe: whose endpoint it judges, and where it connects.
+type ProbeKey = (ServiceKey, SocketAddrV4);
+
 #[derive(Default)]
 pub struct HealthChecks {
-    probes: HashMap<SocketAddrV4, (HealthCheck, JoinHandle<()>)>,
+    probes: HashMap<ProbeKey, Probe>,
+}
+
+struct Probe {
+    check: HealthCheck,
+    endpoint: Arc<EndpointState>,
+    task: JoinHandle<()>,
 }
 
 impl HealthChecks {
     pub fn sync(&mut self, state: &MeshState, registry: &Registry) {
-        let mut wanted: HashMap<SocketAddrV4, (HealthCheck, Arc<EndpointState>)> = HashMap::new();
+        let mut wanted: HashMap<ProbeKey, &HealthCheck> = HashMap::new();
         for service in &state.services {
             let (Some(check), Some(port)) =
                 (&service.resilience.health_check, service.ports.first())
@@ -29,31 +39,36 @@ impl HealthChecks {
             };
             for endpoint in &service.endpoints {
                 let target = SocketAddrV4::new(endpoint.ip, port.target_port);
-                wanted
-                    .entry(target)
-                    .or_insert_with(|| (check.clone(), registry.endpoint(endpoint.ip)));
+                wanted.insert((service.key(), target), check);
             }
         }
-        self.probes.retain(|target, (check, task)| {
-            let keep = wanted.get(target).is_some_and(|(want, _)| want == check);
+        self.probes.retain(|key, probe| {
+            let keep = wanted.get(key).is_some_and(|&want| *want == probe.check);
             if !keep {
-                task.abort();
+                probe.task.abort();
                 // No longer probed: nothing vouches against it any more.
-                registry.endpoint(*target.ip()).set_healthy(true);
+                probe.endpoint.set_healthy(true);
             }
             keep
         });
-        for (target, (check, endpoint)) in wanted {
+        for (key, check) in wanted {
             self.probes
-                .entry(target)
-                .or_insert_with(|| (check.clone(), tokio::spawn(probe(endpoint, target, check))));
+                .entry(key)
+                .or_insert_with_key(|(service, target)| {
+                    let endpoint = registry.endpoint(service, *target.ip());
+                    Probe {
+                        check: check.clone(),
+                        endpoint: endpoint.clone(),
+                        task: tokio::spawn(probe(endpoint, *target, check.clone())),
+                    }
+                });
         }
     }
 }
 
 impl Drop for HealthChecks {
     fn drop(&mut self) {
-        self.probes.values().for_each(|(_, task)| task.abort());
+        self.probes.values().for_each(|probe| probe.task.abort());
     }
 }
 

@@ -322,6 +322,54 @@ fn a_dead_endpoint_is_ejected_and_returns_when_healthy() {
 }
 
 #[test]
+fn a_pod_failing_behind_one_service_stays_healthy_behind_another() {
+    let backends = ["be1", "be2"];
+    let node = node_with("per-service", &backends);
+    let checks = "    resilience:
+      health_check: { interval_ms: 200, timeout_ms: 200, healthy_threshold: 1, unhealthy_threshold: 2 }
+      outlier_detection: { consecutive_failures: 2, base_ejection_ms: 30000, max_ejection_percent: 100 }
+";
+    let web = service(
+        &format!("    policy: round_robin\n{checks}"),
+        &endpoints(&node, &[("be1", None), ("be2", None)]),
+    );
+    // The same pod, on a port where nothing listens.
+    let admin = format!(
+        "  - name: admin\n    vip: 10.96.0.11\n    ports: [{{ port: 80, target_port: 9090 }}]\n{checks}    endpoints:\n{}",
+        endpoints(&node, &[("be1", None)])
+    );
+    let c = start(node, &backends, &format!("{web}{admin}"));
+    let client = c.node.pod("client");
+    let admin_vip: SocketAddr = "10.96.0.11:80".parse().unwrap();
+    let admin_be1 = || c.agent.stats()["services"][1]["endpoints"][0].clone();
+
+    // Behind `admin`, be1 fails its connects and its health checks.
+    let refused = client.connect(
+        admin_vip,
+        Connect {
+            count: 3,
+            ..Default::default()
+        },
+    );
+    assert!(
+        refused.iter().all(|r| r.get("error").is_some()),
+        "{refused:?}"
+    );
+    eventually("be1 ejected and unhealthy behind admin", || {
+        let be1 = admin_be1();
+        be1["healthy"] == false && !be1["ejected_for_ms"].is_null()
+    });
+
+    // Behind `web`, where it answers, none of that counts against it.
+    let be1 = endpoint_stats(&c, "be1");
+    assert_eq!(be1["healthy"], true, "{be1}");
+    assert!(be1["ejected_for_ms"].is_null(), "{be1}");
+    assert_eq!(be1["consecutive_failures"], 0, "{be1}");
+    let counts = per_backend(&connect(&c, 20, 1));
+    assert_eq!(counts.get("be1"), Some(&10), "{counts:?}");
+}
+
+#[test]
 fn the_circuit_breaker_refuses_overflow_at_once_and_recovers() {
     let backends = ["be1", "be2"];
     let node = node_with("breaker", &backends);

@@ -1,23 +1,23 @@
 //! Endpoint selection and resilience: balancing policies, subset splits,
 //! locality, circuit breakers, outlier ejection, retry budgets.
 //!
-//! [`state`] holds what must survive a reload (per endpoint and per
-//! service); [`Balancers`] is rebuilt for each config snapshot on top of it.
+//! [`state`] holds what must survive a reload (per service and per
+//! endpoint of a service); [`Balancers`] is rebuilt for each config snapshot on top of it.
 
 mod ewma;
 mod maglev;
 mod service;
 pub mod state;
 
-use std::{net::Ipv4Addr, sync::Arc};
+use std::{collections::HashSet, net::Ipv4Addr, sync::Arc};
 
 pub use self::{
     service::{
         Admission, MemberSnapshot, PickError, RetryPermit, ServiceBalancer, ServiceSnapshot,
     },
-    state::{EndpointState, Registry},
+    state::{EndpointState, Registry, ServiceKey},
 };
-use crate::model::MeshState;
+use crate::model::{MeshState, Service};
 
 /// One balancer per service, for one `MeshState`.
 pub struct Balancers {
@@ -31,16 +31,12 @@ impl Balancers {
             .iter()
             .map(|s| ServiceBalancer::new(s, registry))
             .collect();
-        let endpoints: Vec<Ipv4Addr> = state
+        let endpoints: HashSet<(ServiceKey, Ipv4Addr)> = state
             .services
             .iter()
-            .flat_map(|s| s.endpoints.iter().map(|e| e.ip))
+            .flat_map(|s| s.endpoints.iter().map(|e| (s.key(), e.ip)))
             .collect();
-        let services: Vec<(String, String)> = state
-            .services
-            .iter()
-            .map(|s| (s.namespace.clone(), s.name.clone()))
-            .collect();
+        let services: HashSet<ServiceKey> = state.services.iter().map(Service::key).collect();
         registry.retain(&endpoints, &services);
         Self { per_service }
     }

@@ -73,11 +73,12 @@ pub struct RetryPermit(#[expect(dead_code, reason = "held for its Drop")] CountG
 
 impl ServiceBalancer {
     pub fn new(service: &Service, registry: &Registry) -> Self {
+        let key = service.key();
         let members: Vec<Member> = service
             .endpoints
             .iter()
             .map(|e| Member {
-                state: registry.endpoint(e.ip),
+                state: registry.endpoint(&key, e.ip),
                 weight: e.weight,
                 subset: e.subset.clone(),
                 local: e.local,
@@ -111,7 +112,7 @@ impl ServiceBalancer {
                 .collect(),
             resilience: service.resilience.clone(),
             members,
-            state: registry.service(&service.namespace, &service.name),
+            state: registry.service(&key),
             maglev,
         }
     }

@@ -1,9 +1,15 @@
-//! Balancer state that outlives a config reload: per endpoint (by IP) and
-//! per service (by namespace/name). A reload builds new balancers over the
-//! same state, so EWMAs, ejections, health and live counts carry over.
+//! Balancer state that outlives a config reload: per service (by
+//! namespace/name) and per endpoint of a service (by service and IP). A
+//! reload builds new balancers over the same state, so EWMAs, ejections,
+//! health and live counts carry over.
+//!
+//! Endpoint state is kept per service, not per pod: a pod behind two
+//! services serves them on different ports, often from different
+//! processes, so failures, health and latency seen through one service say
+//! nothing about the other (Envoy keeps outlier detection per cluster too).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::Ipv4Addr,
     sync::{
         Arc, Mutex,
@@ -243,31 +249,40 @@ impl<T> Drop for CountGuard<T> {
     }
 }
 
+/// A service: its namespace and name.
+pub type ServiceKey = (String, String);
+
 /// All balancer state, shared by every snapshot of the routes.
 #[derive(Default)]
 pub struct Registry {
-    endpoints: Mutex<HashMap<Ipv4Addr, Arc<EndpointState>>>,
-    services: Mutex<HashMap<(String, String), Arc<ServiceState>>>,
+    endpoints: Mutex<HashMap<(ServiceKey, Ipv4Addr), Arc<EndpointState>>>,
+    services: Mutex<HashMap<ServiceKey, Arc<ServiceState>>>,
 }
 
 impl Registry {
-    pub fn endpoint(&self, ip: Ipv4Addr) -> Arc<EndpointState> {
+    /// The state of endpoint `ip` as a member of `service`.
+    pub fn endpoint(&self, service: &ServiceKey, ip: Ipv4Addr) -> Arc<EndpointState> {
         lock(&self.endpoints)
-            .entry(ip)
+            .entry((service.clone(), ip))
             .or_insert_with(|| Arc::new(EndpointState::new(ip)))
             .clone()
     }
 
-    pub fn service(&self, namespace: &str, name: &str) -> Arc<ServiceState> {
+    pub fn service(&self, service: &ServiceKey) -> Arc<ServiceState> {
         lock(&self.services)
-            .entry((namespace.to_owned(), name.to_owned()))
+            .entry(service.clone())
             .or_default()
             .clone()
     }
 
-    /// Forgets endpoints and services the current config no longer has.
-    pub fn retain(&self, endpoints: &[Ipv4Addr], services: &[(String, String)]) {
-        lock(&self.endpoints).retain(|ip, _| endpoints.contains(ip));
+    /// Forgets services, and endpoints of services, the current config no
+    /// longer has.
+    pub fn retain(
+        &self,
+        endpoints: &HashSet<(ServiceKey, Ipv4Addr)>,
+        services: &HashSet<ServiceKey>,
+    ) {
+        lock(&self.endpoints).retain(|key, _| endpoints.contains(key));
         lock(&self.services).retain(|key, _| services.contains(key));
     }
 }

@@ -69,6 +69,13 @@ pub struct Service {
     pub resilience: Resilience,
 }
 
+impl Service {
+    /// Namespace and name: what keeps a service's balancer state.
+    pub fn key(&self) -> (String, String) {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ServicePort {
     pub port: u16,
