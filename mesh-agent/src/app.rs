@@ -139,8 +139,10 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::default());
     let mut health = HealthChecks::default();
     health.sync(&state, &registry);
+    let preserve_client_ip = config.proxy.preserve_client_ip;
+    let hooked = hooked_pods(&dataplane, &state, preserve_client_ip);
     let (routes_tx, routes_rx) =
-        tokio::sync::watch::channel(Arc::new(Routes::new(state, &registry)));
+        tokio::sync::watch::channel(Arc::new(Routes::new(state, &registry, hooked)));
 
     let inbound_stats = Arc::new(InboundStats::default());
     tokio::spawn(memory::release_when_quiet(
@@ -220,6 +222,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         source: &source,
         dataplane: &mut dataplane,
         routes: &routes_tx,
+        preserve_client_ip,
         registry: &registry,
         health: &mut health,
         certs: &certs,
@@ -355,6 +358,20 @@ fn readiness_details(status: &KubeStatus) -> String {
     text
 }
 
+/// The pods the agent may connect to from their clients' addresses: none
+/// unless `preserve_client_ip`.
+fn hooked_pods(
+    dataplane: &Dataplane,
+    state: &MeshState,
+    preserve_client_ip: bool,
+) -> std::collections::HashSet<std::net::Ipv4Addr> {
+    if preserve_client_ip {
+        dataplane.hooked_workload_ips(state)
+    } else {
+        Default::default()
+    }
+}
+
 /// Everything a reload touches.
 struct Reloader<'a> {
     path: &'a Path,
@@ -362,6 +379,8 @@ struct Reloader<'a> {
     source: &'a ModelSource,
     dataplane: &'a mut Dataplane,
     routes: &'a tokio::sync::watch::Sender<Arc<Routes>>,
+    /// `proxy.preserve_client_ip` as at start.
+    preserve_client_ip: bool,
     registry: &'a Arc<Registry>,
     health: &'a mut HealthChecks,
     certs: &'a Arc<CertManager>,
@@ -432,8 +451,9 @@ impl Reloader<'_> {
         }
         self.health.sync(&state, self.registry);
         report_cert_problems(self.certs.ensure(&state.local_identities()).await);
+        let hooked = hooked_pods(self.dataplane, &state, self.preserve_client_ip);
         self.routes
-            .send_replace(Arc::new(Routes::new(state, self.registry)));
+            .send_replace(Arc::new(Routes::new(state, self.registry, hooked)));
         self.metrics.set_labels(&config.metrics.labels);
         self.metrics.retain_workloads(&live);
         self.config.send_replace(Arc::new(config.clone()));

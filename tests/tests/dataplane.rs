@@ -111,8 +111,11 @@ fn pod_to_vip_reaches_the_backends_through_the_agent() {
     let mut per_backend = BTreeMap::new();
     for report in &reports {
         let (name, peer) = greeting(report);
-        // The backend was reached from the node (the agent), not by the pod itself.
-        assert_eq!(peer.ip(), s.node.ip, "{report}");
+        // The backend sees the client's address, on a connection of the
+        // agent's (another port than the client's own).
+        let local = addr(report["local"].as_str().unwrap());
+        assert_eq!(peer.ip(), local.ip(), "{report}");
+        assert_ne!(peer.port(), local.port(), "{report}");
         *per_backend.entry(name).or_insert(0) += 1;
     }
     assert_eq!(
@@ -130,6 +133,74 @@ fn pod_to_vip_reaches_the_backends_through_the_agent() {
         "{client}"
     );
     assert!(client["bytes_to_pod"].as_u64().unwrap() > 0, "{client}");
+}
+
+#[test]
+fn backends_see_the_clients_address_where_their_replies_come_back_to_the_agent() {
+    let mut node = Node::new("source", 1);
+    for pod in ["client", "be", "plain"] {
+        node.add_pod(pod);
+    }
+    let ip = |pod: &str| node.pod(pod).ip;
+    // Round robin over a meshed pod, a pod outside the mesh and the client
+    // itself: three connections, one to each.
+    let config = |proxy: &str| {
+        format!(
+            "{node_yaml}{proxy}workloads:\n{client}{be}services:
+  - name: mixed
+    vip: 10.96.0.20
+    policy: round_robin
+    locality: off
+    ports: [{{ port: 80, target_port: 8080 }}]
+    endpoints: [{{ ip: {be_ip} }}, {{ ip: {plain} }}, {{ ip: {client_ip} }}]
+",
+            node_yaml = node.node_yaml(),
+            client = node.workload_yaml("client"),
+            be = node.workload_yaml("be"),
+            be_ip = ip("be"),
+            plain = ip("plain"),
+            client_ip = ip("client"),
+        )
+    };
+    let _servers: Vec<Server> = ["client", "be", "plain"]
+        .iter()
+        .map(|pod| node.pod(pod).serve(8080, pod, false))
+        .collect();
+    let seen = || -> BTreeMap<String, Ipv4Addr> {
+        let reports = node.pod("client").connect(
+            addr("10.96.0.20:80"),
+            Connect {
+                count: 3,
+                ..Default::default()
+            },
+        );
+        reports
+            .iter()
+            .map(|report| {
+                let (name, peer) = greeting(report);
+                let SocketAddr::V4(peer) = peer else {
+                    panic!("{report}")
+                };
+                (name, *peer.ip())
+            })
+            .collect()
+    };
+    let expect = |be: Ipv4Addr| {
+        BTreeMap::from([
+            ("be".to_owned(), be),
+            // Its replies would go straight to the client, not the agent.
+            ("plain".to_owned(), node.ip),
+            // A packet from its own address would be a martian to it.
+            ("client".to_owned(), node.ip),
+        ])
+    };
+
+    let agent = Agent::start(&node, &config(""));
+    assert_eq!(seen(), expect(ip("client")));
+    drop(agent);
+
+    let _agent = Agent::start(&node, &config("proxy: { preserve_client_ip: false }\n"));
+    assert_eq!(seen(), expect(node.ip));
 }
 
 #[test]
@@ -176,11 +247,12 @@ fn the_agents_own_connections_are_not_captured() {
     let s = single_node("own");
     let client = s.node.pod("client");
     let held = client.hold(addr(VIP));
+    // `peer` is the agent's upstream socket, bound to the client's address.
     let (backend, peer) = greeting(&serde_json::json!({ "greeting": held.greeting }));
-    assert_eq!(peer.ip(), s.node.ip);
+    assert_eq!(peer.ip(), client.ip);
 
     // While the connection is open the tracker holds the pod's two sockets
-    // (client outbound to the VIP, backend inbound from the node) and none
+    // (client outbound to the VIP, backend inbound from the agent) and none
     // of the agent's: its sockets live outside the pods' cgroups and its
     // upstream packets never cross a pod's ingress hook.
     let stats = s.agent.stats();
@@ -198,19 +270,18 @@ fn the_agents_own_connections_are_not_captured() {
         "client socket not tracked: {tracked:?}"
     );
     let backend_ip = s.node.pod(&backend).ip;
+    let agent_side = peer.to_string();
     assert!(
         tracked
             .iter()
-            .any(|c| c["local"] == format!("{backend_ip}:8080") && c["direction"] == 2),
+            .any(|c| c["local"] == format!("{backend_ip}:8080")
+                && c["remote"] == agent_side.as_str()
+                && c["direction"] == 2),
         "backend socket not tracked: {tracked:?}"
     );
-    let node_ip = s.node.ip.to_string();
     assert!(
-        !tracked.iter().any(|c| c["local"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{node_ip}:"))),
-        "an agent socket was tracked: {tracked:?}"
+        !tracked.iter().any(|c| c["local"] == agent_side.as_str()),
+        "the agent's upstream socket was tracked: {tracked:?}"
     );
     let report = held.release();
     assert_eq!(

@@ -174,6 +174,12 @@ pub struct ProxyConfig {
     /// (same node, or to destinations outside the mesh) once admitted,
     /// where the kernel can (see `mesh-agent probe`). Read at start.
     pub fast_path: bool,
+    /// Connect to a meshed pod on this node from the client's address (a
+    /// local pod's, or a remote pod's for HBONE) rather than the node's, so
+    /// the pod sees who called it. Only where the pod's replies come back
+    /// through the agent's capture hook; elsewhere the node's address is
+    /// used anyway. Read at start.
+    pub preserve_client_ip: bool,
 }
 
 impl Default for ProxyConfig {
@@ -184,6 +190,7 @@ impl Default for ProxyConfig {
             connect_timeout_ms: 5_000,
             drain_timeout_ms: 5_000,
             fast_path: true,
+            preserve_client_ip: true,
         }
     }
 }

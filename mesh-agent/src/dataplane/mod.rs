@@ -10,8 +10,9 @@ pub mod pins;
 pub mod tc_filters;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fs::File,
+    net::Ipv4Addr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
@@ -262,6 +263,16 @@ impl Dataplane {
             }
         }
         Ok(problems)
+    }
+
+    /// IPs of this node's workloads whose interface carries our programs:
+    /// what they send to a meshed address reaches the agent's sockets.
+    pub fn hooked_workload_ips(&self, state: &MeshState) -> HashSet<Ipv4Addr> {
+        state
+            .local_workloads()
+            .filter(|(_, _, local)| self.pods.contains_key(&local.interface))
+            .flat_map(|(_, workload, _)| workload.ips.iter().copied())
+            .collect()
     }
 
     /// Interfaces carrying our programs, with their ifindex.

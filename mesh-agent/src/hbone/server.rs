@@ -35,7 +35,7 @@ use crate::{
     access::{Outcome, Record, Sinks},
     authz::Request as AuthzRequest,
     identity::SpiffeId,
-    proxy::{Routes, splice},
+    proxy::{self, Routes, splice},
     tls::{ALPN_H2, TlsFactory},
 };
 
@@ -147,7 +147,8 @@ impl Shared {
         let Ok(SocketAddr::V4(local)) = stream.local_addr() else {
             return refuse("no IPv4 destination".into(), Some(stream));
         };
-        let state = self.routes.borrow().state.clone();
+        let routes = self.routes.borrow().clone();
+        let state = &routes.state;
         let Some((_, workload)) = state
             .workload_by_ip(*local.ip())
             .filter(|(_, w)| w.local.is_some())
@@ -252,7 +253,8 @@ impl Shared {
         else {
             return refuse(StatusCode::BAD_REQUEST);
         };
-        let state = self.routes.borrow().state.clone();
+        let routes = self.routes.borrow().clone();
+        let state = &routes.state;
         let Some((_, workload)) = state
             .workload_by_ip(*target.ip())
             .filter(|(_, w)| w.local.is_some())
@@ -266,7 +268,7 @@ impl Shared {
         });
         let mut record = Record::new(
             "destination",
-            &state,
+            state,
             SocketAddrV4::new(source_ip, 0),
             target,
         );
@@ -292,16 +294,25 @@ impl Shared {
                 return refuse(StatusCode::UNAUTHORIZED);
             }
         }
-        let upstream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
-                Ok(Ok(upstream)) => upstream,
-                Ok(Err(error)) => {
-                    warn!(%client, %target, %error, "connect to the workload failed");
-                    return refuse(StatusCode::SERVICE_UNAVAILABLE);
-                }
-                Err(_) => return refuse(StatusCode::GATEWAY_TIMEOUT),
-            };
-        let _ = upstream.set_nodelay(true);
+        // The pod sees the remote client's address, if it is the address of
+        // a workload elsewhere whose identity the peer proved (a peer may
+        // not borrow another workload's address).
+        let claimed = state
+            .workload_by_ip(source_ip)
+            .is_some_and(|(_, w)| w.local.is_none() && state.identity(w) == *client);
+        let source = claimed
+            .then(|| routes.upstream_source(source_ip, *target.ip()))
+            .flatten();
+        let upstream = match proxy::connect(target, source, self.connect_timeout).await {
+            Ok(upstream) => upstream,
+            Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {
+                return refuse(StatusCode::GATEWAY_TIMEOUT);
+            }
+            Err(error) => {
+                warn!(%client, %target, %error, "connect to the workload failed");
+                return refuse(StatusCode::SERVICE_UNAVAILABLE);
+            }
+        };
         self.stats.streams.fetch_add(1, Ordering::Relaxed);
         let registration = record.opened(&self.sinks);
         let ok = Response::builder()

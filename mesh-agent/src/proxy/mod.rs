@@ -1,15 +1,23 @@
 //! The user-space proxy: accepts the connections the kernel captured,
 //! decides where each goes, connects there and splices the two.
 
+mod connect;
 mod outbound;
 pub mod splice;
 mod upstream;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashSet,
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+};
 
 use tokio::net::TcpListener;
 
-pub use self::outbound::{Outbound, OutboundSettings, OutboundStats};
+pub use self::{
+    connect::connect,
+    outbound::{Outbound, OutboundSettings, OutboundStats},
+};
 use crate::{
     lb::{Balancers, Registry},
     model::MeshState,
@@ -20,12 +28,36 @@ use crate::{
 pub struct Routes {
     pub state: Arc<MeshState>,
     pub balancers: Balancers,
+    /// IPs of this node's workloads whose interface carries the capture
+    /// hook (empty when `proxy.preserve_client_ip` is off).
+    hooked: HashSet<Ipv4Addr>,
 }
 
 impl Routes {
-    pub fn new(state: Arc<MeshState>, registry: &Arc<Registry>) -> Self {
+    pub fn new(state: Arc<MeshState>, registry: &Arc<Registry>, hooked: HashSet<Ipv4Addr>) -> Self {
         let balancers = Balancers::new(&state, registry);
-        Self { state, balancers }
+        Self {
+            state,
+            balancers,
+            hooked,
+        }
+    }
+
+    /// The address to connect to `target` from, for a connection from
+    /// `client`: the client's own when the target's replies are sure to
+    /// come back to the agent, else `None` (the node's).
+    ///
+    /// They come back when `target` is a pod here whose interface carries
+    /// the capture hook and `client` is a meshed workload: the hook hands
+    /// what the pod sends to a meshed address to the agent socket that owns
+    /// the flow (`mesh_from_pod`, existing-flow lookup). Never for a pod
+    /// calling itself through a service: a packet from its own address
+    /// arriving from outside is a martian to it.
+    pub fn upstream_source(&self, client: Ipv4Addr, target: Ipv4Addr) -> Option<Ipv4Addr> {
+        let returns = self.hooked.contains(&target)
+            && client != target
+            && self.state.workload_by_ip(client).is_some();
+        returns.then_some(client)
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::{
     io,
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -151,19 +151,20 @@ impl Opener<'_> {
                     self.stats.denied.fetch_add(1, Ordering::Relaxed);
                     return Err(OpenError::Denied(rule));
                 }
-                self.tcp(target).await
+                let source = self.routes.upstream_source(*client.ip(), *target.ip());
+                self.tcp(target, source).await
             }
-            None => self.tcp(target).await,
+            None => self.tcp(target, None).await,
         }
     }
 
-    async fn tcp(&self, target: SocketAddrV4) -> Result<Upstream, OpenError> {
-        let stream = tokio::time::timeout(self.timeout, TcpStream::connect(target))
+    async fn tcp(
+        &self,
+        target: SocketAddrV4,
+        source: Option<Ipv4Addr>,
+    ) -> Result<Upstream, OpenError> {
+        let stream = super::connect(target, source, self.timeout)
             .await
-            .map_err(|_| OpenError::Failed("connect timed out".into()))?
-            .map_err(|e| OpenError::Failed(e.to_string()))?;
-        stream
-            .set_nodelay(true)
             .map_err(|e| OpenError::Failed(e.to_string()))?;
         Ok(Upstream::Tcp(stream))
     }

@@ -93,9 +93,11 @@ fn main() {
         } else {
             "node 1 agent (same node)"
         };
+        // The backend sees the client's address, from the agent's socket.
         println!(
-            "  #{} answered by {backend:<6} (saw {peer:<16}) via {path}",
-            i + 1
+            "  #{} answered by {backend:<6} (saw {peer:<16}; client socket {}) via {path}",
+            i + 1,
+            report["local"].as_str().unwrap_or("?")
         );
     }
     let stats2 = agent2.stats();
@@ -126,7 +128,7 @@ fn main() {
     let legacy: SocketAddr = (node1.pod("legacy").ip, 8080).into();
     let report = &client.connect(legacy, Connect::default())[0];
     println!(
-        "  {} (the peer is the client itself: the agent was bypassed)",
+        "  {} (the client's own socket: the agent was bypassed)",
         report["greeting"].as_str().unwrap_or("?")
     );
 

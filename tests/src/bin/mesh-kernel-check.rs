@@ -148,8 +148,13 @@ fn vip_through_agent() -> Result<Value, String> {
     let mut per_backend = BTreeMap::new();
     for report in &reports {
         let (name, peer) = greeting(report)?;
-        if peer.ip() != node.ip {
-            return Err(format!("{name} saw {peer}, not the agent at {}", node.ip));
+        // The agent's own socket, bound to the client's address.
+        let local = report["local"].as_str().unwrap_or_default();
+        let client = SocketAddr::from((node.pod("client").ip, peer.port()));
+        if peer != client || local == peer.to_string() {
+            return Err(format!(
+                "{name} saw {peer}, not the agent's socket from the client at {local}"
+            ));
         }
         *per_backend.entry(name).or_insert(0) += 1;
     }

@@ -1,0 +1,58 @@
+//! Connecting to a workload, from the node's address or from the client's.
+//!
+//! From the client's address the workload sees who called it (its logs,
+//! its own IP allow-lists), and TIME_WAIT spreads over client addresses
+//! instead of piling up on the node's. The agent may only do that when the
+//! workload's replies are sure to come back to it: [`super::Routes`]
+//! decides, this module only opens the socket.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Connects to `target` within `timeout`, from `source` (any port) when
+/// given, else from the node's address. The stream has TCP_NODELAY set.
+pub async fn connect(
+    target: SocketAddrV4,
+    source: Option<Ipv4Addr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    if let Some(source) = source {
+        // A foreign address needs IP_TRANSPARENT. Without
+        // IP_BIND_ADDRESS_NO_PORT, bind() would pick a port that must be free
+        // for every destination; with it, connect() picks one free for this
+        // 4-tuple only, as for an unbound socket.
+        socket2::SockRef::from(&socket).set_ip_transparent_v4(true)?;
+        set_bind_address_no_port(&socket)?;
+        socket.bind(SocketAddrV4::new(source, 0).into())?;
+    }
+    socket.set_nodelay(true)?;
+    match tokio::time::timeout(timeout, socket.connect(target.into())).await {
+        Ok(connected) => connected,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
+
+fn set_bind_address_no_port(socket: &TcpSocket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid descriptor and a correctly sized value.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
