@@ -95,7 +95,7 @@ fn main() {
         };
         // The backend sees the client's address, from the agent's socket.
         println!(
-            "  #{} answered by {backend:<6} (saw {peer:<16}; client socket {}) via {path}",
+            "  #{} answered by {backend:<6} (saw {peer}, client socket {}) via {path}",
             i + 1,
             report["local"].as_str().unwrap_or("?")
         );
