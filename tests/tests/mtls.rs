@@ -55,6 +55,8 @@ struct Options<'a> {
     server_mode: &'a str,
     /// `proxy.drain_timeout_ms` on node 2, if not the default.
     drain_timeout_ms_b: Option<u64>,
+    /// What node 2 believes the client's service account is.
+    client_sa_seen_from_b: &'a str,
 }
 
 impl Default for Options<'_> {
@@ -65,6 +67,7 @@ impl Default for Options<'_> {
             cert_lifetime_s: None,
             server_mode: "permissive",
             drain_timeout_ms_b: None,
+            client_sa_seen_from_b: "client",
         }
     }
 }
@@ -131,7 +134,7 @@ fn config_b(t: &TwoNodesSetup, o: &Options<'_>) -> String {
         t.b.node_yaml(),
         workload(&t.b, "server", "server", o.server_mode),
         workload(&t.b, "open", "open", "permissive"),
-        remote(&t.a, "client", "client"),
+        remote(&t.a, "client", o.client_sa_seen_from_b),
         remote(&t.a, "other", "other"),
         o.authorization_b,
     )
@@ -608,6 +611,28 @@ fn a_hundred_parallel_streams_across_nodes_arrive_intact() {
     // Busy streams spread over several connections, never one per stream.
     let opened = stats["hbone"]["connections_opened"].as_u64().unwrap();
     assert!((2..=4).contains(&opened), "{opened} HBONE connections");
+}
+
+#[test]
+fn a_remote_clients_address_is_used_only_for_the_identity_it_belongs_to() {
+    // Node 2 believes the client's IP belongs to another service account:
+    // to it, the peer (with the client's certificate) names an address that
+    // is not its own, as a peer borrowing an address would. The stream is
+    // carried, but from node 2's own address.
+    let t = two_nodes(
+        "borrowed",
+        &Options {
+            client_sa_seen_from_b: "somebody-else",
+            ..Default::default()
+        },
+    );
+    let report = &t.a.pod("client").connect(vip(), Connect::default())[0];
+    let (name, peer) = greeting(report);
+    assert_eq!(
+        (name.as_str(), peer.ip()),
+        ("server", t.b.ip.into()),
+        "{report}"
+    );
 }
 
 #[test]
