@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod proxy;
 pub mod routing;
+mod sockopt;
 mod telemetry;
 pub mod tls;
 pub mod watch;

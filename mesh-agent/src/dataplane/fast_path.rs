@@ -91,25 +91,8 @@ impl FastPath {
             .map_err(|e| format!("fast path: {}", error_chain(&e)))?;
         // TCP signals "data ready", so what queued before the verdict was
         // in place goes through it first.
-        set_recv_lowat(stream, 1).map_err(|e| format!("fast path: SO_RCVLOWAT: {e}"))
-    }
-}
-
-fn set_recv_lowat(stream: &impl AsRawFd, bytes: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: setsockopt with an int option value of the size we pass.
-    let ret = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&bytes as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+        crate::sockopt::set_int(stream, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
+            .map_err(|e| format!("fast path: SO_RCVLOWAT: {e}"))
     }
 }
 

@@ -147,18 +147,22 @@ impl Shared {
         let Ok(SocketAddr::V4(local)) = stream.local_addr() else {
             return refuse("no IPv4 destination".into(), Some(stream));
         };
-        let routes = self.routes.borrow().clone();
-        let state = &routes.state;
-        let Some((_, workload)) = state
-            .workload_by_ip(*local.ip())
-            .filter(|(_, w)| w.local.is_some())
-        else {
+        // Only the addressed workload's identity is needed: the connection
+        // may outlive many reloads, so it keeps no snapshot of the routes.
+        let identity = {
+            let routes = self.routes.borrow();
+            let state = &routes.state;
+            state
+                .workload_by_ip(*local.ip())
+                .filter(|(_, w)| w.local.is_some())
+                .map(|(_, workload)| state.identity(workload))
+        };
+        let Some(identity) = identity else {
             return refuse(
                 format!("{} is not a workload on this node", local.ip()),
                 Some(stream),
             );
         };
-        let identity = state.identity(workload);
         let acceptor = match self.acceptor(&identity) {
             Ok(acceptor) => acceptor,
             Err(error) => {

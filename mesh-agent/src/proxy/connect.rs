@@ -9,11 +9,12 @@
 use std::{
     io,
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::AsRawFd,
     time::Duration,
 };
 
 use tokio::net::{TcpSocket, TcpStream};
+
+use crate::sockopt;
 
 /// Connects to `target` within `timeout`, from `source` (any port) when
 /// given, else from the node's address. The stream has TCP_NODELAY set.
@@ -29,7 +30,7 @@ pub async fn connect(
         // for every destination; with it, connect() picks one free for this
         // 4-tuple only, as for an unbound socket.
         socket2::SockRef::from(&socket).set_ip_transparent_v4(true)?;
-        set_bind_address_no_port(&socket)?;
+        sockopt::set_int(&socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
         socket.bind(SocketAddrV4::new(source, 0).into())?;
     }
     socket.set_nodelay(true)?;
@@ -37,22 +38,4 @@ pub async fn connect(
         Ok(connected) => connected,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
     }
-}
-
-fn set_bind_address_no_port(socket: &TcpSocket) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid descriptor and a correctly sized value.
-    let ret = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const on).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
