@@ -86,11 +86,18 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
-    for addr in [options.admin, options.ready, options.metrics] {
-        let listener = admin::bind(addr)
-            .await
-            .with_context(|| format!("admin listener on {addr}"))?;
-        tokio::spawn(admin::serve(listener, admin_state.clone(), stop.clone()));
+    for (role, addr) in [
+        (admin::Role::Admin, options.admin),
+        (admin::Role::Readiness, options.ready),
+        (admin::Role::Metrics, options.metrics),
+    ] {
+        let listener = admin::bind(role, addr).await?;
+        tokio::spawn(admin::serve(
+            listener,
+            role,
+            admin_state.clone(),
+            stop.clone(),
+        ));
     }
     let source = ModelSource::start(&config).await?;
     if let Some(kube) = source.kube.clone() {

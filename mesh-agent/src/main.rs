@@ -41,7 +41,8 @@ enum Command {
         /// bpffs directory for this agent's programs, maps and links.
         #[arg(long, default_value = mesh_common::DEFAULT_PIN_ROOT, env = "MESH_PIN_ROOT")]
         pin_root: PathBuf,
-        /// Admin endpoint (`/stats`); keep it on localhost.
+        /// Admin endpoint (`/stats`, `/config_dump`, `/logging`...): a loopback
+        /// address only, since it shows every connection and changes state.
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: SocketAddr,
         /// Readiness endpoint (`/healthz/ready`).

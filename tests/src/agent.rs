@@ -206,6 +206,11 @@ impl Agent {
     /// GET on the agent's loopback (inside the node namespace); returns the
     /// status code and body.
     pub fn http_get(&self, port: u16, path: &str) -> Option<(u16, String)> {
+        self.http("GET", port, path)
+    }
+
+    /// `method` on the agent's loopback; returns the status code and body.
+    pub fn http(&self, method: &str, port: u16, path: &str) -> Option<(u16, String)> {
         let netns = self.netns.clone();
         let path = path.to_owned();
         std::thread::scope(|scope| {
@@ -221,7 +226,11 @@ impl Agent {
                     }
                     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
                     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-                    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+                    write!(
+                        stream,
+                        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+                    )
+                    .ok()?;
                     let mut response = String::new();
                     stream.read_to_string(&mut response).ok()?;
                     let code = response.split_whitespace().nth(1)?.parse().ok()?;

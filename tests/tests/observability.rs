@@ -369,7 +369,10 @@ fn connections_logging_and_the_status_command() {
         "{status}"
     );
 
+    // A state change is never a GET (a link or a prefetch could make one).
     let (code, _) = c.agent.http_get(15000, "/logging?level=debug").unwrap();
+    assert_eq!(code, 405);
+    let (code, _) = c.agent.http("POST", 15000, "/logging?level=debug").unwrap();
     assert_eq!(code, 200);
     assert!(
         c.agent
@@ -379,7 +382,7 @@ fn connections_logging_and_the_status_command() {
     );
     let (code, _) = c
         .agent
-        .http_get(15000, "/logging?level=no=such=filter")
+        .http("POST", 15000, "/logging?level=no=such=filter")
         .unwrap();
     assert_eq!(code, 400);
     held.release();
