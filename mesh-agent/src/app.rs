@@ -39,7 +39,7 @@ use crate::{
     memory,
     metrics::Metrics,
     model::MeshState,
-    proxy::{self, Outbound, OutboundSettings, OutboundStats, Routes},
+    proxy::{self, Outbound, OutboundSettings, OutboundStats, OwnListeners, Routes},
     routing,
     tls::TlsFactory,
     watch,
@@ -148,8 +148,15 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     health.sync(&state, &registry);
     let preserve_client_ip = config.proxy.preserve_client_ip;
     let hooked = hooked_pods(&dataplane, &state, preserve_client_ip);
+    let own = Arc::new(OwnListeners::new([
+        config.proxy.outbound_port,
+        config.proxy.inbound_port,
+        options.admin.port(),
+        options.ready.port(),
+        options.metrics.port(),
+    ]));
     let (routes_tx, routes_rx) =
-        tokio::sync::watch::channel(Arc::new(Routes::new(state, &registry, hooked)));
+        tokio::sync::watch::channel(Arc::new(Routes::new(state, &registry, hooked, own.clone())));
 
     let inbound_stats = Arc::new(InboundStats::default());
     tokio::spawn(memory::release_when_quiet(
@@ -230,6 +237,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         dataplane: &mut dataplane,
         routes: &routes_tx,
         preserve_client_ip,
+        own,
         registry: &registry,
         health: &mut health,
         certs: &certs,
@@ -388,6 +396,7 @@ struct Reloader<'a> {
     routes: &'a tokio::sync::watch::Sender<Arc<Routes>>,
     /// `proxy.preserve_client_ip` as at start.
     preserve_client_ip: bool,
+    own: Arc<OwnListeners>,
     registry: &'a Arc<Registry>,
     health: &'a mut HealthChecks,
     certs: &'a Arc<CertManager>,
@@ -459,8 +468,12 @@ impl Reloader<'_> {
         self.health.sync(&state, self.registry);
         report_cert_problems(self.certs.ensure(&state.local_identities()).await);
         let hooked = hooked_pods(self.dataplane, &state, self.preserve_client_ip);
-        self.routes
-            .send_replace(Arc::new(Routes::new(state, self.registry, hooked)));
+        self.routes.send_replace(Arc::new(Routes::new(
+            state,
+            self.registry,
+            hooked,
+            self.own.clone(),
+        )));
         self.metrics.set_labels(&config.metrics.labels);
         self.metrics.retain_workloads(&live);
         self.config.send_replace(Arc::new(config.clone()));

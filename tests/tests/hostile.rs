@@ -12,7 +12,7 @@ use std::{
 
 use mesh_tests::{
     agent::{ADMIN_PORT, Agent, METRICS_PORT, READY_PORT},
-    pod::Pod,
+    pod::{Connect, Pod},
     topology::Node,
 };
 
@@ -120,5 +120,49 @@ fn pods_reach_only_readiness_and_metrics_on_the_nodes_address() {
         !agent.log().contains("log filter changed"),
         "{}",
         agent.log()
+    );
+}
+
+#[test]
+fn the_agent_never_connects_to_itself() {
+    let node = node_with_pods("self");
+    let _server = node.pod("be1").serve(8080, "be1", false);
+    // A Service whose endpoints are the agent's own listeners on the
+    // node's address (a mistake, or a pod's owner trying it on purpose).
+    let loops = format!(
+        "  - name: loop\n    vip: 10.96.0.11\n    ports: [{{ port: 80, target_port: 15001 }}, {{ port: 81, target_port: 15008 }}]\n    endpoints: [{{ ip: {} }}]\n",
+        node.ip
+    );
+    let agent = Agent::start(&node, &config(&node, &loops));
+    let client = node.pod("client");
+    let direct = SocketAddr::from((node.ip, 15001));
+    let accepted = || agent.stats()["outbound"]["accepted"].as_u64().unwrap();
+    for target in [
+        direct,
+        "10.96.0.11:80".parse().unwrap(),
+        "10.96.0.11:81".parse().unwrap(),
+    ] {
+        let before = accepted();
+        let result = client.try_connect(target, Connect::default());
+        // Refused or reset, never carried to anything.
+        let carried = result.as_ref().is_ok_and(|reports| {
+            reports[0]["greeting"]
+                .as_str()
+                .is_some_and(|g| !g.is_empty())
+        });
+        assert!(!carried, "{target}: {result:?}");
+        std::thread::sleep(Duration::from_millis(300));
+        // One accept for the pod's own connection; a loop would add
+        // thousands (and end in EMFILE).
+        let added = accepted() - before;
+        assert!(added <= 1, "{target}: {added} connections accepted");
+    }
+    assert!(agent.stats()["outbound"]["not_captured"].as_u64().unwrap() >= 1);
+    // Still serving.
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let report = &client.connect(vip, Connect::default())[0];
+    assert!(
+        report["greeting"].as_str().unwrap().starts_with("be1 "),
+        "{report}"
     );
 }

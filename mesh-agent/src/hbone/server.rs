@@ -307,6 +307,10 @@ impl Shared {
         let source = claimed
             .then(|| routes.upstream_source(source_ip, *target.ip()))
             .flatten();
+        if routes.own.reaches_agent(target) {
+            warn!(%client, %target, "CONNECT to the agent's own listener");
+            return refuse(StatusCode::BAD_REQUEST);
+        }
         let upstream = match proxy::connect(target, source, self.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {

@@ -3,6 +3,7 @@
 
 mod connect;
 mod outbound;
+mod own_listeners;
 pub mod splice;
 mod upstream;
 
@@ -17,6 +18,7 @@ use tokio::net::TcpListener;
 pub use self::{
     connect::connect,
     outbound::{Outbound, OutboundSettings, OutboundStats},
+    own_listeners::OwnListeners,
 };
 use crate::{
     lb::{Balancers, Registry},
@@ -31,15 +33,23 @@ pub struct Routes {
     /// IPs of this node's workloads whose interface carries the capture
     /// hook (empty when `proxy.preserve_client_ip` is off).
     hooked: HashSet<Ipv4Addr>,
+    /// Where the agent itself listens: never a destination.
+    pub own: Arc<OwnListeners>,
 }
 
 impl Routes {
-    pub fn new(state: Arc<MeshState>, registry: &Arc<Registry>, hooked: HashSet<Ipv4Addr>) -> Self {
+    pub fn new(
+        state: Arc<MeshState>,
+        registry: &Arc<Registry>,
+        hooked: HashSet<Ipv4Addr>,
+        own: Arc<OwnListeners>,
+    ) -> Self {
         let balancers = Balancers::new(&state, registry);
         Self {
             state,
             balancers,
             hooked,
+            own,
         }
     }
 

@@ -28,6 +28,7 @@ use crate::{
     dataplane::fast_path::FastPath,
     hbone::client::HboneClient,
     lb::{PickError, RetryPermit, ServiceBalancer},
+    log_budget::LogBudget,
     model::{Destination, ServicePort},
 };
 
@@ -42,6 +43,9 @@ pub struct OutboundStats {
     /// Tunnelled connections whose first bytes went ahead of the CONNECT
     /// answer.
     pub early_data: AtomicU64,
+    /// Connections made to the outbound port directly (not steered by the
+    /// kernel), refused.
+    pub not_captured: AtomicU64,
 }
 
 #[derive(Debug, Serialize)]
@@ -52,6 +56,7 @@ pub struct OutboundStatsSnapshot {
     pub denied: u64,
     pub tunnelled: u64,
     pub early_data: u64,
+    pub not_captured: u64,
 }
 
 impl OutboundStats {
@@ -64,6 +69,7 @@ impl OutboundStats {
             denied: get(&self.denied),
             tunnelled: get(&self.tunnelled),
             early_data: get(&self.early_data),
+            not_captured: get(&self.not_captured),
         }
     }
 }
@@ -144,6 +150,9 @@ impl Outbound {
     }
 }
 
+/// Refusals of unsteered connections are logged a few times a second.
+static NOT_CAPTURED_LOG: LogBudget = LogBudget::new(5);
+
 struct Connection {
     routes: Arc<Routes>,
     connect_timeout: Duration,
@@ -170,6 +179,15 @@ impl Connection {
                 return splice::reset(client);
             }
         };
+        if self.routes.own.reaches_agent(original) {
+            // A pod connected to the agent's port itself: proxying it
+            // would make the agent dial its own listener.
+            self.stats.not_captured.fetch_add(1, Ordering::Relaxed);
+            if NOT_CAPTURED_LOG.allow() {
+                warn!(%peer, destination = %original, "connection to an agent port that the kernel did not steer; refused");
+            }
+            return splice::reset(client);
+        }
         match self.routes.state.destination(original) {
             Destination::Service { service, port } => {
                 self.proxy_service(client, peer, original, service, port)

@@ -103,6 +103,11 @@ impl Opener<'_> {
         client_stream: &TcpStream,
         early: &mut EarlyData,
     ) -> Result<Upstream, OpenError> {
+        if self.routes.own.reaches_agent(target) {
+            return Err(OpenError::Failed(format!(
+                "{target} is the agent's own listener, never an endpoint"
+            )));
+        }
         let state = &self.routes.state;
         let source = state
             .workload_by_ip(*client.ip())
