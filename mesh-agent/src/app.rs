@@ -12,6 +12,7 @@
 
 use std::{
     net::SocketAddr,
+    os::fd::AsFd,
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
 };
@@ -136,6 +137,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         inbound_port: config.proxy.inbound_port,
         cgroup: source.tracked_cgroup(&config).as_deref(),
         uplinks: &config.node.uplinks,
+        listeners: [listener.as_fd(), inbound_listener.as_fd()],
     })?;
     report_problems(dataplane.sync(&state)?);
     // Loading parsed the kernel's BTF (several MB of types) for relocations.

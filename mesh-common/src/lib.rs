@@ -25,8 +25,11 @@ pub mod programs {
     /// the same-node fast path, moving bytes between the two sockets of a
     /// proxied connection inside the kernel.
     pub const SPLICE: &str = "mesh_splice";
+    /// sk_lookup on the node's network namespace: finds the agent's
+    /// listener for a SYN the kernel took over from a TIME_WAIT socket.
+    pub const LISTENER_LOOKUP: &str = "mesh_listener_lookup";
     /// Every program, in load order.
-    pub const ALL: [&str; 5] = [FROM_POD, TO_POD, SOCKOPS, UPLINK, SPLICE];
+    pub const ALL: [&str; 6] = [FROM_POD, TO_POD, SOCKOPS, UPLINK, SPLICE, LISTENER_LOOKUP];
 }
 
 /// Names of the maps, as `bpftool map show` lists them (at most 15 bytes).
@@ -56,9 +59,13 @@ pub mod maps {
     /// `mesh_splice` attached: sockets whose incoming bytes the kernel
     /// moves. Entered only once the peer is in [`SPLICE_TO`].
     pub const SPLICE_ON: &str = "MESH_SPLICE_ON";
+    /// [`super::LISTENER_OUTBOUND`] / [`super::LISTENER_INBOUND`] -> the
+    /// agent's listening socket (sockmap), for `mesh_listener_lookup`.
+    pub const LISTENERS: &str = "MESH_LISTENERS";
     /// Every map, in a stable order.
-    pub const ALL: [&str; 9] = [
-        SERVICES, WORKLOADS, POD_STATS, CONNS, SETTINGS, COUNTERS, TC_FILTERS, SPLICE_TO, SPLICE_ON,
+    pub const ALL: [&str; 10] = [
+        SERVICES, WORKLOADS, POD_STATS, CONNS, SETTINGS, COUNTERS, TC_FILTERS, SPLICE_TO,
+        SPLICE_ON, LISTENERS,
     ];
 }
 
@@ -107,8 +114,14 @@ pub mod counter {
     pub const SPLICED_BYTES: u32 = 6;
     /// Segments the fast path found no peer for (left to the agent).
     pub const SPLICE_NO_PEER: u32 = 7;
+    /// A segment of a flow whose agent socket is in TIME_WAIT was handed
+    /// to that socket, so the kernel's TIME_WAIT rules apply (a new SYN
+    /// ends it and reaches the listener through `mesh_listener_lookup`).
+    pub const TIME_WAIT_HANDOFF: u32 = 8;
+    /// `mesh_listener_lookup` handed a SYN to one of the agent's listeners.
+    pub const LISTENER_LOOKUP: u32 = 9;
     /// Number of counters.
-    pub const LEN: u32 = 8;
+    pub const LEN: u32 = 10;
     /// Human names, by index.
     pub const NAMES: [&str; LEN as usize] = [
         "captured",
@@ -119,6 +132,8 @@ pub mod counter {
         "inbound_captured",
         "spliced_bytes",
         "splice_no_peer",
+        "time_wait_handoff",
+        "listener_lookup",
     ];
 }
 
@@ -235,9 +250,19 @@ pub struct Settings {
     pub mark: u32,
     /// Bits of the mark that belong to the mesh.
     pub mark_mask: u32,
-    /// Explicit padding; always zero.
-    pub pad: u32,
+    /// `SETTING_*` bits.
+    pub flags: u32,
 }
+
+/// [`Settings::flags`]: `mesh_listener_lookup` is attached and the
+/// listeners are in [`maps::LISTENERS`], so segments that meet an agent
+/// socket in TIME_WAIT may go to it.
+pub const SETTING_TIME_WAIT_HANDOFF: u32 = 1 << 0;
+
+/// Index of the outbound (captured connections) listener in [`maps::LISTENERS`].
+pub const LISTENER_OUTBOUND: u32 = 0;
+/// Index of the inbound (HBONE) listener in [`maps::LISTENERS`].
+pub const LISTENER_INBOUND: u32 = 1;
 
 /// Key of [`maps::TC_FILTERS`]: where a netlink tc filter sits.
 #[repr(C)]

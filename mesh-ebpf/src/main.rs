@@ -11,6 +11,9 @@
 //! - [`splice`]: sk_skb stream verdict on the agent's own sockets of a
 //!   proxied connection: moves what arrives on one to the other inside the
 //!   kernel (the same-node fast path).
+//! - [`listener_lookup`]: sk_lookup on the node's namespace. Finds the
+//!   agent's listener for a SYN that the kernel took over from one of the
+//!   agent's TIME_WAIT sockets.
 //! - [`to_pod`] also enforces strict mode: plaintext from outside the mesh
 //!   to a strict pod is dropped.
 //!
@@ -21,6 +24,7 @@
 
 mod counters;
 mod from_pod;
+mod listener_lookup;
 mod maps;
 mod packet;
 mod sockops;

@@ -2,7 +2,7 @@
 //! from `mesh-common`, so user space opens the same maps by the same names.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash, SockMap},
     macros::btf_map,
 };
 use mesh_common::{
@@ -48,6 +48,11 @@ pub static MESH_SPLICE_TO: SockHash<ConnKey, { MAX_SPLICED_SOCKETS as usize }> =
 
 #[btf_map]
 pub static MESH_SPLICE_ON: SockHash<ConnKey, { MAX_SPLICED_SOCKETS as usize }> = SockHash::new();
+
+/// The agent's listening sockets, for `mesh_listener_lookup`.
+#[btf_map]
+pub static MESH_LISTENERS: SockMap<2> = SockMap::new();
+
 
 /// The agent's settings, or `None` before the agent has written them.
 #[inline(always)]

@@ -1,6 +1,7 @@
 //! Handing a TCP segment to one of the agent's sockets without rewriting it
 //! (what Cilium does for its proxy):
-//! - a segment of a flow the agent already holds goes to that socket;
+//! - a segment of a flow the agent already holds goes to that socket (one
+//!   in TIME_WAIT too, see [`crate::listener_lookup`]);
 //! - a SYN with no such socket goes to the agent's transparent listener on
 //!   `listener_port`, so the accepted socket's local address is the
 //!   original destination.
@@ -12,7 +13,7 @@ use aya_ebpf::{
     helpers::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
-use mesh_common::{Settings, counter};
+use mesh_common::{SETTING_TIME_WAIT_HANDOFF, Settings, counter};
 
 use crate::{counters, packet::TcpV4};
 
@@ -49,9 +50,26 @@ fn assign_existing(ctx: &TcContext, settings: &Settings, tcp: &TcpV4) -> bool {
     };
     // SAFETY: sk is a valid socket reference until released below.
     let state = unsafe { (*sk).state };
-    // A listener is handled below (it may be some other socket on the
-    // port); a TIME_WAIT socket must not swallow a new SYN.
-    let assigned = state != TCP_LISTEN && state != TCP_TIME_WAIT && assign(ctx, sk, settings);
+    let assigned = match state {
+        // Handled below: it may be some other socket on the port.
+        TCP_LISTEN => false,
+        // A SYN handed to the listener beside a TIME_WAIT socket on its
+        // tuple is dropped. Handed to the TIME_WAIT socket, it meets the
+        // kernel's TIME_WAIT rules: a newer SYN ends TIME_WAIT and goes
+        // to the listener `mesh_listener_lookup` names; an old duplicate
+        // or a retransmitted FIN is answered as TIME_WAIT answers it.
+        // Without that program a SYN would find no listener there.
+        TCP_TIME_WAIT => {
+            settings.flags & SETTING_TIME_WAIT_HANDOFF != 0 && {
+                let assigned = assign(ctx, sk, settings);
+                if assigned {
+                    counters::bump(counter::TIME_WAIT_HANDOFF);
+                }
+                assigned
+            }
+        }
+        _ => assign(ctx, sk, settings),
+    };
     release(sk);
     assigned
 }

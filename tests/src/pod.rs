@@ -65,6 +65,8 @@ pub struct Connect {
     pub bind: Option<Ipv4Addr>,
     /// Connections spread over this many threads.
     pub parallel: u32,
+    /// After the greeting, wait for the server to close first.
+    pub wait_close: bool,
 }
 
 /// A `mesh-pod connect --hold` process: one open connection until dropped
@@ -98,14 +100,23 @@ impl Pod {
 
     /// Starts a server on `port` that introduces itself as `name`.
     pub fn serve(&self, port: u16, name: &str, reset: bool) -> Server {
-        self.serve_delayed(port, name, reset, 0)
+        self.serve_with(port, name, &["--delay-ms", "0"], reset)
     }
 
     /// A server that holds each connection `delay_ms` before greeting.
     pub fn serve_delayed(&self, port: u16, name: &str, reset: bool, delay_ms: u64) -> Server {
+        self.serve_with(port, name, &["--delay-ms", &delay_ms.to_string()], reset)
+    }
+
+    /// A server that greets and closes at once, before its client does.
+    pub fn serve_closing_first(&self, port: u16, name: &str) -> Server {
+        self.serve_with(port, name, &["--close-first"], false)
+    }
+
+    fn serve_with(&self, port: u16, name: &str, args: &[&str], reset: bool) -> Server {
         let mut command = self.command(&mesh_pod_bin());
         command.args(["serve", "--port", &port.to_string(), "--name", name]);
-        command.args(["--delay-ms", &delay_ms.to_string()]);
+        command.args(args);
         if reset {
             command.arg("--reset");
         }
@@ -154,6 +165,11 @@ impl Pod {
         }
         if let Some(bind) = options.bind {
             command.args(["--bind", &bind.to_string()]);
+        }
+        if options.wait_close {
+            // Long enough that a stalled handshake shows in the durations
+            // rather than as a failure.
+            command.args(["--wait-close", "--connect-timeout-ms", "30000"]);
         }
         command.args(["--parallel", &options.parallel.max(1).to_string()]);
         let output = command.output().expect("running client");

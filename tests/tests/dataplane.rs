@@ -512,8 +512,9 @@ fn assert_running_state(s: &SingleNode) -> PinnedIds {
     let ids = pinned_ids(&s.node.pin_root);
     assert_eq!(ids.programs.len(), mesh_common::programs::ALL.len());
     assert_eq!(ids.maps.len(), mesh_common::maps::ALL.len());
-    // 2 tc links per meshed pod (4 pods) + sock_ops on the node cgroup.
-    assert_eq!(ids.links.len(), 9);
+    // 2 tc links per meshed pod (4 pods) + sock_ops on the node cgroup +
+    // the listener lookup on the node's namespace.
+    assert_eq!(ids.links.len(), 10);
     // bpftool lists the programs and maps by name.
     let programs = bpftool(&["prog", "show"]).unwrap();
     for id in &ids.programs {

@@ -6,7 +6,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, SocketAddrV4, TcpStream},
     time::Duration,
 };
 
@@ -165,4 +165,45 @@ fn the_agent_never_connects_to_itself() {
         report["greeting"].as_str().unwrap().starts_with("be1 "),
         "{report}"
     );
+}
+
+#[test]
+fn servers_closing_first_never_stall_a_client_reusing_its_port() {
+    let node = node_with_pods("twreuse");
+    let _server = node.pod("be1").serve_closing_first(8080, "be1");
+    let agent = Agent::start(&node, &config(&node, ""));
+    let client = node.pod("client");
+    // Four ports: every connection reuses a 4-tuple whose agent-side
+    // socket closed first moments ago (and so sits in TIME_WAIT).
+    client
+        .netns
+        .sysctl("net.ipv4.ip_local_port_range", "40000 40003");
+    let vip = SocketAddr::V4(SocketAddrV4::new(VIP.parse().unwrap(), 80));
+    let reports = client.connect(
+        vip,
+        Connect {
+            count: 60,
+            wait_close: true,
+            ..Default::default()
+        },
+    );
+    let slow: Vec<_> = reports
+        .iter()
+        .filter(|r| {
+            r["duration_ms"].as_u64().unwrap_or(u64::MAX) >= 1000 || r.get("error").is_some()
+        })
+        .collect();
+    assert!(
+        slow.is_empty(),
+        "{} of {} connections slow or failed: {slow:?}\n{}",
+        slow.len(),
+        reports.len(),
+        agent.stats()["kernel"]["counters"]
+    );
+    for report in &reports {
+        assert!(
+            report["greeting"].as_str().unwrap().starts_with("be1 "),
+            "{report}"
+        );
+    }
 }

@@ -309,7 +309,8 @@ fn readiness_waits_for_the_programs_and_config_dump_follows_reloads() {
                 let links = std::fs::read_dir(node.pin_root.join("links"))
                     .map(|d| d.count())
                     .unwrap_or(0);
-                assert_eq!(links, 5, "ready before the programs were attached");
+                // sock_ops, the listener lookup, and tc both ways on two pods.
+                assert_eq!(links, 6, "ready before the programs were attached");
                 break;
             }
             seen.push(code);

@@ -6,18 +6,23 @@
 //! are held in memory, detached when dropped, and recorded in a pinned map
 //! so `cleanup` can find them too (see [`super::tc_filters`]).
 
-use std::{fs::File, path::Path};
+use std::{
+    fs::File,
+    os::fd::{AsRawFd, BorrowedFd},
+    path::Path,
+};
 
 use aya::{
     Ebpf,
+    maps::SockMap,
     programs::{
-        CgroupAttachMode, SchedClassifier, SockOps, TcAttachType,
+        CgroupAttachMode, SchedClassifier, SkLookup, SockOps, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink},
     },
     util::KernelVersion,
 };
-use mesh_common::programs::{FROM_POD, SOCKOPS, TO_POD, UPLINK};
+use mesh_common::programs::{FROM_POD, LISTENER_LOOKUP, SOCKOPS, TO_POD, UPLINK};
 
 use super::{DataplaneError, PinLayout, error_chain, tc_filters::TcFilterRecords};
 
@@ -184,4 +189,54 @@ pub fn sockops(
 /// aya attaches tc programs as TCX links from 6.6 on, as netlink filters before.
 pub fn has_tcx() -> bool {
     KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0))
+}
+
+/// Puts the agent's listeners into `MESH_LISTENERS` and attaches
+/// `mesh_listener_lookup` to this process's network namespace (the
+/// node's), pinned like the other links. `listeners` are the outbound and
+/// the inbound listener, in that order.
+pub fn listener_lookup(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    listeners: [BorrowedFd<'_>; 2],
+) -> Result<Attachment, DataplaneError> {
+    use mesh_common::{LISTENER_INBOUND, LISTENER_OUTBOUND, maps::LISTENERS};
+    let program_err = |source| DataplaneError::Program {
+        name: LISTENER_LOOKUP,
+        source,
+    };
+    let map_err = |source| {
+        DataplaneError::Map(super::maps::KernelMapError::Map {
+            name: LISTENERS,
+            source,
+        })
+    };
+    let mut map = SockMap::try_from(
+        ebpf.map_mut(LISTENERS)
+            .ok_or(super::maps::KernelMapError::Missing(LISTENERS))?,
+    )
+    .map_err(map_err)?;
+    for (index, listener) in [LISTENER_OUTBOUND, LISTENER_INBOUND]
+        .into_iter()
+        .zip(listeners)
+    {
+        map.set(index, &listener.as_raw_fd(), 0).map_err(map_err)?;
+    }
+    let netns = File::open("/proc/self/ns/net").map_err(|source| DataplaneError::PinRoot {
+        path: "/proc/self/ns/net".into(),
+        source,
+    })?;
+    let program: &mut SkLookup = ebpf
+        .program_mut(LISTENER_LOOKUP)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(program_err(aya::programs::ProgramError::NotLoaded))?;
+    let link = program
+        .attach(&netns)
+        .and_then(|id| program.take_link(id))
+        .map_err(program_err)?;
+    let path = pins.link("listener_lookup");
+    let pinned = FdLink::from(link)
+        .pin(&path)
+        .map_err(|source| DataplaneError::Pin { path, source })?;
+    Ok(Attachment::Pinned(pinned))
 }

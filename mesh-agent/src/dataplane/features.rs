@@ -158,6 +158,16 @@ const FEATURES: &[Feature] = &[
         check: Check::KernelAtLeast(5, 10),
     },
     Feature {
+        name: "program type sk_lookup",
+        since: "5.9",
+        used_by: "mesh_listener_lookup (a reused client port meets TIME_WAIT)",
+        fallback: Some(
+            "a client that reuses its port while the agent's socket of its \
+             previous connection is in TIME_WAIT waits for TIME_WAIT to end",
+        ),
+        check: Check::Program(ProgramType::SkLookup),
+    },
+    Feature {
         name: "TCX attachment (tc links)",
         since: "6.6",
         used_by: "mesh_from_pod, mesh_to_pod, mesh_uplink",
@@ -170,6 +180,13 @@ const FEATURES: &[Feature] = &[
 ];
 
 const FAST_PATH_FALLBACK: &str = "the agent copies same-node bytes in user space";
+
+/// Whether `mesh_listener_lookup` can run.
+pub fn listener_lookup_supported(statuses: &[FeatureStatus]) -> bool {
+    statuses
+        .iter()
+        .any(|s| s.name == "program type sk_lookup" && s.available)
+}
 
 /// Whether the same-node fast path can run: every feature whose fallback
 /// is the user-space copy is there.

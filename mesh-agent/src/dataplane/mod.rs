@@ -20,9 +20,9 @@ use std::{
 use aya::{
     Ebpf,
     maps::SockHash,
-    programs::{SchedClassifier, SkSkb, SockOps},
+    programs::{SchedClassifier, SkLookup, SkSkb, SockOps},
 };
-use mesh_common::{STEER_MARK, STEER_MARK_MASK, Settings};
+use mesh_common::{SETTING_TIME_WAIT_HANDOFF, STEER_MARK, STEER_MARK_MASK, Settings};
 use tracing::{info, warn};
 
 use self::{
@@ -79,6 +79,8 @@ pub struct DataplaneSettings<'a> {
     pub cgroup: Option<&'a Path>,
     /// Interfaces where HBONE from other nodes arrives.
     pub uplinks: &'a [String],
+    /// The outbound and the inbound listener, for `mesh_listener_lookup`.
+    pub listeners: [std::os::fd::BorrowedFd<'a>; 2],
 }
 
 pub struct Dataplane {
@@ -91,6 +93,8 @@ pub struct Dataplane {
     /// `None` when the kernel cannot run it.
     fast_path: Option<std::sync::Arc<FastPath>>,
     sockops: Option<Attachment>,
+    /// `mesh_listener_lookup` on the node's namespace, when the kernel has sk_lookup.
+    listener_lookup: Option<Attachment>,
     uplinks: Vec<Attachment>,
     pods: BTreeMap<String, PodAttachment>,
     closed: bool,
@@ -111,7 +115,7 @@ impl Dataplane {
             pins.create().map_err(pin_root_err)?;
         }
 
-        let fast_path_supported = check_kernel()?;
+        let kernel = check_kernel()?;
         let mut ebpf = Ebpf::load(OBJECT)?;
         for name in mesh_common::maps::ALL {
             let path = pins.map(name);
@@ -129,7 +133,7 @@ impl Dataplane {
             ebpf.take_map(mesh_common::maps::TC_FILTERS)
                 .ok_or(maps::KernelMapError::Missing(mesh_common::maps::TC_FILTERS))?,
         )?;
-        let fast_path = if fast_path_supported {
+        let fast_path = if kernel.fast_path {
             Some(std::sync::Arc::new(load_fast_path(&mut ebpf, &pins)?))
         } else {
             None
@@ -151,13 +155,32 @@ impl Dataplane {
             .load()
             .map_err(|source| DataplaneError::Program { name, source })?;
         pin_program(sockops.pin(pins.program(name)), &pins, name)?;
+        let listener_lookup = if kernel.listener_lookup {
+            let name = mesh_common::programs::LISTENER_LOOKUP;
+            let program: &mut SkLookup = program_mut(&mut ebpf, name)?;
+            program
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            pin_program(program.pin(pins.program(name)), &pins, name)?;
+            Some(attach::listener_lookup(
+                &mut ebpf,
+                &pins,
+                settings.listeners,
+            )?)
+        } else {
+            None
+        };
 
         maps.write_settings(Settings {
             outbound_port: settings.outbound_port,
             inbound_port: settings.inbound_port,
             mark: STEER_MARK,
             mark_mask: STEER_MARK_MASK,
-            pad: 0,
+            flags: if listener_lookup.is_some() {
+                SETTING_TIME_WAIT_HANDOFF
+            } else {
+                0
+            },
         })?;
 
         let mut dataplane = Self {
@@ -168,6 +191,7 @@ impl Dataplane {
             tc_filters,
             fast_path,
             sockops: None,
+            listener_lookup,
             uplinks: Vec::new(),
             pods: BTreeMap::new(),
             closed: false,
@@ -298,6 +322,9 @@ impl Dataplane {
         if let Some(sockops) = self.sockops.take() {
             sockops.detach(&mut self.tc_filters);
         }
+        if let Some(lookup) = self.listener_lookup.take() {
+            lookup.detach(&mut self.tc_filters);
+        }
         for uplink in std::mem::take(&mut self.uplinks) {
             uplink.detach(&mut self.tc_filters);
         }
@@ -376,9 +403,14 @@ fn load_fast_path(ebpf: &mut Ebpf, pins: &PinLayout) -> Result<FastPath, Datapla
     Ok(FastPath::new(to, on))
 }
 
-/// Stops on a missing kernel feature; names the fallbacks taken. Returns
-/// whether the same-node fast path can run.
-fn check_kernel() -> Result<bool, features::MissingFeature> {
+/// Which optional parts this kernel runs.
+struct KernelSupport {
+    fast_path: bool,
+    listener_lookup: bool,
+}
+
+/// Stops on a missing kernel feature; names the fallbacks taken.
+fn check_kernel() -> Result<KernelSupport, features::MissingFeature> {
     let statuses = features::probe();
     features::require(&statuses)?;
     for status in statuses.iter().filter(|s| !s.available) {
@@ -391,7 +423,10 @@ fn check_kernel() -> Result<bool, features::MissingFeature> {
             );
         }
     }
-    Ok(features::fast_path_supported(&statuses))
+    Ok(KernelSupport {
+        fast_path: features::fast_path_supported(&statuses),
+        listener_lookup: features::listener_lookup_supported(&statuses),
+    })
 }
 
 /// Whether each program of the embedded object passes this kernel's
@@ -419,6 +454,7 @@ pub fn probe_programs() -> Vec<ProgramStatus> {
                 Some(aya::programs::Program::SchedClassifier(p)) => p.load(),
                 Some(aya::programs::Program::SockOps(p)) => p.load(),
                 Some(aya::programs::Program::SkSkb(p)) => p.load(),
+                Some(aya::programs::Program::SkLookup(p)) => p.load(),
                 _ => Err(aya::programs::ProgramError::NotLoaded),
             };
             ProgramStatus {

@@ -39,6 +39,10 @@ enum Command {
         /// Hold each connection this long before greeting (a slow backend).
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Close right after the greeting, before the client does (the
+        /// server closes first, as HTTP/1.0 servers do).
+        #[arg(long)]
+        close_first: bool,
     },
     /// Connect COUNT times, one after the other; print one JSON line each.
     Connect {
@@ -64,6 +68,13 @@ enum Command {
         /// Spread COUNT connections over this many threads.
         #[arg(long, default_value_t = 1)]
         parallel: u32,
+        /// After the greeting, read until the server closes, then close
+        /// (for servers that close first).
+        #[arg(long)]
+        wait_close: bool,
+        /// Give up on a connect after this long.
+        #[arg(long, default_value_t = 5000)]
+        connect_timeout_ms: u64,
     },
 }
 
@@ -74,7 +85,16 @@ fn main() -> anyhow::Result<()> {
             name,
             reset,
             delay_ms,
-        } => serve(port, &name, reset, Duration::from_millis(delay_ms)),
+            close_first,
+        } => serve(
+            port,
+            &name,
+            Answer {
+                reset,
+                close_first,
+                delay: Duration::from_millis(delay_ms),
+            },
+        ),
         Command::Connect {
             addr,
             count,
@@ -84,12 +104,16 @@ fn main() -> anyhow::Result<()> {
             send_first,
             bind,
             parallel,
+            wait_close,
+            connect_timeout_ms,
         } => {
             let plan = Plan {
                 send,
                 hold,
                 reset,
                 send_first,
+                wait_close,
+                connect_timeout: Duration::from_millis(connect_timeout_ms),
             };
             let parallel = parallel.max(1);
             let threads: Vec<_> = (0..parallel)
@@ -113,7 +137,15 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn serve(port: u16, name: &str, reset: bool, delay: Duration) -> anyhow::Result<()> {
+/// How the server treats each connection.
+#[derive(Clone, Copy)]
+struct Answer {
+    reset: bool,
+    close_first: bool,
+    delay: Duration,
+}
+
+fn serve(port: u16, name: &str, how: Answer) -> anyhow::Result<()> {
     let listener = TcpListener::bind(("0.0.0.0", port))?;
     println!("listening");
     io::stdout().flush()?;
@@ -125,8 +157,8 @@ fn serve(port: u16, name: &str, reset: bool, delay: Duration) -> anyhow::Result<
                 .peer_addr()
                 .map(|p| p.to_string())
                 .unwrap_or_default();
-            std::thread::sleep(delay);
-            let result = answer(stream, &name, reset);
+            std::thread::sleep(how.delay);
+            let result = answer(stream, &name, how);
             // One line per connection, for the test to read what happened.
             let line = serde_json::json!({
                 "peer": peer,
@@ -140,10 +172,13 @@ fn serve(port: u16, name: &str, reset: bool, delay: Duration) -> anyhow::Result<
 }
 
 /// Returns how many bytes the client sent.
-fn answer(mut stream: TcpStream, name: &str, reset: bool) -> io::Result<u64> {
+fn answer(mut stream: TcpStream, name: &str, how: Answer) -> io::Result<u64> {
     let peer = stream.peer_addr()?;
     stream.write_all(format!("{name} {peer}\n").as_bytes())?;
-    if reset {
+    if how.close_first {
+        return Ok(0);
+    }
+    if how.reset {
         // A reset that lands before the connecting side's connect() returned
         // turns into a failed connect there (SO_ERROR says ECONNRESET), and
         // the agent would answer "unavailable" instead of carrying the
@@ -184,6 +219,8 @@ struct Plan {
     hold: bool,
     reset: bool,
     send_first: bool,
+    wait_close: bool,
+    connect_timeout: Duration,
 }
 
 fn connect(
@@ -191,7 +228,9 @@ fn connect(
     bind: Option<std::net::Ipv4Addr>,
     plan: Plan,
 ) -> anyhow::Result<String> {
-    let stream = match open(addr, bind) {
+    // Connecting counts: a stalled handshake is what users feel most.
+    let started = std::time::Instant::now();
+    let stream = match open(addr, bind, plan.connect_timeout) {
         Ok(stream) => stream,
         // Accepted and reset before connect() returned: a reset, not a failure to connect.
         Err(error) if error.kind() == io::ErrorKind::ConnectionReset => {
@@ -199,7 +238,6 @@ fn connect(
         }
         Err(error) => return Err(error.into()),
     };
-    let started = std::time::Instant::now();
     let local = stream.local_addr().ok();
     let mut report = serde_json::json!({ "local": local });
     if let Err(error) = session(stream, plan, &mut report) {
@@ -220,6 +258,11 @@ fn session(mut stream: TcpStream, plan: Plan, report: &mut serde_json::Value) ->
     report["greeting"] = greeting.trim_end().into();
     if plan.reset {
         return reset_close(stream);
+    }
+    if plan.wait_close {
+        let rest = reader.read_to_end(&mut Vec::new())?;
+        report["after_greeting"] = rest.into();
+        return Ok(());
     }
     if plan.hold {
         // Tell the driver the connection is up, then wait for it to let go.
@@ -269,10 +312,14 @@ fn send_payload(
     Ok(())
 }
 
-/// Connects, from `bind` when given (with a 5 s timeout).
-fn open(addr: SocketAddr, bind: Option<std::net::Ipv4Addr>) -> io::Result<TcpStream> {
+/// Connects, from `bind` when given (within `timeout` when not).
+fn open(
+    addr: SocketAddr,
+    bind: Option<std::net::Ipv4Addr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let Some(bind) = bind else {
-        return TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+        return TcpStream::connect_timeout(&addr, timeout);
     };
     // SAFETY: plain socket syscalls on a descriptor we own; the std stream
     // takes ownership at the end.
