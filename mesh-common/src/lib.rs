@@ -62,10 +62,14 @@ pub mod maps {
     /// [`super::LISTENER_OUTBOUND`] / [`super::LISTENER_INBOUND`] -> the
     /// agent's listening socket (sockmap), for `mesh_listener_lookup`.
     pub const LISTENERS: &str = "MESH_LISTENERS";
+    /// Host-side ifindex of a meshed pod -> `WORKLOAD_*` bits: the pod's
+    /// mode where no IPv4 address says it (IPv6, fragments). Strict mode
+    /// is enforced from here and [`WORKLOADS`], never from [`POD_STATS`].
+    pub const IF_FLAGS: &str = "MESH_IF_FLAGS";
     /// Every map, in a stable order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES, WORKLOADS, POD_STATS, CONNS, SETTINGS, COUNTERS, TC_FILTERS, SPLICE_TO,
-        SPLICE_ON, LISTENERS,
+        SPLICE_ON, LISTENERS, IF_FLAGS,
     ];
 }
 
@@ -120,8 +124,14 @@ pub mod counter {
     pub const TIME_WAIT_HANDOFF: u32 = 8;
     /// `mesh_listener_lookup` handed a SYN to one of the agent's listeners.
     pub const LISTENER_LOOKUP: u32 = 9;
+    /// IPv4 TCP to a strict pod whose TCP header could not be read (a
+    /// later fragment, or a first one too short), dropped.
+    pub const STRICT_FRAGMENT_DROPPED: u32 = 10;
+    /// Traffic to a strict pod that is neither IPv4 nor ARP (IPv6: the
+    /// mesh carries IPv4 only), dropped.
+    pub const STRICT_NON_IPV4_DROPPED: u32 = 11;
     /// Number of counters.
-    pub const LEN: u32 = 10;
+    pub const LEN: u32 = 12;
     /// Human names, by index.
     pub const NAMES: [&str; LEN as usize] = [
         "captured",
@@ -134,6 +144,8 @@ pub mod counter {
         "splice_no_peer",
         "time_wait_handoff",
         "listener_lookup",
+        "strict_fragment_dropped",
+        "strict_non_ipv4_dropped",
     ];
 }
 
@@ -188,7 +200,8 @@ pub struct PodStats {
     /// Connections from outside the mesh (forwarded, not from this host)
     /// let in to a permissive pod.
     pub plaintext_in: u64,
-    /// The same, dropped because the pod is strict.
+    /// The same, dropped because the pod is strict; also counts IPv6 and
+    /// TCP fragments dropped for a strict pod.
     pub plaintext_dropped: u64,
 }
 

@@ -53,6 +53,8 @@ pub static MESH_SPLICE_ON: SockHash<ConnKey, { MAX_SPLICED_SOCKETS as usize }> =
 #[btf_map]
 pub static MESH_LISTENERS: SockMap<2> = SockMap::new();
 
+#[btf_map]
+pub static MESH_IF_FLAGS: HashMap<u32, u32, { MAX_POD_INTERFACES as usize }> = HashMap::new();
 
 /// The agent's settings, or `None` before the agent has written them.
 #[inline(always)]
@@ -74,6 +76,13 @@ pub fn local_workload(addr: u32) -> Option<u32> {
     // SAFETY: the value is copied out before the map can change it.
     let value = unsafe { MESH_WORKLOADS.get(addr) }?;
     (value.flags & mesh_common::WORKLOAD_LOCAL != 0).then_some(value.workload_id)
+}
+
+/// The `WORKLOAD_*` flags of the meshed pod behind host interface `ifindex`.
+#[inline(always)]
+pub fn interface_flags(ifindex: u32) -> Option<u32> {
+    // SAFETY: the value is copied out before the map can change it.
+    unsafe { MESH_IF_FLAGS.get(ifindex) }.copied()
 }
 
 /// The `WORKLOAD_*` flags of a meshed workload address.

@@ -4,7 +4,10 @@ use aya_ebpf::programs::TcContext;
 
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
 const IPPROTO_TCP: u8 = 6;
+const IPV4_MIN_HDR_LEN: usize = 20;
+const TCP_MIN_HDR_LEN: usize = 20;
 
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_ACK: u8 = 0x10;
@@ -36,37 +39,78 @@ impl TcpV4 {
     }
 }
 
-/// Parses the packet as Ethernet + IPv4 + TCP; `None` for anything else.
+/// What a frame is, as far as the mesh cares.
+pub enum Frame {
+    /// An IPv4 TCP segment with its whole TCP header in this packet.
+    Tcp(TcpV4),
+    /// IPv4 TCP whose TCP header is not (wholly) here: a later fragment,
+    /// or a first fragment cut short. Only the receiver's reassembly
+    /// would show what it is. `daddr` is raw.
+    HiddenTcp { daddr: u32 },
+    /// IPv4 other than TCP (UDP, ICMP), or ARP: not the mesh's business.
+    Ipv4OtherOrArp,
+    /// Anything else (IPv6 above all), or a header too short to read.
+    Other,
+}
+
+/// Classifies the frame (Ethernet first).
 #[inline(always)]
-pub fn parse_tcp_v4(ctx: &TcContext) -> Option<TcpV4> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
-    if ethertype != ETH_P_IP {
-        return None;
+pub fn classify(ctx: &TcContext) -> Frame {
+    let Ok(ethertype) = ctx.load::<u16>(12) else {
+        return Frame::Other;
+    };
+    match u16::from_be(ethertype) {
+        ETH_P_IP => classify_ipv4(ctx),
+        ETH_P_ARP => Frame::Ipv4OtherOrArp,
+        _ => Frame::Other,
     }
-    let version_ihl: u8 = ctx.load(ETH_HDR_LEN).ok()?;
-    if version_ihl >> 4 != 4 {
-        return None;
+}
+
+#[inline(always)]
+fn classify_ipv4(ctx: &TcContext) -> Frame {
+    let (Ok(version_ihl), Ok(protocol), Ok(frag), Ok(saddr), Ok(daddr)) = (
+        ctx.load::<u8>(ETH_HDR_LEN),
+        ctx.load::<u8>(ETH_HDR_LEN + 9),
+        ctx.load::<u16>(ETH_HDR_LEN + 6),
+        ctx.load::<u32>(ETH_HDR_LEN + 12),
+        ctx.load::<u32>(ETH_HDR_LEN + 16),
+    ) else {
+        return Frame::Other;
+    };
+    let header_len = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HDR_LEN {
+        return Frame::Other;
     }
-    let protocol: u8 = ctx.load(ETH_HDR_LEN + 9).ok()?;
     if protocol != IPPROTO_TCP {
-        return None;
+        return Frame::Ipv4OtherOrArp;
     }
-    // Fragments other than the first carry no TCP header.
-    let frag: u16 = u16::from_be(ctx.load(ETH_HDR_LEN + 6).ok()?);
-    if frag & 0x1fff != 0 {
-        return None;
+    // A later fragment carries no TCP header; a first one must carry all
+    // of it (ports and flags are what the programs decide on).
+    let l4 = ETH_HDR_LEN + header_len;
+    if u16::from_be(frag) & 0x1fff != 0 || ctx.len() < (l4 + TCP_MIN_HDR_LEN) as u32 {
+        return Frame::HiddenTcp { daddr };
     }
-    let saddr: u32 = ctx.load(ETH_HDR_LEN + 12).ok()?;
-    let daddr: u32 = ctx.load(ETH_HDR_LEN + 16).ok()?;
-    let l4 = ETH_HDR_LEN + ((version_ihl & 0x0f) as usize) * 4;
-    let sport = u16::from_be(ctx.load(l4).ok()?);
-    let dport = u16::from_be(ctx.load(l4 + 2).ok()?);
-    let flags: u8 = ctx.load(l4 + 13).ok()?;
-    Some(TcpV4 {
+    let (Ok(sport), Ok(dport), Ok(flags)) = (
+        ctx.load::<u16>(l4),
+        ctx.load::<u16>(l4 + 2),
+        ctx.load::<u8>(l4 + 13),
+    ) else {
+        return Frame::HiddenTcp { daddr };
+    };
+    Frame::Tcp(TcpV4 {
         saddr,
         daddr,
-        sport,
-        dport,
+        sport: u16::from_be(sport),
+        dport: u16::from_be(dport),
         flags,
     })
+}
+
+/// The frame as an IPv4 TCP segment; `None` for anything else.
+#[inline(always)]
+pub fn parse_tcp_v4(ctx: &TcContext) -> Option<TcpV4> {
+    match classify(ctx) {
+        Frame::Tcp(tcp) => Some(tcp),
+        _ => None,
+    }
 }

@@ -4,15 +4,24 @@
 //! agent, the kubelet) carries its sending socket; one forwarded from
 //! elsewhere does not, and did not come through the mesh. To a strict pod
 //! such a SYN is dropped; to a permissive one it is let in and counted.
+//! For a strict pod, forwarded traffic that could hide a SYN is dropped
+//! too: TCP fragments whose header cannot be read here (the pod would
+//! reassemble them), and everything that is neither IPv4 nor ARP (the
+//! mesh carries IPv4 only, so IPv6 would be plaintext around it).
+//! Enforcement reads the workload and interface maps only: a pod is
+//! strict whether or not its counters exist.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
-use mesh_common::WORKLOAD_STRICT;
+use mesh_common::{PodStats, WORKLOAD_STRICT, counter};
 
-use crate::{counters, maps, packet};
+use crate::{
+    counters, maps,
+    packet::{self, Frame},
+};
 
 #[classifier]
 pub fn mesh_to_pod(ctx: TcContext) -> i32 {
@@ -21,22 +30,53 @@ pub fn mesh_to_pod(ctx: TcContext) -> i32 {
         let skb = &*ctx.skb.skb;
         (skb.ifindex, !skb.__bindgen_anon_2.sk.is_null())
     };
-    let mut verdict = TC_ACT_OK;
-    if let Some(stats) = counters::pod_stats(ifindex) {
+    let mut stats = counters::pod_stats(ifindex);
+    if let Some(stats) = stats.as_deref_mut() {
         stats.packets_to_pod += 1;
         stats.bytes_to_pod += u64::from(ctx.len());
-        if !from_this_host
-            && let Some(tcp) = packet::parse_tcp_v4(&ctx)
-            && tcp.is_syn()
-            && let Some(flags) = maps::workload_flags(tcp.daddr)
-        {
-            if flags & WORKLOAD_STRICT != 0 {
-                stats.plaintext_dropped += 1;
-                verdict = TC_ACT_SHOT;
-            } else {
-                stats.plaintext_in += 1;
-            }
-        }
     }
-    verdict
+    if from_this_host {
+        return TC_ACT_OK;
+    }
+    let strict = |flags: Option<u32>| flags.is_some_and(|f| f & WORKLOAD_STRICT != 0);
+    let drop = match packet::classify(&ctx) {
+        Frame::Tcp(tcp) if tcp.is_syn() => {
+            let Some(flags) = maps::workload_flags(tcp.daddr) else {
+                return TC_ACT_OK;
+            };
+            if !strict(Some(flags)) {
+                if let Some(stats) = stats {
+                    stats.plaintext_in += 1;
+                }
+                return TC_ACT_OK;
+            }
+            None
+        }
+        Frame::Tcp(_) | Frame::Ipv4OtherOrArp => return TC_ACT_OK,
+        Frame::HiddenTcp { daddr } => {
+            if !strict(maps::workload_flags(daddr)) {
+                return TC_ACT_OK;
+            }
+            Some(counter::STRICT_FRAGMENT_DROPPED)
+        }
+        Frame::Other => {
+            if !strict(maps::interface_flags(ifindex)) {
+                return TC_ACT_OK;
+            }
+            Some(counter::STRICT_NON_IPV4_DROPPED)
+        }
+    };
+    dropped(stats, drop)
+}
+
+/// Counts a strict-mode drop, for the pod and, with its reason, overall.
+#[inline(always)]
+fn dropped(stats: Option<&mut PodStats>, reason: Option<u32>) -> i32 {
+    if let Some(stats) = stats {
+        stats.plaintext_dropped += 1;
+    }
+    if let Some(reason) = reason {
+        counters::bump(reason);
+    }
+    TC_ACT_SHOT
 }

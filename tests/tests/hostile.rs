@@ -207,3 +207,259 @@ fn servers_closing_first_never_stall_a_client_reusing_its_port() {
         );
     }
 }
+
+/// A node where `strict` is a strict meshed pod, `be1` a permissive one,
+/// and `outsider` a pod outside the mesh; all have IPv6 addresses too
+/// (`fd00::<last IPv4 octet>`), routed through the node like IPv4.
+fn strict_node(label: &str) -> (Node, Agent) {
+    let mut node = node_with_pods(label);
+    node.add_pod("strict");
+    node.netns.sysctl("net.ipv6.conf.all.forwarding", "1");
+    for name in ["outsider", "be1", "strict"] {
+        let pod = node.pod(name);
+        let v6 = ipv6_of(pod);
+        pod.netns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{v6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        pod.netns
+            .ip(&["-6", "route", "add", "fd00::ffff", "dev", "eth0"]);
+        pod.netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fd00::ffff",
+            "dev",
+            "eth0",
+        ]);
+        node.netns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00::ffff/128",
+            "dev",
+            &pod.host_if,
+            "nodad",
+        ]);
+        node.netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{v6}/128"),
+            "dev",
+            &pod.host_if,
+        ]);
+    }
+    let strict = node.pod("strict");
+    let mut text = config(&node, "");
+    text = text.replace(
+        "workloads:\n",
+        &format!(
+            "workloads:\n  - {{ name: strict, ips: [{}], interface: {}, cgroup: strict, mode: strict }}\n",
+            strict.ip, strict.host_if
+        ),
+    );
+    let agent = Agent::start(&node, &text);
+    (node, agent)
+}
+
+fn ipv6_of(pod: &Pod) -> std::net::Ipv6Addr {
+    format!("fd00::{}", pod.ip.octets()[3]).parse().unwrap()
+}
+
+/// `name`'s value in the `Ip:` lines of the pod's /proc/net/snmp.
+fn ip_mib(pod: &Pod, name: &str) -> u64 {
+    let text = pod
+        .netns
+        .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))
+        .unwrap();
+    let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+    let index = names.split_whitespace().position(|n| n == name).unwrap();
+    values
+        .split_whitespace()
+        .nth(index)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Sends a TCP SYN from `from` to `to`:8080 split into two IPv4
+/// fragments: the first carries only the ports and the sequence number,
+/// the second the flags and the rest.
+fn send_fragmented_syn(from: &Pod, to: std::net::Ipv4Addr) {
+    let (src, dst) = (from.ip.octets(), to.octets());
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&40404u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&8080u16.to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let checksum = internet_checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
+    let ip_header = |fragment: u16, payload: usize| {
+        let mut h = [0u8; 20];
+        h[0] = 0x45;
+        h[2..4].copy_from_slice(&((20 + payload) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&0x4242u16.to_be_bytes());
+        h[6..8].copy_from_slice(&fragment.to_be_bytes());
+        h[8] = 64;
+        h[9] = 6;
+        h[12..16].copy_from_slice(&src);
+        h[16..20].copy_from_slice(&dst);
+        let checksum = internet_checksum(&h);
+        h[10..12].copy_from_slice(&checksum.to_be_bytes());
+        h
+    };
+    // More fragments, offset 0; then offset 1 (8 bytes), the last.
+    let first = [&ip_header(0x2000, 8)[..], &tcp[..8]].concat();
+    let second = [&ip_header(0x0001, 12)[..], &tcp[8..]].concat();
+    from.netns.run(|| {
+        // SAFETY: a raw socket we own, closed at the end; buffers outlive the calls.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(dst),
+                },
+                sin_zero: [0; 8],
+            };
+            for packet in [&first, &second] {
+                let sent = libc::sendto(
+                    fd,
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                );
+                assert_eq!(
+                    sent,
+                    packet.len() as isize,
+                    "{}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            libc::close(fd);
+        }
+    });
+}
+
+fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[test]
+fn a_syn_split_into_fragments_does_not_reach_a_strict_pod() {
+    let (node, agent) = strict_node("frag");
+    let outsider = node.pod("outsider");
+    // The permissive pod reassembles what it is sent: the test can see a
+    // fragmented SYN arrive.
+    let permissive = node.pod("be1");
+    let before = ip_mib(permissive, "ReasmOKs");
+    send_fragmented_syn(outsider, permissive.ip);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ip_mib(permissive, "ReasmOKs"), before + 1);
+
+    let strict = node.pod("strict");
+    let before = ip_mib(strict, "ReasmReqds");
+    send_fragmented_syn(outsider, strict.ip);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        ip_mib(strict, "ReasmReqds"),
+        before,
+        "fragments reached the strict pod"
+    );
+    assert!(agent.counter("strict_fragment_dropped") >= 1);
+}
+
+#[test]
+fn a_strict_pod_takes_no_ipv6_and_stays_strict_without_its_counters() {
+    let (node, agent) = strict_node("v6");
+    let outsider = node.pod("outsider");
+    let listen = |pod: &Pod| {
+        pod.netns
+            .run(|| std::net::TcpListener::bind("[::]:9090"))
+            .expect("listen on IPv6")
+    };
+    let (_open, _strict) = (listen(node.pod("be1")), listen(node.pod("strict")));
+    let dial = |pod: &Pod| {
+        let addr = SocketAddr::from((ipv6_of(pod), 9090));
+        outsider
+            .netns
+            .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+    };
+    // Neighbour discovery on fresh interfaces can lose the first
+    // attempts; the permissive pod must answer within a few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(error) = dial(node.pod("be1")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "IPv6 to a permissive pod: {error}"
+        );
+    }
+    // The strict pod is reachable over IPv6 from this host (the node's
+    // own connections carry their socket), so only the mesh rule can
+    // refuse the outsider.
+    let strict_v6 = SocketAddr::from((ipv6_of(node.pod("strict")), 9090));
+    node.netns
+        .run(|| TcpStream::connect_timeout(&strict_v6, Duration::from_secs(5)))
+        .expect("IPv6 to the strict pod from its node");
+    let error = dial(node.pod("strict")).expect_err("a strict pod took plaintext over IPv6");
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+    assert!(agent.counter("strict_non_ipv4_dropped") >= 1);
+
+    // Without its counters entry the pod is just as strict.
+    let strict = node.pod("strict");
+    let stats = agent.stats();
+    let ifindex = stats["kernel"]["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["interface"] == strict.host_if.as_str())
+        .and_then(|p| p["ifindex"].as_u64())
+        .unwrap_or_else(|| panic!("no counters for {}: {stats}", strict.host_if))
+        as u32;
+    let map = node.pin_root.join("maps/MESH_POD_STATS");
+    let key: Vec<String> = ifindex
+        .to_le_bytes()
+        .iter()
+        .map(|b| b.to_string())
+        .collect();
+    let mut args = vec!["map", "delete", "pinned", map.to_str().unwrap(), "key"];
+    args.extend(key.iter().map(String::as_str));
+    let status = std::process::Command::new("bpftool")
+        .args(&args)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _server = strict.serve(8080, "strict", false);
+    let error = outsider
+        .try_connect(SocketAddr::from((strict.ip, 8080)), Connect::default())
+        .expect_err("strict pod took plaintext once its counters were gone");
+    assert!(error.contains("timed out"), "{error}");
+    assert!(dial(strict).is_err());
+}

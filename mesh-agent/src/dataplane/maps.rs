@@ -40,6 +40,7 @@ pub struct KernelMaps {
     conns: HashMap<MapData, ConnKey, ConnValue>,
     settings: Array<MapData, Settings>,
     counters: PerCpuArray<MapData, u64>,
+    if_flags: HashMap<MapData, u32, u32>,
 }
 
 impl KernelMaps {
@@ -65,6 +66,7 @@ impl KernelMaps {
             conns: HashMap::try_from(get(CONNS)?).map_err(map_err(CONNS))?,
             settings: Array::try_from(get(SETTINGS)?).map_err(map_err(SETTINGS))?,
             counters: PerCpuArray::try_from(get(COUNTERS)?).map_err(map_err(COUNTERS))?,
+            if_flags: HashMap::try_from(get(IF_FLAGS)?).map_err(map_err(IF_FLAGS))?,
         })
     }
 
@@ -111,6 +113,16 @@ impl KernelMaps {
             })
             .collect();
         sync_hash(&mut self.workloads, &workloads).map_err(map_err(WORKLOADS))
+    }
+
+    /// Makes the interface flags say exactly `flags` (host ifindex ->
+    /// `WORKLOAD_*` bits of the pod behind it).
+    pub fn sync_interface_flags(
+        &mut self,
+        flags: &StdHashMap<u32, u32>,
+    ) -> Result<(), KernelMapError> {
+        use mesh_common::maps::IF_FLAGS;
+        sync_hash(&mut self.if_flags, flags).map_err(map_err(IF_FLAGS))
     }
 
     /// Starts counting for a pod interface (the programs only count

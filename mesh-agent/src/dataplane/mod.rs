@@ -22,7 +22,9 @@ use aya::{
     maps::SockHash,
     programs::{SchedClassifier, SkLookup, SkSkb, SockOps},
 };
-use mesh_common::{SETTING_TIME_WAIT_HANDOFF, STEER_MARK, STEER_MARK_MASK, Settings};
+use mesh_common::{
+    SETTING_TIME_WAIT_HANDOFF, STEER_MARK, STEER_MARK_MASK, Settings, WORKLOAD_STRICT,
+};
 use tracing::{info, warn};
 
 use self::{
@@ -34,7 +36,7 @@ pub use self::{
     maps::{KernelMaps, conn_json},
     pins::PinLayout,
 };
-use crate::model::MeshState;
+use crate::model::{MeshState, Workload, WorkloadMode};
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -244,9 +246,9 @@ impl Dataplane {
     /// the rest of the node keeps working.
     pub fn sync(&mut self, state: &MeshState) -> Result<Vec<String>, DataplaneError> {
         let mut problems = Vec::new();
-        let wanted: BTreeMap<&str, &str> = state
+        let wanted: BTreeMap<&str, &Workload> = state
             .local_workloads()
-            .map(|(_, workload, local)| (local.interface.as_str(), workload.name.as_str()))
+            .map(|(_, workload, local)| (local.interface.as_str(), workload))
             .collect();
 
         // Detach first: a new pod may reuse a gone pod's interface name.
@@ -266,10 +268,11 @@ impl Dataplane {
         // Destinations before attachments: a newly attached pod's first SYN
         // must already find its destinations meshed.
         self.maps.sync_destinations(state)?;
-        for (ifname, workload) in wanted {
+        for (&ifname, workload) in &wanted {
             if self.pods.contains_key(ifname) {
                 continue;
             }
+            let workload = workload.name.as_str();
             match attach::pod(&mut self.target(), ifname) {
                 Ok(pod) => {
                     self.maps.add_pod_interface(pod.ifindex)?;
@@ -286,6 +289,16 @@ impl Dataplane {
                 }
             }
         }
+        // Modes by interface, for what carries no IPv4 address to look up.
+        let flags = self
+            .pods
+            .iter()
+            .filter_map(|(ifname, pod)| {
+                let strict = wanted.get(ifname.as_str())?.mode == WorkloadMode::Strict;
+                Some((pod.ifindex, if strict { WORKLOAD_STRICT } else { 0 }))
+            })
+            .collect();
+        self.maps.sync_interface_flags(&flags)?;
         Ok(problems)
     }
 
