@@ -277,13 +277,15 @@ where
         .filter_map(Result::ok)
         .filter(|key| !want.contains_key(key))
         .collect();
+    // Stale entries first: they free the room new ones need, and no wanted
+    // key is among them, so no live entry goes missing meanwhile.
+    for key in stale {
+        map.remove(&key)?;
+    }
     for (key, value) in want {
         if map.get(key, 0).ok().as_ref() != Some(value) {
             map.insert(*key, *value, 0)?;
         }
-    }
-    for key in stale {
-        map.remove(&key)?;
     }
     Ok(())
 }
