@@ -169,16 +169,40 @@ impl Rule {
 }
 
 /// `*` matches any run of characters (including none).
+///
+/// Greedy with one backtrack point (the last `*` seen), so the cost is at
+/// most pattern length times text length, whatever the number of `*`: a
+/// recursive match is exponential in it, and patterns come from config.
 fn wildcard_match(pattern: &str, text: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == text,
-        Some((prefix, rest)) => {
-            let Some(tail) = text.strip_prefix(prefix) else {
-                return false;
-            };
-            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && wildcard_match(rest, &tail[i..]))
+    wildcard_match_counted(pattern, text).0
+}
+
+/// The match, and how many steps it took.
+fn wildcard_match_counted(pattern: &str, text: &str) -> (bool, usize) {
+    let (pattern, text) = (pattern.as_bytes(), text.as_bytes());
+    let mut steps = 0;
+    let (mut p, mut t) = (0, 0);
+    // After the last `*`: where the pattern resumes, and the text position
+    // it was tried at.
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        steps += 1;
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p + 1, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((resume, tried)) = star {
+            // Let the last `*` take one more byte and try again.
+            p = resume;
+            t = tried + 1;
+            star = Some((resume, tried + 1));
+        } else {
+            return (false, steps);
         }
     }
+    (pattern[p..].iter().all(|&b| b == b'*'), steps)
 }
 
 /// An IPv4 block, `a.b.c.d/len`.
@@ -205,6 +229,10 @@ impl FromStr for Cidr {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let (addr, len) = text.split_once('/').unwrap_or((text, "32"));
         let addr = addr.parse().map_err(|_| format!("{text:?}: bad address"))?;
+        // u8's parser takes a leading '+'; a prefix length is digits only.
+        if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("{text:?}: bad prefix length"));
+        }
         let len: u8 = len
             .parse()
             .map_err(|_| format!("{text:?}: bad prefix length"))?;
@@ -320,5 +348,48 @@ rules:
             "spiffe://*/ns/a/sa/x",
             "spiffe://td/ns/a/sa/x"
         ));
+        for (pattern, text, expected) in [
+            ("", "", true),
+            ("", "a", false),
+            ("**", "", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXbYcZ", false),
+            ("*c", "abcbc", true),
+            ("a*a*a", "aaa", true),
+            ("a*a*a", "aa", false),
+            ("*/sa/*", "spiffe://td/ns/x/sa/y", true),
+        ] {
+            assert_eq!(
+                wildcard_match(pattern, text),
+                expected,
+                "{pattern} ~ {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn many_stars_cost_no_more_than_the_text_is_long() {
+        // Thirty stars before a byte the text lacks: the recursive matcher
+        // tried every way to split 200 bytes into thirty runs (and never
+        // returned); this one gives up within pattern length x text length.
+        let pattern = format!("{}z", "a*".repeat(30));
+        let text = "a".repeat(200);
+        let (matched, steps) = wildcard_match_counted(&pattern, &text);
+        assert!(!matched);
+        assert!(steps <= (pattern.len() + 1) * (text.len() + 1), "{steps}");
+    }
+
+    #[test]
+    fn prefix_lengths_are_digits_only() {
+        for bad in [
+            "10.0.0.0/+8",
+            "10.0.0.0/",
+            "10.0.0.0/ 8",
+            "10.0.0.0/33",
+            "10.0.0.0/08x",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().len, 8);
     }
 }
