@@ -18,6 +18,7 @@ use std::{
 };
 
 use anyhow::Context;
+use futures::FutureExt;
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -70,7 +71,19 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     routing::install()
         .await
         .context("installing the steer routing")?;
-    let result = serve(&options, config).await;
+    // A panic unwinds through the dataplane (whose drop unpins and
+    // detaches) but would skip the routing below: catch it here, so a bug
+    // at start or at run time leaves no rule behind either.
+    let result = match std::panic::AssertUnwindSafe(serve(&options, config))
+        .catch_unwind()
+        .await
+    {
+        Ok(result) => result,
+        Err(panic) => Err(anyhow::anyhow!(
+            "the agent panicked: {}",
+            panic_message(panic.as_ref())
+        )),
+    };
     if let Err(error) = routing::remove().await {
         warn!(%error, "removing the steer routing");
     }
@@ -287,6 +300,14 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     dataplane.close().context("removing pins")?;
     info!("stopped; kernel state removed");
     Ok(())
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Where workloads and services come from: the config file, or the API

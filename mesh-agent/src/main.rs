@@ -41,16 +41,8 @@ enum Command {
         /// bpffs directory for this agent's programs, maps and links.
         #[arg(long, default_value = mesh_common::DEFAULT_PIN_ROOT, env = "MESH_PIN_ROOT")]
         pin_root: PathBuf,
-        /// Admin endpoint (`/stats`, `/config_dump`, `/logging`...): a loopback
-        /// address only, since it shows every connection and changes state.
-        #[arg(long, default_value = "127.0.0.1:15000")]
-        admin: SocketAddr,
-        /// Readiness endpoint (`/healthz/ready`).
-        #[arg(long, default_value = "0.0.0.0:15021")]
-        ready: SocketAddr,
-        /// Prometheus endpoint (`/metrics`).
-        #[arg(long, default_value = "0.0.0.0:15020")]
-        metrics: SocketAddr,
+        #[command(flatten)]
+        endpoints: Endpoints,
         /// Threads that run the proxy (default: one per CPU this process
         /// may use). Fewer than the node's cores leaves them to the pods.
         #[arg(long, env = "MESH_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
@@ -64,13 +56,17 @@ enum Command {
         #[arg(long, default_value = mesh_common::DEFAULT_PIN_ROOT, env = "MESH_PIN_ROOT")]
         pin_root: PathBuf,
     },
-    /// Check a config file and exit: 0 when valid, 1 with the problem otherwise.
+    /// Check a config file and exit: 0 when valid, 1 with the problem
+    /// otherwise. It checks exactly what `run` checks before it starts.
     Check {
         #[arg(long, short)]
         config: PathBuf,
         /// As for `run`.
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
+        /// As for `run` (the proxy's ports must not collide with them).
+        #[command(flatten)]
+        endpoints: Endpoints,
     },
     /// Summary of a running agent: proxy, kernel, certificates, endpoints.
     Status {
@@ -120,6 +116,35 @@ enum Command {
     },
 }
 
+/// The agent's HTTP endpoints, for `run` and `check`.
+#[derive(clap::Args, Clone, Copy)]
+struct Endpoints {
+    /// Admin endpoint (`/stats`, `/config_dump`, `/logging`...): a loopback
+    /// address only, since it shows every connection and changes state.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Readiness endpoint (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    ready: SocketAddr,
+    /// Prometheus endpoint (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics: SocketAddr,
+}
+
+impl Endpoints {
+    /// What the config's ports must not collide with.
+    fn overrides(&self, node_name: Option<String>) -> Overrides {
+        Overrides {
+            node_name,
+            reserved_ports: vec![
+                ("--admin", self.admin.port()),
+                ("--ready", self.ready.port()),
+                ("--metrics", self.metrics.port()),
+            ],
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Human,
@@ -150,28 +175,28 @@ fn main() -> ExitCode {
                 config,
                 node_name,
                 pin_root,
-                admin,
-                ready,
-                metrics,
+                endpoints,
                 worker_threads: _,
             } => {
                 app::run(app::RunOptions {
                     log,
                     config,
-                    overrides: Overrides { node_name },
+                    overrides: endpoints.overrides(node_name),
                     pin_root,
-                    admin,
-                    ready,
-                    metrics,
+                    admin: endpoints.admin,
+                    ready: endpoints.ready,
+                    metrics: endpoints.metrics,
                 })
                 .await
             }
             Command::Cleanup { pin_root } => cleanup::run(&pin_root).await,
-            Command::Check { config, node_name } => {
-                Config::load_with(&config, &Overrides { node_name })
-                    .map(|_| ())
-                    .map_err(Into::into)
-            }
+            Command::Check {
+                config,
+                node_name,
+                endpoints,
+            } => Config::load_with(&config, &endpoints.overrides(node_name))
+                .map(|_| ())
+                .map_err(Into::into),
             Command::Status { admin } => cli::status(admin),
             Command::Connections { admin } => cli::connections(admin),
             Command::Observe { admin, json } => cli::observe(admin, json),

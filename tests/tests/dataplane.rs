@@ -420,18 +420,23 @@ fn resets_propagate_both_ways() {
 }
 
 fn run_with_config(config: Option<&str>, label: &str) -> (bool, String) {
+    agent_with_config("run", config, label)
+}
+
+/// `mesh-agent VERB --config` (`run` or `check`) with `config` written to a
+/// file (or no file): whether it succeeded, and its stderr.
+fn agent_with_config(verb: &str, config: Option<&str>, label: &str) -> (bool, String) {
     let path = std::env::temp_dir().join(mesh_tests::unique_name(label));
     if let Some(config) = config {
         std::fs::write(&path, config).unwrap();
     }
     let pin_root = Path::new("/sys/fs/bpf").join(mesh_tests::unique_name(label));
-    let output = std::process::Command::new(mesh_tests::mesh_agent_bin())
-        .args(["run", "--config"])
-        .arg(&path)
-        .arg("--pin-root")
-        .arg(&pin_root)
-        .output()
-        .unwrap();
+    let mut command = std::process::Command::new(mesh_tests::mesh_agent_bin());
+    command.args([verb, "--config"]).arg(&path);
+    if verb == "run" {
+        command.arg("--pin-root").arg(&pin_root);
+    }
+    let output = command.output().unwrap();
     let _ = std::fs::remove_file(&path);
     assert!(
         !pin_root.exists(),
@@ -467,11 +472,39 @@ services:
             vec!["services[1].ports[0]", "duplicate VIP 10.96.0.10:80"],
         ),
     ];
+    let cases = cases.into_iter().chain([
+        // Fields that `check` let through and `run` then panicked on or
+        // misbehaved with.
+        (
+            good.replace(
+                "node: { name: n1 }",
+                "node: { name: n1 }\nproxy: { outbound_port: 15020 }",
+            ),
+            vec!["proxy.outbound_port", "--metrics", "line 2"],
+        ),
+        (
+            good.replace(
+                "node: { name: n1 }",
+                "node: { name: n1 }\nidentity: { cert_lifetime_s: 1000000000000 }",
+            ),
+            vec!["identity.cert_lifetime_s", "line 2"],
+        ),
+        (
+            good.replace("10.96.0.10", "0.0.0.0"),
+            vec!["services[0].vip", "not a pod or service address"],
+        ),
+    ]);
     for (config, expected) in cases {
-        let (ok, stderr) = run_with_config(Some(&config), "badcfg");
-        assert!(!ok, "accepted a bad config:\n{config}");
-        for needle in expected {
-            assert!(stderr.contains(needle), "error lacks {needle:?}: {stderr}");
+        // `check` says what `run` says, and neither accepts.
+        for verb in ["run", "check"] {
+            let (ok, stderr) = agent_with_config(verb, Some(&config), "badcfg");
+            assert!(!ok, "{verb} accepted a bad config:\n{config}");
+            for needle in &expected {
+                assert!(
+                    stderr.contains(needle),
+                    "{verb}: error lacks {needle:?}: {stderr}"
+                );
+            }
         }
     }
     let (ok, stderr) = run_with_config(None, "nocfg");

@@ -12,6 +12,8 @@ use std::{
     time::Duration,
 };
 
+#[cfg(test)]
+mod corpus;
 mod kubernetes;
 mod lines;
 
@@ -77,6 +79,30 @@ pub struct Config {
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub node_name: Option<String>,
+    /// Ports the agent's own endpoints take (flag name, port): the proxy's
+    /// ports must differ from them.
+    pub reserved_ports: Vec<(&'static str, u16)>,
+}
+
+/// Upper bounds on values: a value past them is a typo or an attack, and
+/// some (a lifetime of 10^12 s) used to panic at start.
+pub mod limits {
+    pub const MAX_CERT_LIFETIME_S: u64 = 366 * 24 * 3600;
+    pub const MAX_CONNECT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+    pub const MAX_DRAIN_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+    pub const MAX_IDLE_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+    pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
+    /// The HBONE server's cap on streams per connection.
+    pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
+    pub const MAX_RETRIES: u32 = 10;
+    pub const MAX_EJECTION_MS: u64 = 3600 * 1000;
+    pub const MAX_HEALTH_INTERVAL_MS: u64 = 3600 * 1000;
+    pub const MAX_THRESHOLD: u32 = 1000;
+    pub const MAX_WEIGHT: u32 = 1_000_000;
+    /// Kubernetes' limit on object names (DNS subdomain).
+    pub const MAX_NAME_LEN: usize = 253;
+    /// SPIFFE's limit on a trust domain.
+    pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -323,6 +349,7 @@ impl Config {
         }
         config
             .validate()
+            .and_then(|()| config.validate_reserved_ports(&overrides.reserved_ports))
             .map_err(|(field, message)| ConfigError::Invalid {
                 origin: origin.to_owned(),
                 line: lines::line_of(text, &field),
@@ -330,6 +357,19 @@ impl Config {
                 message,
             })?;
         Ok(config)
+    }
+
+    /// The proxy's ports against the ports the agent's endpoints take.
+    fn validate_reserved_ports(&self, reserved: &[(&str, u16)]) -> Result<(), (String, String)> {
+        for (field, port) in [
+            ("proxy.outbound_port", self.proxy.outbound_port),
+            ("proxy.inbound_port", self.proxy.inbound_port),
+        ] {
+            if let Some((flag, _)) = reserved.iter().find(|(_, p)| *p == port) {
+                return Err((field.into(), format!("{port} is also the port of {flag}")));
+            }
+        }
+        Ok(())
     }
 
     /// Checks what types alone cannot. Errors are `(field path, message)`.
@@ -360,18 +400,37 @@ impl Config {
                 format!("{} is also the outbound port", proxy.inbound_port),
             );
         }
+        in_range(
+            "proxy.connect_timeout_ms",
+            proxy.connect_timeout_ms,
+            1,
+            limits::MAX_CONNECT_TIMEOUT_MS,
+        )?;
+        in_range(
+            "proxy.drain_timeout_ms",
+            proxy.drain_timeout_ms,
+            0,
+            limits::MAX_DRAIN_TIMEOUT_MS,
+        )?;
+        if let Some(interface) = self.node.uplinks.iter().find(|i| !interface_name(i)) {
+            return fail(
+                "node.uplinks".into(),
+                format!("{interface:?} is not an interface name"),
+            );
+        }
 
         let mut workload_ips: HashMap<Ipv4Addr, usize> = HashMap::new();
         let mut interfaces: HashMap<&str, usize> = HashMap::new();
         for (index, workload) in self.workloads.iter().enumerate() {
             let field = |name: &str| format!("workloads[{index}].{name}");
-            if workload.name.is_empty() {
-                return fail(field("name"), "must not be empty".into());
-            }
+            name(&field("name"), &workload.name)?;
+            name(&field("namespace"), &workload.namespace)?;
+            name(&field("service_account"), &workload.service_account)?;
             if workload.ips.is_empty() {
                 return fail(field("ips"), "a workload needs at least one IP".into());
             }
             for ip in &workload.ips {
+                routable(&field("ips"), *ip)?;
                 if let Some(other) = workload_ips.insert(*ip, index) {
                     return fail(
                         field("ips"),
@@ -397,7 +456,7 @@ impl Config {
                     );
                 }
                 (Some(interface), true) => {
-                    if interface.is_empty() || interface.len() > 15 {
+                    if !interface_name(interface) {
                         return fail(
                             field("interface"),
                             format!("{interface:?} is not an interface name"),
@@ -422,30 +481,58 @@ impl Config {
             }
         }
 
-        if self.identity.trust_domain.is_empty() || self.identity.trust_domain.contains('/') {
+        let trust_domain = &self.identity.trust_domain;
+        if trust_domain.is_empty()
+            || trust_domain.len() > limits::MAX_TRUST_DOMAIN_LEN
+            || !trust_domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        {
             return fail(
                 "identity.trust_domain".into(),
-                "must be a non-empty name without '/'".into(),
+                format!(
+                    "{trust_domain:?} is not a trust domain (lowercase letters, digits, '-', '.', '_'; at most {} bytes)",
+                    limits::MAX_TRUST_DOMAIN_LEN
+                ),
             );
         }
-        if self.identity.cert_lifetime_s < 2 {
-            return fail(
-                "identity.cert_lifetime_s".into(),
-                "must be at least 2".into(),
-            );
-        }
-        if self.hbone.max_connections_per_peer == 0 || self.hbone.streams_per_connection == 0 {
-            return fail("hbone".into(), "limits must be at least 1".into());
-        }
+        in_range(
+            "identity.cert_lifetime_s",
+            self.identity.cert_lifetime_s,
+            2,
+            limits::MAX_CERT_LIFETIME_S,
+        )?;
+        in_range(
+            "hbone.max_connections_per_peer",
+            self.hbone.max_connections_per_peer,
+            1,
+            limits::MAX_CONNECTIONS_PER_PEER,
+        )?;
+        in_range(
+            "hbone.streams_per_connection",
+            self.hbone.streams_per_connection,
+            1,
+            limits::MAX_STREAMS_PER_CONNECTION,
+        )?;
         self.authorization.validate()?;
         self.metrics.validate()?;
 
         let mut vips: HashMap<SocketAddrV4, usize> = HashMap::new();
+        let mut names: HashMap<(&str, &str), usize> = HashMap::new();
         for (index, service) in self.services.iter().enumerate() {
             let field = |name: &str| format!("services[{index}].{name}");
-            if service.name.is_empty() {
-                return fail(field("name"), "must not be empty".into());
+            name(&field("name"), &service.name)?;
+            name(&field("namespace"), &service.namespace)?;
+            if let Some(other) = names.insert((&service.namespace, &service.name), index) {
+                return fail(
+                    field("name"),
+                    format!(
+                        "{}/{} is also services[{other}]",
+                        service.namespace, service.name
+                    ),
+                );
             }
+            routable(&field("vip"), service.vip)?;
             if let Some(workload) = workload_ips.get(&service.vip) {
                 return fail(
                     field("vip"),
@@ -476,6 +563,14 @@ impl Config {
             validate_policy(service).map_err(|(name, message)| (field(&name), message))?;
             let mut seen = HashMap::new();
             for (endpoint_index, endpoint) in service.endpoints.iter().enumerate() {
+                let endpoint_field = format!("services[{index}].endpoints[{endpoint_index}]");
+                routable(&format!("{endpoint_field}.ip"), endpoint.ip)?;
+                in_range(
+                    &format!("{endpoint_field}.weight"),
+                    endpoint.weight,
+                    0,
+                    limits::MAX_WEIGHT,
+                )?;
                 if let Some(other) = seen.insert(endpoint.ip, endpoint_index) {
                     return fail(
                         format!("services[{index}].endpoints[{endpoint_index}].ip"),
@@ -511,6 +606,14 @@ fn validate_policy(service: &ServiceConfig) -> Result<(), (String, String)> {
             );
         }
     }
+    for (index, split) in service.splits.iter().enumerate() {
+        in_range(
+            &format!("splits[{index}].weight"),
+            split.weight,
+            0,
+            limits::MAX_WEIGHT,
+        )?;
+    }
     if !service.splits.is_empty() && service.splits.iter().all(|s| s.weight == 0) {
         return fail(
             "splits".into(),
@@ -518,9 +621,47 @@ fn validate_policy(service: &ServiceConfig) -> Result<(), (String, String)> {
         );
     }
     let r = &service.resilience;
-    if r.connect_timeout_ms == Some(0) || r.idle_timeout_ms == Some(0) {
-        return fail("resilience".into(), "timeouts must be above 0".into());
+    if let Some(timeout) = r.connect_timeout_ms {
+        in_range(
+            "resilience.connect_timeout_ms",
+            timeout,
+            1,
+            limits::MAX_CONNECT_TIMEOUT_MS,
+        )?;
     }
+    if let Some(timeout) = r.idle_timeout_ms {
+        in_range(
+            "resilience.idle_timeout_ms",
+            timeout,
+            1,
+            limits::MAX_IDLE_TIMEOUT_MS,
+        )?;
+    }
+    in_range(
+        "resilience.retry.retries",
+        r.retry.retries,
+        0,
+        limits::MAX_RETRIES,
+    )?;
+    in_range(
+        "resilience.retry.budget_percent",
+        r.retry.budget_percent,
+        0,
+        100,
+    )?;
+    in_range(
+        "resilience.outlier_detection.consecutive_failures",
+        r.outlier_detection.consecutive_failures,
+        // 0 turns ejection off.
+        0,
+        limits::MAX_THRESHOLD,
+    )?;
+    in_range(
+        "resilience.outlier_detection.max_ejection_ms",
+        r.outlier_detection.max_ejection_ms,
+        1,
+        limits::MAX_EJECTION_MS,
+    )?;
     if r.outlier_detection.max_ejection_percent > 100 {
         return fail(
             "resilience.outlier_detection.max_ejection_percent".into(),
@@ -534,20 +675,95 @@ fn validate_policy(service: &ServiceConfig) -> Result<(), (String, String)> {
         );
     }
     if let Some(check) = &r.health_check {
-        if check.interval_ms == 0 || check.timeout_ms == 0 {
-            return fail(
-                "resilience.health_check".into(),
-                "interval and timeout must be above 0".into(),
-            );
-        }
-        if check.healthy_threshold == 0 || check.unhealthy_threshold == 0 {
-            return fail(
-                "resilience.health_check".into(),
-                "thresholds must be at least 1".into(),
-            );
-        }
+        let max = limits::MAX_HEALTH_INTERVAL_MS;
+        in_range(
+            "resilience.health_check.interval_ms",
+            check.interval_ms,
+            1,
+            max,
+        )?;
+        in_range(
+            "resilience.health_check.timeout_ms",
+            check.timeout_ms,
+            1,
+            max,
+        )?;
+        let max = limits::MAX_THRESHOLD;
+        in_range(
+            "resilience.health_check.healthy_threshold",
+            check.healthy_threshold,
+            1,
+            max,
+        )?;
+        in_range(
+            "resilience.health_check.unhealthy_threshold",
+            check.unhealthy_threshold,
+            1,
+            max,
+        )?;
     }
     Ok(())
+}
+
+/// `value` within `min..=max`, or an error naming `field` and the range.
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    field: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), (String, String)> {
+    if value < min || value > max {
+        return Err((
+            field.to_owned(),
+            format!("{value} is outside {min}..={max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A name as Kubernetes allows it (a DNS subdomain): lowercase letters,
+/// digits, '-' and '.', starting and ending with a letter or digit. Names
+/// become parts of SPIFFE IDs, metric labels and log fields.
+fn name(field: &str, value: &str) -> Result<(), (String, String)> {
+    let edge = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let ok = value.len() <= limits::MAX_NAME_LEN
+        && edge(value.as_bytes().first())
+        && edge(value.as_bytes().last())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !ok {
+        return Err((
+            field.to_owned(),
+            format!(
+                "{value:?} is not a name (lowercase letters, digits, '-' and '.', at most {} bytes)",
+                limits::MAX_NAME_LEN
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An address a pod or service can have: not 0.0.0.0, loopback,
+/// multicast or broadcast (the agent would dial itself or nothing).
+fn routable(field: &str, ip: Ipv4Addr) -> Result<(), (String, String)> {
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
+        return Err((
+            field.to_owned(),
+            format!("{ip} is not a pod or service address"),
+        ));
+    }
+    Ok(())
+}
+
+/// A Linux interface name: 1 to 15 bytes, no '/', ':' or white space.
+fn interface_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
 }
 
 impl ServicePortConfig {
