@@ -136,7 +136,9 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         config.identity.cert_lifetime(),
     );
     report_cert_problems(certs.ensure(&state.local_identities()).await);
-    let tls = Arc::new(TlsFactory::new(certs.clone()).context("trust roots")?);
+    let tls = Arc::new(
+        TlsFactory::new(certs.clone(), &config.identity.trust_domain).context("trust roots")?,
+    );
     let outbound_addr = any_addr(config.proxy.outbound_port);
     let listener = proxy::transparent_listener(outbound_addr)
         .with_context(|| format!("outbound listener on {outbound_addr}"))?;

@@ -60,6 +60,9 @@ pub struct Destinations {
 pub struct Request<'a> {
     /// `None` for plaintext (no verified identity).
     pub principal: Option<&'a SpiffeId>,
+    /// This mesh's trust domain: `namespaces` name namespaces of it only
+    /// (another trust domain's `frontend` is not ours).
+    pub trust_domain: &'a str,
     pub source_ip: Ipv4Addr,
     pub workload_namespace: &'a str,
     pub workload_name: &'a str,
@@ -151,7 +154,9 @@ impl Rule {
                 .as_deref()
                 .is_some_and(|p| wildcard_match(pattern, p))
         }) && any(&self.from.namespaces, &|ns| {
-            request.principal.is_some_and(|p| p.namespace == ns)
+            request
+                .principal
+                .is_some_and(|p| p.trust_domain == request.trust_domain && p.namespace == ns)
         }) && (self.from.ip_blocks.is_empty()
             || self
                 .from
@@ -270,6 +275,7 @@ mod tests {
     fn request<'a>(principal: Option<&'a SpiffeId>, ip: [u8; 4], port: u16) -> Request<'a> {
         Request {
             principal,
+            trust_domain: "td",
             source_ip: Ipv4Addr::from(ip),
             workload_namespace: "default",
             workload_name: "web",
@@ -330,6 +336,26 @@ rules:
         assert_eq!(
             policy.check(&request(None, [10, 1, 2, 3], 9090)),
             Decision::Allow
+        );
+    }
+
+    #[test]
+    fn namespaces_are_this_trust_domains_only() {
+        let policy = policy(
+            "default_action: deny
+rules:
+  - { action: allow, from: { namespaces: [frontend] } }
+",
+        );
+        let ours = SpiffeId::new("td", "frontend", "web");
+        let theirs = SpiffeId::new("elsewhere", "frontend", "web");
+        assert_eq!(
+            policy.check(&request(Some(&ours), [10, 0, 0, 1], 80)),
+            Decision::Allow
+        );
+        assert_eq!(
+            policy.check(&request(Some(&theirs), [10, 0, 0, 1], 80)),
+            Decision::Deny("default_action".into())
         );
     }
 

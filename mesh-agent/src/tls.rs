@@ -3,7 +3,9 @@
 //!
 //! - The server presents the certificate of the workload that was
 //!   addressed and requires a client certificate that chains to the trust
-//!   roots (no certificate, another CA or an expired one: refused).
+//!   roots and names a workload of this trust domain (no certificate,
+//!   another CA, an expired one, or one of another trust domain that a
+//!   shared root also signs: refused at the handshake).
 //! - The client presents its source workload's certificate and accepts
 //!   only a server whose chain verifies *and* whose SPIFFE ID is the one
 //!   expected for the endpoint (names are not checked: SPIFFE certificates
@@ -15,15 +17,18 @@
 use std::sync::Arc;
 
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, Error, RootCertStore, ServerConfig,
-    SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
+    ServerConfig, SignatureScheme,
     client::{
         ResolvesClientCert,
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     },
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
     pki_types::{CertificateDer, ServerName, UnixTime},
-    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    server::{
+        ClientHello, ResolvesServerCert, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
     sign::CertifiedKey,
 };
 
@@ -47,13 +52,14 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Builds TLS configs over one certificate manager and trust roots.
 pub struct TlsFactory {
     provider: Arc<CryptoProvider>,
+    trust_domain: String,
     certs: Arc<CertManager>,
     roots: Arc<RootCertStore>,
     anchors: Arc<Vec<rustls::pki_types::TrustAnchor<'static>>>,
 }
 
 impl TlsFactory {
-    pub fn new(certs: Arc<CertManager>) -> Result<Self, Error> {
+    pub fn new(certs: Arc<CertManager>, trust_domain: &str) -> Result<Self, Error> {
         let mut roots = RootCertStore::empty();
         let mut anchors = Vec::new();
         for root in certs.ca().roots() {
@@ -66,6 +72,7 @@ impl TlsFactory {
         }
         Ok(Self {
             provider: provider(),
+            trust_domain: trust_domain.to_owned(),
             certs,
             roots: Arc::new(roots),
             anchors: Arc::new(anchors),
@@ -79,10 +86,14 @@ impl TlsFactory {
 
     /// Server side for the workload `local`.
     pub fn server(&self, local: SpiffeId) -> Result<ServerConfig, Error> {
-        let verifier =
+        let chain =
             WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
                 .build()
                 .map_err(|e| Error::General(e.to_string()))?;
+        let verifier = Arc::new(TrustDomainClientVerifier {
+            chain,
+            trust_domain: self.trust_domain.clone(),
+        });
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -140,6 +151,63 @@ impl ResolvesClientCert for Current {
 
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+/// Chain to the roots, then a SPIFFE ID of this trust domain. A bundle of
+/// several roots (a migration, a federation) would otherwise let any
+/// workload that another domain's CA signs in as a workload of ours.
+#[derive(Debug)]
+struct TrustDomainClientVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for TrustDomainClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let verified = self
+            .chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let presented =
+            SpiffeId::from_cert(end_entity).map_err(|e| Error::General(e.to_string()))?;
+        if presented.trust_domain != self.trust_domain {
+            return Err(Error::General(format!(
+                "client identity {presented} is not of trust domain {}",
+                self.trust_domain
+            )));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
     }
 }
 

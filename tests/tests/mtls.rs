@@ -328,9 +328,20 @@ fn client_cert(
     issuer: Option<(&rcgen::Certificate, &rcgen::KeyPair)>,
     expired: bool,
 ) -> (PathBuf, PathBuf) {
+    client_cert_for(dir, name, CLIENT_ID, issuer, expired)
+}
+
+/// Like [`client_cert`], for the SPIFFE ID `uri`.
+fn client_cert_for(
+    dir: &Path,
+    name: &str,
+    uri: &str,
+    issuer: Option<(&rcgen::Certificate, &rcgen::KeyPair)>,
+    expired: bool,
+) -> (PathBuf, PathBuf) {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::default();
-    params.subject_alt_names = vec![rcgen::SanType::URI(CLIENT_ID.try_into().unwrap())];
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let now = time::OffsetDateTime::now_utc();
     if expired {
@@ -403,8 +414,21 @@ fn clients_without_a_valid_certificate_are_refused() {
     let refusals = |t: &TwoNodes| t.agent_b.stats()["inbound"]["refused"].as_u64().unwrap();
 
     // Each attempt must be refused, for its own reason.
-    let cases: [(&str, CertFiles, &[&str]); 3] = [
+    let cases: [(&str, CertFiles, &[&str]); 4] = [
         ("no certificate", None, &["no certificate"]),
+        // Signed by a root this node trusts, for another trust domain (as
+        // a root shared by two domains would sign it).
+        (
+            "another trust domain",
+            Some(client_cert_for(
+                &dir,
+                "elsewhere",
+                "spiffe://elsewhere.example/ns/default/sa/client",
+                Some((&ca, &ca_key)),
+                false,
+            )),
+            &["not of trust domain"],
+        ),
         (
             "another CA",
             Some(client_cert(
@@ -633,6 +657,35 @@ fn a_remote_clients_address_is_used_only_for_the_identity_it_belongs_to() {
         ("server", t.b.ip.into()),
         "{report}"
     );
+}
+
+#[test]
+fn a_borrowed_address_does_not_pass_an_ip_allow_list() {
+    // Node 2 allows only the client's IP, and believes that IP belongs to
+    // another service account: the peer (with the client's certificate)
+    // naming it in `Forwarded` is borrowing it, so the policy must see the
+    // peer's own address and deny.
+    // Pods get addresses in creation order: node 1's first pod (checked
+    // below).
+    let client_ip = std::net::Ipv4Addr::new(10, 11, 0, 2);
+    let authorization = format!(
+        "authorization:\n  default_action: deny\n  rules:\n    - {{ action: allow, from: {{ ip_blocks: [{client_ip}/32] }} }}\n"
+    );
+    let t = two_nodes(
+        "borrowip",
+        &Options {
+            client_sa_seen_from_b: "somebody-else",
+            authorization_b: &authorization,
+            ..Default::default()
+        },
+    );
+    assert_eq!(t.a.pod("client").ip, client_ip);
+    let report = &t.a.pod("client").connect(vip(), Connect::default())[0];
+    assert!(
+        report.get("error").is_some(),
+        "a borrowed address passed the allow-list: {report}"
+    );
+    assert_eq!(t.agent_b.stats()["inbound"]["denied"], 1);
 }
 
 #[test]

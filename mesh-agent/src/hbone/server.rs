@@ -266,10 +266,20 @@ impl Shared {
             warn!(%client, %target, "CONNECT to something that is not a workload on this node");
             return refuse(StatusCode::BAD_REQUEST);
         };
-        let source_ip = forwarded_for(&request).unwrap_or(match peer.ip() {
+        // The address the peer says it carries for, if it is the address
+        // of a workload elsewhere whose identity the peer proved; else the
+        // peer's own. A peer may not borrow another workload's address, not
+        // for IP allow-lists, not for the pod's view, not for metrics.
+        let peer_ip = match peer.ip() {
             IpAddr::V4(ip) => ip,
             IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+        };
+        let claimed = forwarded_for(&request).filter(|&ip| {
+            state
+                .workload_by_ip(ip)
+                .is_some_and(|(_, w)| w.local.is_none() && state.identity(w) == *client)
         });
+        let source_ip = claimed.unwrap_or(peer_ip);
         let mut record = Record::new(
             "destination",
             state,
@@ -281,6 +291,7 @@ impl Shared {
         record.endpoint = Some(target);
         let asking = AuthzRequest {
             principal: Some(client),
+            trust_domain: &state.trust_domain,
             source_ip,
             workload_namespace: &workload.namespace,
             workload_name: &workload.name,
@@ -298,15 +309,8 @@ impl Shared {
                 return refuse(StatusCode::UNAUTHORIZED);
             }
         }
-        // The pod sees the remote client's address, if it is the address of
-        // a workload elsewhere whose identity the peer proved (a peer may
-        // not borrow another workload's address).
-        let claimed = state
-            .workload_by_ip(source_ip)
-            .is_some_and(|(_, w)| w.local.is_none() && state.identity(w) == *client);
-        let source = claimed
-            .then(|| routes.upstream_source(source_ip, *target.ip()))
-            .flatten();
+        // The pod sees the remote client's address when the claim held.
+        let source = claimed.and_then(|ip| routes.upstream_source(ip, *target.ip()));
         if routes.own.reaches_agent(target) {
             warn!(%client, %target, "CONNECT to the agent's own listener");
             return refuse(StatusCode::BAD_REQUEST);

@@ -147,6 +147,7 @@ impl Opener<'_> {
             Some((_, workload)) => {
                 let request = Request {
                     principal: source.as_ref(),
+                    trust_domain: &state.trust_domain,
                     source_ip: *client.ip(),
                     workload_namespace: &workload.namespace,
                     workload_name: &workload.name,
