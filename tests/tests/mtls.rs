@@ -689,6 +689,74 @@ fn a_borrowed_address_does_not_pass_an_ip_allow_list() {
 }
 
 #[test]
+fn a_frozen_peer_fails_new_streams_in_bounded_time() {
+    let t = two_nodes("frozen", &Options::default());
+    let first = &t.a.pod("client").connect(vip(), Connect::default())[0];
+    assert_eq!(greeting(first).0, "server", "{first}");
+    // Node 2's agent stops answering, its sockets still open (the kernel
+    // still acknowledges): the pooled connection's peer is gone for HTTP/2.
+    // SAFETY: signalling a child process of the test.
+    unsafe { libc::kill(t.agent_b.pid() as i32, libc::SIGSTOP) };
+    let report = t.a.pod("client").connect(vip(), Connect::default());
+    // SAFETY: as above.
+    unsafe { libc::kill(t.agent_b.pid() as i32, libc::SIGCONT) };
+    let report = &report[0];
+    assert!(report.get("error").is_some(), "{report}");
+    // Twice the connect timeout (5 s): not the client's own 60 s timeout,
+    // which is what a stream waiting for ever would run into.
+    let took = report["duration_ms"].as_u64().unwrap();
+    assert!(took < 30_000, "the stream waited {took} ms: {report}");
+    assert!(
+        t.agent_a.log().contains("did not answer the CONNECT"),
+        "{}",
+        t.agent_a.log()
+    );
+    // Once the peer is back, a new connection goes through again.
+    let again = &t.a.pod("client").connect(vip(), Connect::default())[0];
+    assert_eq!(greeting(again).0, "server", "{again}");
+}
+
+#[test]
+fn a_handshake_flood_is_capped_and_quiet_and_the_mesh_keeps_working() {
+    let t = two_nodes("flood", &Options::default());
+    // `plain` (outside the mesh) opens connections to the server pod's
+    // HBONE port and never says a word.
+    let gateway = SocketAddr::from((t.b.pod("server").ip, 15008));
+    const FLOOD: usize = 200;
+    let held: Vec<std::net::TcpStream> = t.a.pod("plain").netns.run(|| {
+        (0..FLOOD)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(&gateway, Duration::from_secs(2)).ok()
+            })
+            .collect()
+    });
+    assert!(held.len() > 100, "only {} connections opened", held.len());
+    let limited = |t: &TwoNodes| {
+        t.agent_b.stats()["inbound"]["handshake_limited"]
+            .as_u64()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while limited(&t) < (held.len() - 32) as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "{} limited of {}: {}",
+            limited(&t),
+            held.len(),
+            t.agent_b.stats()["inbound"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The mesh client (from node 1's own address) still gets through.
+    let report = &t.a.pod("client").connect(vip(), Connect::default())[0];
+    assert_eq!(greeting(report).0, "server", "{report}");
+    drop(held);
+    // Hundreds of refusals, a handful of log lines.
+    let lines = t.agent_b.log().matches("inbound HBONE refused").count();
+    assert!(lines <= 30, "{lines} refusal lines logged");
+}
+
+#[test]
 fn resets_propagate_across_nodes_both_ways() {
     let t = two_nodes("resets", &Options::default());
     let client = t.a.pod("client");

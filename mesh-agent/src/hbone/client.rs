@@ -44,6 +44,9 @@ pub enum HboneError {
     Refused(SocketAddrV4, StatusCode),
     #[error("{0} answered {1}")]
     Status(SocketAddrV4, StatusCode),
+    /// No answer to the CONNECT in time: the peer is gone or stuck.
+    #[error("{0} did not answer the CONNECT within {1:?} (timed out)")]
+    NoAnswer(SocketAddrV4, Duration),
 }
 
 impl HboneError {
@@ -162,18 +165,34 @@ impl HboneClient {
         };
         let http = |e| HboneError::Http(to.gateway, e);
         let (sender, guard, pooled) = self.checkout(&key, to).await?;
-        let (mut response, mut send, guard) = match start(sender, request()).await {
-            Ok((response, send)) => (response, send, guard),
+        // From here the peer must answer within `answer_timeout`: a pooled
+        // connection whose peer vanished (or froze) would otherwise hold
+        // the caller for ever. Such a connection takes no more streams.
+        let answer_timeout = self.answer_timeout();
+        let deadline = tokio::time::Instant::now() + answer_timeout;
+        let no_answer = |guard: &StreamGuard| {
+            guard.connection_closed();
+            HboneError::NoAnswer(to.gateway, answer_timeout)
+        };
+        let started = tokio::time::timeout_at(deadline, start(sender, request())).await;
+        let (mut response, mut send, guard) = match started {
+            Ok(Ok((response, send))) => (response, send, guard),
             // The peer closed this pooled connection, or sent GOAWAY on it
             // (its agent is stopping), since it was last used: forget it
             // and take another, once. Nothing was sent on it.
-            Err(_) if pooled => {
+            Ok(Err(_)) if pooled => {
                 guard.connection_closed();
                 let (sender, guard, _) = self.checkout(&key, to).await?;
-                let (response, send) = start(sender, request()).await.map_err(http)?;
-                (response, send, guard)
+                match tokio::time::timeout_at(deadline, start(sender, request())).await {
+                    Ok(started) => {
+                        let (response, send) = started.map_err(http)?;
+                        (response, send, guard)
+                    }
+                    Err(_) => return Err(no_answer(&guard)),
+                }
             }
-            Err(error) => return Err(http(error)),
+            Ok(Err(error)) => return Err(http(error)),
+            Err(_) => return Err(no_answer(&guard)),
         };
         let mut early = std::pin::pin!(early);
         let mut early_done = false;
@@ -186,6 +205,7 @@ impl HboneClient {
                         send.send_data(data, false).map_err(http)?;
                     }
                 }
+                _ = tokio::time::sleep_until(deadline) => return Err(no_answer(&guard)),
             }
         };
         match response.status() {
@@ -197,6 +217,13 @@ impl HboneClient {
         }
         let recv = response.into_body();
         Ok((Tunnel { send, recv }, guard))
+    }
+
+    /// How long a CONNECT may wait for its answer: the peer's agent itself
+    /// takes up to its connect timeout (the same setting, as a rule) to
+    /// reach the pod, so twice ours, and at least one handshake's time.
+    fn answer_timeout(&self) -> Duration {
+        (2 * self.connect_timeout).max(HANDSHAKE_TIMEOUT)
     }
 
     /// A connection for a new stream: pooled (the flag says so), or else
@@ -262,6 +289,7 @@ impl HboneClient {
             .map_err(|_| HboneError::Connect(to.gateway, std::io::ErrorKind::TimedOut.into()))?
             .map_err(|e| HboneError::Connect(to.gateway, e))?;
         let _ = tcp.set_nodelay(true);
+        super::keep_alive(&tcp);
         let config = self
             .tls
             .client(key.source.clone(), key.destination.clone())
@@ -276,14 +304,16 @@ impl HboneClient {
         .map_err(|e| HboneError::Tls(to.gateway, e.to_string()))?;
         tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
         let cert = self.tls.current_cert(&key.source);
-        let (sender, connection) = h2::client::Builder::new()
+        let handshake = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_send_buffer_size(SEND_BUFFER)
             .enable_push(false)
-            .handshake(tls)
+            .handshake(tls);
+        let (sender, connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
+            .map_err(|_| HboneError::Tls(to.gateway, "HTTP/2 handshake timed out".into()))?
             .map_err(|e| HboneError::Http(to.gateway, e))?;
         let gateway = to.gateway;
         let closed = Arc::new(AtomicBool::new(false));

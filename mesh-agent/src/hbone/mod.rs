@@ -35,5 +35,24 @@ pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 /// before it (see `HboneConfig::streams_per_connection`).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 
-/// How long a TLS handshake may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS (or HTTP/2) handshake may take. Anyone who can reach a
+/// pod's port 15008 can start one, so it is short.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// TCP keepalive on HBONE connections: a peer that vanished (its node
+/// lost, a partition) is found within about 25 s of silence (10 s idle,
+/// then 3 probes 5 s apart), and unacknowledged data gives up after 30 s,
+/// so pooled connections do not outlive their peer.
+pub fn keep_alive(stream: &tokio::net::TcpStream) {
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    if let Err(error) = socket
+        .set_tcp_keepalive(&keepalive)
+        .and_then(|()| socket.set_tcp_user_timeout(Some(Duration::from_secs(30))))
+    {
+        tracing::debug!(%error, "TCP keepalive on an HBONE connection");
+    }
+}

@@ -35,14 +35,27 @@ use crate::{
     access::{Outcome, Record, Sinks},
     authz::Request as AuthzRequest,
     identity::SpiffeId,
+    log_budget::LogBudget,
     proxy::{self, Routes, splice},
     tls::{ALPN_H2, TlsFactory},
 };
+
+/// TLS handshakes in progress at once, overall and from one source
+/// address. Anyone who reaches a pod's port 15008 can start one; past the
+/// cap a connection is reset at once instead of holding a task, a socket
+/// and memory for the handshake's timeout.
+pub const MAX_HANDSHAKES: usize = 512;
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 32;
+
+/// Refusals are logged a few times a second; the counters count them all.
+static REFUSED_LOG: LogBudget = LogBudget::new(5);
 
 #[derive(Debug, Default)]
 pub struct InboundStats {
     pub connections: AtomicU64,
     pub refused: AtomicU64,
+    /// Refused before the handshake: too many in progress.
+    pub handshake_limited: AtomicU64,
     pub streams: AtomicU64,
     pub denied: AtomicU64,
     pub dry_run_denied: AtomicU64,
@@ -52,6 +65,7 @@ pub struct InboundStats {
 pub struct InboundStatsSnapshot {
     pub connections: u64,
     pub refused: u64,
+    pub handshake_limited: u64,
     pub streams: u64,
     pub denied: u64,
     pub dry_run_denied: u64,
@@ -63,6 +77,7 @@ impl InboundStats {
         InboundStatsSnapshot {
             connections: get(&self.connections),
             refused: get(&self.refused),
+            handshake_limited: get(&self.handshake_limited),
             streams: get(&self.streams),
             denied: get(&self.denied),
             dry_run_denied: get(&self.dry_run_denied),
@@ -82,6 +97,37 @@ struct Shared {
     connect_timeout: Duration,
     stats: Arc<InboundStats>,
     sinks: Arc<Sinks>,
+    handshakes: Mutex<Handshakes>,
+}
+
+/// TLS handshakes in progress.
+#[derive(Default)]
+struct Handshakes {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// One handshake's place under the caps, given back when dropped.
+struct HandshakeSlot {
+    shared: Arc<Shared>,
+    source: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut handshakes = lock(&self.shared.handshakes);
+        handshakes.total -= 1;
+        if let Some(count) = handshakes.by_source.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                handshakes.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Inbound {
@@ -102,6 +148,7 @@ impl Inbound {
                 connect_timeout,
                 stats,
                 sinks,
+                handshakes: Mutex::default(),
             }),
         }
     }
@@ -131,6 +178,21 @@ impl Inbound {
 }
 
 impl Shared {
+    /// A place for one more handshake from `source`, if the caps allow.
+    fn begin_handshake(self: &Arc<Self>, source: IpAddr) -> Option<HandshakeSlot> {
+        let mut handshakes = lock(&self.handshakes);
+        let from_source = handshakes.by_source.get(&source).copied().unwrap_or(0);
+        if handshakes.total >= MAX_HANDSHAKES || from_source >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        handshakes.total += 1;
+        *handshakes.by_source.entry(source).or_default() += 1;
+        Some(HandshakeSlot {
+            shared: self.clone(),
+            source,
+        })
+    }
+
     async fn connection(
         self: Arc<Self>,
         stream: TcpStream,
@@ -139,11 +201,18 @@ impl Shared {
     ) {
         let refuse = |reason: String, stream: Option<TcpStream>| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            warn!(%peer, reason, "inbound HBONE refused");
+            if REFUSED_LOG.allow() {
+                warn!(%peer, reason, "inbound HBONE refused");
+            }
             if let Some(stream) = stream {
                 splice::reset(stream);
             }
         };
+        let Some(slot) = self.begin_handshake(peer.ip()) else {
+            self.stats.handshake_limited.fetch_add(1, Ordering::Relaxed);
+            return refuse("too many TLS handshakes in progress".into(), Some(stream));
+        };
+        super::keep_alive(&stream);
         let Ok(SocketAddr::V4(local)) = stream.local_addr() else {
             return refuse("no IPv4 destination".into(), Some(stream));
         };
@@ -193,12 +262,14 @@ impl Shared {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_send_buffer_size(SEND_BUFFER)
-            .handshake::<_, Bytes>(tls)
-            .await;
-        let mut connection = match handshake {
-            Ok(connection) => connection,
-            Err(error) => return refuse(format!("HTTP/2 handshake failed: {error}"), None),
+            .handshake::<_, Bytes>(tls);
+        let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => return refuse(format!("HTTP/2 handshake failed: {error}"), None),
+            Err(_) => return refuse("HTTP/2 handshake timed out".into(), None),
         };
+        // Both handshakes done: the connection holds no handshake place.
+        drop(slot);
         // Accepting drives the whole connection, its open streams included:
         // the loop runs until the peer closes it, or, once the agent is
         // stopping, until its last stream ended. A peer's pooled connection
