@@ -247,6 +247,9 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     let (_watcher, mut changed) = watch::config_file(&options.config)
         .with_context(|| format!("watching {}", options.config.display()))?;
     let mut remap = tokio::time::interval(std::time::Duration::from_secs(2));
+    // Pod interfaces can be deleted and made again under the same name
+    // without any change to the model: look every second.
+    let mut interfaces = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut reloader = Reloader {
         path: &options.config,
         overrides: &options.overrides,
@@ -277,6 +280,11 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 reloader.refresh(&config).await;
                 unmapped = report_cluster(&source, &unmapped);
+            }
+            _ = interfaces.tick() => {
+                if reloader.dataplane.interfaces_changed() {
+                    reloader.reattach(&config).await;
+                }
             }
             // Pods whose interface or cgroup was not there yet (the CNI
             // and kubelet may lag the API server) are looked for again.
@@ -470,6 +478,15 @@ impl Reloader<'_> {
                 services = self.routes.borrow().state.services.len(),
                 "cluster change applied"
             );
+        }
+    }
+
+    /// Applies the current model again, after pod interfaces changed
+    /// under it (see `Dataplane::interfaces_changed`).
+    async fn reattach(&mut self, config: &Config) {
+        let state = MeshState::clone(&self.routes.borrow().state);
+        if self.apply(state, config).await {
+            info!("pod interfaces changed; programs re-attached");
         }
     }
 

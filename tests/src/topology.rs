@@ -78,12 +78,27 @@ impl Node {
         let ip = Ipv4Addr::new(10, 10 + self.index, 0, 2 + self.pods.len() as u8);
         let netns = NetNs::create(&format!("{}-{name}", self.name));
         let cgroup = self.cgroup.child(cgroup);
+        let pod = Pod {
+            name: name.to_owned(),
+            ip,
+            host_if,
+            cgroup,
+            netns,
+        };
+        self.wire(&pod);
+        self.pods.push(pod);
+        self.pods.last().expect("just pushed")
+    }
+
+    /// The pod's veth pair, addresses and routes.
+    fn wire(&self, pod: &Pod) {
+        let (ip, host_if, netns) = (pod.ip, &pod.host_if, &pod.netns);
         crate::run(
             "ip",
             &[
                 "link",
                 "add",
-                &host_if,
+                host_if,
                 "netns",
                 self.netns.name(),
                 "type",
@@ -96,14 +111,14 @@ impl Node {
             ],
         );
         self.netns
-            .ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &host_if]);
-        self.netns.ip(&["link", "set", &host_if, "up"]);
+            .ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", host_if]);
+        self.netns.ip(&["link", "set", host_if, "up"]);
         self.netns.ip(&[
             "route",
             "add",
             &format!("{ip}/32"),
             "dev",
-            &host_if,
+            host_if,
             "src",
             &self.ip.to_string(),
         ]);
@@ -119,14 +134,14 @@ impl Node {
             "dev",
             "eth0",
         ]);
-        self.pods.push(Pod {
-            name: name.to_owned(),
-            ip,
-            host_if,
-            cgroup,
-            netns,
-        });
-        self.pods.last().expect("just pushed")
+    }
+
+    /// Deletes pod `name`'s veth pair and makes it again under the same
+    /// names and addresses (a sandbox recreated): a new interface index.
+    pub fn recreate_pod_interface(&self, name: &str) {
+        let pod = self.pod(name);
+        self.netns.ip(&["link", "del", &pod.host_if]);
+        self.wire(pod);
     }
 
     /// Gives pod `name` more addresses (for clients that must look like

@@ -463,3 +463,53 @@ fn a_strict_pod_takes_no_ipv6_and_stays_strict_without_its_counters() {
     assert!(error.contains("timed out"), "{error}");
     assert!(dial(strict).is_err());
 }
+
+#[test]
+fn a_pod_interface_made_again_under_its_name_is_captured_again() {
+    let node = node_with_pods("recreate");
+    let _server = node.pod("be1").serve(8080, "be1", false);
+    let agent = Agent::start(&node, &config(&node, ""));
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let through_agent = |node: &Node| {
+        let report = &node.pod("client").connect(vip, Connect::default())[0];
+        assert!(
+            report["greeting"].as_str().unwrap().starts_with("be1 "),
+            "{report}"
+        );
+    };
+    through_agent(&node);
+    let ifindex = |agent: &Agent| {
+        agent.stats()["kernel"]["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["interface"] == "p-client")
+            .and_then(|p| p["ifindex"].as_u64())
+    };
+    let before = ifindex(&agent).unwrap();
+    // The CNI deletes the pod's veth and makes a new one, same name.
+    node.recreate_pod_interface("client");
+    // Only the agent can answer the VIP: once it does, the new interface
+    // is captured.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let quick = Connect {
+        wait_close: false,
+        ..Default::default()
+    };
+    while node
+        .pod("client")
+        .try_connect(vip, quick)
+        .map_or(true, |r| r[0].get("greeting").is_none())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new interface is not captured:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    through_agent(&node);
+    assert!(agent.log().contains("programs re-attached"));
+    let after = ifindex(&agent).unwrap();
+    assert_ne!(before, after, "counters still on the old interface");
+}

@@ -62,6 +62,11 @@ pub struct PodAttachment {
 }
 
 impl PodAttachment {
+    /// Whether `ifname` still names the interface the programs are on.
+    pub fn is_current(&self, ifname: &str) -> bool {
+        ifindex(ifname).is_ok_and(|index| index == self.ifindex)
+    }
+
     pub fn detach(self, records: &mut TcFilterRecords) {
         for link in self.links {
             link.detach(records);

@@ -99,6 +99,8 @@ pub struct Dataplane {
     listener_lookup: Option<Attachment>,
     uplinks: Vec<Attachment>,
     pods: BTreeMap<String, PodAttachment>,
+    /// Wanted pod interfaces the last sync could not attach to.
+    unattached: std::collections::BTreeSet<String>,
     closed: bool,
 }
 
@@ -196,6 +198,7 @@ impl Dataplane {
             listener_lookup,
             uplinks: Vec::new(),
             pods: BTreeMap::new(),
+            unattached: Default::default(),
             closed: false,
         };
         if let Some(cgroup) = settings.cgroup {
@@ -252,11 +255,17 @@ impl Dataplane {
             .collect();
 
         // Detach first: a new pod may reuse a gone pod's interface name.
+        // An interface deleted and made again under its name (a pod
+        // sandbox recreated: CNIs derive veth names from pod names) lost
+        // its programs with the old one: it counts as gone, and is
+        // attached afresh below.
         let gone: Vec<String> = self
             .pods
-            .keys()
-            .filter(|ifname| !wanted.contains_key(ifname.as_str()))
-            .cloned()
+            .iter()
+            .filter(|(ifname, pod)| {
+                !wanted.contains_key(ifname.as_str()) || !pod.is_current(ifname)
+            })
+            .map(|(ifname, _)| ifname.clone())
             .collect();
         for ifname in gone {
             if let Some(pod) = self.pods.remove(&ifname) {
@@ -268,6 +277,7 @@ impl Dataplane {
         // Destinations before attachments: a newly attached pod's first SYN
         // must already find its destinations meshed.
         self.maps.sync_destinations(state)?;
+        self.unattached.clear();
         for (&ifname, workload) in &wanted {
             if self.pods.contains_key(ifname) {
                 continue;
@@ -285,6 +295,7 @@ impl Dataplane {
                     self.pods.insert(ifname.to_owned(), pod);
                 }
                 Err(error) => {
+                    self.unattached.insert(ifname.to_owned());
                     problems.push(format!("workload {workload}: interface {ifname}: {error}"))
                 }
             }
@@ -300,6 +311,20 @@ impl Dataplane {
             .collect();
         self.maps.sync_interface_flags(&flags)?;
         Ok(problems)
+    }
+
+    /// Whether a pod interface changed under the agent since the last
+    /// sync: one it attached to was deleted (and maybe made again under
+    /// the same name), or one it could not attach to has appeared. Then a
+    /// sync of the same model re-attaches. Cheap: one name lookup per pod.
+    pub fn interfaces_changed(&self) -> bool {
+        self.pods
+            .iter()
+            .any(|(ifname, pod)| !pod.is_current(ifname))
+            || self
+                .unattached
+                .iter()
+                .any(|ifname| nix::net::if_::if_nametoindex(ifname.as_str()).is_ok())
     }
 
     /// IPs of this node's workloads whose interface carries our programs:
