@@ -8,7 +8,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, OnceLock, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -49,8 +49,11 @@ pub struct ServiceBalancer {
     pub resilience: Resilience,
     members: Vec<Member>,
     state: Arc<ServiceState>,
-    /// Consistent hashing tables: all members, and one per split subset.
-    maglev: Vec<(Option<String>, Maglev)>,
+    /// Consistent hashing tables: all members, and one per split subset,
+    /// each built on its first use. Every agent builds every Service's
+    /// balancer at each cluster change, and most never route to most
+    /// Services: an eager table for each would cost all of them.
+    maglev: Vec<(Option<String>, OnceLock<Option<Maglev>>)>,
 }
 
 /// A connection admitted by the service's breaker; counts as pending until
@@ -85,21 +88,14 @@ impl ServiceBalancer {
                 same_zone: e.same_zone,
             })
             .collect();
-        let mut maglev = Vec::new();
-        if service.policy == Policy::ConsistentHash {
-            let names: Vec<String> = members.iter().map(|m| m.state.ip.to_string()).collect();
-            let groups =
-                std::iter::once(None).chain(service.splits.iter().map(|s| Some(s.subset.clone())));
-            for group in groups {
-                let table = Maglev::new(members.iter().zip(&names).map(|(m, name)| {
-                    let in_group = group.is_none() || m.subset == group;
-                    (name.as_str(), if in_group { m.weight } else { 0 })
-                }));
-                if let Some(table) = table {
-                    maglev.push((group, table));
-                }
-            }
-        }
+        let maglev = if service.policy == Policy::ConsistentHash {
+            std::iter::once(None)
+                .chain(service.splits.iter().map(|s| Some(s.subset.clone())))
+                .map(|group| (group, OnceLock::new()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Self {
             name: service.name.clone(),
             namespace: service.namespace.clone(),
@@ -354,8 +350,9 @@ impl ServiceBalancer {
             .maglev
             .iter()
             .find(|(group, _)| group.as_deref() == subset)
-            .or_else(|| self.maglev.first());
-        if let Some((_, table)) = table
+            .and_then(|entry| self.built(entry))
+            .or_else(|| self.maglev.first().and_then(|entry| self.built(entry)));
+        if let Some(table) = table
             && let Some(i) = table
                 .lookup(&client.octets())
                 .find(|i| candidates.contains(i))
@@ -363,6 +360,27 @@ impl ServiceBalancer {
             return i;
         }
         self.weighted_random(candidates)
+    }
+
+    /// A group's table, built now if this is its first use.
+    fn built<'a>(
+        &self,
+        (group, table): &'a (Option<String>, OnceLock<Option<Maglev>>),
+    ) -> Option<&'a Maglev> {
+        table.get_or_init(|| self.maglev_table(group)).as_ref()
+    }
+
+    /// The table for the members of `group` (all members for `None`).
+    fn maglev_table(&self, group: &Option<String>) -> Option<Maglev> {
+        let names: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| m.state.ip.to_string())
+            .collect();
+        Maglev::new(self.members.iter().zip(&names).map(|(m, name)| {
+            let in_group = group.is_none() || m.subset == *group;
+            (name.as_str(), if in_group { m.weight } else { 0 })
+        }))
     }
 
     /// Connect timeout for one attempt.
