@@ -120,7 +120,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
             .set(Arc::new(move || readiness_details(&kube.status())));
     }
     let state = loop {
-        if let Some(state) = source.state(&config) {
+        if let Some(state) = source.state(&config).await {
             break Arc::new(state);
         }
         info!("waiting for the API server's first lists");
@@ -339,11 +339,16 @@ impl ModelSource {
 
     /// The model under `config`; None until the API server listed
     /// everything once.
-    fn state(&self, config: &Config) -> Option<MeshState> {
+    async fn state(&self, config: &Config) -> Option<MeshState> {
         match &self.kube {
             None => Some(MeshState::from_config(config)),
             Some(kube) => {
-                let built = kube.build()?;
+                // Thousands of pods and services: build on the blocking
+                // pool, not on a worker the proxy needs.
+                let kube = kube.clone();
+                let built = tokio::task::spawn_blocking(move || kube.build())
+                    .await
+                    .ok()??;
                 Some(MeshState::from_parts(
                     config,
                     built.workloads,
@@ -454,7 +459,7 @@ impl Reloader<'_> {
         {
             warn!("node, proxy and kubernetes settings change only on restart; applying the rest");
         }
-        let Some(state) = self.source.state(&config) else {
+        let Some(state) = self.source.state(&config).await else {
             return;
         };
         if self.apply(state, &config).await {
@@ -466,7 +471,7 @@ impl Reloader<'_> {
 
     /// Applies what the API server says now, if it changes the model.
     async fn refresh(&mut self, config: &Config) {
-        let Some(state) = self.source.state(config) else {
+        let Some(state) = self.source.state(config).await else {
             return;
         };
         if state.same_mesh(&self.routes.borrow().state) {

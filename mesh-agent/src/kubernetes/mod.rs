@@ -68,7 +68,10 @@ pub struct KubeSource {
 
 #[derive(Default)]
 struct Shared {
-    cluster: Mutex<ClusterState>,
+    /// The watches' tables. Events change them in place (copy on write);
+    /// a model build takes a snapshot and builds without the lock, so it
+    /// never holds up the watches or a runtime worker.
+    cluster: Mutex<Arc<ClusterState>>,
     status: Mutex<Health>,
     changed: Notify,
 }
@@ -188,7 +191,7 @@ impl KubeSource {
             sys_class_net: self.config.sys_class_net.clone(),
         };
         let built = {
-            let cluster = lock(&self.shared.cluster);
+            let cluster = lock(&self.shared.cluster).clone();
             if !cluster.synced() {
                 return None;
             }
@@ -315,7 +318,7 @@ where
                 Event::Delete(o) => Event::Delete(keyed(o)),
             };
             lock(&shared.status).events += 1;
-            let changed = table(&mut lock(&shared.cluster)).apply(event);
+            let changed = table(Arc::make_mut(&mut lock(&shared.cluster))).apply(event);
             if changed {
                 shared.changed.notify_one();
             }

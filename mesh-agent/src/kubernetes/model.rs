@@ -215,6 +215,8 @@ fn build_service(
         return None;
     }
     let mut endpoints: Vec<Endpoint> = Vec::new();
+    // Several slices may list one address; a set keeps this linear.
+    let mut seen = std::collections::HashSet::new();
     for endpoint in slices.iter().flat_map(|s| &s.endpoints) {
         let pod = endpoint
             .pod
@@ -227,7 +229,7 @@ fn build_service(
                     .and_then(|ip| pods.by_ip.get(ip).copied())
             });
         for ip in &endpoint.ips {
-            if endpoints.iter().any(|e| e.ip == *ip) {
+            if !seen.insert(*ip) {
                 continue;
             }
             let zone = endpoint.zone.clone();

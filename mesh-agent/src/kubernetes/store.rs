@@ -9,7 +9,7 @@ use kube::runtime::watcher::Event;
 
 use super::records::{NamespaceRecord, NodeRecord, PodRecord, ServiceRecord, SliceRecord};
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Table<R> {
     pub live: BTreeMap<String, R>,
     listing: Option<BTreeMap<String, R>>,
@@ -69,8 +69,9 @@ impl<R: PartialEq> Table<R> {
     }
 }
 
-/// Every table the model is built from.
-#[derive(Debug, Default)]
+/// Every table the model is built from. Cloned (copy on write) only when
+/// an event arrives while a model build holds a snapshot.
+#[derive(Debug, Default, Clone)]
 pub struct ClusterState {
     pub namespaces: Table<NamespaceRecord>,
     /// This node's Node object (one entry).
