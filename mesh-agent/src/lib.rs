@@ -16,6 +16,7 @@ pub mod identity;
 pub mod kubernetes;
 pub mod lb;
 pub mod live;
+mod locks;
 pub mod log_budget;
 pub mod memory;
 pub mod metrics;

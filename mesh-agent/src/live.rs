@@ -2,6 +2,8 @@
 //! `/connections`) and the stream of finished ones (for `/events`, which
 //! `mesh-agent observe` follows).
 
+use crate::locks::lock;
+
 use std::{
     collections::BTreeMap,
     net::SocketAddrV4,
@@ -73,11 +75,7 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.live
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        lock(&self.live.open).remove(&self.id);
     }
 }
 
@@ -93,7 +91,7 @@ impl Live {
     ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let bytes = Arc::new(Bytes::default());
-        self.open.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        lock(&self.open).insert(
             id,
             Entry {
                 client,
@@ -114,7 +112,7 @@ impl Live {
     }
 
     pub fn snapshot(&self) -> Vec<LiveConnection> {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let open = lock(&self.open);
         open.iter()
             .map(|(id, e)| LiveConnection {
                 id: *id,

@@ -13,6 +13,8 @@
 //! series of a workload that left the config are dropped at the reload, so
 //! a deleted pod's series are gone at the next scrape.
 
+use crate::locks::lock;
+
 use std::{
     collections::{HashMap, HashSet},
     sync::{
@@ -171,14 +173,14 @@ impl Metrics {
     }
 
     fn update(&self, labels: &TcpLabels, change: impl FnOnce(&mut TcpTotals)) {
-        let mut tcp = self.tcp.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tcp = lock(&self.tcp);
         change(tcp.entry(labels.clone()).or_default());
     }
 
     /// Who talked to whom, summed over everything else: one edge per
     /// (source workload, destination workload or service).
     pub fn edges(&self) -> Vec<Edge> {
-        let tcp = self.tcp.lock().unwrap_or_else(|p| p.into_inner());
+        let tcp = lock(&self.tcp);
         let mut edges: HashMap<(String, String), Edge> = HashMap::new();
         let name = |ns: &str, workload: &str, fallback: &str| {
             if workload.is_empty() {
@@ -228,30 +230,23 @@ impl Metrics {
         let known = |ns: &str, name: &str| {
             name.is_empty() || live.contains(&(ns.to_owned(), name.to_owned()))
         };
-        self.tcp
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|labels, _| {
-                known(&labels.source_workload_namespace, &labels.source_workload)
-                    && known(
-                        &labels.destination_workload_namespace,
-                        &labels.destination_workload,
-                    )
-            });
+        lock(&self.tcp).retain(|labels, _| {
+            known(&labels.source_workload_namespace, &labels.source_workload)
+                && known(
+                    &labels.destination_workload_namespace,
+                    &labels.destination_workload,
+                )
+        });
     }
 
     pub fn set_labels(&self, labels: &[String]) {
-        *self.labels.lock().unwrap_or_else(|p| p.into_inner()) = labels.to_vec();
+        *lock(&self.labels) = labels.to_vec();
     }
 
     /// Registers the Istio TCP families (with the configured labels) and
     /// the reload counters.
     pub fn register(&self, registry: &mut Registry) {
-        let keep = self
-            .labels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let keep = lock(&self.labels).clone();
         let keep = &keep;
         let families: [TcpFamily; 4] = [
             (
@@ -275,7 +270,7 @@ impl Metrics {
                 |t| t.received,
             ),
         ];
-        let tcp = self.tcp.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let tcp = lock(&self.tcp).clone();
         for (name, help, value) in families {
             let family = Family::<Vec<(String, String)>, Counter>::default();
             for (labels, totals) in &tcp {

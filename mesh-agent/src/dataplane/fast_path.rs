@@ -29,6 +29,7 @@ use mesh_common::{ConnKey, ipv4_to_raw};
 use tokio::net::TcpStream;
 
 use super::error_chain;
+use crate::locks::lock;
 
 pub struct FastPath {
     maps: Mutex<Maps>,
@@ -53,14 +54,14 @@ impl FastPath {
     pub fn splice(&self, a: &TcpStream, b: &TcpStream) -> Result<(ConnKey, ConnKey), String> {
         let (key_a, key_b) = (key(a)?, key(b)?);
         let paired = {
-            let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+            let mut maps = lock(&self.maps);
             maps.to
                 .insert(key_a, b.as_raw_fd(), 0)
                 .and_then(|()| maps.to.insert(key_b, a.as_raw_fd(), 0))
                 .map_err(|e| format!("fast path: {}", error_chain(&e)))
         };
         if let Err(error) = paired.and_then(|()| self.resume(&key_a, a)) {
-            let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+            let mut maps = lock(&self.maps);
             for key in [key_a, key_b] {
                 let _ = maps.on.remove(&key);
                 let _ = maps.to.remove(&key);
@@ -75,7 +76,7 @@ impl FastPath {
     /// kernel queues redirected bytes for a slow receiver without bound, so
     /// the agent pauses a direction whose backlog grows too large.
     pub fn pause(&self, key: &ConnKey) {
-        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        let mut maps = lock(&self.maps);
         let _ = maps.on.remove(key);
     }
 
@@ -83,9 +84,7 @@ impl FastPath {
     /// after a pause), starting with what queued up before: in order, as
     /// long as the agent holds none of that direction's bytes.
     pub fn resume(&self, key: &ConnKey, stream: &impl AsRawFd) -> Result<(), String> {
-        self.maps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        lock(&self.maps)
             .on
             .insert(key, stream.as_raw_fd(), 0)
             .map_err(|e| format!("fast path: {}", error_chain(&e)))?;

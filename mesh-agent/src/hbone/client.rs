@@ -29,6 +29,7 @@ use super::{
     CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW, TLS_SEND_BUFFER,
     Tunnel,
 };
+use crate::locks::lock;
 use crate::{config::HboneConfig, identity::SpiffeId, tls::TlsFactory};
 
 #[derive(Debug, thiserror::Error)]
@@ -236,13 +237,7 @@ impl HboneClient {
         if let Some((sender, guard)) = self.pooled(key) {
             return Ok((sender, guard, true));
         }
-        let dialing = self
-            .dialing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let dialing = lock(&self.dialing).entry(key.clone()).or_default().clone();
         let _turn = dialing.lock().await;
         // Whoever dialled before us may have made room.
         if let Some((sender, guard)) = self.pooled(key) {
@@ -254,7 +249,7 @@ impl HboneClient {
 
     /// A pooled connection with room, unless the pool should grow.
     fn pooled(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, StreamGuard)> {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool = lock(&self.pool);
         let connections = pool.get_mut(key)?;
         let current = self.tls.current_cert(&key.source);
         connections.retain(|c| {
@@ -331,17 +326,12 @@ impl HboneClient {
             streams: streams.clone(),
             closed: closed.clone(),
         };
-        self.pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_default()
-            .push(Pooled {
-                sender: sender.clone(),
-                closed,
-                streams,
-                cert,
-            });
+        lock(&self.pool).entry(key).or_default().push(Pooled {
+            sender: sender.clone(),
+            closed,
+            streams,
+            cert,
+        });
         Ok((sender, guard))
     }
 }

@@ -31,6 +31,7 @@ use super::{
     CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, SEND_BUFFER,
     STREAM_WINDOW, TLS_SEND_BUFFER, Tunnel, Watch, splice_tunnel,
 };
+use crate::locks::lock;
 use crate::{
     access::{Outcome, Record, Sinks},
     authz::Request as AuthzRequest,
@@ -124,10 +125,6 @@ impl Drop for HandshakeSlot {
             }
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Inbound {
@@ -435,7 +432,7 @@ impl Shared {
     }
 
     fn acceptor(&self, identity: &SpiffeId) -> Result<TlsAcceptor, rustls::Error> {
-        let mut acceptors = self.acceptors.lock().unwrap_or_else(|p| p.into_inner());
+        let mut acceptors = lock(&self.acceptors);
         if let Some(acceptor) = acceptors.get(identity) {
             return Ok(acceptor.clone());
         }

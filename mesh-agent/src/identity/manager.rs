@@ -6,6 +6,8 @@
 //! effect for new connections while established ones carry on untouched.
 //! Private keys live only in memory and are never logged.
 
+use crate::locks::{lock, read, write};
+
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, RwLock, Weak},
@@ -191,16 +193,4 @@ async fn renew(manager: Weak<CertManager>, id: SpiffeId) {
             }
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|p| p.into_inner())
 }

@@ -45,6 +45,7 @@ use self::{
     store::{ClusterState, Table},
 };
 use crate::config::KubernetesConfig;
+use crate::locks::lock;
 
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -244,12 +245,6 @@ impl Drop for KubeSource {
             task.abort();
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Shared {

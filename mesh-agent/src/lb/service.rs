@@ -18,6 +18,7 @@ use super::{
     maglev::Maglev,
     state::{CountGuard, EndpointSnapshot, EndpointState, Registry, ServiceCounters, ServiceState},
 };
+use crate::locks::lock;
 use crate::model::{Locality, Policy, Resilience, Service, ServicePort, Split};
 
 /// Why no endpoint was chosen.
@@ -225,11 +226,7 @@ impl ServiceBalancer {
         }
         // Smooth weighted round robin across subsets: a 90/10 split sends
         // exactly one in ten connections to the canary, not about one in ten.
-        let mut current = self
-            .state
-            .subset_round_robin
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut current = lock(&self.state.subset_round_robin);
         let mut best: Option<(&String, i64)> = None;
         for (subset, weight) in &live {
             let value = current.entry(subset.clone()).or_insert(0);
@@ -265,11 +262,7 @@ impl ServiceBalancer {
     }
 
     fn round_robin(&self, candidates: &[usize]) -> usize {
-        let mut current = self
-            .state
-            .round_robin
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut current = lock(&self.state.round_robin);
         let total: i64 = candidates
             .iter()
             .map(|&i| i64::from(self.members[i].weight))

@@ -8,6 +8,8 @@
 //! processes, so failures, health and latency seen through one service say
 //! nothing about the other (Envoy keeps outlier detection per cluster too).
 
+use crate::locks::lock;
+
 use std::{
     collections::{HashMap, HashSet},
     net::Ipv4Addr,
@@ -285,10 +287,4 @@ impl Registry {
         lock(&self.endpoints).retain(|key, _| endpoints.contains(key));
         lock(&self.services).retain(|key, _| services.contains(key));
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
