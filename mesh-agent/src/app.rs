@@ -24,11 +24,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
+use crate::locks::lock;
 use crate::{
     access::Sinks,
     admin::{self, AdminState, AdminView},
     config::{Config, Overrides, any_addr},
-    dataplane::{Dataplane, DataplaneSettings, KernelMaps, PinLayout, conn_json},
+    dataplane::{Capacity, Dataplane, DataplaneSettings, KernelMaps, PinLayout, conn_json},
     hbone::{
         client::HboneClient,
         server::{Inbound, InboundStats},
@@ -95,6 +96,9 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     // programs are attached, the rest "starting".
     let stop = CancellationToken::new();
     let admin_state = AdminState::default();
+    // How full the kernel maps are, and whether the last model was refused:
+    // part of the readiness answer.
+    let kernel_status = Arc::new(std::sync::Mutex::new(String::new()));
     let ready = admin_state.ready.clone();
     // Before anything waits: SIGTERM must always reach the clean-up.
     let mut terminate = signal(SignalKind::terminate())?;
@@ -115,9 +119,15 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
     }
     let source = ModelSource::start(&config).await?;
     if let Some(kube) = source.kube.clone() {
-        let _ = admin_state
-            .details
-            .set(Arc::new(move || readiness_details(&kube.status())));
+        let _ = admin_state.details.set(Arc::new({
+            let kernel = kernel_status.clone();
+            move || readiness_details(&kube.status()) + &lock(&kernel)
+        }));
+    } else {
+        let _ = admin_state.details.set(Arc::new({
+            let kernel = kernel_status.clone();
+            move || lock(&kernel).clone()
+        }));
     }
     let state = loop {
         if let Some(state) = source.state(&config).await {
@@ -153,8 +163,13 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         cgroup: source.tracked_cgroup(&config).as_deref(),
         uplinks: &config.node.uplinks,
         listeners: [listener.as_fd(), inbound_listener.as_fd()],
+        capacity: Capacity {
+            services: config.maps.services,
+            workloads: config.maps.workloads,
+        },
     })?;
     report_problems(dataplane.sync(&state)?);
+    *lock(&kernel_status) = map_fill(&dataplane, None);
     // Loading parsed the kernel's BTF (several MB of types) for relocations.
     memory::release();
 
@@ -258,6 +273,7 @@ async fn serve(options: &RunOptions, mut config: Config) -> anyhow::Result<()> {
         routes: &routes_tx,
         preserve_client_ip,
         own,
+        kernel_status: &kernel_status,
         registry: &registry,
         health: &mut health,
         certs: &certs,
@@ -395,6 +411,25 @@ fn report_cluster(source: &ModelSource, before: &[Unmapped]) -> Vec<Unmapped> {
     status.unmapped
 }
 
+/// The readiness answer's line on the kernel maps: how full, and why the
+/// last model was refused if it was.
+fn map_fill(dataplane: &Dataplane, refused: Option<&dyn std::fmt::Display>) -> String {
+    let mut text = String::from("kernel maps:");
+    for fill in dataplane.fill() {
+        text.push_str(&format!(
+            " {} {}/{}",
+            fill.name, fill.entries, fill.capacity
+        ));
+    }
+    text.push('\n');
+    if let Some(error) = refused {
+        text.push_str(&format!(
+            "last model refused, serving the one before: {error}\n"
+        ));
+    }
+    text
+}
+
 /// The readiness answer's details under `kubernetes:`.
 fn readiness_details(status: &KubeStatus) -> String {
     let mut text = match (status.synced, status.disconnected_for_s) {
@@ -435,6 +470,7 @@ struct Reloader<'a> {
     /// `proxy.preserve_client_ip` as at start.
     preserve_client_ip: bool,
     own: Arc<OwnListeners>,
+    kernel_status: &'a std::sync::Mutex<String>,
     registry: &'a Arc<Registry>,
     health: &'a mut HealthChecks,
     certs: &'a Arc<CertManager>,
@@ -456,8 +492,11 @@ impl Reloader<'_> {
         if config.node != current.node
             || config.proxy != current.proxy
             || config.kubernetes != current.kubernetes
+            || config.maps != current.maps
         {
-            warn!("node, proxy and kubernetes settings change only on restart; applying the rest");
+            warn!(
+                "node, proxy, maps and kubernetes settings change only on restart; applying the rest"
+            );
         }
         let Some(state) = self.source.state(&config).await else {
             return;
@@ -505,10 +544,14 @@ impl Reloader<'_> {
             .map(|w| (w.namespace.clone(), w.name.clone()))
             .collect();
         match self.dataplane.sync(&state) {
-            Ok(problems) => report_problems(problems),
+            Ok(problems) => {
+                report_problems(problems);
+                *lock(self.kernel_status) = map_fill(self.dataplane, None);
+            }
             Err(error) => {
                 self.metrics.reload_failures.fetch_add(1, Ordering::Relaxed);
                 error!(%error, "updating the kernel maps; keeping the last good model");
+                *lock(self.kernel_status) = map_fill(self.dataplane, Some(&error));
                 return false;
             }
         }

@@ -248,7 +248,7 @@ pub(crate) fn render_metrics(sources: &AgentView) -> String {
             }),
         );
         // One walk over the maps per scrape (MESH_CONNS can be large).
-        let levels = maps.fill_levels();
+        let levels = maps.fill_levels(&sources.pins);
         counter_family(
             &mut registry,
             "mesh_kernel_events",

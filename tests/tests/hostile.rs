@@ -513,3 +513,73 @@ fn a_pod_interface_made_again_under_its_name_is_captured_again() {
     let after = ifindex(&agent).unwrap();
     assert_ne!(before, after, "counters still on the old interface");
 }
+
+#[test]
+fn a_model_too_large_for_the_maps_is_refused_whole_and_the_last_one_serves() {
+    let node = node_with_pods("mapfull");
+    let _server = node.pod("be1").serve(8080, "be1", false);
+    let service = |name: &str, vip: &str| {
+        format!(
+            "  - {{ name: {name}, vip: {vip}, ports: [{{ port: 80, target_port: 8080 }}], endpoints: [{{ ip: {} }}] }}\n",
+            node.pod("be1").ip
+        )
+    };
+    // Room for two service ports and two workload addresses.
+    let small = config(&node, &service("second", "10.96.0.12")).replacen(
+        "workloads:\n",
+        "maps: { services: 2, workloads: 2 }\nworkloads:\n",
+        1,
+    );
+    let agent = Agent::start(&node, &small);
+    let ready = |agent: &Agent| agent.http_get(READY_PORT, "/healthz/ready").unwrap();
+    assert!(
+        ready(&agent).1.contains("MESH_SERVICES 2/2"),
+        "{}",
+        ready(&agent).1
+    );
+    // One service and one workload more than fit.
+    let outsider = node.pod("outsider");
+    let larger = small.replace(
+        "services:\n",
+        &format!(
+            "  - {{ name: outsider, ips: [{}], interface: {}, cgroup: outsider }}\nservices:\n",
+            outsider.ip, outsider.host_if
+        ),
+    ) + &service("third", "10.96.0.13");
+    agent.reload(&larger);
+    assert!(
+        agent.wait_log("keeping the last good model", 1, Duration::from_secs(10)),
+        "{}",
+        agent.log()
+    );
+    let (code, text) = ready(&agent);
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("last model refused"), "{text}");
+    assert!(text.contains("maps.services"), "{text}");
+    // Nothing of the larger model reached the kernel or the proxy...
+    let dump = agent.config_dump();
+    assert_eq!(dump["services"].as_array().unwrap().len(), 2, "{dump}");
+    let entries = mesh_tests::bpftool(&[
+        "map",
+        "dump",
+        "pinned",
+        node.pin_root.join("maps/MESH_SERVICES").to_str().unwrap(),
+    ])
+    .unwrap();
+    assert_eq!(entries.as_array().unwrap().len(), 2, "{entries}");
+    // ...and the model before it still serves, every pod attached.
+    for vip in ["10.96.0.10:80", "10.96.0.12:80"] {
+        let report = &node
+            .pod("client")
+            .connect(vip.parse().unwrap(), Connect::default())[0];
+        assert!(
+            report["greeting"].as_str().unwrap().starts_with("be1 "),
+            "{vip}: {report}"
+        );
+    }
+    assert!(
+        !agent.log().contains("pod interface detached"),
+        "{}",
+        agent.log()
+    );
+}

@@ -62,6 +62,8 @@ pub struct Config {
     #[serde(default)]
     pub hbone: HboneConfig,
     #[serde(default)]
+    pub maps: MapsConfig,
+    #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
@@ -103,6 +105,9 @@ pub mod limits {
     pub const MAX_NAME_LEN: usize = 253;
     /// SPIFFE's limit on a trust domain.
     pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
+    /// Entries of one destination map (a hash map entry is about 100 bytes
+    /// of kernel memory).
+    pub const MAX_MAP_ENTRIES: u32 = 1 << 20;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -142,6 +147,26 @@ pub struct CaFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub roots: PathBuf,
+}
+
+/// How many entries the kernel's destination maps hold (read at start).
+/// A model that needs more is refused whole, and the last good one stays.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MapsConfig {
+    /// Service VIP:port pairs (`MESH_SERVICES`).
+    pub services: u32,
+    /// Workload addresses (`MESH_WORKLOADS`).
+    pub workloads: u32,
+}
+
+impl Default for MapsConfig {
+    fn default() -> Self {
+        Self {
+            services: mesh_common::MAX_SERVICES,
+            workloads: mesh_common::MAX_WORKLOADS,
+        }
+    }
 }
 
 /// HTTP/2 tunnel pooling between agents.
@@ -513,6 +538,18 @@ impl Config {
             self.hbone.streams_per_connection,
             1,
             limits::MAX_STREAMS_PER_CONNECTION,
+        )?;
+        in_range(
+            "maps.services",
+            self.maps.services,
+            1,
+            limits::MAX_MAP_ENTRIES,
+        )?;
+        in_range(
+            "maps.workloads",
+            self.maps.workloads,
+            1,
+            limits::MAX_MAP_ENTRIES,
         )?;
         self.authorization.validate()?;
         self.metrics.validate()?;

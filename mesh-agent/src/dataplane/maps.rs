@@ -27,6 +27,51 @@ pub enum KernelMapError {
         name: &'static str,
         source: MapError,
     },
+    /// The model needs more entries than the map holds: nothing was
+    /// written, the maps keep the last good model.
+    #[error(
+        "map {name} would need {wanted} entries and holds {capacity}; raise maps.{setting} (nothing was changed)"
+    )]
+    Full {
+        name: &'static str,
+        setting: &'static str,
+        wanted: usize,
+        capacity: u32,
+    },
+}
+
+/// How many entries the destination maps hold (`maps:` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: u32,
+    pub workloads: u32,
+}
+
+/// Entries and capacity of one map, for readiness.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Fill {
+    pub name: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+impl Destinations {
+    /// How full the destination maps are once this plan is written.
+    pub fn fill(&self, capacity: Capacity) -> [Fill; 2] {
+        use mesh_common::maps::{SERVICES, WORKLOADS};
+        [
+            Fill {
+                name: SERVICES,
+                entries: self.services.len(),
+                capacity: capacity.services,
+            },
+            Fill {
+                name: WORKLOADS,
+                entries: self.workloads.len(),
+                capacity: capacity.workloads,
+            },
+        ]
+    }
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> KernelMapError {
@@ -75,9 +120,57 @@ impl KernelMaps {
         self.settings.set(0, settings, 0).map_err(map_err(SETTINGS))
     }
 
-    /// Makes the service and workload maps say exactly what `state` says.
-    pub fn sync_destinations(&mut self, state: &MeshState) -> Result<(), KernelMapError> {
+    /// Makes the service and workload maps say exactly what `plan` says:
+    /// all of it or, when a write fails, none of it (the maps keep what
+    /// they had).
+    pub fn sync_destinations(&mut self, plan: &Destinations) -> Result<(), KernelMapError> {
         use mesh_common::maps::{SERVICES, WORKLOADS};
+        let undo_services =
+            sync_hash(&mut self.services, &plan.services).map_err(map_err(SERVICES))?;
+        if let Err(error) = sync_hash(&mut self.workloads, &plan.workloads) {
+            undo_services.apply(&mut self.services);
+            return Err(map_err(WORKLOADS)(error));
+        }
+        Ok(())
+    }
+}
+
+/// The service and workload map entries a model calls for.
+#[derive(Default)]
+pub struct Destinations {
+    services: StdHashMap<ServiceKey, ServiceValue>,
+    workloads: StdHashMap<u32, WorkloadValue>,
+}
+
+impl Destinations {
+    /// The entries `state` calls for, if the maps can hold them. Nothing
+    /// is written: a model too large is refused before the kernel (or an
+    /// attachment) is touched.
+    pub fn plan(state: &MeshState, capacity: Capacity) -> Result<Self, KernelMapError> {
+        use mesh_common::maps::{SERVICES, WORKLOADS};
+        let plan = Self::of(state);
+        for (name, setting, wanted, capacity) in [
+            (SERVICES, "services", plan.services.len(), capacity.services),
+            (
+                WORKLOADS,
+                "workloads",
+                plan.workloads.len(),
+                capacity.workloads,
+            ),
+        ] {
+            if wanted > capacity as usize {
+                return Err(KernelMapError::Full {
+                    name,
+                    setting,
+                    wanted,
+                    capacity,
+                });
+            }
+        }
+        Ok(plan)
+    }
+
+    fn of(state: &MeshState) -> Self {
         let services: StdHashMap<ServiceKey, ServiceValue> = state
             .service_addrs()
             .map(|(addr, id)| {
@@ -95,8 +188,6 @@ impl KernelMaps {
                 )
             })
             .collect();
-        sync_hash(&mut self.services, &services).map_err(map_err(SERVICES))?;
-
         let workloads: StdHashMap<u32, WorkloadValue> = state
             .workload_addrs()
             .map(|(ip, id, local)| {
@@ -112,9 +203,14 @@ impl KernelMaps {
                 )
             })
             .collect();
-        sync_hash(&mut self.workloads, &workloads).map_err(map_err(WORKLOADS))
+        Self {
+            services,
+            workloads,
+        }
     }
+}
 
+impl KernelMaps {
     /// Makes the interface flags say exactly `flags` (host ifindex ->
     /// `WORKLOAD_*` bits of the pod behind it).
     pub fn sync_interface_flags(
@@ -122,7 +218,9 @@ impl KernelMaps {
         flags: &StdHashMap<u32, u32>,
     ) -> Result<(), KernelMapError> {
         use mesh_common::maps::IF_FLAGS;
-        sync_hash(&mut self.if_flags, flags).map_err(map_err(IF_FLAGS))
+        sync_hash(&mut self.if_flags, flags)
+            .map(drop)
+            .map_err(map_err(IF_FLAGS))
     }
 
     /// Starts counting for a pod interface (the programs only count
@@ -170,25 +268,36 @@ impl KernelMaps {
     }
 
     /// `(map name, entries, capacity)` of the maps that grow with the cluster.
-    pub fn fill_levels(&self) -> Vec<(&'static str, usize, u32)> {
+    /// Entries and capacity of the maps that fill up, with the capacity
+    /// the kernel says (the destination maps' is set at load).
+    pub fn fill_levels(&self, pins: &super::PinLayout) -> Vec<(&'static str, usize, u32)> {
         use mesh_common::maps::{CONNS, POD_STATS, SERVICES, WORKLOADS};
+        let capacity = |name: &'static str, compiled: u32| {
+            aya::maps::MapInfo::from_pin(pins.map(name))
+                .map(|info| info.max_entries())
+                .unwrap_or(compiled)
+        };
         vec![
             (
                 SERVICES,
                 self.services.keys().count(),
-                mesh_common::MAX_SERVICES,
+                capacity(SERVICES, mesh_common::MAX_SERVICES),
             ),
             (
                 WORKLOADS,
                 self.workloads.keys().count(),
-                mesh_common::MAX_WORKLOADS,
+                capacity(WORKLOADS, mesh_common::MAX_WORKLOADS),
             ),
             (
                 POD_STATS,
                 self.pod_stats.keys().count(),
-                mesh_common::MAX_POD_INTERFACES,
+                capacity(POD_STATS, mesh_common::MAX_POD_INTERFACES),
             ),
-            (CONNS, self.conns.keys().count(), mesh_common::MAX_CONNS),
+            (
+                CONNS,
+                self.conns.keys().count(),
+                capacity(CONNS, mesh_common::MAX_CONNS),
+            ),
         ]
     }
 
@@ -264,10 +373,28 @@ impl KernelMaps {
 }
 
 /// Inserts what is new or changed and removes what is gone.
+/// What a sync changed, to put back: each key with the value it had
+/// (`None`: it was not there).
+struct Undo<K, V>(Vec<(K, Option<V>)>);
+
+impl<K: aya::Pod, V: aya::Pod> Undo<K, V> {
+    /// Puts every changed key back as it was, last change first.
+    fn apply(self, map: &mut HashMap<MapData, K, V>) {
+        for (key, before) in self.0.into_iter().rev() {
+            let _ = match before {
+                Some(value) => map.insert(key, value, 0),
+                None => map.remove(&key),
+            };
+        }
+    }
+}
+
+/// Makes `map` hold exactly `want`. On error, what it had changed is
+/// put back; on success, the way to put it back is returned.
 fn sync_hash<K, V>(
     map: &mut HashMap<MapData, K, V>,
     want: &StdHashMap<K, V>,
-) -> Result<(), MapError>
+) -> Result<Undo<K, V>, MapError>
 where
     K: aya::Pod + Eq + std::hash::Hash,
     V: aya::Pod + PartialEq,
@@ -277,17 +404,28 @@ where
         .filter_map(Result::ok)
         .filter(|key| !want.contains_key(key))
         .collect();
+    let mut undo = Undo(Vec::new());
     // Stale entries first: they free the room new ones need, and no wanted
     // key is among them, so no live entry goes missing meanwhile.
     for key in stale {
-        map.remove(&key)?;
+        let before = map.get(&key, 0).ok();
+        if let Err(error) = map.remove(&key) {
+            undo.apply(map);
+            return Err(error);
+        }
+        undo.0.push((key, before));
     }
     for (key, value) in want {
-        if map.get(key, 0).ok().as_ref() != Some(value) {
-            map.insert(*key, *value, 0)?;
+        let before = map.get(key, 0).ok();
+        if before.as_ref() != Some(value) {
+            if let Err(error) = map.insert(*key, *value, 0) {
+                undo.apply(map);
+                return Err(error);
+            }
+            undo.0.push((*key, before));
         }
     }
-    Ok(())
+    Ok(undo)
 }
 
 /// One pod interface's counters, as `/stats` and `inspect` show them.

@@ -33,7 +33,7 @@ use self::{
     tc_filters::TcFilterRecords,
 };
 pub use self::{
-    maps::{KernelMaps, conn_json},
+    maps::{Capacity, Destinations, Fill, KernelMaps, conn_json},
     pins::PinLayout,
 };
 use crate::model::{MeshState, Workload, WorkloadMode};
@@ -83,6 +83,8 @@ pub struct DataplaneSettings<'a> {
     pub uplinks: &'a [String],
     /// The outbound and the inbound listener, for `mesh_listener_lookup`.
     pub listeners: [std::os::fd::BorrowedFd<'a>; 2],
+    /// Entries the destination maps hold.
+    pub capacity: Capacity,
 }
 
 pub struct Dataplane {
@@ -101,6 +103,8 @@ pub struct Dataplane {
     pods: BTreeMap<String, PodAttachment>,
     /// Wanted pod interfaces the last sync could not attach to.
     unattached: std::collections::BTreeSet<String>,
+    capacity: Capacity,
+    filled: [Fill; 2],
     closed: bool,
 }
 
@@ -120,7 +124,10 @@ impl Dataplane {
         }
 
         let kernel = check_kernel()?;
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(mesh_common::maps::SERVICES, settings.capacity.services)
+            .map_max_entries(mesh_common::maps::WORKLOADS, settings.capacity.workloads)
+            .load(OBJECT)?;
         for name in mesh_common::maps::ALL {
             let path = pins.map(name);
             let map = ebpf
@@ -199,6 +206,8 @@ impl Dataplane {
             uplinks: Vec::new(),
             pods: BTreeMap::new(),
             unattached: Default::default(),
+            capacity: settings.capacity,
+            filled: Destinations::default().fill(settings.capacity),
             closed: false,
         };
         if let Some(cgroup) = settings.cgroup {
@@ -248,6 +257,8 @@ impl Dataplane {
     /// are errors; a pod that cannot be attached is reported and skipped so
     /// the rest of the node keeps working.
     pub fn sync(&mut self, state: &MeshState) -> Result<Vec<String>, DataplaneError> {
+        // Refuse a model the maps cannot hold before anything changes.
+        let plan = Destinations::plan(state, self.capacity)?;
         let mut problems = Vec::new();
         let wanted: BTreeMap<&str, &Workload> = state
             .local_workloads()
@@ -276,7 +287,8 @@ impl Dataplane {
         }
         // Destinations before attachments: a newly attached pod's first SYN
         // must already find its destinations meshed.
-        self.maps.sync_destinations(state)?;
+        self.maps.sync_destinations(&plan)?;
+        self.filled = plan.fill(self.capacity);
         self.unattached.clear();
         for (&ifname, workload) in &wanted {
             if self.pods.contains_key(ifname) {
@@ -311,6 +323,12 @@ impl Dataplane {
             .collect();
         self.maps.sync_interface_flags(&flags)?;
         Ok(problems)
+    }
+
+    /// Entries in the destination maps (as of the last sync) against
+    /// their capacity.
+    pub fn fill(&self) -> [Fill; 2] {
+        self.filled
     }
 
     /// Whether a pod interface changed under the agent since the last
