@@ -43,6 +43,29 @@ pub struct Launch<'a> {
     pub env: &'a [(&'a str, &'a str)],
     /// Only these capabilities (setpriv names: `bpf`, `net_admin`, ...).
     pub capabilities: Option<&'a [&'a str]>,
+    /// Under the seccomp profile a container runtime gives by default
+    /// (RuntimeDefault), for those capabilities, with no_new_privs set (as
+    /// `allowPrivilegeEscalation: false` sets it).
+    pub runtime_default_seccomp: bool,
+}
+
+/// containerd's default seccomp profile for a container with
+/// `capabilities`, written to a file: `cargo xtask` builds the tool that
+/// prints it from containerd's own module.
+fn runtime_default_seccomp(capabilities: &[&str], path: &Path) {
+    let tool =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/runtime-default-seccomp");
+    let output = Command::new(&tool)
+        .arg(capabilities.join(","))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (cargo xtask setup builds it from containerd's Go module)",
+                tool.display()
+            )
+        });
+    assert!(output.status.success(), "{output:?}");
+    std::fs::write(path, output.stdout).expect("write seccomp profile");
 }
 
 pub struct Agent {
@@ -85,27 +108,43 @@ impl Agent {
         let log_path = std::env::temp_dir().join(format!("{}.log", node.name));
         std::fs::write(&config_path, config).expect("write config");
         let log = std::fs::File::create(&log_path).expect("create log");
-        let mut command = match launch.capabilities {
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if launch.runtime_default_seccomp {
+            let capabilities = launch.capabilities.expect("seccomp goes with capabilities");
+            let profile = config_dir.join("seccomp.json");
+            runtime_default_seccomp(capabilities, &profile);
+            // The filter is installed first (libseccomp sets no_new_privs),
+            // so setpriv and the agent both run under it.
+            argv.push("/usr/bin/python3".into());
+            argv.push(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tools/seccomp-exec.py")
+                    .into(),
+            );
+            argv.push(profile.into());
+        }
+        if let Some(capabilities) = launch.capabilities {
             // Root, but with only these capabilities: what a container
             // with `capabilities: {drop: [ALL], add: [...]}` gets.
-            Some(capabilities) => {
-                let set = format!(
-                    "-all,{}",
-                    capabilities
-                        .iter()
-                        .map(|c| format!("+{c}"))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                );
-                // Root's permitted set after exec is the bounding set.
-                let mut command = Command::new("setpriv");
-                command
-                    .args(["--bounding-set", &set, "--"])
-                    .arg(mesh_agent_bin());
-                command
-            }
-            None => Command::new(mesh_agent_bin()),
-        };
+            let set = format!(
+                "-all,{}",
+                capabilities
+                    .iter()
+                    .map(|c| format!("+{c}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            // Root's permitted set after exec is the bounding set.
+            argv.extend([
+                "setpriv".into(),
+                "--bounding-set".into(),
+                set.into(),
+                "--".into(),
+            ]);
+        }
+        argv.push(mesh_agent_bin().into());
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]);
         command
             .args(["run", "--config"])
             .arg(&config_path)

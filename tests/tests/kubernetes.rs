@@ -518,6 +518,26 @@ fn daemonset_capabilities() -> Vec<String> {
         .collect()
 }
 
+/// Whether the manifest runs the agent under the runtime's default seccomp
+/// profile with no privilege escalation (the test then does the same).
+fn daemonset_uses_runtime_default_seccomp() -> bool {
+    let manifest = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mesh-agent.yaml"),
+    )
+    .unwrap();
+    let daemonset: serde_yaml::Value = serde_yaml::Deserializer::from_str(&manifest)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .find(|d: &serde_yaml::Value| d["kind"].as_str() == Some("DaemonSet"))
+        .unwrap();
+    let context = &daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    assert_eq!(
+        context["allowPrivilegeEscalation"].as_bool(),
+        Some(false),
+        "the agent never needs to gain privileges"
+    );
+    context["seccompProfile"]["type"].as_str() == Some("RuntimeDefault")
+}
+
 fn vip() -> SocketAddr {
     SocketAddr::from((VIP, 80))
 }
@@ -600,8 +620,14 @@ fn agent_follows_services_and_endpoints_from_the_api_server() {
         &Launch {
             env: &[("NODE_NAME", node.name.as_str())],
             capabilities: Some(&capabilities),
+            runtime_default_seccomp: daemonset_uses_runtime_default_seccomp(),
         },
     );
+    // The filter and no_new_privs really are on the agent.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    for field in ["Seccomp:\t2", "NoNewPrivs:\t1"] {
+        assert!(status.contains(field), "{field} not in {status}");
+    }
     let client = node.pod("kc");
     // The Service and its EndpointSlice appear: traffic flows.
     assert!(
@@ -763,6 +789,7 @@ fn cross_node_identities_come_from_service_accounts() {
             &Launch {
                 env: &[("NODE_NAME", node.name.as_str())],
                 capabilities: None,
+                ..Default::default()
             },
         )
     };

@@ -28,7 +28,62 @@ pub fn install_all() -> anyhow::Result<()> {
     install_packages()?;
     install_toolchain()?;
     install_kubernetes_validate()?;
+    install_seccomp_tools()?;
     mount_bpffs()
+}
+
+/// Where `cargo xtask` keeps tools it builds (the workspace's target/).
+fn tools_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools")
+}
+
+/// What the tests need to run the agent under a container runtime's
+/// default seccomp profile: libseccomp's Python bindings (Debian's, for
+/// Debian's python3), and containerd's own profile, printed by a tool
+/// built from containerd's Go module (pinned in its go.mod and go.sum).
+fn install_seccomp_tools() -> anyhow::Result<()> {
+    if !Command::new("/usr/bin/python3")
+        .args(["-c", "import seccomp"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        println!("installing python3-seccomp");
+        status("apt-get", &["update", "-qq"])?;
+        status(
+            "apt-get",
+            &[
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "python3-seccomp",
+            ],
+        )?;
+    }
+    let source =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/runtime-default-seccomp");
+    let binary = tools_dir().join("runtime-default-seccomp");
+    let built = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let newest_source = ["main.go", "go.mod", "go.sum"]
+        .iter()
+        .filter_map(|file| built(&source.join(file)))
+        .max();
+    if built(&binary).is_some() && built(&binary) >= newest_source {
+        return Ok(());
+    }
+    println!("building runtime-default-seccomp from containerd's module");
+    let ok = Command::new("go")
+        .args(["build", "-trimpath", "-o"])
+        .arg(&binary)
+        .arg(".")
+        .current_dir(&source)
+        .status()
+        .context("running go (the tests build a tool from containerd's Go module)")?
+        .success();
+    if !ok {
+        bail!("go build of {} failed", source.display());
+    }
+    Ok(())
 }
 
 /// `kubernetes-validate` from PyPI, with the machine's Python.

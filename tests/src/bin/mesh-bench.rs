@@ -266,6 +266,7 @@ fn setup() -> anyhow::Result<Bench> {
     let launch = Launch {
         env: &[("MESH_WORKER_THREADS", &threads), ("MESH_LOG", "info")],
         capabilities: None,
+        ..Default::default()
     };
     let agents = vec![
         Agent::start_with(&a, &config_a, &launch),
