@@ -178,7 +178,7 @@ impl Rule {
 /// Greedy with one backtrack point (the last `*` seen), so the cost is at
 /// most pattern length times text length, whatever the number of `*`: a
 /// recursive match is exponential in it, and patterns come from config.
-fn wildcard_match(pattern: &str, text: &str) -> bool {
+pub fn wildcard_match(pattern: &str, text: &str) -> bool {
     wildcard_match_counted(pattern, text).0
 }
 

@@ -9,6 +9,7 @@
 //! stream with the pod's TCP connection.
 
 pub mod client;
+pub mod request;
 pub mod server;
 mod tunnel;
 

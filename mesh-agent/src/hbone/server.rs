@@ -17,7 +17,7 @@ use std::{
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -29,7 +29,9 @@ use tracing::{debug, warn};
 
 use super::{
     CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, SEND_BUFFER,
-    STREAM_WINDOW, TLS_SEND_BUFFER, Tunnel, Watch, splice_tunnel,
+    STREAM_WINDOW, TLS_SEND_BUFFER, Tunnel, Watch,
+    request::{Connect, RequestError},
+    splice_tunnel,
 };
 use crate::locks::lock;
 use crate::{
@@ -315,16 +317,15 @@ impl Shared {
             let _ = respond.send_response(response, true);
         };
         let client = &client;
-        if request.method() != Method::CONNECT {
-            return refuse(StatusCode::METHOD_NOT_ALLOWED);
-        }
-        let Some(target) = request
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddrV4>().ok())
-        else {
-            return refuse(StatusCode::BAD_REQUEST);
+        let connect = match Connect::parse(&request) {
+            Ok(connect) => connect,
+            Err(RequestError::NotConnect(_)) => return refuse(StatusCode::METHOD_NOT_ALLOWED),
+            Err(error) => {
+                debug!(%client, %error, "bad CONNECT");
+                return refuse(StatusCode::BAD_REQUEST);
+            }
         };
+        let target = connect.target;
         let routes = self.routes.borrow().clone();
         let state = &routes.state;
         let Some((_, workload)) = state
@@ -342,7 +343,7 @@ impl Shared {
             IpAddr::V4(ip) => ip,
             IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
         };
-        let claimed = forwarded_for(&request).filter(|&ip| {
+        let claimed = connect.forwarded_for.filter(|&ip| {
             state
                 .workload_by_ip(ip)
                 .is_some_and(|(_, w)| w.local.is_none() && state.identity(w) == *client)
@@ -440,13 +441,4 @@ impl Shared {
         acceptors.insert(identity.clone(), acceptor.clone());
         Ok(acceptor)
     }
-}
-
-/// The client address an HBONE peer put in `Forwarded: for=…`.
-fn forwarded_for<B>(request: &Request<B>) -> Option<std::net::Ipv4Addr> {
-    let header = request.headers().get("forwarded")?.to_str().ok()?;
-    header.split([';', ',']).find_map(|part| {
-        let value = part.trim().strip_prefix("for=")?;
-        value.trim_matches('"').parse().ok()
-    })
 }
