@@ -69,6 +69,19 @@ enum Task {
         #[arg(long = "kernel", value_name = "SERIES")]
         kernels: Vec<String>,
     },
+    /// Fuzz what a peer, a pod or a file can feed the agent (config,
+    /// HBONE CONNECT requests, SPIFFE IDs and certificates, authorization
+    /// patterns): cargo-fuzz with libFuzzer and AddressSanitizer, each
+    /// target for `--time` seconds from the committed corpus in
+    /// fuzz/corpus (new inputs go to fuzz/target/corpus; crashes to
+    /// fuzz/artifacts).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
     /// Remove what interrupted or failed tests and demos left: namespaces,
     /// cgroups, pins and temporary files whose names start with the
     /// fixtures' prefix (failed tests keep their agent logs there).
@@ -158,7 +171,64 @@ fn main() -> anyhow::Result<()> {
             run(command.args(args))
         }
         Task::CleanTestEnv => clean_test_env(&root),
+        Task::Fuzz { time, targets } => fuzz(&root, time, &targets),
     }
+}
+
+const FUZZ_TARGETS: [&str; 4] = ["config", "hbone_request", "spiffe", "authz_match"];
+
+fn fuzz(root: &Path, seconds: u64, only: &[String]) -> anyhow::Result<()> {
+    prereqs::install_fuzzing()?;
+    build_ebpf(root)?;
+    let fuzz_dir = root.join("fuzz");
+    let targets: Vec<&str> = if only.is_empty() {
+        FUZZ_TARGETS.to_vec()
+    } else {
+        FUZZ_TARGETS
+            .into_iter()
+            .filter(|t| only.iter().any(|o| o == t))
+            .collect()
+    };
+    if targets.is_empty() {
+        bail!("no such target; targets: {}", FUZZ_TARGETS.join(", "));
+    }
+    let mut report = Vec::new();
+    for target in targets {
+        let found = fuzz_dir.join("target/corpus").join(target);
+        let seeds = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&found)?;
+        std::fs::create_dir_all(&seeds)?;
+        let started = std::time::Instant::now();
+        let result = run(Command::new("cargo")
+            .current_dir(&fuzz_dir)
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO")
+            .args(["+nightly", "fuzz", "run", target])
+            .arg(&found)
+            .arg(&seeds)
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-rss_limit_mb=2048",
+            ]));
+        let inputs = std::fs::read_dir(&found).map_or(0, |d| d.count());
+        report.push(format!(
+            "{target}: {} after {:.0} s, {inputs} new inputs in {}",
+            if result.is_ok() {
+                "no crash"
+            } else {
+                "CRASHED (see fuzz/artifacts)"
+            },
+            started.elapsed().as_secs_f64(),
+            found.display()
+        ));
+        if result.is_err() {
+            println!("{}", report.join("\n"));
+            return result;
+        }
+    }
+    println!("{}", report.join("\n"));
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {

@@ -32,6 +32,33 @@ pub fn install_all() -> anyhow::Result<()> {
     mount_bpffs()
 }
 
+const CARGO_FUZZ_VERSION: &str = "0.13.1";
+
+/// cargo-fuzz, and the nightly compiler its sanitizers need.
+pub fn install_fuzzing() -> anyhow::Result<()> {
+    if !output("rustup", &["toolchain", "list"]).is_ok_and(|l| l.contains("nightly")) {
+        println!("installing the nightly toolchain (cargo-fuzz's sanitizers need it)");
+        status(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
+    }
+    if output("cargo", &["fuzz", "--version"]).is_ok_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
+        return Ok(());
+    }
+    println!("installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    status(
+        "cargo",
+        &[
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ],
+    )
+}
+
 /// Where `cargo xtask` keeps tools it builds (the workspace's target/).
 fn tools_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools")
