@@ -758,10 +758,19 @@ fn in_range<T: PartialOrd + std::fmt::Display>(
     Ok(())
 }
 
+fn name(field: &str, value: &str) -> Result<(), (String, String)> {
+    check_name(value).map_err(|message| (field.to_owned(), message))
+}
+
+fn routable(field: &str, ip: Ipv4Addr) -> Result<(), (String, String)> {
+    check_address(ip).map_err(|message| (field.to_owned(), message))
+}
+
 /// A name as Kubernetes allows it (a DNS subdomain): lowercase letters,
 /// digits, '-' and '.', starting and ending with a letter or digit. Names
-/// become parts of SPIFFE IDs, metric labels and log fields.
-fn name(field: &str, value: &str) -> Result<(), (String, String)> {
+/// become parts of SPIFFE IDs, metric labels and log fields, whichever
+/// source gave them.
+pub fn check_name(value: &str) -> Result<(), String> {
     let edge = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     let ok = value.len() <= limits::MAX_NAME_LEN
         && edge(value.as_bytes().first())
@@ -769,26 +778,23 @@ fn name(field: &str, value: &str) -> Result<(), (String, String)> {
         && value
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-    if !ok {
-        return Err((
-            field.to_owned(),
-            format!(
-                "{value:?} is not a name (lowercase letters, digits, '-' and '.', at most {} bytes)",
-                limits::MAX_NAME_LEN
-            ),
-        ));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} is not a name (lowercase letters, digits, '-' and '.', at most {} bytes)",
+            value.chars().take(64).collect::<String>(),
+            limits::MAX_NAME_LEN
+        ))
     }
-    Ok(())
 }
 
-/// An address a pod or service can have: not 0.0.0.0, loopback,
-/// multicast or broadcast (the agent would dial itself or nothing).
-fn routable(field: &str, ip: Ipv4Addr) -> Result<(), (String, String)> {
+/// An address a pod, a service or an endpoint can have: not 0.0.0.0,
+/// loopback, multicast or broadcast. An endpoint on loopback would have
+/// the agent dial the node's own local services for any pod.
+pub fn check_address(ip: Ipv4Addr) -> Result<(), String> {
     if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
-        return Err((
-            field.to_owned(),
-            format!("{ip} is not a pod or service address"),
-        ));
+        return Err(format!("{ip} is not a pod or service address"));
     }
     Ok(())
 }

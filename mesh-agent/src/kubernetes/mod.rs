@@ -11,6 +11,8 @@
 //! through it all, so the agent keeps serving while the API server is away;
 //! a probe of `/version` every two seconds says whether it is reachable.
 
+#[cfg(test)]
+mod corpus;
 pub mod mapping;
 pub mod model;
 pub mod records;

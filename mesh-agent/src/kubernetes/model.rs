@@ -18,6 +18,7 @@ use super::{
     },
     store::ClusterState,
 };
+use crate::config;
 use crate::model::{
     Endpoint, LocalWorkload, Resilience, Service, ServicePort, Split, Workload, WorkloadMode,
 };
@@ -79,6 +80,18 @@ pub fn build(cluster: &ClusterState, node: &NodeView) -> Built {
             && !pod.opted_out
             && (pod.opted_in || namespace_meshed(&pod.namespace));
         if !meshed {
+            continue;
+        }
+        // What a buggy or hostile API server could say, which no real one
+        // lets through: refused here, with the reason.
+        if let Err(problem) = [&pod.namespace, &pod.name, &pod.service_account]
+            .into_iter()
+            .try_for_each(|name| config::check_name(name))
+            .and_then(|()| pod.ips.iter().try_for_each(|ip| config::check_address(*ip)))
+        {
+            built
+                .problems
+                .push(format!("pod {pod_key}: {problem}; left out"));
             continue;
         }
         if let Some(clash) = pod.ips.iter().find_map(|ip| owner_of_ip.get(ip)) {
@@ -193,6 +206,16 @@ fn build_service(
     built: &mut Built,
 ) -> Option<Service> {
     let vip = service.vip?;
+    if let Err(problem) = [&service.namespace, &service.name]
+        .into_iter()
+        .try_for_each(|name| config::check_name(name))
+        .and_then(|()| config::check_address(vip))
+    {
+        built
+            .problems
+            .push(format!("service {service_key}: {problem}; left out"));
+        return None;
+    }
     let ports: Vec<ServicePort> = service
         .ports
         .iter()
@@ -229,6 +252,12 @@ fn build_service(
                     .and_then(|ip| pods.by_ip.get(ip).copied())
             });
         for ip in &endpoint.ips {
+            if let Err(problem) = config::check_address(*ip) {
+                built.problems.push(format!(
+                    "service {service_key}: endpoint {problem}; left out"
+                ));
+                continue;
+            }
             if !seen.insert(*ip) {
                 continue;
             }
