@@ -888,3 +888,134 @@ fn a_stopping_agent_finishes_open_streams_and_closes_idle_pooled_connections() {
         draining.elapsed()
     );
 }
+
+/// An HTTP/2 connection to `server`'s HBONE port as a mesh workload of
+/// node 1 would open it (a certificate from the mesh's CA for
+/// `client`), for requests no agent would send.
+async fn raw_hbone(t: &TwoNodes) -> h2::client::SendRequest<bytes::Bytes> {
+    use mesh_agent::{
+        identity::{CertManager, EmbeddedCa, SpiffeId},
+        tls::TlsFactory,
+    };
+    let ca = EmbeddedCa::load_or_create(&t.a.ca_dir).expect("the mesh's CA");
+    let certs = CertManager::new(std::sync::Arc::new(ca), Duration::from_secs(3600));
+    let client = SpiffeId::new("cluster.local", "default", "client");
+    assert!(certs.ensure(std::slice::from_ref(&client)).await.is_empty());
+    let tls = TlsFactory::new(certs, "cluster.local").unwrap();
+    let config = tls
+        .client(client, SpiffeId::new("cluster.local", "default", "server"))
+        .unwrap();
+    let gateway = SocketAddr::from((t.b.pod("server").ip, 15008));
+    let tcp =
+        t.a.netns
+            .run(|| std::net::TcpStream::connect_timeout(&gateway, Duration::from_secs(5)))
+            .expect("connect to the HBONE port");
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(t.b.pod("server").ip.into());
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS with the peer");
+    let (sender, connection) = h2::client::handshake(tls).await.expect("HTTP/2");
+    tokio::spawn(connection);
+    sender
+}
+
+/// The status a raw request gets, or the stream error's reason.
+async fn answer(
+    sender: &mut h2::client::SendRequest<bytes::Bytes>,
+    request: http::Request<()>,
+) -> Result<u16, String> {
+    let mut ready = sender.clone().ready().await.map_err(|e| e.to_string())?;
+    let (response, _send) = ready
+        .send_request(request, false)
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .map_err(|_| "no answer".to_owned())?
+        .map_err(|e| e.to_string())?;
+    Ok(response.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_peer_gets_clear_refusals_and_the_mesh_keeps_working() {
+    let t = tokio::task::block_in_place(|| two_nodes("rawpeer", &Options::default()));
+    let mut sender = raw_hbone(&t).await;
+    let server = t.b.pod("server").ip;
+    let connect = |authority: &str| {
+        http::Request::builder()
+            .method("CONNECT")
+            .uri(authority)
+            .body(())
+            .unwrap()
+    };
+    // Not CONNECT, not an address, not a workload here: refused, each.
+    let get = http::Request::builder()
+        .method("GET")
+        .uri(format!("http://{server}:8080/"))
+        .body(())
+        .unwrap();
+    assert_eq!(answer(&mut sender, get).await, Ok(405));
+    assert_eq!(
+        answer(&mut sender, connect("example.com:80")).await,
+        Ok(400)
+    );
+    assert_eq!(answer(&mut sender, connect("10.99.0.1:80")).await, Ok(400));
+    // Garbage in the optional headers is dropped, not fatal: the stream
+    // is carried.
+    let mut odd = connect(&format!("{server}:8080"));
+    for (name, value) in [
+        ("forwarded", "for=;for=\"[::1]\";;"),
+        ("traceparent", "zz-not-a-trace"),
+        ("baggage", "=,=,;;==="),
+    ] {
+        odd.headers_mut().insert(name, value.parse().unwrap());
+    }
+    assert_eq!(answer(&mut sender, odd).await, Ok(200));
+    // A header block past the server's limit fails that request, not
+    // the agent.
+    let mut huge = connect(&format!("{server}:8080"));
+    huge.headers_mut()
+        .insert("x-padding", "a".repeat(100 * 1024).parse().unwrap());
+    assert!(answer(&mut sender, huge).await != Ok(200));
+    // The server caps streams per connection (the h2 client keeps the
+    // excess pending on its side; a peer that ignores the cap gets
+    // REFUSED_STREAM from h2).
+    let mut fresh = raw_hbone(&t).await;
+    // Once one stream was answered, the server's SETTINGS have arrived.
+    assert_eq!(
+        answer(&mut fresh, connect(&format!("{server}:8080"))).await,
+        Ok(200)
+    );
+    assert_eq!(fresh.current_max_send_streams(), 100);
+    // Bytes that are no TLS at all, from a pod outside the mesh: the
+    // connection is closed at once (no 5 s handshake wait).
+    let gateway = SocketAddr::from((server, 15008));
+    let closed_within = t.a.pod("plain").netns.run(|| {
+        use std::io::{Read, Write};
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&gateway, Duration::from_secs(5)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let started = Instant::now();
+        let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+        let _ = stream.write_all(&garbage);
+        let mut sink = [0u8; 1024];
+        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+        started.elapsed()
+    });
+    assert!(closed_within < Duration::from_secs(4), "{closed_within:?}");
+    // Through it all, the agent serves, and stays small.
+    let report =
+        tokio::task::block_in_place(|| t.a.pod("client").connect(vip(), Connect::default()));
+    assert_eq!(greeting(&report[0]).0, "server", "{}", report[0]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", t.agent_b.pid())).unwrap();
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    assert!(rss_kb < 200 * 1024, "agent RSS {rss_kb} kB");
+}

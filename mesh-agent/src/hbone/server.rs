@@ -50,6 +50,10 @@ use crate::{
 pub const MAX_HANDSHAKES: usize = 512;
 pub const MAX_HANDSHAKES_PER_SOURCE: usize = 32;
 
+/// Largest header block a peer may send on a stream (h2's default is
+/// 16 MiB): a CONNECT needs a few hundred bytes, trace context included.
+const MAX_HEADER_LIST: u32 = 64 * 1024;
+
 /// Refusals are logged a few times a second; the counters count them all.
 static REFUSED_LOG: LogBudget = LogBudget::new(5);
 
@@ -257,6 +261,7 @@ impl Shared {
         debug!(%peer, %client, server = %identity, "inbound HBONE connection");
         let handshake = h2::server::Builder::new()
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .max_header_list_size(MAX_HEADER_LIST)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
