@@ -1019,3 +1019,40 @@ async fn a_hostile_peer_gets_clear_refusals_and_the_mesh_keeps_working() {
         .unwrap();
     assert!(rss_kb < 200 * 1024, "agent RSS {rss_kb} kB");
 }
+
+#[test]
+fn more_streams_than_the_pool_caps_to_one_peer_all_open() {
+    // Four connections per peer, a hundred streams each: the 401st held
+    // connection used to queue on the client's side for ever (then, with
+    // an answer timeout, fail). Past every pooled connection's cap the
+    // pool now grows.
+    let t = two_nodes("manystreams", &Options::default());
+    const HELD: usize = 450;
+    let greeted = t.a.pod("client").netns.run(|| {
+        use std::io::BufRead;
+        let streams: Vec<_> = (0..HELD)
+            .map(|_| {
+                let stream =
+                    std::net::TcpStream::connect_timeout(&vip(), Duration::from_secs(5)).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                stream
+            })
+            .collect();
+        streams
+            .iter()
+            .filter(|stream| {
+                let mut line = String::new();
+                std::io::BufReader::new(*stream)
+                    .read_line(&mut line)
+                    .is_ok_and(|_| line.starts_with("server "))
+            })
+            .count()
+    });
+    assert_eq!(greeted, HELD, "{}", t.agent_a.stats()["hbone"]);
+    let opened = t.agent_a.stats()["hbone"]["connections_opened"]
+        .as_u64()
+        .unwrap();
+    assert!(opened >= 5, "{opened} HBONE connections for {HELD} streams");
+}

@@ -26,8 +26,8 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
 use super::{
-    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW, TLS_SEND_BUFFER,
-    Tunnel,
+    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, SEND_BUFFER,
+    STREAM_WINDOW, TLS_SEND_BUFFER, Tunnel,
 };
 use crate::locks::lock;
 use crate::{config::HboneConfig, identity::SpiffeId, tls::TlsFactory};
@@ -262,8 +262,19 @@ impl HboneClient {
         let least = connections
             .iter()
             .min_by_key(|c| c.streams.load(Ordering::Relaxed))?;
-        let busy = least.streams.load(Ordering::Relaxed) >= self.config.streams_per_connection;
-        if busy && connections.len() < self.config.max_connections_per_peer {
+        let streams = least.streams.load(Ordering::Relaxed);
+        let busy = streams >= self.config.streams_per_connection;
+        // A connection at the peer's cap on concurrent streams would only
+        // queue a new one on our side, unanswered: past every pooled
+        // connection's cap another is dialled, whatever
+        // `max_connections_per_peer` says (it spreads load; it must not
+        // refuse the connection over a thousand held streams).
+        let full = streams
+            >= least
+                .sender
+                .current_max_send_streams()
+                .min(MAX_STREAMS_PER_CONNECTION as usize);
+        if full || (busy && connections.len() < self.config.max_connections_per_peer) {
             return None;
         }
         least.streams.fetch_add(1, Ordering::Relaxed);
