@@ -93,3 +93,28 @@ pub fn bpftool(args: &[&str]) -> Option<serde_json::Value> {
     }
     serde_json::from_slice(&output.stdout).ok()
 }
+
+/// The hard limit on open files (0 when it cannot be read).
+pub fn open_files_hard_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit into a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 0;
+    }
+    limit.rlim_max
+}
+
+/// Raises the soft limit on open files to the hard one: load helpers hold
+/// thousands of connections.
+pub fn raise_open_files_limit() {
+    let hard = open_files_hard_limit();
+    let limit = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: a syscall on a local struct; failure leaves the old limit.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+}

@@ -59,6 +59,20 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// The soak: two simulated nodes under held connections and a steady
+    /// rate of new ones (both close orders, same node and across nodes),
+    /// an endpoint killed and the config broken mid-run; reports failed
+    /// and slow connections, wrong checksums, lost held connections and
+    /// the agents' peak RSS and open files (target/soak). Default: release
+    /// build, 60 s, 10,000 held, 1,000 new per second.
+    Soak {
+        /// 15 s, 1,000 held, 200 per second, debug build (what CI runs).
+        #[arg(long)]
+        short: bool,
+        /// Extra arguments for mesh-soak (--seconds, --hold, --rate).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
     /// The kernel matrix: boot Debian's kernels (5.10 to the newest 7.x) in
     /// qemu and run the programs and the core scenarios in each.
     Kernels {
@@ -171,6 +185,20 @@ fn main() -> anyhow::Result<()> {
             run(command.args(args))
         }
         Task::CleanTestEnv => clean_test_env(&root),
+        Task::Soak { short, args } => {
+            prereqs::install_all()?;
+            build(&root, !short)?;
+            let profile = if short { "debug" } else { "release" };
+            let mut command = Command::new(root.join(format!("target/{profile}/mesh-soak")));
+            command
+                .current_dir(&root)
+                .arg("--out")
+                .arg(root.join("target/soak"));
+            if short {
+                command.args(["--seconds", "15", "--hold", "1000", "--rate", "200"]);
+            }
+            run(command.args(args))
+        }
         Task::Fuzz { time, targets } => fuzz(&root, time, &targets),
     }
 }

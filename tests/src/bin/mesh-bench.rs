@@ -152,7 +152,7 @@ fn bench(cli: &Cli) -> anyhow::Result<()> {
     // Each proxied connection costs the agent two descriptors, and lifting
     // the hard limit needs CAP_SYS_RESOURCE, which containers often drop:
     // measure what fits and scale (the report says so).
-    let fits = (open_files_hard_limit().saturating_sub(500) / 2) as usize;
+    let fits = (mesh_tests::open_files_hard_limit().saturating_sub(500) / 2) as usize;
     let idle = idle.min(fits);
     let setup = setup()?;
     let started = Instant::now();
@@ -701,7 +701,7 @@ fn chrono_date() -> String {
 // ---- helpers that run inside the pods ----
 
 fn echo_server(port: u16) -> anyhow::Result<()> {
-    raise_open_files_limit();
+    mesh_tests::raise_open_files_limit();
     let listener = TcpListener::bind(("0.0.0.0", port))?;
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
@@ -735,7 +735,7 @@ fn conn_rate(addr: SocketAddr, seconds: f64) -> anyhow::Result<()> {
 }
 
 fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
-    raise_open_files_limit();
+    mesh_tests::raise_open_files_limit();
     let mut streams = Vec::with_capacity(count);
     for i in 0..count {
         let stream = TcpStream::connect(addr).with_context(|| format!("connection {i}"))?;
@@ -746,26 +746,4 @@ fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
     let mut sink = String::new();
     let _ = std::io::stdin().read_to_string(&mut sink);
     Ok(())
-}
-
-fn open_files_hard_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit into a local struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 0;
-    }
-    limit.rlim_max
-}
-
-fn raise_open_files_limit() {
-    let hard = open_files_hard_limit();
-    let limit = libc::rlimit {
-        rlim_cur: hard,
-        rlim_max: hard,
-    };
-    // SAFETY: a syscall on a local struct; failure leaves the old limit.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
 }
