@@ -4,7 +4,8 @@
 //!   in TIME_WAIT too, see [`crate::listener_lookup`]);
 //! - a SYN with no such socket goes to the agent's transparent listener on
 //!   `listener_port`, so the accepted socket's local address is the
-//!   original destination.
+//!   original destination; so does any other segment of no flow (a SYN
+//!   cookie's ACK completes its handshake there).
 //!
 //! Assigned packets get the steer mark so the node routes them locally.
 
@@ -35,10 +36,18 @@ pub fn steer(ctx: &TcContext, settings: &Settings, tcp: &TcpV4, listener_port: u
     if assign_existing(ctx, settings, tcp) {
         return Steered::Existing;
     }
-    if tcp.is_syn() && assign_listener(ctx, settings, tcp, listener_port) {
-        return Steered::New;
+    // A segment of no flow goes to the listener too: a SYN opens one, and
+    // an ACK may complete a handshake the listener answered with a SYN
+    // cookie (its backlog was full, as in a SYN flood), which only the
+    // listener can check. Anything else it answers as TCP does (a reset).
+    match (
+        tcp.is_syn(),
+        assign_listener(ctx, settings, tcp, listener_port),
+    ) {
+        (true, true) => Steered::New,
+        (false, true) => Steered::Existing,
+        (_, false) => Steered::No,
     }
-    Steered::No
 }
 
 /// Hands the segment to the socket that already owns its flow, if any.
@@ -74,12 +83,14 @@ fn assign_existing(ctx: &TcContext, settings: &Settings, tcp: &TcpV4) -> bool {
     assigned
 }
 
-/// Hands a SYN to the agent's transparent listener on `port`.
+/// Hands a segment to the agent's transparent listener on `port`.
 #[inline(always)]
 fn assign_listener(ctx: &TcContext, settings: &Settings, tcp: &TcpV4, port: u16) -> bool {
     let mut tuple = tuple_v4(tcp.saddr, tcp.daddr, tcp.sport, port);
     let Some(sk) = lookup(ctx, &mut tuple) else {
-        counters::bump(counter::NO_LISTENER);
+        if tcp.is_syn() {
+            counters::bump(counter::NO_LISTENER);
+        }
         return false;
     };
     // SAFETY: sk is a valid socket reference until released below.

@@ -635,3 +635,30 @@ fn after_a_clean_stop_strict_mode_lapses_until_the_next_agent() {
     assert!(agent.terminate().success());
     assert!(reaches(outsider, strict), "strict held after a clean stop");
 }
+
+#[test]
+fn connections_complete_when_the_listener_answers_with_syn_cookies() {
+    // A half-open flood fills the listener's backlog and the kernel
+    // answers with SYN cookies; `2` makes it answer every SYN so. The
+    // handshake then completes only if the client's ACK, which matches
+    // no socket yet, reaches the listener.
+    let node = node_with_pods("cookies");
+    let _server = node.pod("be1").serve(8080, "be1", false);
+    node.netns.sysctl("net.ipv4.tcp_syncookies", "2");
+    let agent = Agent::start(&node, &config(&node, ""));
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let reports = node.pod("client").connect(
+        vip,
+        Connect {
+            count: 20,
+            ..Default::default()
+        },
+    );
+    for report in &reports {
+        assert!(
+            report["greeting"].as_str().unwrap().starts_with("be1 "),
+            "{report}"
+        );
+    }
+    assert_eq!(agent.stats()["outbound"]["accepted"], 20);
+}
