@@ -98,6 +98,24 @@ impl Pod {
         command
     }
 
+    /// Waits (at most 10 s) until something in the pod accepts
+    /// connections on `port`.
+    pub fn wait_listening(&self, port: u16) -> Result<(), String> {
+        let addr = SocketAddr::new(self.ip.into(), port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self
+            .netns
+            .run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                return Err(format!("server on {addr} in {} did not start", self.name));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// Starts a server on `port` that introduces itself as `name`.
     pub fn serve(&self, port: u16, name: &str, reset: bool) -> Server {
         self.serve_with(port, name, &["--delay-ms", "0"], reset)

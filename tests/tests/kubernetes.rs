@@ -487,14 +487,7 @@ fn daemonset_capabilities() -> Vec<String> {
         ("PERFMON", 38),
         ("BPF", 39),
     ];
-    let manifest = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mesh-agent.yaml"),
-    )
-    .unwrap();
-    let daemonset: serde_yaml::Value = serde_yaml::Deserializer::from_str(&manifest)
-        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
-        .find(|d: &serde_yaml::Value| d["kind"].as_str() == Some("DaemonSet"))
-        .unwrap();
+    let daemonset = daemonset();
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let bounding = status
         .lines()
@@ -518,17 +511,22 @@ fn daemonset_capabilities() -> Vec<String> {
         .collect()
 }
 
-/// Whether the manifest runs the agent under the runtime's default seccomp
-/// profile with no privilege escalation (the test then does the same).
-fn daemonset_uses_runtime_default_seccomp() -> bool {
+/// The DaemonSet of deploy/mesh-agent.yaml.
+fn daemonset() -> serde_yaml::Value {
     let manifest = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mesh-agent.yaml"),
     )
     .unwrap();
-    let daemonset: serde_yaml::Value = serde_yaml::Deserializer::from_str(&manifest)
+    serde_yaml::Deserializer::from_str(&manifest)
         .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
         .find(|d: &serde_yaml::Value| d["kind"].as_str() == Some("DaemonSet"))
-        .unwrap();
+        .unwrap()
+}
+
+/// Whether the manifest runs the agent under the runtime's default seccomp
+/// profile with no privilege escalation (the test then does the same).
+fn daemonset_uses_runtime_default_seccomp() -> bool {
+    let daemonset = daemonset();
     let context = &daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"];
     assert_eq!(
         context["allowPrivilegeEscalation"].as_bool(),

@@ -304,18 +304,7 @@ fn start_servers(pod: &Pod) -> anyhow::Result<Vec<Guarded>> {
     let servers = vec![quiet(iperf)?, quiet(sockperf)?, quiet(echo)?];
     // Wait until all three listen.
     for port in [IPERF_PORT, SOCKPERF_PORT, ECHO_PORT] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let addr = SocketAddr::new(pod.ip.into(), port);
-        while pod
-            .netns
-            .run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                bail!("server on {addr} in {} did not start", pod.name);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        pod.wait_listening(port).map_err(anyhow::Error::msg)?;
     }
     Ok(servers)
 }

@@ -10,7 +10,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream},
     path::PathBuf,
     process::Stdio,
     sync::{
@@ -328,18 +328,7 @@ fn start_server(pod: &Pod) -> anyhow::Result<Guarded> {
         .spawn()?;
     let server = Guarded::new(child);
     for port in [CLIENT_FIRST_PORT, SERVER_FIRST_PORT, HOLD_PORT] {
-        let addr = SocketAddr::new(pod.ip.into(), port);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pod
-            .netns
-            .run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                bail!("server on {addr} in {} did not start", pod.name);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        pod.wait_listening(port).map_err(anyhow::Error::msg)?;
     }
     Ok(server)
 }
