@@ -24,7 +24,6 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
-use crate::locks::lock;
 use crate::{
     access::Sinks,
     admin::{self, AdminState, AdminView},
@@ -39,6 +38,7 @@ use crate::{
     kubernetes::{KubeSource, KubeStatus, mapping, model::Unmapped},
     lb::Registry,
     live::Live,
+    locks::lock,
     memory,
     metrics::Metrics,
     model::MeshState,

@@ -2,8 +2,6 @@
 //! `/connections`) and the stream of finished ones (for `/events`, which
 //! `mesh-agent observe` follows).
 
-use crate::locks::lock;
-
 use std::{
     collections::BTreeMap,
     net::SocketAddrV4,
@@ -16,6 +14,8 @@ use std::{
 
 use serde::Serialize;
 use tokio::sync::broadcast;
+
+use crate::locks::lock;
 
 /// Bytes moved so far, shared with the splice that moves them.
 #[derive(Debug, Default)]

@@ -13,8 +13,6 @@
 //! series of a workload that left the config are dropped at the reload, so
 //! a deleted pod's series are gone at the next scrape.
 
-use crate::locks::lock;
-
 use std::{
     collections::{HashMap, HashSet},
     sync::{
@@ -29,6 +27,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::locks::lock;
 
 /// Labels of the Istio TCP metrics, in Istio's names.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]

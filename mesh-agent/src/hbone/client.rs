@@ -29,8 +29,7 @@ use super::{
     CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, SEND_BUFFER,
     STREAM_WINDOW, TLS_SEND_BUFFER, Tunnel,
 };
-use crate::locks::lock;
-use crate::{config::HboneConfig, identity::SpiffeId, tls::TlsFactory};
+use crate::{config::HboneConfig, identity::SpiffeId, locks::lock, tls::TlsFactory};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {

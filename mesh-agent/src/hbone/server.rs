@@ -33,11 +33,11 @@ use super::{
     request::{Connect, RequestError},
     splice_tunnel,
 };
-use crate::locks::lock;
 use crate::{
     access::{Outcome, Record, Sinks},
     authz::Request as AuthzRequest,
     identity::SpiffeId,
+    locks::lock,
     log_budget::LogBudget,
     proxy::{self, Routes, splice},
     tls::{ALPN_H2, TlsFactory},

@@ -6,8 +6,6 @@
 //! effect for new connections while established ones carry on untouched.
 //! Private keys live only in memory and are never logged.
 
-use crate::locks::{lock, read, write};
-
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, RwLock, Weak},
@@ -21,6 +19,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::{CertificateAuthority, SpiffeId, ca::CaError};
+use crate::locks::{lock, read, write};
 
 /// Longest pause between retries when the CA keeps failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);

@@ -46,8 +46,7 @@ use self::{
     records::{NamespaceRecord, NodeRecord, PodRecord, ServiceRecord, SliceRecord},
     store::{ClusterState, Table},
 };
-use crate::config::KubernetesConfig;
-use crate::locks::lock;
+use crate::{config::KubernetesConfig, locks::lock};
 
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 

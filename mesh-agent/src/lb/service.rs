@@ -18,8 +18,10 @@ use super::{
     maglev::Maglev,
     state::{CountGuard, EndpointSnapshot, EndpointState, Registry, ServiceCounters, ServiceState},
 };
-use crate::locks::lock;
-use crate::model::{Locality, Policy, Resilience, Service, ServicePort, Split};
+use crate::{
+    locks::lock,
+    model::{Locality, Policy, Resilience, Service, ServicePort, Split},
+};
 
 /// Why no endpoint was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

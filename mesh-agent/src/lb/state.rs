@@ -8,8 +8,6 @@
 //! processes, so failures, health and latency seen through one service say
 //! nothing about the other (Envoy keeps outlier detection per cluster too).
 
-use crate::locks::lock;
-
 use std::{
     collections::{HashMap, HashSet},
     net::Ipv4Addr,
@@ -23,6 +21,7 @@ use std::{
 use serde::Serialize;
 
 use super::ewma::PeakEwma;
+use crate::locks::lock;
 
 /// Latency assumed for an endpoint before its first connect.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
