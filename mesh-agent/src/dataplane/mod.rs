@@ -43,6 +43,13 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
+    /// This binary was built before `cargo xtask build-ebpf` ran: it
+    /// embeds the build script's empty placeholder.
+    #[error(
+        "this binary embeds no kernel object: build it with `cargo xtask build` \
+         (or run `cargo xtask build-ebpf` before cargo build)"
+    )]
+    NoKernelObject,
     #[error("pin root {}: {source}", path.display())]
     PinRoot {
         path: PathBuf,
@@ -110,6 +117,9 @@ pub struct Dataplane {
 
 impl Dataplane {
     pub fn load(settings: &DataplaneSettings<'_>) -> Result<Self, DataplaneError> {
+        if OBJECT.is_empty() {
+            return Err(DataplaneError::NoKernelObject);
+        }
         let pins = PinLayout::new(settings.pin_root);
         let pin_root_err = |source| DataplaneError::PinRoot {
             path: pins.root().to_owned(),
@@ -489,10 +499,14 @@ fn check_kernel() -> Result<KernelSupport, features::MissingFeature> {
 /// verifier, loaded on its own (nothing pinned or attached). For
 /// `mesh-agent probe` and the kernel matrix.
 pub fn probe_programs() -> Vec<ProgramStatus> {
-    let mut ebpf = match Ebpf::load(OBJECT) {
+    let loaded = if OBJECT.is_empty() {
+        Err(DataplaneError::NoKernelObject.to_string())
+    } else {
+        Ebpf::load(OBJECT).map_err(|error| error_chain(&error))
+    };
+    let mut ebpf = match loaded {
         Ok(ebpf) => ebpf,
         Err(error) => {
-            let error = error_chain(&error);
             return mesh_common::programs::ALL
                 .iter()
                 .map(|name| ProgramStatus {
