@@ -17,6 +17,7 @@ pub mod netns;
 pub mod payload;
 pub mod pod;
 pub mod process;
+pub mod scenario;
 pub mod topology;
 
 use std::{

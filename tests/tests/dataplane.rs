@@ -14,11 +14,12 @@ use mesh_tests::{
     agent::Agent,
     bpftool,
     pod::{Connect, Server},
+    scenario::{ECHO_VIP, echo_config, greeting},
     topology::Node,
 };
 use serde_json::Value;
 
-const VIP: &str = "10.96.0.10:80";
+const VIP: &str = ECHO_VIP;
 const RESET_VIP: &str = "10.96.0.11:80";
 const GIB: u64 = 1 << 30;
 
@@ -36,27 +37,14 @@ fn single_node(label: &str) -> SingleNode {
     for pod in ["client", "be1", "be2", "rst", "plain"] {
         node.add_pod(pod);
     }
-    let ip = |pod: &str| node.pod(pod).ip;
-    let config = format!(
-        "{node_yaml}workloads:\n{client}{be1}{be2}{rst}services:
-  - name: echo
-    vip: 10.96.0.10
-    policy: round_robin
-    ports: [{{ port: 80, target_port: 8080 }}]
-    endpoints: [{{ ip: {be1_ip} }}, {{ ip: {be2_ip} }}]
-  - name: resetter
-    vip: 10.96.0.11
-    ports: [{{ port: 80, target_port: 8080 }}]
-    endpoints: [{{ ip: {rst_ip} }}]
-",
-        node_yaml = node.node_yaml(),
-        client = node.workload_yaml("client"),
-        be1 = node.workload_yaml("be1"),
-        be2 = node.workload_yaml("be2"),
-        rst = node.workload_yaml("rst"),
-        be1_ip = ip("be1"),
-        be2_ip = ip("be2"),
-        rst_ip = ip("rst"),
+    let config = echo_config(
+        &node,
+        &["client", "be1", "be2", "rst"],
+        &["be1", "be2"],
+        &format!(
+            "  - name: resetter\n    vip: 10.96.0.11\n    ports: [{{ port: 80, target_port: 8080 }}]\n    endpoints: [{{ ip: {} }}]\n",
+            node.pod("rst").ip
+        ),
     );
     let mut servers = BTreeMap::new();
     for name in ["be1", "be2", "plain"] {
@@ -73,15 +61,6 @@ fn single_node(label: &str) -> SingleNode {
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().unwrap()
-}
-
-/// `(server name, peer address the server saw)` from a greeting line.
-fn greeting(report: &Value) -> (String, SocketAddr) {
-    let text = report["greeting"].as_str().expect("greeting");
-    let (name, peer) = text
-        .split_once(' ')
-        .unwrap_or_else(|| panic!("bad greeting {text:?}"));
-    (name.to_owned(), addr(peer))
 }
 
 fn pod_stats<'a>(stats: &'a Value, interface: &str) -> &'a Value {

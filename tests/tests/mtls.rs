@@ -14,9 +14,9 @@ use mesh_tests::{
     payload,
     pod::{Connect, Server},
     process::{self, Guarded},
+    scenario::greeting,
     topology::{self, Node},
 };
-use serde_json::Value;
 
 const VIP: &str = "10.96.0.10:80";
 /// Served by a backend on `server` that resets every connection.
@@ -198,14 +198,6 @@ fn with_lifetime(config: String, options: &Options<'_>) -> String {
         }
         None => config,
     }
-}
-
-fn greeting(report: &Value) -> (String, SocketAddr) {
-    let text = report["greeting"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no greeting: {report}"));
-    let (name, peer) = text.split_once(' ').unwrap();
-    (name.to_owned(), peer.parse().unwrap())
 }
 
 /// Runs a program inside a node's network namespace.

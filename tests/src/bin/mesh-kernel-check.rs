@@ -22,6 +22,7 @@ use mesh_tests::{
     agent::Agent,
     mesh_agent_bin,
     pod::Connect,
+    scenario::{echo_config, try_greeting},
     topology::{self, Node},
 };
 use serde_json::{Value, json};
@@ -113,21 +114,7 @@ fn single_node(label: &str) -> (Node, Agent, Vec<mesh_tests::pod::Server>) {
     for pod in ["client", "be1", "be2", "plain"] {
         node.add_pod(pod);
     }
-    let config = format!(
-        "{}workloads:\n{}{}{}services:
-  - name: echo
-    vip: 10.96.0.10
-    policy: round_robin
-    ports: [{{ port: 80, target_port: 8080 }}]
-    endpoints: [{{ ip: {} }}, {{ ip: {} }}]
-",
-        node.node_yaml(),
-        node.workload_yaml("client"),
-        node.workload_yaml("be1"),
-        node.workload_yaml("be2"),
-        node.pod("be1").ip,
-        node.pod("be2").ip,
-    );
+    let config = echo_config(&node, &["client", "be1", "be2"], &["be1", "be2"], "");
     let servers = ["be1", "be2", "plain"]
         .iter()
         .map(|pod| node.pod(pod).serve(8080, pod, false))
@@ -147,7 +134,7 @@ fn vip_through_agent() -> Result<Value, String> {
     )?;
     let mut per_backend = BTreeMap::new();
     for report in &reports {
-        let (name, peer) = greeting(report)?;
+        let (name, peer) = try_greeting(report)?;
         // The agent's own socket, bound to the client's address.
         let local = report["local"].as_str().unwrap_or_default();
         let client = SocketAddr::from((node.pod("client").ip, peer.port()));
@@ -203,7 +190,7 @@ fn bypass() -> Result<Value, String> {
         },
     )?;
     for report in &reports {
-        let (name, peer) = greeting(report)?;
+        let (name, peer) = try_greeting(report)?;
         let client: Ipv4Addr = node.pod("client").ip;
         if name != "plain" || peer.ip() != client {
             return Err(format!("{name} saw {peer}: expected plain to see {client}"));
@@ -254,7 +241,7 @@ fn cross_node() -> Result<Value, String> {
         },
     )?;
     for report in &reports {
-        let (name, _) = greeting(report)?;
+        let (name, _) = try_greeting(report)?;
         if name != "server" {
             return Err(format!("reached {name}"));
         }
@@ -352,17 +339,6 @@ fn nothing_left(node: &Node, pin_root: &Path) -> Result<(), String> {
         return Err(format!("steer rule left behind: {rules}"));
     }
     Ok(())
-}
-
-fn greeting(report: &Value) -> Result<(String, SocketAddr), String> {
-    let text = report["greeting"]
-        .as_str()
-        .ok_or_else(|| format!("no greeting: {report}"))?;
-    let (name, peer) = text
-        .split_once(' ')
-        .ok_or_else(|| format!("bad greeting {text:?}"))?;
-    let peer = peer.parse().map_err(|e| format!("{peer:?}: {e}"))?;
-    Ok((name.to_owned(), peer))
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
