@@ -10,7 +10,7 @@ use std::{fs::File, os::fd::AsRawFd, path::Path};
 
 use anyhow::{Context, bail};
 
-use crate::{dataplane::PinLayout, routing};
+use crate::dataplane::{PinLayout, policy_routing};
 
 pub async fn run(pin_root: &Path) -> anyhow::Result<()> {
     let pins = PinLayout::new(pin_root);
@@ -31,7 +31,7 @@ pub async fn run(pin_root: &Path) -> anyhow::Result<()> {
     } else {
         tracing::info!(pin_root = %pins.root().display(), "no pins to remove");
     }
-    routing::remove()
+    policy_routing::remove()
         .await
         .context("removing the steer routing")?;
     Ok(())

@@ -2,7 +2,6 @@
 //! pods' connections to it, proxies them to their endpoints, and cleans up
 //! after itself. `main.rs` is the CLI; [`app`] wires the pieces together.
 
-pub mod access;
 pub mod admin;
 pub mod app;
 pub mod authz;
@@ -11,19 +10,14 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod hbone;
-pub mod health;
 pub mod identity;
-pub mod kubernetes;
+pub mod io;
 pub mod lb;
-pub mod live;
 mod locks;
-pub mod log_budget;
-pub mod memory;
-pub mod metrics;
 pub mod model;
+pub mod observability;
 pub mod proxy;
-pub mod routing;
+pub mod routes;
 mod sockopt;
-mod telemetry;
+pub mod source;
 pub mod tls;
-pub mod watch;

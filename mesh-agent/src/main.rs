@@ -1,11 +1,10 @@
 //! The `mesh-agent` command line.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
-
-use std::sync::Arc;
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::{
+    admin::{LogControl, LogFilterError},
     app, cleanup, cli,
     config::{Config, Overrides},
 };
@@ -156,7 +155,7 @@ fn main() -> ExitCode {
     let log = init_tracing(cli.log_format, &cli.log);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Command::Run { worker_threads, .. } = cli.command {
-        mesh_agent::memory::tune_allocator();
+        mesh_agent::app::memory::tune_allocator();
         raise_open_files_limit();
         if let Some(threads) = worker_threads {
             runtime.worker_threads(threads.into());
@@ -247,7 +246,7 @@ fn raise_open_files_limit() {
 }
 
 /// Sets up logging; returns the control `/logging` uses to change the filter.
-fn init_tracing(format: LogFormat, filter: &str) -> app::LogControl {
+fn init_tracing(format: LogFormat, filter: &str) -> LogControl {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     // Colours only for a terminal: logs in files and collectors stay plain.
@@ -270,8 +269,13 @@ fn init_tracing(format: LogFormat, filter: &str) -> app::LogControl {
             .init(),
     }
     Arc::new(move |text: &str| {
-        let filter = EnvFilter::try_new(text).map_err(|e| format!("log filter {text:?}: {e}"))?;
-        handle.reload(filter).map_err(|e| e.to_string())?;
+        let filter = EnvFilter::try_new(text).map_err(|e| LogFilterError::Invalid {
+            filter: text.to_owned(),
+            reason: e.to_string(),
+        })?;
+        handle
+            .reload(filter)
+            .map_err(|e| LogFilterError::Reload(e.to_string()))?;
         Ok(text.to_owned())
     })
 }

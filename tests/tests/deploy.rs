@@ -83,7 +83,7 @@ fn cluster_role_grants_exactly_what_the_watches_read() {
             }
         }
     }
-    let watched: BTreeSet<(String, String)> = mesh_agent::kubernetes::WATCHED
+    let watched: BTreeSet<(String, String)> = mesh_agent::source::kubernetes::WATCHED
         .iter()
         .map(|(g, r)| (g.to_string(), r.to_string()))
         .collect();

@@ -12,7 +12,7 @@ use std::{
 
 use mesh_agent::{
     config::KubernetesConfig,
-    kubernetes::{KubeSource, model::Built},
+    source::kubernetes::{KubeSource, model::Built},
 };
 use mesh_tests::{
     agent::{Agent, Launch, READY_PORT, sample},
@@ -331,7 +331,7 @@ async fn watch_follows_the_cluster_through_relists_and_outages() {
 /// pod dir, container dir)` for each kubelet driver and runtime.
 #[test]
 fn maps_pods_in_every_kubelet_and_runtime_layout() {
-    use mesh_agent::kubernetes::mapping::{self, CgroupDriver};
+    use mesh_agent::source::kubernetes::mapping::{self, CgroupDriver};
     let uid = "8d0c4b3a-1f2e-4c5d-9e8f-0a1b2c3d4e5f";
     let under = uid.replace('-', "_");
     let id = "f00dfeed";
@@ -436,7 +436,7 @@ fn maps_pods_in_every_kubelet_and_runtime_layout() {
 /// gateway or a shared subnet route is reported with the reason.
 #[test]
 fn maps_interfaces_from_host_routes_only() {
-    use mesh_agent::kubernetes::mapping;
+    use mesh_agent::source::kubernetes::mapping;
     let net = std::env::temp_dir().join(unique_name("sysnet"));
     std::fs::create_dir_all(net.join("cni0/bridge")).unwrap();
     std::fs::create_dir_all(net.join("cali123")).unwrap();

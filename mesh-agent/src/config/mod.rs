@@ -23,8 +23,8 @@ pub use self::kubernetes::{KubernetesConfig, MESH_LABEL};
 
 use crate::{
     authz::Authorization,
-    metrics::MetricsConfig,
     model::{Locality, Policy, Resilience, Split, WorkloadMode},
+    observability::metrics::MetricsConfig,
 };
 
 /// Why a config was refused.

@@ -7,6 +7,7 @@ pub mod fast_path;
 pub mod features;
 pub mod maps;
 pub mod pins;
+pub mod policy_routing;
 pub mod tc_filters;
 
 use std::{

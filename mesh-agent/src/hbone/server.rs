@@ -34,12 +34,13 @@ use super::{
     splice_tunnel,
 };
 use crate::{
-    access::{Outcome, Record, Sinks},
     authz::Request as AuthzRequest,
     identity::SpiffeId,
+    io::{self, splice},
     locks::lock,
-    log_budget::LogBudget,
-    proxy::{self, Routes, splice},
+    observability::access::{Outcome, Record, Sinks},
+    observability::log_budget::LogBudget,
+    routes::Routes,
     tls::{ALPN_H2, TlsFactory},
 };
 
@@ -389,7 +390,7 @@ impl Shared {
             warn!(%client, %target, "CONNECT to the agent's own listener");
             return refuse(StatusCode::BAD_REQUEST);
         }
-        let upstream = match proxy::connect(target, source, self.connect_timeout).await {
+        let upstream = match io::connect(target, source, self.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {
                 return refuse(StatusCode::GATEWAY_TIMEOUT);

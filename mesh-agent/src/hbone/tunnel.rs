@@ -34,7 +34,7 @@ use tokio::{
     },
 };
 
-use crate::proxy::splice::{self, Activity, Side, idle_check, sleep_until};
+use crate::io::splice::{self, Activity, Side, idle_check, sleep_until};
 
 /// Largest read once data flows; each read becomes one DATA frame. With
 /// its 9-byte frame header a full one is exactly eight full TLS records

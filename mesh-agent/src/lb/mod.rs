@@ -5,6 +5,7 @@
 //! endpoint of a service); [`Balancers`] is rebuilt for each config snapshot on top of it.
 
 mod ewma;
+pub mod health;
 mod maglev;
 mod service;
 pub mod state;

@@ -1,8 +1,8 @@
 //! The agent's model of the mesh: workloads, services and their endpoints.
 //!
-//! It does not know where it came from: the config file builds it today
-//! ([`MeshState::from_config`]) and a Kubernetes watch can build the same
-//! thing. The proxy and the dataplane only ever read a `MeshState`.
+//! It does not know where it came from: [`crate::source`] builds it from
+//! the config file or from the API server's watches. The proxy and the
+//! dataplane only ever read a `MeshState`.
 
 use std::{
     collections::HashMap,
@@ -18,7 +18,7 @@ pub use self::policy::{
     CircuitBreaker, HealthCheck, Locality, OutlierDetection, Policy, Resilience, Retry, Split,
     WorkloadMode,
 };
-use crate::{authz::Authorization, config::Config, identity::SpiffeId};
+use crate::{authz::Authorization, identity::SpiffeId};
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MeshState {
@@ -162,103 +162,12 @@ impl MeshState {
         ids
     }
 
-    /// The model of workloads and services learnt elsewhere (the API
-    /// server), with the node and policy from `config`.
-    pub fn from_parts(config: &Config, workloads: Vec<Workload>, services: Vec<Service>) -> Self {
-        Self::new(
-            config.node.name.clone(),
-            config.identity.trust_domain.clone(),
-            config.authorization.clone(),
-            workloads,
-            services,
-        )
-    }
-
     /// Workloads and services are the same as `other`'s.
     pub fn same_mesh(&self, other: &MeshState) -> bool {
         self.workloads == other.workloads
             && self.services == other.services
             && self.authorization == other.authorization
             && self.trust_domain == other.trust_domain
-    }
-
-    /// Builds the model from a validated config file.
-    pub fn from_config(config: &Config) -> Self {
-        let node = &config.node;
-        let workloads = config
-            .workloads
-            .iter()
-            .map(|w| {
-                let on_node = w.node.clone().unwrap_or_else(|| node.name.clone());
-                let local = (on_node == node.name).then(|| LocalWorkload {
-                    interface: w.interface.clone().unwrap_or_default(),
-                    cgroup: w.cgroup.as_ref().map(|c| match &node.cgroup {
-                        Some(root) if c.is_relative() => root.join(c),
-                        _ => c.clone(),
-                    }),
-                });
-                Workload {
-                    name: w.name.clone(),
-                    namespace: w.namespace.clone(),
-                    service_account: w.service_account.clone(),
-                    ips: w.ips.clone(),
-                    node: on_node,
-                    mode: w.mode,
-                    local,
-                }
-            })
-            .collect();
-        let node_of = |ip: Ipv4Addr| {
-            config
-                .workloads
-                .iter()
-                .find(|w| w.ips.contains(&ip))
-                .map(|w| w.node.clone().unwrap_or_else(|| node.name.clone()))
-        };
-        let services = config
-            .services
-            .iter()
-            .map(|s| Service {
-                name: s.name.clone(),
-                namespace: s.namespace.clone(),
-                vip: s.vip,
-                policy: s.policy,
-                locality: s.locality,
-                splits: s.splits.clone(),
-                resilience: s.resilience.clone(),
-                ports: s
-                    .ports
-                    .iter()
-                    .map(|p| ServicePort {
-                        port: p.port,
-                        target_port: p.target(),
-                    })
-                    .collect(),
-                endpoints: s
-                    .endpoints
-                    .iter()
-                    .map(|e| {
-                        let on_node = e.node.clone().or_else(|| node_of(e.ip));
-                        Endpoint {
-                            ip: e.ip,
-                            weight: e.weight,
-                            subset: e.subset.clone(),
-                            local: on_node.as_deref() == Some(node.name.as_str()),
-                            node: on_node,
-                            same_zone: e.zone.is_some() && e.zone == node.zone,
-                            zone: e.zone.clone(),
-                        }
-                    })
-                    .collect(),
-            })
-            .collect();
-        Self::new(
-            node.name.clone(),
-            config.identity.trust_domain.clone(),
-            config.authorization.clone(),
-            workloads,
-            services,
-        )
     }
 
     pub fn destination(&self, addr: SocketAddrV4) -> Destination {

@@ -18,18 +18,16 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
-use super::{
-    Routes,
-    splice::{self, Side},
-    upstream::{self, EarlyData, OpenError, Opener},
-};
+use super::upstream::{self, EarlyData, OpenError, Opener};
 use crate::{
-    access::{Outcome, Record, Sinks},
     dataplane::fast_path::FastPath,
     hbone::client::HboneClient,
+    io::splice::{self, Side},
     lb::{PickError, RetryPermit, ServiceBalancer},
-    log_budget::LogBudget,
     model::{Destination, ServicePort},
+    observability::access::{Outcome, Record, Sinks},
+    observability::log_budget::LogBudget,
+    routes::Routes,
 };
 
 /// Counters the outbound proxy keeps.

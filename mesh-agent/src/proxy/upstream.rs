@@ -16,7 +16,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 
-use super::{OutboundStats, Routes, splice};
+use super::OutboundStats;
 use crate::{
     authz::Request,
     dataplane::fast_path::FastPath,
@@ -24,6 +24,8 @@ use crate::{
         self,
         client::{Destination, HboneClient, StreamGuard},
     },
+    io::splice,
+    routes::Routes,
 };
 
 pub enum Upstream {
@@ -169,7 +171,7 @@ impl Opener<'_> {
         target: SocketAddrV4,
         source: Option<Ipv4Addr>,
     ) -> Result<Upstream, OpenError> {
-        let stream = super::connect(target, source, self.timeout)
+        let stream = crate::io::connect(target, source, self.timeout)
             .await
             .map_err(|e| OpenError::Failed(e.to_string()))?;
         Ok(Upstream::Tcp(stream))
@@ -182,7 +184,7 @@ pub async fn splice(
     client: TcpStream,
     upstream: Upstream,
     idle: Option<Duration>,
-    counted: &crate::live::Bytes,
+    counted: &crate::observability::live::Bytes,
     first_response: &(dyn Fn(Duration) + Sync),
     fast_path: Option<&FastPath>,
 ) -> Finished {

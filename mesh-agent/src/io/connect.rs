@@ -3,7 +3,7 @@
 //! From the client's address the workload sees who called it (its logs,
 //! its own IP allow-lists), and TIME_WAIT spreads over client addresses
 //! instead of piling up on the node's. The agent may only do that when the
-//! workload's replies are sure to come back to it: [`super::Routes`]
+//! workload's replies are sure to come back to it: [`crate::routes::Routes`]
 //! decides, this module only opens the socket.
 
 use std::{

@@ -11,9 +11,9 @@ use tracing::info;
 use std::sync::Arc;
 
 use crate::{
-    live::{Live, Registration},
-    metrics::{Metrics, TcpLabels},
     model::MeshState,
+    observability::live::{Live, Registration},
+    observability::metrics::{Metrics, TcpLabels},
 };
 
 /// Where connection records go.

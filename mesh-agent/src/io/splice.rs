@@ -157,7 +157,7 @@ pub async fn splice(
     client: TcpStream,
     upstream: TcpStream,
     idle: Option<Duration>,
-    counted: &crate::live::Bytes,
+    counted: &crate::observability::live::Bytes,
     first_response: &(dyn Fn(Duration) + Sync),
     fast_path: Option<&FastPath>,
 ) -> Spliced {
@@ -174,7 +174,7 @@ pub async fn splice(
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
     // In kernel mode the pumps only see what the kernel passes up; the
     // totals come from TCP's own counters.
-    let passed_up = crate::live::Bytes::default();
+    let passed_up = crate::observability::live::Bytes::default();
     let (sent, received) = if kernel {
         (&passed_up.sent, &passed_up.received)
     } else {

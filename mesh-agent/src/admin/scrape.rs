@@ -7,14 +7,14 @@ use std::{collections::HashMap, sync::atomic::Ordering};
 
 use prometheus_client::registry::Registry;
 
+use super::view::AgentView;
 use crate::{
-    app::AgentView,
     dataplane::KernelMaps,
     lb::MemberSnapshot,
-    metrics::{counter_family, gauge_family, render},
+    observability::metrics::{counter_family, gauge_family, render},
 };
 
-pub(crate) fn render_metrics(sources: &AgentView) -> String {
+pub(super) fn render_metrics(sources: &AgentView) -> String {
     let mut registry = Registry::default();
     sources.sinks.metrics.register(&mut registry);
     let routes = sources.routes.borrow().clone();
@@ -281,7 +281,7 @@ pub(crate) fn render_metrics(sources: &AgentView) -> String {
 }
 
 /// The Kubernetes source: reachability, watch churn, unmapped pods.
-fn register_kubernetes(registry: &mut Registry, status: &crate::kubernetes::KubeStatus) {
+fn register_kubernetes(registry: &mut Registry, status: &crate::source::kubernetes::KubeStatus) {
     let one = |value: f64| [(Vec::new(), value)];
     gauge_family(
         registry,

@@ -18,6 +18,9 @@
 //! send its request head, and work that walks kernel maps runs on the
 //! blocking pool, so a scrape never holds a proxy worker.
 
+mod scrape;
+mod view;
+
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -42,6 +45,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+pub use self::view::{AgentView, LogControl, LogFilterError};
+
 /// What the endpoints show; the app implements it once everything is up.
 pub trait AdminView: Send + Sync {
     fn stats(&self) -> serde_json::Value;
@@ -52,7 +57,7 @@ pub trait AdminView: Send + Sync {
     fn graph(&self) -> serde_json::Value;
     fn events(&self) -> broadcast::Receiver<String>;
     /// Sets the log filter (tracing EnvFilter syntax); returns the new one.
-    fn set_log_filter(&self, filter: &str) -> Result<String, String>;
+    fn set_log_filter(&self, filter: &str) -> Result<String, LogFilterError>;
 }
 
 /// More about readiness than yes or no (e.g. the API server's reachability).
@@ -258,7 +263,7 @@ fn metrics(openmetrics: String, wants_openmetrics: bool) -> Response<Body> {
     } else {
         (
             "text/plain; version=0.0.4; charset=utf-8",
-            crate::metrics::to_classic_text(&openmetrics),
+            crate::observability::metrics::to_classic_text(&openmetrics),
         )
     };
     response(

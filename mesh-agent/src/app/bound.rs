@@ -1,0 +1,371 @@
+//! Building an agent: every part made and every port bound, nothing served
+//! yet but the HTTP endpoints (readiness says 503 until [`Bound::run`]).
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    os::fd::AsFd,
+    pin::pin,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Context;
+use tokio::sync::{Notify, watch};
+use tokio_util::{
+    sync::{CancellationToken, DropGuard},
+    task::TaskTracker,
+};
+use tracing::{info, warn};
+
+use super::{
+    RunOptions, memory,
+    reload::{Reloader, hooked_pods, map_fill, report_cert_problems, report_problems},
+};
+use crate::{
+    admin::{self, AdminState, AdminView, AgentView},
+    config::{Config, any_addr},
+    dataplane::{Capacity, Dataplane, DataplaneSettings},
+    hbone::{
+        client::HboneClient,
+        server::{Inbound, InboundStats},
+    },
+    identity::{CertManager, CertificateAuthority, EmbeddedCa},
+    io::transparent_listener,
+    lb::{Registry, health::HealthChecks},
+    locks::lock,
+    observability::{access::Sinks, live::Live, metrics::Metrics},
+    proxy::{Outbound, OutboundSettings, OutboundStats},
+    routes::{OwnListeners, Routes},
+    source::{ModelSource, file_watch},
+};
+
+/// Where a bound agent listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addresses {
+    /// Captured outbound connections (`proxy.outbound_port`, any address).
+    pub outbound: SocketAddr,
+    /// Inbound HBONE (`proxy.inbound_port`, any address).
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub ready: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+/// Asks a running agent to read its config file again (what SIGHUP does).
+#[derive(Clone)]
+pub struct ReloadHandle(Arc<Notify>);
+
+impl ReloadHandle {
+    pub fn request(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// An agent with every part built and every port bound: the kernel
+/// programs attached and steering, the model in the maps, the listeners
+/// queueing connections. [`Bound::run`] serves them. Dropped without
+/// running, it detaches and unpins what it loaded.
+pub struct Bound {
+    addresses: Addresses,
+    stop: CancellationToken,
+    /// Stops the HTTP endpoints if the agent is dropped without running.
+    _stop_on_drop: DropGuard,
+    reload: ReloadHandle,
+    /// Keeps the config file watched; `changes` fires on each change.
+    _config_watcher: notify::RecommendedWatcher,
+    config_changes: tokio::sync::mpsc::Receiver<()>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    reloader: Reloader,
+    unmapped: Vec<crate::source::kubernetes::model::Unmapped>,
+    inbound: Inbound,
+    outbound: Outbound,
+    /// For the allocator's quiet-time release: connections carried now.
+    load: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl Bound {
+    /// Builds every part from `config` and binds every port: the HTTP
+    /// endpoints first (they answer at once), then, once the source has a
+    /// model (under `kubernetes:`, after the API server's first lists), the
+    /// proxy listeners and the kernel programs.
+    pub async fn bind(options: &RunOptions, config: Config) -> anyhow::Result<Self> {
+        let stop = CancellationToken::new();
+        let stop_on_drop = stop.clone().drop_guard();
+        let admin_state = AdminState::default();
+        // How full the kernel maps are, and whether the last model was
+        // refused: part of the readiness answer.
+        let kernel_status = Arc::new(Mutex::new(String::new()));
+        let mut bound_endpoints = Vec::with_capacity(3);
+        for (role, addr) in [
+            (admin::Role::Admin, options.admin),
+            (admin::Role::Readiness, options.ready),
+            (admin::Role::Metrics, options.metrics),
+        ] {
+            let listener = admin::bind(role, addr).await?;
+            bound_endpoints.push(listener.local_addr()?);
+            tokio::spawn(admin::serve(
+                listener,
+                role,
+                admin_state.clone(),
+                stop.clone(),
+            ));
+        }
+        let [admin_addr, ready_addr, metrics_addr] = bound_endpoints[..] else {
+            unreachable!("three endpoints bound");
+        };
+
+        let (config_watcher, config_changes) = file_watch::config_file(&options.config)
+            .with_context(|| format!("watching {}", options.config.display()))?;
+        let source = ModelSource::start(&config).await?;
+        let _ = admin_state.details.set(Arc::new({
+            let (source, kernel) = (source.clone(), kernel_status.clone());
+            move || source.readiness() + &lock(&kernel)
+        }));
+        let state = loop {
+            if let Some(state) = source.state(&config).await {
+                break Arc::new(state);
+            }
+            info!("waiting for the API server's first lists");
+            source.changed().await;
+        };
+        let unmapped = source.report_unmapped(&[]);
+        let certs = CertManager::new(
+            certificate_authority(&config)?,
+            config.identity.cert_lifetime(),
+        );
+        report_cert_problems(certs.ensure(&state.local_identities()).await);
+        let tls = Arc::new(
+            crate::tls::TlsFactory::new(certs.clone(), &config.identity.trust_domain)
+                .context("trust roots")?,
+        );
+        let outbound_addr = any_addr(config.proxy.outbound_port);
+        let outbound_listener = transparent_listener(outbound_addr)
+            .with_context(|| format!("outbound listener on {outbound_addr}"))?;
+        let inbound_addr = any_addr(config.proxy.inbound_port);
+        let inbound_listener = transparent_listener(inbound_addr)
+            .with_context(|| format!("inbound listener on {inbound_addr}"))?;
+
+        let mut dataplane = Dataplane::load(&DataplaneSettings {
+            pin_root: &options.pin_root,
+            outbound_port: config.proxy.outbound_port,
+            inbound_port: config.proxy.inbound_port,
+            cgroup: source.tracked_cgroup(&config).as_deref(),
+            uplinks: &config.node.uplinks,
+            listeners: [outbound_listener.as_fd(), inbound_listener.as_fd()],
+            capacity: Capacity {
+                services: config.maps.services,
+                workloads: config.maps.workloads,
+            },
+        })?;
+        report_problems(dataplane.sync(&state)?);
+        *lock(&kernel_status) = map_fill(&dataplane, None);
+        // Loading parsed the kernel's BTF (several MB of types) for
+        // relocations.
+        memory::release();
+
+        let addresses = Addresses {
+            outbound: outbound_listener.local_addr()?,
+            inbound: inbound_listener.local_addr()?,
+            admin: admin_addr,
+            ready: ready_addr,
+            metrics: metrics_addr,
+        };
+        let outbound_stats = Arc::new(OutboundStats::default());
+        let inbound_stats = Arc::new(InboundStats::default());
+        let registry = Arc::new(Registry::default());
+        let mut health = HealthChecks::default();
+        health.sync(&state, &registry);
+        let preserve_client_ip = config.proxy.preserve_client_ip;
+        let hooked = hooked_pods(&dataplane, &state, preserve_client_ip);
+        let own = Arc::new(OwnListeners::new([
+            config.proxy.outbound_port,
+            config.proxy.inbound_port,
+            addresses.admin.port(),
+            addresses.ready.port(),
+            addresses.metrics.port(),
+        ]));
+        let (routes_tx, routes_rx) =
+            watch::channel(Arc::new(Routes::new(state, &registry, hooked, own.clone())));
+        let metrics = Arc::new(Metrics::default());
+        metrics.set_labels(&config.metrics.labels);
+        let sinks = Arc::new(Sinks {
+            metrics: metrics.clone(),
+            live: Arc::new(Live::default()),
+        });
+        let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
+        let hbone = Arc::new(HboneClient::new(
+            tls.clone(),
+            config.hbone.clone(),
+            config.proxy.connect_timeout(),
+        ));
+        let view: Arc<dyn AdminView> = Arc::new(AgentView {
+            pins: dataplane.pins().clone(),
+            outbound: outbound_stats.clone(),
+            inbound: inbound_stats.clone(),
+            hbone: hbone.clone(),
+            certs: certs.clone(),
+            routes: routes_rx.clone(),
+            sinks: sinks.clone(),
+            config: config_rx,
+            log: options.log.clone(),
+            kube: source.kube().cloned(),
+        });
+        let _ = admin_state.view.set(view);
+        let inbound = Inbound::new(
+            inbound_listener,
+            routes_rx.clone(),
+            tls,
+            config.proxy.connect_timeout(),
+            inbound_stats.clone(),
+            sinks.clone(),
+        );
+        let outbound = Outbound::new(
+            outbound_listener,
+            routes_rx,
+            OutboundSettings {
+                connect_timeout: config.proxy.connect_timeout(),
+                inbound_port: config.proxy.inbound_port,
+                fast_path: config
+                    .proxy
+                    .fast_path
+                    .then(|| dataplane.fast_path())
+                    .flatten(),
+            },
+            hbone,
+            outbound_stats.clone(),
+            sinks,
+        );
+        let load = Arc::new(move || {
+            let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            load(&outbound_stats.accepted)
+                + load(&outbound_stats.active)
+                + load(&inbound_stats.connections)
+                + load(&inbound_stats.streams)
+        });
+        Ok(Self {
+            addresses,
+            stop,
+            _stop_on_drop: stop_on_drop,
+            reload: ReloadHandle(Arc::new(Notify::new())),
+            _config_watcher: config_watcher,
+            config_changes,
+            ready: admin_state.ready.clone(),
+            reloader: Reloader {
+                overrides: options.overrides.clone(),
+                path: options.config.clone(),
+                source,
+                dataplane,
+                routes: routes_tx,
+                preserve_client_ip,
+                own,
+                kernel_status,
+                registry,
+                health,
+                certs,
+                metrics,
+                config: config_tx,
+                current: config,
+            },
+            unmapped,
+            inbound,
+            outbound,
+            load,
+        })
+    }
+
+    /// Where this agent listens (ports the options gave as 0 resolved).
+    pub fn addresses(&self) -> Addresses {
+        self.addresses
+    }
+
+    /// Reloads the config file while [`Bound::run`] runs.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        self.reload.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains (up to
+    /// `proxy.drain_timeout`) and removes everything it put in the kernel.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            addresses,
+            stop,
+            _stop_on_drop,
+            reload,
+            _config_watcher,
+            config_changes: mut changed,
+            ready,
+            mut reloader,
+            mut unmapped,
+            inbound,
+            outbound,
+            load,
+        } = self;
+        let tracker = TaskTracker::new();
+        tokio::spawn(memory::release_when_quiet(move || load(), stop.clone()));
+        let inbound_accepting = tokio::spawn(inbound.serve(stop.clone(), tracker.clone()));
+        let outbound_accepting = tokio::spawn(outbound.serve(stop.clone(), tracker.clone()));
+        ready.store(true, Ordering::Release);
+        info!(node = %reloader.current.node.name, outbound = %addresses.outbound, "agent ready");
+
+        let mut remap = tokio::time::interval(Duration::from_secs(2));
+        // Pod interfaces can be deleted and made again under the same name
+        // without any change to the model: look every second.
+        let mut interfaces = tokio::time::interval(Duration::from_secs(1));
+        let mut shutdown = pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = reload.0.notified() => reloader.reload().await,
+                Some(()) = changed.recv() => {
+                    // Let a burst of writes settle before reading the file.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    while changed.try_recv().is_ok() {}
+                    reloader.reload().await;
+                }
+                () = reloader.source.changed() => {
+                    // Let a burst of events (a rollout) settle into one update.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    reloader.refresh().await;
+                    unmapped = reloader.source.report_unmapped(&unmapped);
+                }
+                _ = interfaces.tick() => {
+                    if reloader.dataplane.interfaces_changed() {
+                        reloader.reattach().await;
+                    }
+                }
+                // Pods whose interface or cgroup was not there yet (the CNI
+                // and kubelet may lag the API server) are looked for again.
+                _ = remap.tick(), if !unmapped.is_empty() => {
+                    reloader.refresh().await;
+                    unmapped = reloader.source.report_unmapped(&unmapped);
+                }
+            }
+        }
+
+        info!("draining");
+        ready.store(false, Ordering::Release);
+        stop.cancel();
+        let _ = outbound_accepting.await;
+        let _ = inbound_accepting.await;
+        tracker.close();
+        if tokio::time::timeout(reloader.current.proxy.drain_timeout(), tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("drain timeout: closing the remaining connections");
+        }
+        reloader.dataplane.close().context("removing pins")?;
+        info!("stopped; kernel state removed");
+        Ok(())
+    }
+}
+
+/// The CA named in the config: signing files, or the embedded CA's directory.
+fn certificate_authority(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
+    let ca = match &config.identity.ca {
+        Some(files) => EmbeddedCa::load(&files.cert, &files.key, &files.roots)?,
+        None => EmbeddedCa::load_or_create(&config.identity.ca_dir)?,
+    };
+    Ok(Arc::new(ca))
+}
