@@ -495,3 +495,338 @@ pub struct MemberSnapshot {
     #[serde(flatten)]
     pub state: EndpointSnapshot,
 }
+
+#[cfg(test)]
+mod tests {
+    //! The balancer's decisions, without a network: endpoints are only
+    //! addresses here, and load is what the guards count.
+
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::{CircuitBreaker, Endpoint, OutlierDetection};
+
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 2, 0, last)
+    }
+
+    fn endpoint(last: u8) -> Endpoint {
+        Endpoint {
+            ip: ip(last),
+            weight: 1,
+            subset: None,
+            node: None,
+            local: false,
+            zone: None,
+            same_zone: false,
+        }
+    }
+
+    fn service(policy: Policy, endpoints: Vec<Endpoint>) -> Service {
+        Service {
+            name: "echo".into(),
+            namespace: "default".into(),
+            vip: Ipv4Addr::new(10, 96, 0, 10),
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: 8080,
+            }],
+            endpoints,
+            policy,
+            locality: Locality::Off,
+            splits: Vec::new(),
+            resilience: Resilience::default(),
+        }
+    }
+
+    fn balancer(service: &Service) -> ServiceBalancer {
+        ServiceBalancer::new(service, &Registry::default())
+    }
+
+    /// How many of `picks` went to each endpoint (by last octet).
+    fn spread(balancer: &ServiceBalancer, picks: usize) -> BTreeMap<u8, usize> {
+        let mut counts = BTreeMap::new();
+        for _ in 0..picks {
+            let chosen = balancer.pick(CLIENT, &[]).expect("an endpoint");
+            *counts.entry(chosen.ip.octets()[3]).or_default() += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn round_robin_follows_weights_exactly() {
+        let mut endpoints = vec![endpoint(1), endpoint(2), endpoint(3)];
+        endpoints[0].weight = 3;
+        let b = balancer(&service(Policy::RoundRobin, endpoints));
+        assert_eq!(spread(&b, 50), BTreeMap::from([(1, 30), (2, 10), (3, 10)]));
+    }
+
+    #[test]
+    fn zero_weight_endpoints_and_tried_ones_are_never_picked() {
+        let mut endpoints = vec![endpoint(1), endpoint(2), endpoint(3)];
+        endpoints[2].weight = 0;
+        let b = balancer(&service(Policy::Random, endpoints));
+        for _ in 0..200 {
+            let chosen = b.pick(CLIENT, &[ip(1)]).unwrap();
+            assert_eq!(chosen.ip, ip(2));
+        }
+        assert_eq!(
+            b.pick(CLIENT, &[ip(1), ip(2)]).err(),
+            Some(PickError::NoEndpoint)
+        );
+        assert_eq!(b.state.no_endpoint.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn least_connections_avoids_the_busy_endpoint() {
+        let b = balancer(&service(
+            Policy::LeastConnections,
+            vec![endpoint(1), endpoint(2)],
+        ));
+        let busy = b.pick(CLIENT, &[]).unwrap();
+        let _held: Vec<_> = (0..3).map(|_| busy.begin_active()).collect();
+        for _ in 0..50 {
+            assert_ne!(b.pick(CLIENT, &[]).unwrap().ip, busy.ip);
+        }
+    }
+
+    #[test]
+    fn p2c_prefers_the_endpoint_with_lower_latency_and_load() {
+        let b = balancer(&service(Policy::P2cEwma, vec![endpoint(1), endpoint(2)]));
+        let [slow, fast] = [ip(1), ip(2)].map(|ip| {
+            b.members
+                .iter()
+                .find(|m| m.state.ip == ip)
+                .unwrap()
+                .state
+                .clone()
+        });
+        for _ in 0..20 {
+            slow.connect_succeeded(Duration::from_millis(200));
+            fast.connect_succeeded(Duration::from_millis(1));
+        }
+        // With two endpoints both are always compared: the cheaper wins.
+        assert_eq!(spread(&b, 100), BTreeMap::from([(2, 100)]));
+    }
+
+    #[test]
+    fn consistent_hash_keeps_a_client_on_one_endpoint_and_moves_it_when_tried() {
+        let endpoints = (1..=5).map(endpoint).collect();
+        let b = balancer(&service(Policy::ConsistentHash, endpoints));
+        let first = b.pick(CLIENT, &[]).unwrap().ip;
+        for _ in 0..20 {
+            assert_eq!(b.pick(CLIENT, &[]).unwrap().ip, first);
+        }
+        let retry = b.pick(CLIENT, &[first]).unwrap().ip;
+        assert_ne!(retry, first);
+        // Different clients spread over the endpoints.
+        let clients: std::collections::BTreeSet<Ipv4Addr> = (0..=255)
+            .map(|i| b.pick(Ipv4Addr::new(10, 1, 1, i), &[]).unwrap().ip)
+            .collect();
+        assert_eq!(clients.len(), 5);
+    }
+
+    #[test]
+    fn a_split_sends_exactly_its_share_to_each_subset() {
+        let mut endpoints = vec![endpoint(1), endpoint(2), endpoint(3)];
+        endpoints[0].subset = Some("v1".into());
+        endpoints[1].subset = Some("v1".into());
+        endpoints[2].subset = Some("v2".into());
+        let mut s = service(Policy::RoundRobin, endpoints);
+        s.splits = vec![
+            Split {
+                subset: "v1".into(),
+                weight: 90,
+            },
+            Split {
+                subset: "v2".into(),
+                weight: 10,
+            },
+        ];
+        let b = balancer(&s);
+        let counts = spread(&b, 100);
+        assert_eq!(counts[&3], 10, "{counts:?}");
+        assert_eq!(counts[&1] + counts[&2], 90, "{counts:?}");
+    }
+
+    #[test]
+    fn a_split_gives_way_when_its_subset_has_no_available_endpoint() {
+        let mut endpoints = vec![endpoint(1), endpoint(2)];
+        endpoints[0].subset = Some("v1".into());
+        endpoints[1].subset = Some("v2".into());
+        let mut s = service(Policy::RoundRobin, endpoints);
+        s.splits = vec![Split {
+            subset: "v2".into(),
+            weight: 100,
+        }];
+        let b = balancer(&s);
+        assert_eq!(spread(&b, 5), BTreeMap::from([(2, 5)]));
+        // v2's only endpoint is down: availability wins over the split.
+        b.members[1].state.set_healthy(false);
+        assert_eq!(spread(&b, 5), BTreeMap::from([(1, 5)]));
+    }
+
+    #[test]
+    fn locality_prefers_this_node_then_this_zone_and_strict_never_leaves_the_node() {
+        let mut endpoints = vec![endpoint(1), endpoint(2), endpoint(3)];
+        endpoints[0].local = true;
+        endpoints[1].same_zone = true;
+        let mut s = service(Policy::RoundRobin, endpoints);
+        s.locality = Locality::Prefer;
+        let b = balancer(&s);
+        assert_eq!(spread(&b, 10), BTreeMap::from([(1, 10)]));
+        // The local one tried: the same zone before the rest.
+        for _ in 0..10 {
+            assert_eq!(b.pick(CLIENT, &[ip(1)]).unwrap().ip, ip(2));
+        }
+        assert_eq!(b.pick(CLIENT, &[ip(1), ip(2)]).unwrap().ip, ip(3));
+
+        s.locality = Locality::Strict;
+        let strict = balancer(&s);
+        assert_eq!(
+            strict.pick(CLIENT, &[ip(1)]).err(),
+            Some(PickError::NoEndpoint)
+        );
+
+        s.locality = Locality::Off;
+        let off = balancer(&s);
+        assert_eq!(spread(&off, 9).len(), 3);
+    }
+
+    #[test]
+    fn unhealthy_and_ejected_endpoints_are_skipped_while_others_are_up() {
+        let b = balancer(&service(
+            Policy::RoundRobin,
+            vec![endpoint(1), endpoint(2), endpoint(3)],
+        ));
+        b.members[0].state.set_healthy(false);
+        let now = Instant::now();
+        b.members[1]
+            .state
+            .eject(now, Duration::from_secs(30), Duration::from_secs(60));
+        assert_eq!(spread(&b, 6), BTreeMap::from([(3, 6)]));
+        // All down: panic routing spreads over all rather than refusing.
+        b.members[2].state.set_healthy(false);
+        assert_eq!(spread(&b, 6).len(), 3);
+    }
+
+    #[test]
+    fn the_service_breaker_refuses_past_max_connections_and_max_pending() {
+        let mut s = service(Policy::RoundRobin, vec![endpoint(1)]);
+        s.resilience.circuit_breaker = CircuitBreaker {
+            max_connections: Some(3),
+            max_pending: Some(2),
+            ..Default::default()
+        };
+        let b = balancer(&s);
+        let mut first = b.admit().unwrap();
+        let _second = b.admit().unwrap();
+        // Two pending: max_pending reached.
+        assert_eq!(b.admit().err(), Some(PickError::Overflow));
+        first.established();
+        let third = b.admit().unwrap();
+        // One active and two pending: max_connections reached.
+        assert_eq!(b.admit().err(), Some(PickError::Overflow));
+        assert_eq!(b.state.overflows.load(Ordering::Relaxed), 2);
+        drop(third);
+        assert!(b.admit().is_ok(), "an ended connection frees its slot");
+        drop(first);
+    }
+
+    #[test]
+    fn per_endpoint_limits_move_connections_on_and_overflow_when_all_are_full() {
+        let mut s = service(Policy::RoundRobin, vec![endpoint(1), endpoint(2)]);
+        s.resilience.circuit_breaker = CircuitBreaker {
+            max_connections_per_endpoint: Some(1),
+            ..Default::default()
+        };
+        let b = balancer(&s);
+        let one = b.pick(CLIENT, &[]).unwrap();
+        let _busy = one.begin_active();
+        for _ in 0..5 {
+            assert_ne!(b.pick(CLIENT, &[]).unwrap().ip, one.ip);
+        }
+        let two = b.pick(CLIENT, &[]).unwrap();
+        let _also_busy = two.begin_connect();
+        assert_eq!(b.pick(CLIENT, &[]).err(), Some(PickError::Overflow));
+    }
+
+    #[test]
+    fn consecutive_failures_eject_but_never_past_the_ejection_cap() {
+        let mut s = service(Policy::RoundRobin, (1..=4).map(endpoint).collect());
+        s.resilience.outlier_detection = OutlierDetection {
+            consecutive_failures: 3,
+            max_ejection_percent: 50,
+            ..Default::default()
+        };
+        let b = balancer(&s);
+        let now = Instant::now();
+        let states: Vec<_> = b.members.iter().map(|m| m.state.clone()).collect();
+        for _ in 0..2 {
+            b.report_failure(&states[0]);
+        }
+        assert!(!states[0].is_ejected(now), "two failures of three");
+        b.report_failure(&states[0]);
+        assert!(states[0].is_ejected(Instant::now()));
+        for state in &states[1..] {
+            for _ in 0..3 {
+                b.report_failure(state);
+            }
+        }
+        let ejected = states
+            .iter()
+            .filter(|s| s.is_ejected(Instant::now()))
+            .count();
+        assert_eq!(ejected, 2, "half of four at most");
+        assert_eq!(b.state.connect_failures.load(Ordering::Relaxed), 12);
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_streak() {
+        let mut s = service(Policy::RoundRobin, vec![endpoint(1), endpoint(2)]);
+        s.resilience.outlier_detection.consecutive_failures = 2;
+        let b = balancer(&s);
+        let state = b.members[0].state.clone();
+        b.report_failure(&state);
+        state.connect_succeeded(Duration::from_millis(1));
+        b.report_failure(&state);
+        assert!(!state.is_ejected(Instant::now()));
+    }
+
+    #[test]
+    fn the_retry_budget_is_a_share_of_live_connections_with_a_floor() {
+        let mut s = service(Policy::RoundRobin, vec![endpoint(1)]);
+        s.resilience.retry = crate::model::Retry {
+            retries: 2,
+            budget_percent: 50,
+            min_concurrency: 1,
+        };
+        let b = balancer(&s);
+        // No traffic: the floor allows one retry at a time.
+        let first = b.try_retry().expect("the floor");
+        assert!(b.try_retry().is_none());
+        drop(first);
+        // Six live connections: half of them may be retries at once.
+        let _live: Vec<_> = (0..6).map(|_| b.admit().unwrap()).collect();
+        let permits: Vec<_> = std::iter::from_fn(|| b.try_retry()).take(10).collect();
+        assert_eq!(permits.len(), 3);
+        assert_eq!(b.state.retry_budget_exhausted.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn timeouts_default_unless_the_service_sets_them() {
+        let mut s = service(Policy::RoundRobin, vec![endpoint(1)]);
+        let default = Duration::from_secs(5);
+        assert_eq!(balancer(&s).connect_timeout(default), default);
+        assert_eq!(balancer(&s).idle_timeout(), None);
+        s.resilience.connect_timeout_ms = Some(250);
+        s.resilience.idle_timeout_ms = Some(60_000);
+        assert_eq!(
+            balancer(&s).connect_timeout(default),
+            Duration::from_millis(250)
+        );
+        assert_eq!(balancer(&s).idle_timeout(), Some(Duration::from_secs(60)));
+    }
+}
