@@ -78,11 +78,19 @@ pub enum Decision {
     DryRunDeny(String),
 }
 
+/// A connection refused by a rule (or by the default action).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("denied by {rule}")]
+pub struct Denied {
+    /// The rule's name, `rules[i]`, or `default_action`.
+    pub rule: String,
+}
+
 impl Decision {
     /// What the caller does with the decision: `Ok(dry_run_denied)` to go
-    /// ahead, `Err(rule)` to refuse. A dry-run deny is logged here, so every
+    /// ahead, `Err(Denied)` to refuse. A dry-run deny is logged here, so every
     /// enforcement point reports it the same way.
-    pub fn enforce(self, request: &Request<'_>) -> Result<bool, String> {
+    pub fn enforce(self, request: &Request<'_>) -> Result<bool, Denied> {
         match self {
             Decision::Allow => Ok(false),
             Decision::DryRunDeny(rule) => {
@@ -96,7 +104,7 @@ impl Decision {
                 );
                 Ok(true)
             }
-            Decision::Deny(rule) => Err(rule),
+            Decision::Deny(rule) => Err(Denied { rule }),
         }
     }
 }

@@ -416,7 +416,9 @@ fn maps_pods_in_every_kubelet_and_runtime_layout() {
             "{name}"
         );
         // Another pod is not found, and the error says where it looked.
-        let error = mapping::pod_cgroup(&kubepods, "0000", Some(qos), &[]).unwrap_err();
+        let error = mapping::pod_cgroup(&kubepods, "0000", Some(qos), &[])
+            .unwrap_err()
+            .to_string();
         assert!(
             error.contains("pod0000") || error.contains("pod0000.slice"),
             "{name}: {error}"
@@ -427,7 +429,7 @@ fn maps_pods_in_every_kubelet_and_runtime_layout() {
     // No cgroup v2 at all.
     let empty = std::env::temp_dir().join(unique_name("layout"));
     std::fs::create_dir_all(&empty).unwrap();
-    let error = mapping::kubepods_root(&empty).unwrap_err();
+    let error = mapping::kubepods_root(&empty).unwrap_err().to_string();
     assert!(error.contains("no cgroup v2"), "{error}");
     std::fs::remove_dir_all(&empty).unwrap();
 }
@@ -458,7 +460,9 @@ fn maps_interfaces_from_host_routes_only() {
         mask24 = hex([255, 255, 255, 0]),
     );
     let routes = mapping::parse_routes(&table);
-    let map = |ip: [u8; 4]| mapping::pod_interface(&routes, Ipv4Addr::from(ip), &net);
+    let map = |ip: [u8; 4]| {
+        mapping::pod_interface(&routes, Ipv4Addr::from(ip), &net).map_err(|e| e.to_string())
+    };
     assert_eq!(map([10, 244, 1, 5]).unwrap(), "cali123");
     let bridge = map([10, 244, 2, 7]).unwrap_err();
     assert!(bridge.contains("bridge cni0"), "{bridge}");

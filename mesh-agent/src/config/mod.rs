@@ -759,18 +759,18 @@ fn in_range<T: PartialOrd + std::fmt::Display>(
 }
 
 fn name(field: &str, value: &str) -> Result<(), (String, String)> {
-    check_name(value).map_err(|message| (field.to_owned(), message))
+    check_name(value).map_err(|error| (field.to_owned(), error.to_string()))
 }
 
 fn routable(field: &str, ip: Ipv4Addr) -> Result<(), (String, String)> {
-    check_address(ip).map_err(|message| (field.to_owned(), message))
+    check_address(ip).map_err(|error| (field.to_owned(), error.to_string()))
 }
 
 /// A name as Kubernetes allows it (a DNS subdomain): lowercase letters,
 /// digits, '-' and '.', starting and ending with a letter or digit. Names
 /// become parts of SPIFFE IDs, metric labels and log fields, whichever
 /// source gave them.
-pub fn check_name(value: &str) -> Result<(), String> {
+pub fn check_name(value: &str) -> Result<(), ValueError> {
     let edge = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     let ok = value.len() <= limits::MAX_NAME_LEN
         && edge(value.as_bytes().first())
@@ -781,22 +781,31 @@ pub fn check_name(value: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{:?} is not a name (lowercase letters, digits, '-' and '.', at most {} bytes)",
-            value.chars().take(64).collect::<String>(),
-            limits::MAX_NAME_LEN
-        ))
+        Err(ValueError::Name(value.chars().take(64).collect()))
     }
 }
 
 /// An address a pod, a service or an endpoint can have: not 0.0.0.0,
 /// loopback, multicast or broadcast. An endpoint on loopback would have
 /// the agent dial the node's own local services for any pod.
-pub fn check_address(ip: Ipv4Addr) -> Result<(), String> {
+pub fn check_address(ip: Ipv4Addr) -> Result<(), ValueError> {
     if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
-        return Err(format!("{ip} is not a pod or service address"));
+        return Err(ValueError::Address(ip));
     }
     Ok(())
+}
+
+/// A name or address no source may give, whichever gave it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// The name (its first 64 characters).
+    #[error(
+        "{0:?} is not a name (lowercase letters, digits, '-' and '.', at most {max} bytes)",
+        max = limits::MAX_NAME_LEN
+    )]
+    Name(String),
+    #[error("{0} is not a pod or service address")]
+    Address(Ipv4Addr),
 }
 
 /// A Linux interface name: 1 to 15 bytes, no '/', ':' or white space.

@@ -82,7 +82,7 @@ pub struct Target<'a> {
     pub records: &'a mut TcFilterRecords,
 }
 
-pub fn pod(target: &mut Target<'_>, ifname: &str) -> Result<PodAttachment, String> {
+pub fn pod(target: &mut Target<'_>, ifname: &str) -> Result<PodAttachment, AttachError> {
     let ifindex = ifindex(ifname)?;
     let mut links = Vec::with_capacity(2);
     for (name, attach_type, suffix) in [
@@ -104,7 +104,7 @@ pub fn pod(target: &mut Target<'_>, ifname: &str) -> Result<PodAttachment, Strin
 }
 
 /// Inbound HBONE steering on one of the node's uplinks.
-pub fn uplink(target: &mut Target<'_>, ifname: &str) -> Result<Attachment, String> {
+pub fn uplink(target: &mut Target<'_>, ifname: &str) -> Result<Attachment, AttachError> {
     let ifindex = ifindex(ifname)?;
     tc(
         target,
@@ -116,8 +116,34 @@ pub fn uplink(target: &mut Target<'_>, ifname: &str) -> Result<Attachment, Strin
     )
 }
 
-fn ifindex(ifname: &str) -> Result<u32, String> {
-    nix::net::if_::if_nametoindex(ifname).map_err(|e| format!("not found ({e})"))
+fn ifindex(ifname: &str) -> Result<u32, AttachError> {
+    nix::net::if_::if_nametoindex(ifname).map_err(AttachError::NoInterface)
+}
+
+/// Why a tc program is not on an interface.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("not found ({0})")]
+    NoInterface(nix::Error),
+    #[error("program {0} is not loaded")]
+    NotLoaded(&'static str),
+    #[error("attaching {program}: {reason}")]
+    Attach {
+        program: &'static str,
+        reason: String,
+    },
+    #[error(transparent)]
+    Record(#[from] super::tc_filters::TcFilterError),
+    #[error("link {program}: {reason}")]
+    Link {
+        program: &'static str,
+        reason: String,
+    },
+    #[error("pinning {}: {reason}", path.display())]
+    Pin {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 /// Attaches one tc program and pins its link (`<pin root>/links/<ifname>_<suffix>`).
@@ -128,7 +154,7 @@ fn tc(
     name: &'static str,
     attach_type: TcAttachType,
     suffix: &str,
-) -> Result<Attachment, String> {
+) -> Result<Attachment, AttachError> {
     let Target {
         ebpf,
         pins,
@@ -141,11 +167,14 @@ fn tc(
     let program: &mut SchedClassifier = ebpf
         .program_mut(name)
         .and_then(|p| p.try_into().ok())
-        .ok_or_else(|| format!("program {name} is not loaded"))?;
+        .ok_or(AttachError::NotLoaded(name))?;
     let link = program
         .attach(ifname, attach_type)
         .and_then(|id| program.take_link(id))
-        .map_err(|e| format!("attaching {name}: {}", error_chain(&e)))?;
+        .map_err(|e| AttachError::Attach {
+            program: name,
+            reason: error_chain(&e),
+        })?;
     if !has_tcx() {
         records.record(ifindex, attach_type, name, &link)?;
         return Ok(Attachment::Netlink {
@@ -155,11 +184,15 @@ fn tc(
         });
     }
     // TCX: a real link object that can be pinned.
-    let fd_link = FdLink::try_from(link).map_err(|e| format!("link {name}: {e}"))?;
+    let fd_link = FdLink::try_from(link).map_err(|e| AttachError::Link {
+        program: name,
+        reason: e.to_string(),
+    })?;
     let path = pins.pod_link(ifname, suffix);
-    let pinned = fd_link
-        .pin(&path)
-        .map_err(|e| format!("pinning {}: {}", path.display(), error_chain(&e)))?;
+    let pinned = fd_link.pin(&path).map_err(|e| AttachError::Pin {
+        reason: error_chain(&e),
+        path,
+    })?;
     Ok(Attachment::Pinned(pinned))
 }
 

@@ -31,6 +31,19 @@ use tokio::net::TcpStream;
 use super::error_chain;
 use crate::locks::lock;
 
+/// Why a pair of sockets stays in user space.
+#[derive(Debug, thiserror::Error)]
+pub enum FastPathError {
+    #[error("fast path: {0} is not IPv4")]
+    NotIpv4(SocketAddr),
+    #[error("fast path: socket address: {0}")]
+    Address(std::io::Error),
+    #[error("fast path: sockhash update: {0}")]
+    Map(String),
+    #[error("fast path: SO_RCVLOWAT: {0}")]
+    ReceiveLowWater(std::io::Error),
+}
+
 pub struct FastPath {
     maps: Mutex<Maps>,
 }
@@ -51,14 +64,18 @@ impl FastPath {
     /// [`FastPath::resume`] does the same for `b` later. On error nothing
     /// is left in the maps and the caller copies in user space as usual.
     /// Returns the sockets' keys.
-    pub fn splice(&self, a: &TcpStream, b: &TcpStream) -> Result<(ConnKey, ConnKey), String> {
+    pub fn splice(
+        &self,
+        a: &TcpStream,
+        b: &TcpStream,
+    ) -> Result<(ConnKey, ConnKey), FastPathError> {
         let (key_a, key_b) = (key(a)?, key(b)?);
         let paired = {
             let mut maps = lock(&self.maps);
             maps.to
                 .insert(key_a, b.as_raw_fd(), 0)
                 .and_then(|()| maps.to.insert(key_b, a.as_raw_fd(), 0))
-                .map_err(|e| format!("fast path: {}", error_chain(&e)))
+                .map_err(|e| FastPathError::Map(error_chain(&e)))
         };
         if let Err(error) = paired.and_then(|()| self.resume(&key_a, a)) {
             let mut maps = lock(&self.maps);
@@ -83,24 +100,24 @@ impl FastPath {
     /// Lets the kernel move what arrives on a socket (at first, or again
     /// after a pause), starting with what queued up before: in order, as
     /// long as the agent holds none of that direction's bytes.
-    pub fn resume(&self, key: &ConnKey, stream: &impl AsRawFd) -> Result<(), String> {
+    pub fn resume(&self, key: &ConnKey, stream: &impl AsRawFd) -> Result<(), FastPathError> {
         lock(&self.maps)
             .on
             .insert(key, stream.as_raw_fd(), 0)
-            .map_err(|e| format!("fast path: {}", error_chain(&e)))?;
+            .map_err(|e| FastPathError::Map(error_chain(&e)))?;
         // TCP signals "data ready", so what queued before the verdict was
         // in place goes through it first.
         crate::sockopt::set_int(stream, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
-            .map_err(|e| format!("fast path: SO_RCVLOWAT: {e}"))
+            .map_err(FastPathError::ReceiveLowWater)
     }
 }
 
 /// The socket's key as `mesh_splice` computes it for its segments.
-fn key(stream: &TcpStream) -> Result<ConnKey, String> {
+fn key(stream: &TcpStream) -> Result<ConnKey, FastPathError> {
     let v4 = |addr: std::io::Result<SocketAddr>| match addr {
         Ok(SocketAddr::V4(addr)) => Ok(addr),
-        Ok(other) => Err(format!("fast path: {other} is not IPv4")),
-        Err(e) => Err(format!("fast path: {e}")),
+        Ok(other) => Err(FastPathError::NotIpv4(other)),
+        Err(e) => Err(FastPathError::Address(e)),
     };
     let (local, remote): (SocketAddrV4, SocketAddrV4) =
         (v4(stream.local_addr())?, v4(stream.peer_addr())?);

@@ -72,8 +72,11 @@ pub enum DataplaneError {
     },
     #[error(transparent)]
     Map(#[from] maps::KernelMapError),
-    #[error("uplink {interface}: {message}")]
-    Uplink { interface: String, message: String },
+    #[error("uplink {interface}: {source}")]
+    Uplink {
+        interface: String,
+        source: Box<attach::AttachError>,
+    },
     #[error("attaching sock_ops to cgroup {}: {message}", path.display())]
     Cgroup { path: PathBuf, message: String },
     #[error(transparent)]
@@ -230,13 +233,12 @@ impl Dataplane {
             info!(cgroup = %cgroup.display(), "connection tracking attached");
         }
         for uplink in settings.uplinks {
-            let attachment =
-                attach::uplink(&mut dataplane.target(), uplink).map_err(|message| {
-                    DataplaneError::Uplink {
-                        interface: uplink.clone(),
-                        message,
-                    }
-                })?;
+            let attachment = attach::uplink(&mut dataplane.target(), uplink).map_err(|source| {
+                DataplaneError::Uplink {
+                    interface: uplink.clone(),
+                    source: Box::new(source),
+                }
+            })?;
             dataplane.uplinks.push(attachment);
             info!(interface = %uplink, "inbound HBONE steering attached");
         }

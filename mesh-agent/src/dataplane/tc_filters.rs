@@ -52,11 +52,14 @@ impl TcFilterRecords {
         attach_type: TcAttachType,
         program: &str,
         link: &SchedClassifierLink,
-    ) -> Result<(), String> {
+    ) -> Result<(), TcFilterError> {
         let (priority, handle) = link
             .priority()
             .and_then(|priority| Ok((priority, link.handle()?)))
-            .map_err(|e| format!("netlink filter of {program}: {}", error_chain(&e)))?;
+            .map_err(|e| TcFilterError::Query {
+                program: program.to_owned(),
+                reason: error_chain(&e),
+            })?;
         let program = mesh_common::programs::ALL
             .iter()
             .position(|name| *name == program)
@@ -68,7 +71,7 @@ impl TcFilterRecords {
         };
         self.map
             .insert(key(ifindex, attach_type), value, 0)
-            .map_err(|e| format!("recording the netlink filter: {}", error_chain(&e)))
+            .map_err(|e| TcFilterError::Record(error_chain(&e)))
     }
 
     pub fn forget(&mut self, ifindex: u32, attach_type: TcAttachType) {
@@ -110,11 +113,11 @@ fn key(ifindex: u32, attach_type: TcAttachType) -> TcFilterKey {
 /// Deletes every filter recorded under `pins` (in the current network
 /// namespace, where the agent ran). Returns how many were deleted; an
 /// interface that is gone took its filters with it and is not an error.
-pub fn remove_recorded(pins: &PinLayout) -> Result<usize, String> {
+pub fn remove_recorded(pins: &PinLayout) -> Result<usize, TcFilterError> {
     if !pins.map(TC_FILTERS).exists() {
         return Ok(0);
     }
-    let records = TcFilterRecords::open_pinned(pins).map_err(|e| e.to_string())?;
+    let records = TcFilterRecords::open_pinned(pins)?;
     let mut removed = 0;
     for filter in records.list() {
         let Ok(ifname) = nix::net::if_::if_indextoname(filter.ifindex) else {
@@ -128,10 +131,26 @@ pub fn remove_recorded(pins: &PinLayout) -> Result<usize, String> {
             TcHandle::from(filter.handle),
             None,
         )
-        .map_err(|e| format!("{ifname}: {e}"))?;
+        .map_err(|e| TcFilterError::Remove {
+            interface: ifname.to_string(),
+            reason: e.to_string(),
+        })?;
         // Dropping a netlink link deletes the filter.
         drop(link);
         removed += 1;
     }
     Ok(removed)
+}
+
+/// Why a netlink filter could not be recorded or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum TcFilterError {
+    #[error("netlink filter of {program}: {reason}")]
+    Query { program: String, reason: String },
+    #[error("recording the netlink filter: {0}")]
+    Record(String),
+    #[error(transparent)]
+    Records(#[from] super::maps::KernelMapError),
+    #[error("{interface}: {reason}")]
+    Remove { interface: String, reason: String },
 }

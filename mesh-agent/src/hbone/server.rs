@@ -34,7 +34,7 @@ use super::{
     splice_tunnel,
 };
 use crate::{
-    authz::Request as AuthzRequest,
+    authz::{Denied, Request as AuthzRequest},
     identity::SpiffeId,
     io::{self, splice},
     locks::lock,
@@ -377,7 +377,7 @@ impl Shared {
             Ok(true) => {
                 self.stats.dry_run_denied.fetch_add(1, Ordering::Relaxed);
             }
-            Err(rule) => {
+            Err(Denied { rule }) => {
                 self.stats.denied.fetch_add(1, Ordering::Relaxed);
                 warn!(%client, %source_ip, %target, rule, "denied");
                 record.finish(&self.sinks, Outcome::Denied, 0, 0, Some(rule));

@@ -155,9 +155,9 @@ impl Opener<'_> {
                     workload_name: &workload.name,
                     port: target.port(),
                 };
-                if let Err(rule) = state.authorization.check(&request).enforce(&request) {
+                if let Err(denied) = state.authorization.check(&request).enforce(&request) {
                     self.stats.denied.fetch_add(1, Ordering::Relaxed);
-                    return Err(OpenError::Denied(rule));
+                    return Err(OpenError::Denied(denied.rule));
                 }
                 let source = self.routes.upstream_source(*client.ip(), *target.ip());
                 self.tcp(target, source).await

@@ -21,6 +21,39 @@ use std::{
 
 use serde::Serialize;
 
+/// Why a pod, or the node's pods, cannot be found in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MappingError {
+    #[error("no cgroup v2 hierarchy at {} or {}/unified", .0.display(), .0.display())]
+    NoCgroupV2(PathBuf),
+    #[error("no kubepods.slice (systemd driver) or kubepods (cgroupfs driver) in {}", .0.display())]
+    NoKubepods(PathBuf),
+    #[error("no cgroup for pod uid {uid} ({qos}); looked at {looked_at}")]
+    NoPodCgroup {
+        uid: String,
+        qos: String,
+        looked_at: String,
+    },
+    #[error("no route to {0}")]
+    NoRoute(Ipv4Addr),
+    #[error("{ip} is routed via {gateway} ({route}): not a pod on this node")]
+    ViaGateway {
+        ip: Ipv4Addr,
+        gateway: Ipv4Addr,
+        route: String,
+    },
+    #[error(
+        "{ip} is reached through bridge {bridge} ({route}); bridge CNIs are not supported (a pod needs its own host route)"
+    )]
+    Bridge {
+        ip: Ipv4Addr,
+        bridge: String,
+        route: String,
+    },
+    #[error("the route to {ip} is {route}, not a host route of its own")]
+    SharedRoute { ip: Ipv4Addr, route: String },
+}
+
 /// How kubelet names cgroups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -45,14 +78,8 @@ pub fn unified_root(mount: &Path) -> Option<PathBuf> {
 }
 
 /// Finds kubelet's `kubepods` cgroup under the cgroup v2 mount.
-pub fn kubepods_root(mount: &Path) -> Result<KubepodsRoot, String> {
-    let root = unified_root(mount).ok_or_else(|| {
-        format!(
-            "no cgroup v2 hierarchy at {} or {}/unified",
-            mount.display(),
-            mount.display()
-        )
-    })?;
+pub fn kubepods_root(mount: &Path) -> Result<KubepodsRoot, MappingError> {
+    let root = unified_root(mount).ok_or_else(|| MappingError::NoCgroupV2(mount.to_owned()))?;
     for (name, driver) in [
         ("kubepods.slice", CgroupDriver::Systemd),
         ("kubepods", CgroupDriver::Cgroupfs),
@@ -62,10 +89,7 @@ pub fn kubepods_root(mount: &Path) -> Result<KubepodsRoot, String> {
             return Ok(KubepodsRoot { path, driver });
         }
     }
-    Err(format!(
-        "no kubepods.slice (systemd driver) or kubepods (cgroupfs driver) in {}",
-        root.display()
-    ))
+    Err(MappingError::NoKubepods(root))
 }
 
 /// A pod's cgroup and the containers found in it.
@@ -83,7 +107,7 @@ pub fn pod_cgroup(
     uid: &str,
     qos: Option<&str>,
     containers: &[(String, String)],
-) -> Result<PodCgroup, String> {
+) -> Result<PodCgroup, MappingError> {
     let classes: &[&str] = match qos {
         Some("Guaranteed") => &["guaranteed"],
         Some("Burstable") => &["burstable"],
@@ -111,16 +135,14 @@ pub fn pod_cgroup(
         .iter()
         .find(|p| p.is_dir())
         .cloned()
-        .ok_or_else(|| {
-            format!(
-                "no cgroup for pod uid {uid} ({}); looked at {}",
-                qos.unwrap_or("QoS class unknown"),
-                candidates
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
+        .ok_or_else(|| MappingError::NoPodCgroup {
+            uid: uid.to_owned(),
+            qos: qos.unwrap_or("QoS class unknown").to_owned(),
+            looked_at: candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         })?;
     let containers = containers
         .iter()
@@ -187,7 +209,7 @@ pub fn pod_interface(
     routes: &[Route],
     ip: Ipv4Addr,
     sys_class_net: &Path,
-) -> Result<String, String> {
+) -> Result<String, MappingError> {
     let best = routes
         .iter()
         .filter(|r| {
@@ -195,27 +217,27 @@ pub fn pod_interface(
             u32::from(ip) & mask == u32::from(r.destination) & mask
         })
         .max_by_key(|r| r.prefix_len)
-        .ok_or_else(|| format!("no route to {ip}"))?;
+        .ok_or(MappingError::NoRoute(ip))?;
     let shown = format!(
         "{}/{} dev {}",
         best.destination, best.prefix_len, best.interface
     );
     if !best.gateway.is_unspecified() {
-        return Err(format!(
-            "{ip} is routed via {} ({shown}): not a pod on this node",
-            best.gateway
-        ));
+        return Err(MappingError::ViaGateway {
+            ip,
+            gateway: best.gateway,
+            route: shown,
+        });
     }
     if sys_class_net.join(&best.interface).join("bridge").is_dir() {
-        return Err(format!(
-            "{ip} is reached through bridge {} ({shown}); bridge CNIs are not supported (a pod needs its own host route)",
-            best.interface
-        ));
+        return Err(MappingError::Bridge {
+            ip,
+            bridge: best.interface.clone(),
+            route: shown,
+        });
     }
     if best.prefix_len != 32 {
-        return Err(format!(
-            "the route to {ip} is {shown}, not a host route of its own"
-        ));
+        return Err(MappingError::SharedRoute { ip, route: shown });
     }
     Ok(best.interface.clone())
 }

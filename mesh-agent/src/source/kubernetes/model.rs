@@ -11,7 +11,7 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    mapping::{self, KubepodsRoot, Route},
+    mapping::{self, KubepodsRoot, MappingError, Route},
     records::{
         LOCALITY_ANNOTATION, MODE_ANNOTATION, POLICY_ANNOTATION, PodRecord, SPLITS_ANNOTATION,
         ServiceRecord, SliceRecord, TargetPort,
@@ -26,7 +26,7 @@ use crate::model::{
 /// What the node offers for mapping pods to the kernel, read once per build.
 pub struct NodeView {
     pub name: String,
-    pub kubepods: Result<KubepodsRoot, String>,
+    pub kubepods: Result<KubepodsRoot, MappingError>,
     pub routes: Vec<Route>,
     pub sys_class_net: PathBuf,
 }
@@ -174,7 +174,8 @@ fn map_pod(pod: &PodRecord, node: &NodeView) -> Result<LocalWorkload, String> {
     // One interface per pod: every IP of it must route to the same one.
     let mut interface = None;
     for ip in &pod.ips {
-        let found = mapping::pod_interface(&node.routes, *ip, &node.sys_class_net)?;
+        let found = mapping::pod_interface(&node.routes, *ip, &node.sys_class_net)
+            .map_err(|e| e.to_string())?;
         match &interface {
             Some(first) if *first != found => {
                 return Err(format!(
@@ -184,13 +185,14 @@ fn map_pod(pod: &PodRecord, node: &NodeView) -> Result<LocalWorkload, String> {
             _ => interface = Some(found),
         }
     }
-    let kubepods = node.kubepods.as_ref().map_err(Clone::clone)?;
+    let kubepods = node.kubepods.as_ref().map_err(ToString::to_string)?;
     let cgroup = mapping::pod_cgroup(
         kubepods,
         &pod.uid,
         pod.qos_class.as_deref(),
         &pod.containers,
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     Ok(LocalWorkload {
         interface: interface.expect("a meshed pod has an IP"),
         cgroup: Some(cgroup.path),
