@@ -8,6 +8,7 @@ use mesh_agent::{
     app, cleanup, cli,
     config::{Config, Overrides},
 };
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use tracing_subscriber::{EnvFilter, prelude::*, reload};
 
 /// eBPF-accelerated, sidecar-free service mesh: one agent per node.
@@ -223,25 +224,15 @@ fn main() -> ExitCode {
 fn raise_open_files_limit() {
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
-        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(1 << 20);
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
     };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return;
-        }
-        let wanted = libc::rlimit {
-            rlim_cur: nr_open.max(limit.rlim_max),
-            rlim_max: nr_open.max(limit.rlim_max),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+    let wanted = nr_open.max(hard);
+    if setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_err() {
+        // Without CAP_SYS_RESOURCE the hard limit cannot rise: take it.
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 

@@ -20,6 +20,7 @@ pub mod process;
 pub mod scenario;
 pub mod topology;
 
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use std::{
     path::PathBuf,
     process::Command,
@@ -97,25 +98,13 @@ pub fn bpftool(args: &[&str]) -> Option<serde_json::Value> {
 
 /// The hard limit on open files (0 when it cannot be read).
 pub fn open_files_hard_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit into a local struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 0;
-    }
-    limit.rlim_max
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(_, hard)| hard)
 }
 
 /// Raises the soft limit on open files to the hard one: load helpers hold
 /// thousands of connections.
 pub fn raise_open_files_limit() {
     let hard = open_files_hard_limit();
-    let limit = libc::rlimit {
-        rlim_cur: hard,
-        rlim_max: hard,
-    };
-    // SAFETY: a syscall on a local struct; failure leaves the old limit.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    // Failure leaves the old limit.
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
 }
