@@ -319,6 +319,59 @@ pub const fn ipv4_from_raw(raw: u32) -> [u8; 4] {
     raw.to_ne_bytes()
 }
 
+/// Stops the build if a shared type has implicit padding: its size must be
+/// the sum of its fields' sizes. The value lists every field (a field
+/// added and not listed does not compile) and `size_of_val` follows a
+/// field whose type changes. All fields are integers, so `0` fits each.
+macro_rules! assert_no_padding {
+    ($ty:ident { $($field:ident),+ $(,)? }) => {
+        const _: () = {
+            let value = $ty { $($field: 0),+ };
+            assert!(core::mem::size_of::<$ty>() == 0 $(+ core::mem::size_of_val(&value.$field))+);
+        };
+    };
+}
+
+// The kernel, the agent and bpftool (through BTF) read these by their
+// byte layout.
+assert_no_padding!(ServiceKey { addr, port, pad });
+assert_no_padding!(ServiceValue { service_id, flags });
+assert_no_padding!(WorkloadValue { workload_id, flags });
+assert_no_padding!(PodStats {
+    packets_from_pod,
+    bytes_from_pod,
+    packets_to_pod,
+    bytes_to_pod,
+    captured,
+    plaintext_in,
+    plaintext_dropped,
+});
+assert_no_padding!(ConnKey {
+    local_addr,
+    remote_addr,
+    local_port,
+    remote_port,
+});
+assert_no_padding!(ConnValue {
+    cookie,
+    established_ns,
+    workload_id,
+    direction,
+});
+assert_no_padding!(Settings {
+    outbound_port,
+    inbound_port,
+    mark,
+    mark_mask,
+    flags,
+});
+assert_no_padding!(TcFilterKey { ifindex, direction });
+assert_no_padding!(TcFilterValue {
+    priority,
+    handle,
+    program,
+});
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
