@@ -1,5 +1,7 @@
-//! Prerequisites, installed only when missing (see ../shared/TOOLCHAIN.md
-//! for why each is needed and the bpf-linker recipe).
+//! Prerequisites, installed only when missing: Debian packages by the
+//! command they provide, the nightly toolchain with rust-src and
+//! bpf-linker for the kernel crate, and the tools the bench, the fuzzers
+//! and the seccomp test need. docs/development.md says why each is needed.
 
 use std::process::Command;
 
