@@ -156,7 +156,7 @@ fn main() -> ExitCode {
     let log = init_tracing(cli.log_format, &cli.log);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Command::Run { worker_threads, .. } = cli.command {
-        mesh_agent::app::memory::tune_allocator();
+        app::memory::tune_allocator();
         raise_open_files_limit();
         if let Some(threads) = worker_threads {
             runtime.worker_threads(threads.into());

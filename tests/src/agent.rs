@@ -87,7 +87,7 @@ impl Agent {
     }
 
     /// Like [`Agent::start`], launched as `launch` says.
-    pub fn start_with(node: &Node, config: &str, launch: &Launch) -> Self {
+    pub fn start_with(node: &Node, config: &str, launch: &Launch<'_>) -> Self {
         let agent = Self::spawn_with(node, config, launch);
         agent.wait_ready();
         agent
@@ -98,7 +98,7 @@ impl Agent {
         Self::spawn_with(node, config, &Launch::default())
     }
 
-    fn spawn_with(node: &Node, config: &str, launch: &Launch) -> Self {
+    fn spawn_with(node: &Node, config: &str, launch: &Launch<'_>) -> Self {
         // The agent watches its config file's directory: one of its own
         // keeps the agent from waking for every other file written in /tmp
         // (its own log among them).
@@ -198,9 +198,9 @@ impl Agent {
     }
 
     fn try_exit_status(&self) -> std::io::Result<Option<ExitStatus>> {
+        let mut status = 0;
         // SAFETY: waitpid with WNOHANG on our own child; reaping is fine
         // because Guarded's later wait() just fails with ECHILD.
-        let mut status = 0;
         let pid = unsafe { libc::waitpid(self.pid() as i32, &mut status, libc::WNOHANG) };
         if pid > 0 {
             use std::os::unix::process::ExitStatusExt;

@@ -410,7 +410,7 @@ pub mod objects {
         pub version: Option<&'a str>,
     }
 
-    pub fn pod(spec: &PodSpec) -> Value {
+    pub fn pod(spec: &PodSpec<'_>) -> Value {
         let mut labels = json!({"app": spec.name});
         if let Some(version) = spec.version {
             labels["version"] = json!(version);

@@ -465,7 +465,7 @@ fn observe_streams_connections_and_graph_renders() {
     let mut child = command.spawn().expect("observe");
     let stdout = child.stdout.take().unwrap();
     let _observer = Guarded::new(child);
-    let (lines, _) = mesh_tests::process::Lines::collect(stdout);
+    let (lines, _) = process::Lines::collect(stdout);
     let vip: SocketAddr = VIP.parse().unwrap();
     // The observer subscribes once its request arrives; connect until it reports.
     let deadline = Instant::now() + Duration::from_secs(15);

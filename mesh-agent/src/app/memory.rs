@@ -27,11 +27,13 @@ const TRIM_THRESHOLD: i32 = 1024 * 1024;
 /// elsewhere (musl).
 pub fn tune_allocator() {
     #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator parameters (under the
-    // allocator's own lock).
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+    for (parameter, value) in [
+        (libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        (libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+    ] {
+        // SAFETY: mallopt only changes allocator parameters (under the
+        // allocator's own lock).
+        unsafe { libc::mallopt(parameter, value) };
     }
 }
 

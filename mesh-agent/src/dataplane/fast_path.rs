@@ -143,24 +143,26 @@ pub struct TcpCounters {
 }
 
 pub fn tcp_counters(stream: &impl AsRawFd) -> Option<TcpCounters> {
-    // SAFETY: getsockopt into a zeroed tcp_info of the size we pass.
-    unsafe {
-        let mut info: libc::tcp_info = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        let ret = libc::getsockopt(
+    // SAFETY: tcp_info is plain integers, for which all zeroes is valid.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is
+    // that large, and sets `len` to what it wrote.
+    let ret = unsafe {
+        libc::getsockopt(
             stream.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
+            (&raw mut info).cast(),
             &mut len,
-        );
-        (ret == 0).then_some(TcpCounters {
-            bytes_received: info.tcpi_bytes_received,
-            bytes_acked: info.tcpi_bytes_acked,
-            last_data_recv_ms: info.tcpi_last_data_recv,
-            last_data_sent_ms: info.tcpi_last_data_sent,
-        })
-    }
+        )
+    };
+    (ret == 0).then_some(TcpCounters {
+        bytes_received: info.tcpi_bytes_received,
+        bytes_acked: info.tcpi_bytes_acked,
+        last_data_recv_ms: info.tcpi_last_data_recv,
+        last_data_sent_ms: info.tcpi_last_data_sent,
+    })
 }
 
 /// Bytes written into a socket so far: acknowledged plus still queued.

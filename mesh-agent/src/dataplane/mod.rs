@@ -321,7 +321,7 @@ impl Dataplane {
                 }
                 Err(error) => {
                     self.unattached.insert(ifname.to_owned());
-                    problems.push(format!("workload {workload}: interface {ifname}: {error}"))
+                    problems.push(format!("workload {workload}: interface {ifname}: {error}"));
                 }
             }
         }

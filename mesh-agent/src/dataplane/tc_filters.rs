@@ -150,7 +150,7 @@ pub enum TcFilterError {
     #[error("recording the netlink filter: {0}")]
     Record(String),
     #[error(transparent)]
-    Records(#[from] super::maps::KernelMapError),
+    Records(#[from] KernelMapError),
     #[error("{interface}: {reason}")]
     Remove { interface: String, reason: String },
 }

@@ -470,6 +470,6 @@ fn abort(read: OwnedReadHalf, write: OwnedWriteHalf) {
 
 /// Closes a connection with RST instead of FIN.
 pub fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
 }

@@ -189,13 +189,13 @@ impl Connection {
         match self.routes.state.destination(original) {
             Destination::Service { service, port } => {
                 self.proxy_service(client, peer, original, service, port)
-                    .await
+                    .await;
             }
             // A workload's own address, or something the model no longer
             // has (it was meshed when the kernel captured it): go where the
             // pod wanted to go.
             Destination::Workload(_) | Destination::Unknown => {
-                self.proxy_direct(client, peer, original).await
+                self.proxy_direct(client, peer, original).await;
             }
         }
     }

@@ -282,12 +282,9 @@ fn every_bad_object_is_refused_by_name_or_taken_with_its_default() {
     for (what, mutate, expect) in CORPUS {
         let mut objects = good();
         mutate(&mut objects);
-        let built = match std::panic::catch_unwind(|| built(&objects)) {
-            Ok(built) => built,
-            Err(_) => {
-                failures.push(format!("{what}: panicked"));
-                continue;
-            }
+        let Ok(built) = std::panic::catch_unwind(|| built(&objects)) else {
+            failures.push(format!("{what}: panicked"));
+            continue;
         };
         match expect {
             Problem(text) if !built.problems.iter().any(|p| p.contains(text)) => {

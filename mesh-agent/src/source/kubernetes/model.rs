@@ -203,7 +203,7 @@ fn build_service(
     service_key: &str,
     service: &ServiceRecord,
     slices: &[&SliceRecord],
-    pods: &PodIndex,
+    pods: &PodIndex<'_>,
     node: &NodeView,
     built: &mut Built,
 ) -> Option<Service> {
