@@ -41,7 +41,8 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// rustfmt check and clippy (workspace, then the kernel crate), no warnings.
+    /// rustfmt check, clippy (workspace, then the kernel crate) with no
+    /// warnings, and cargo deny (licences, bans, sources).
     Lint,
     /// Build everything, start a simulated node with pods and an agent on the
     /// built-in config, send traffic, show what happened, clean up.
@@ -147,7 +148,11 @@ fn main() -> anyhow::Result<()> {
                 "-D",
                 "warnings",
             ]))?;
-            run(ebpf_cargo(&root, "clippy").args(["--", "-D", "warnings"]))
+            run(ebpf_cargo(&root, "clippy").args(["--", "-D", "warnings"]))?;
+            // Advisories need the RustSec database from github.com, which
+            // the build machines cannot reach: licences, bans and sources.
+            prereqs::install_cargo_deny()?;
+            run(cargo(&root).args(["deny", "check", "licenses", "bans", "sources"]))
         }
         Task::Demo => {
             prereqs::install_all()?;

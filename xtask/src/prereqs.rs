@@ -34,6 +34,9 @@ pub fn install_all() -> anyhow::Result<()> {
     mount_bpffs()
 }
 
+/// cargo-deny, pinned like the other tools.
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
 const CARGO_FUZZ_VERSION: &str = "0.13.1";
 
 /// cargo-fuzz, and the nightly compiler its sanitizers need.
@@ -64,6 +67,24 @@ pub fn install_fuzzing() -> anyhow::Result<()> {
 /// Where `cargo xtask` keeps tools it builds (the workspace's target/).
 fn tools_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools")
+}
+
+/// cargo-deny, for `cargo xtask lint`'s licence, ban and source checks.
+pub fn install_cargo_deny() -> anyhow::Result<()> {
+    if output("cargo-deny", &["--version"]).is_ok_and(|v| v.contains(CARGO_DENY_VERSION)) {
+        return Ok(());
+    }
+    println!("installing cargo-deny {CARGO_DENY_VERSION}");
+    status(
+        "cargo",
+        &[
+            "install",
+            "cargo-deny",
+            "--version",
+            CARGO_DENY_VERSION,
+            "--locked",
+        ],
+    )
 }
 
 /// What the tests need to run the agent under a container runtime's
