@@ -10,12 +10,12 @@ use tokio::{net::TcpStream, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
-    lb::{EndpointState, Registry, state::ServiceKey},
+    lb::{EndpointState, Registry, state::ServiceName},
     model::{HealthCheck, MeshState},
 };
 
 /// A probe: whose endpoint it judges, and where it connects.
-type ProbeKey = (ServiceKey, SocketAddrV4);
+type ProbeKey = (ServiceName, SocketAddrV4);
 
 #[derive(Default)]
 pub struct HealthChecks {

@@ -16,7 +16,7 @@ pub use self::{
     service::{
         Admission, MemberSnapshot, PickError, RetryPermit, ServiceBalancer, ServiceSnapshot,
     },
-    state::{EndpointState, Registry, ServiceKey},
+    state::{EndpointState, Registry, ServiceName},
 };
 use crate::model::{MeshState, Service};
 
@@ -32,12 +32,12 @@ impl Balancers {
             .iter()
             .map(|s| ServiceBalancer::new(s, registry))
             .collect();
-        let endpoints: HashSet<(ServiceKey, Ipv4Addr)> = state
+        let endpoints: HashSet<(ServiceName, Ipv4Addr)> = state
             .services
             .iter()
             .flat_map(|s| s.endpoints.iter().map(|e| (s.key(), e.ip)))
             .collect();
-        let services: HashSet<ServiceKey> = state.services.iter().map(Service::key).collect();
+        let services: HashSet<ServiceName> = state.services.iter().map(Service::key).collect();
         registry.retain(&endpoints, &services);
         Self { per_service }
     }

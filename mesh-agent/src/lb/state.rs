@@ -250,26 +250,27 @@ impl<T> Drop for CountGuard<T> {
     }
 }
 
-/// A service: its namespace and name.
-pub type ServiceKey = (String, String);
+/// A service: its namespace and name (not the kernel map key
+/// `mesh_common::ServiceKey`, which is a VIP and port).
+pub type ServiceName = (String, String);
 
 /// All balancer state, shared by every snapshot of the routes.
 #[derive(Default)]
 pub struct Registry {
-    endpoints: Mutex<HashMap<(ServiceKey, Ipv4Addr), Arc<EndpointState>>>,
-    services: Mutex<HashMap<ServiceKey, Arc<ServiceState>>>,
+    endpoints: Mutex<HashMap<(ServiceName, Ipv4Addr), Arc<EndpointState>>>,
+    services: Mutex<HashMap<ServiceName, Arc<ServiceState>>>,
 }
 
 impl Registry {
     /// The state of endpoint `ip` as a member of `service`.
-    pub fn endpoint(&self, service: &ServiceKey, ip: Ipv4Addr) -> Arc<EndpointState> {
+    pub fn endpoint(&self, service: &ServiceName, ip: Ipv4Addr) -> Arc<EndpointState> {
         lock(&self.endpoints)
             .entry((service.clone(), ip))
             .or_insert_with(|| Arc::new(EndpointState::new(ip)))
             .clone()
     }
 
-    pub fn service(&self, service: &ServiceKey) -> Arc<ServiceState> {
+    pub fn service(&self, service: &ServiceName) -> Arc<ServiceState> {
         lock(&self.services)
             .entry(service.clone())
             .or_default()
@@ -280,8 +281,8 @@ impl Registry {
     /// longer has.
     pub fn retain(
         &self,
-        endpoints: &HashSet<(ServiceKey, Ipv4Addr)>,
-        services: &HashSet<ServiceKey>,
+        endpoints: &HashSet<(ServiceName, Ipv4Addr)>,
+        services: &HashSet<ServiceName>,
     ) {
         lock(&self.endpoints).retain(|key, _| endpoints.contains(key));
         lock(&self.services).retain(|key, _| services.contains(key));
