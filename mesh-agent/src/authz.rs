@@ -296,6 +296,53 @@ mod tests {
     }
 
     #[test]
+    fn enforcing_lets_a_dry_run_deny_through_and_refuses_a_real_one() {
+        let ask = request(None, [10, 1, 2, 3], 8080);
+        assert_eq!(Decision::Allow.enforce(&ask), Ok(false));
+        assert_eq!(Decision::DryRunDeny("r".into()).enforce(&ask), Ok(true));
+        let denied = Decision::Deny("no-plaintext".into()).enforce(&ask);
+        assert_eq!(
+            denied,
+            Err(Denied {
+                rule: "no-plaintext".into()
+            })
+        );
+        assert_eq!(denied.unwrap_err().to_string(), "denied by no-plaintext");
+    }
+
+    #[test]
+    fn named_rules_are_reported_by_name_and_plaintext_matches_no_principal() {
+        let policy = policy(
+            "default_action: deny
+rules:
+  - { name: any-identity, action: allow, from: { principals: [\"*\"] } }
+",
+        );
+        let id = SpiffeId::new("td", "default", "client");
+        assert_eq!(
+            policy.check(&request(Some(&id), [10, 1, 2, 3], 80)),
+            Decision::Allow
+        );
+        // `*` matches any identity, never the lack of one.
+        assert_eq!(
+            policy.check(&request(None, [10, 1, 2, 3], 80)),
+            Decision::Deny("default_action".into())
+        );
+    }
+
+    #[test]
+    fn validation_names_the_field_of_a_principal_that_is_no_spiffe_pattern() {
+        let policy = policy(
+            "rules:
+  - { action: allow, from: { principals: [\"spiffe://td/*\", \"frontend\"] } }
+",
+        );
+        let (field, message) = policy.validate().unwrap_err();
+        assert_eq!(field, "authorization.rules[0].from.principals[1]");
+        assert!(message.contains("\"frontend\""), "{message}");
+    }
+
+    #[test]
     fn deny_wins_then_allow_then_default() {
         let policy = policy(
             "default_action: deny

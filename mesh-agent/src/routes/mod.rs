@@ -58,3 +58,56 @@ impl Routes {
         returns.then_some(client)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Workload, WorkloadMode};
+
+    fn workload(name: &str, ip: Ipv4Addr) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: name.into(),
+            ips: vec![ip],
+            node: "n1".into(),
+            mode: WorkloadMode::Permissive,
+            local: None,
+        }
+    }
+
+    #[test]
+    fn the_client_address_is_kept_only_where_the_replies_come_back() {
+        let (client, hooked, unhooked, outsider) = (
+            Ipv4Addr::new(10, 1, 0, 1),
+            Ipv4Addr::new(10, 1, 0, 2),
+            Ipv4Addr::new(10, 1, 0, 3),
+            Ipv4Addr::new(192, 0, 2, 9),
+        );
+        let state = Arc::new(MeshState::new(
+            "n1".into(),
+            "td".into(),
+            Default::default(),
+            vec![
+                workload("client", client),
+                workload("hooked", hooked),
+                workload("unhooked", unhooked),
+            ],
+            Vec::new(),
+        ));
+        let routes = Routes::new(
+            state,
+            &Arc::new(Registry::default()),
+            HashSet::from([hooked, client]),
+            Arc::new(OwnListeners::new([15001, 15008])),
+        );
+        // A meshed client to a pod whose hook hands the replies back.
+        assert_eq!(routes.upstream_source(client, hooked), Some(client));
+        // No hook on the target: its replies would go to the client.
+        assert_eq!(routes.upstream_source(client, unhooked), None);
+        // A client outside the mesh: the hook would not take the replies.
+        assert_eq!(routes.upstream_source(outsider, hooked), None);
+        // A pod calling itself: its own address from outside is a martian.
+        assert_eq!(routes.upstream_source(client, client), None);
+    }
+}
