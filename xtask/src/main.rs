@@ -149,6 +149,13 @@ fn main() -> anyhow::Result<()> {
                 "warnings",
             ]))?;
             run(ebpf_cargo(&root, "clippy").args(["--", "-D", "warnings"]))?;
+            // Intra-doc links break silently when code moves.
+            run(cargo(&root).env("RUSTDOCFLAGS", "-D warnings").args([
+                "doc",
+                "--workspace",
+                "--no-deps",
+                "--document-private-items",
+            ]))?;
             // Advisories need the RustSec database from github.com, which
             // the build machines cannot reach: licences, bans and sources.
             prereqs::install_cargo_deny()?;

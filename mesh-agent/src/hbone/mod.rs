@@ -5,7 +5,7 @@
 //!
 //! [`client`] opens streams from a local workload to a remote one, pooling
 //! HTTP/2 connections per (source identity, destination identity, node);
-//! [`server`] accepts them for this node's workloads; [`tunnel`] splices a
+//! [`server`] accepts them for this node's workloads; `tunnel` splices a
 //! stream with the pod's TCP connection.
 
 pub mod client;

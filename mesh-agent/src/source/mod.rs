@@ -2,7 +2,7 @@
 //!
 //! A source produces a [`MeshState`]; nothing downstream (dataplane,
 //! balancers, proxy, certificates) knows which one it was. Two exist: the
-//! config file ([`file`]) and the Kubernetes API server's watches
+//! config file ([`mod@file`]) and the Kubernetes API server's watches
 //! ([`kubernetes`]). Node settings and policy (trust domain,
 //! authorization) always come from the config file.
 
