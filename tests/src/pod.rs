@@ -67,6 +67,10 @@ pub struct Connect {
     pub parallel: u32,
     /// After the greeting, wait for the server to close first.
     pub wait_close: bool,
+    /// Send on a non-blocking socket, waiting for writability with
+    /// edge-triggered epoll (as tokio and Go do); a wait of 5 s without
+    /// an edge is reported as a stall.
+    pub edge_triggered: bool,
 }
 
 /// A `mesh-pod connect --hold` process: one open connection until dropped
@@ -126,6 +130,17 @@ impl Pod {
         self.serve_with(port, name, &["--delay-ms", &delay_ms.to_string()], reset)
     }
 
+    /// A server that reads slowly: it sleeps `read_delay_ms` after every
+    /// read of at most 64 KiB.
+    pub fn serve_slow_reader(&self, port: u16, name: &str, read_delay_ms: u64) -> Server {
+        self.serve_with(
+            port,
+            name,
+            &["--read-delay-ms", &read_delay_ms.to_string()],
+            false,
+        )
+    }
+
     /// A server that greets and closes at once, before its client does.
     pub fn serve_closing_first(&self, port: u16, name: &str) -> Server {
         self.serve_with(port, name, &["--close-first"], false)
@@ -180,6 +195,9 @@ impl Pod {
         }
         if options.send_first {
             command.arg("--send-first");
+        }
+        if options.edge_triggered {
+            command.arg("--edge-triggered");
         }
         if let Some(bind) = options.bind {
             command.args(["--bind", &bind.to_string()]);

@@ -43,6 +43,10 @@ enum Command {
         /// server closes first, as HTTP/1.0 servers do).
         #[arg(long)]
         close_first: bool,
+        /// Sleep this long after every read of at most 64 KiB (a slow
+        /// reader).
+        #[arg(long, default_value_t = 0)]
+        read_delay_ms: u64,
     },
     /// Connect COUNT times, one after the other; print one JSON line each.
     Connect {
@@ -72,6 +76,11 @@ enum Command {
         /// (for servers that close first).
         #[arg(long)]
         wait_close: bool,
+        /// Send on a non-blocking socket, waiting for writability with
+        /// edge-triggered epoll; 5 s without an edge is reported as a
+        /// stall (the error names how much was sent).
+        #[arg(long)]
+        edge_triggered: bool,
         /// Give up on a connect after this long.
         #[arg(long, default_value_t = 5000)]
         connect_timeout_ms: u64,
@@ -86,6 +95,7 @@ fn main() -> anyhow::Result<()> {
             reset,
             delay_ms,
             close_first,
+            read_delay_ms,
         } => serve(
             port,
             &name,
@@ -93,6 +103,7 @@ fn main() -> anyhow::Result<()> {
                 reset,
                 close_first,
                 delay: Duration::from_millis(delay_ms),
+                read_delay: Duration::from_millis(read_delay_ms),
             },
         ),
         Command::Connect {
@@ -105,6 +116,7 @@ fn main() -> anyhow::Result<()> {
             bind,
             parallel,
             wait_close,
+            edge_triggered,
             connect_timeout_ms,
         } => {
             let plan = Plan {
@@ -113,6 +125,7 @@ fn main() -> anyhow::Result<()> {
                 reset,
                 send_first,
                 wait_close,
+                edge_triggered,
                 connect_timeout: Duration::from_millis(connect_timeout_ms),
             };
             let parallel = parallel.max(1);
@@ -143,6 +156,8 @@ struct Answer {
     reset: bool,
     close_first: bool,
     delay: Duration,
+    /// Pause after every read.
+    read_delay: Duration,
 }
 
 fn serve(port: u16, name: &str, how: Answer) -> anyhow::Result<()> {
@@ -188,14 +203,15 @@ fn answer(mut stream: TcpStream, name: &str, how: Answer) -> io::Result<u64> {
         reset_close(stream)?;
         return Ok(0);
     }
-    let (count, digest) = hash_until_eof(&mut stream)?;
+    let (count, digest) = hash_until_eof(&mut stream, how.read_delay)?;
     stream.write_all(format!("{count} {digest}\n").as_bytes())?;
     Ok(count)
 }
 
-fn hash_until_eof(stream: &mut TcpStream) -> io::Result<(u64, String)> {
+fn hash_until_eof(stream: &mut TcpStream, read_delay: Duration) -> io::Result<(u64, String)> {
     let mut hasher = Sha256::new();
-    let mut buffer = vec![0; 256 * 1024];
+    let size = if read_delay.is_zero() { 256 } else { 64 };
+    let mut buffer = vec![0; size * 1024];
     let mut count = 0u64;
     loop {
         let n = match stream.read(&mut buffer) {
@@ -206,6 +222,7 @@ fn hash_until_eof(stream: &mut TcpStream) -> io::Result<(u64, String)> {
         };
         hasher.update(&buffer[..n]);
         count += n as u64;
+        std::thread::sleep(read_delay);
     }
     Ok((count, hex(&hasher.finalize())))
 }
@@ -220,6 +237,7 @@ struct Plan {
     reset: bool,
     send_first: bool,
     wait_close: bool,
+    edge_triggered: bool,
     connect_timeout: Duration,
 }
 
@@ -251,7 +269,7 @@ fn session(mut stream: TcpStream, plan: Plan, report: &mut serde_json::Value) ->
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     if plan.send_first {
-        send_payload(&mut stream, plan.send, report)?;
+        send_payload(&mut stream, plan.send, plan.edge_triggered, report)?;
     }
     let mut greeting = String::new();
     reader.read_line(&mut greeting)?;
@@ -274,7 +292,7 @@ fn session(mut stream: TcpStream, plan: Plan, report: &mut serde_json::Value) ->
         io::stdin().read_to_end(&mut Vec::new())?;
     }
     if !plan.send_first {
-        send_payload(&mut stream, plan.send, report)?;
+        send_payload(&mut stream, plan.send, plan.edge_triggered, report)?;
     }
     // On a socket already reset shutdown() says ENOTCONN while the reset
     // itself is still pending: the read below reports it.
@@ -294,8 +312,14 @@ fn session(mut stream: TcpStream, plan: Plan, report: &mut serde_json::Value) ->
 fn send_payload(
     writer: &mut TcpStream,
     send: u64,
+    edge_triggered: bool,
     report: &mut serde_json::Value,
 ) -> io::Result<()> {
+    let mut edges = if edge_triggered {
+        Some(EdgeWriter::new(writer)?)
+    } else {
+        None
+    };
     let mut hasher = Sha256::new();
     let mut sent = 0u64;
     let mut chunk = vec![0; 256 * 1024];
@@ -303,13 +327,69 @@ fn send_payload(
         let n = (send - sent).min(chunk.len() as u64) as usize;
         payload::fill(&mut chunk[..n], sent);
         hasher.update(&chunk[..n]);
-        writer.write_all(&chunk[..n])?;
+        match edges.as_mut() {
+            Some(edges) => edges.write_all(writer, &chunk[..n], sent)?,
+            None => writer.write_all(&chunk[..n])?,
+        }
         sent += n as u64;
         report["sent"] = sent.into();
+    }
+    if edge_triggered {
+        writer.set_nonblocking(false)?;
     }
     report["sent"] = sent.into();
     report["sent_sha256"] = hex(&hasher.finalize()).into();
     Ok(())
+}
+
+/// Writes the way an event loop does: a non-blocking socket, written until
+/// it would block, then a wait for the next writable edge
+/// (`EPOLLOUT | EPOLLET`). A path that fills the socket and never wakes it
+/// again stalls such a writer for good; here that shows as an error.
+struct EdgeWriter {
+    epoll: nix::sys::epoll::Epoll,
+}
+
+/// How long a writer waits for an edge before it calls the path stalled.
+const EDGE_PATIENCE_MS: u16 = 5_000;
+
+impl EdgeWriter {
+    fn new(stream: &TcpStream) -> io::Result<Self> {
+        use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+        stream.set_nonblocking(true)?;
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(
+            stream,
+            EpollEvent::new(EpollFlags::EPOLLOUT | EpollFlags::EPOLLET, 0),
+        )?;
+        Ok(Self { epoll })
+    }
+
+    /// Writes `data`, the bytes after the first `sent` of the payload.
+    fn write_all(&mut self, stream: &mut TcpStream, mut data: &[u8], sent: u64) -> io::Result<()> {
+        let len = data.len();
+        while !data.is_empty() {
+            match stream.write(data) {
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut events = [nix::sys::epoll::EpollEvent::empty()];
+                    let ready = self.epoll.wait(&mut events, EDGE_PATIENCE_MS)?;
+                    if ready == 0 {
+                        let at = sent + (len - data.len()) as u64;
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "stalled: no writable edge for {EDGE_PATIENCE_MS} ms with {at} bytes sent"
+                            ),
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Connects, from `bind` when given (within `timeout` when not).
