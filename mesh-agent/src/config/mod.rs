@@ -223,7 +223,9 @@ pub struct ProxyConfig {
     pub drain_timeout_ms: u64,
     /// Let the kernel move the bytes of plaintext proxied connections
     /// (same node, or to destinations outside the mesh) once admitted,
-    /// where the kernel can (see `mesh-agent probe`). Read at start.
+    /// where the kernel can (see `mesh-agent probe`). Read at start. Off by
+    /// default: under back-pressure it can stall a half-closing client and
+    /// was seen to lose a segment (docs/performance.md, "Known problem").
     pub fast_path: bool,
     /// Connect to a meshed pod on this node from the client's address (a
     /// local pod's, or a remote pod's for HBONE) rather than the node's, so
@@ -240,7 +242,7 @@ impl Default for ProxyConfig {
             inbound_port: 15008,
             connect_timeout_ms: 5_000,
             drain_timeout_ms: 5_000,
-            fast_path: true,
+            fast_path: false,
             preserve_client_ip: true,
         }
     }
