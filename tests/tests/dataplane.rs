@@ -37,12 +37,14 @@ fn single_node(label: &str) -> SingleNode {
     for pod in ["client", "be1", "be2", "rst", "plain"] {
         node.add_pod(pod);
     }
+    // With the fast path (off by default), so the agent's whole kernel
+    // state is loaded, pinned and cleaned up here.
     let config = echo_config(
         &node,
         &["client", "be1", "be2", "rst"],
         &["be1", "be2"],
         &format!(
-            "  - name: resetter\n    vip: 10.96.0.11\n    ports: [{{ port: 80, target_port: 8080 }}]\n    endpoints: [{{ ip: {} }}]\n",
+            "  - name: resetter\n    vip: 10.96.0.11\n    ports: [{{ port: 80, target_port: 8080 }}]\n    endpoints: [{{ ip: {} }}]\nproxy: {{ fast_path: true }}\n",
             node.pod("rst").ip
         ),
     );

@@ -157,6 +157,7 @@ impl Bound {
                 services: config.maps.services,
                 workloads: config.maps.workloads,
             },
+            fast_path: config.proxy.fast_path,
         })?;
         report_problems(dataplane.sync(&state)?);
         *lock(&kernel_status) = map_fill(&dataplane, None);
@@ -226,11 +227,7 @@ impl Bound {
             OutboundSettings {
                 connect_timeout: config.proxy.connect_timeout(),
                 inbound_port: config.proxy.inbound_port,
-                fast_path: config
-                    .proxy
-                    .fast_path
-                    .then(|| dataplane.fast_path())
-                    .flatten(),
+                fast_path: dataplane.fast_path(),
             },
             hbone,
             outbound_stats.clone(),

@@ -96,6 +96,9 @@ pub struct DataplaneSettings<'a> {
     pub listeners: [std::os::fd::BorrowedFd<'a>; 2],
     /// Entries the destination maps hold.
     pub capacity: Capacity,
+    /// `proxy.fast_path`: load `mesh_splice` (where the kernel can). Off,
+    /// nothing of the fast path runs in the kernel.
+    pub fast_path: bool,
 }
 
 pub struct Dataplane {
@@ -158,7 +161,7 @@ impl Dataplane {
             ebpf.take_map(mesh_common::maps::TC_FILTERS)
                 .ok_or(maps::KernelMapError::Missing(mesh_common::maps::TC_FILTERS))?,
         )?;
-        let fast_path = if kernel.fast_path {
+        let fast_path = if settings.fast_path && kernel.fast_path {
             Some(std::sync::Arc::new(load_fast_path(&mut ebpf, &pins)?))
         } else {
             None
