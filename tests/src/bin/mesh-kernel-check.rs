@@ -13,6 +13,7 @@ use std::{
     panic::AssertUnwindSafe,
     path::Path,
     process::Command,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -28,6 +29,11 @@ use mesh_tests::{
 use serde_json::{Value, json};
 
 const VIP: &str = "10.96.0.10:80";
+
+/// How long one scenario may take. Each takes seconds even under
+/// emulation; the host's boot timeout (600 s) would otherwise end a hung
+/// scenario with nothing to show for it.
+const SCENARIO_DEADLINE: Duration = Duration::from_secs(150);
 
 fn main() {
     let mut all_ok = true;
@@ -62,7 +68,9 @@ fn main() {
 
     // Without loadable programs every scenario would fail the same way.
     if probe_ok {
+        let watchdog = Watchdog::start();
         for (name, scenario) in SCENARIOS {
+            watchdog.begin(name);
             let started = Instant::now();
             let result = std::panic::catch_unwind(AssertUnwindSafe(scenario))
                 .unwrap_or_else(|panic| Err(panic_message(&panic)));
@@ -352,4 +360,105 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .cloned()
         .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
         .unwrap_or_else(|| "panicked".into())
+}
+
+/// Ends the run when a scenario hangs: reports it as failed, prints what
+/// the processes involved are doing, and exits, so the matrix says which
+/// scenario hung and why instead of timing out the whole boot.
+struct Watchdog {
+    current: Arc<Mutex<Option<(&'static str, Instant)>>>,
+}
+
+impl Watchdog {
+    fn start() -> Self {
+        let current: Arc<Mutex<Option<(&'static str, Instant)>>> = Arc::default();
+        let watched = current.clone();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let running = *watched.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((name, started)) = running
+                    && started.elapsed() > SCENARIO_DEADLINE
+                {
+                    let error = format!("hung: no result after {} s", SCENARIO_DEADLINE.as_secs());
+                    let line = json!({"kind": "scenario", "name": name, "ok": false,
+                        "error": error, "seconds": started.elapsed().as_secs_f64()});
+                    println!("MESH-KCHECK {line}");
+                    for diagnostic in hang_diagnostics() {
+                        println!("MESH-KCHECK-DIAG {diagnostic}");
+                    }
+                    println!("MESH-KCHECK-DONE {}", json!({ "ok": false }));
+                    std::process::exit(1);
+                }
+            }
+        });
+        Self { current }
+    }
+
+    fn begin(&self, name: &'static str) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((name, Instant::now()));
+    }
+}
+
+/// Every process of ours with its state, kernel wait channel and kernel
+/// stack, then the tail of each agent log.
+fn hang_diagnostics() -> Vec<String> {
+    let read = |path: std::path::PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines = Vec::new();
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    for pid in pids {
+        let proc = Path::new("/proc").join(pid.to_string());
+        let comm = read(proc.join("comm")).trim().to_owned();
+        if !comm.starts_with("mesh-") {
+            continue;
+        }
+        let cmdline = read(proc.join("cmdline")).replace('\0', " ");
+        for task in std::fs::read_dir(proc.join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let task = task.path();
+            let stat = read(task.join("stat"));
+            // The state is the field after the parenthesised name.
+            let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
+            let wchan = read(task.join("wchan"));
+            let stack: Vec<String> = read(task.join("stack"))
+                .lines()
+                .take(8)
+                .map(|l| l.split_whitespace().nth(1).unwrap_or(l).to_owned())
+                .collect();
+            let tid = task
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("?")
+                .to_owned();
+            lines.push(format!(
+                "{pid}/{tid} {comm} [{state}] wchan={wchan} stack={}",
+                stack.join("<")
+            ));
+        }
+        lines.push(format!("{pid} {comm}: {}", cmdline.trim()));
+    }
+    for entry in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = read(path.clone());
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            for line in tail.into_iter().rev() {
+                lines.push(format!("{}: {line}", path.display()));
+            }
+        }
+    }
+    lines
 }
