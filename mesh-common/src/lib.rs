@@ -66,10 +66,16 @@ pub mod maps {
     /// mode where no IPv4 address says it (IPv6, fragments). Strict mode
     /// is enforced from here and [`WORKLOADS`], never from [`POD_STATS`].
     pub const IF_FLAGS: &str = "MESH_IF_FLAGS";
+    /// [`super::ConnKey`] of a socket in [`SPLICE_ON`] -> bytes
+    /// `mesh_splice` redirected from it (u64). Entered and removed by the
+    /// agent with the socket's pairing; it tells when the kernel has
+    /// delivered everything it took, before a connection leaves the fast
+    /// path.
+    pub const REDIRECTED: &str = "MESH_REDIRECTED";
     /// Every map, in a stable order.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES, WORKLOADS, POD_STATS, CONNS, SETTINGS, COUNTERS, TC_FILTERS, SPLICE_TO,
-        SPLICE_ON, LISTENERS, IF_FLAGS,
+        SPLICE_ON, LISTENERS, IF_FLAGS, REDIRECTED,
     ];
 }
 

@@ -49,6 +49,13 @@ pub static MESH_SPLICE_TO: SockHash<ConnKey, { MAX_SPLICED_SOCKETS as usize }> =
 #[btf_map]
 pub static MESH_SPLICE_ON: SockHash<ConnKey, { MAX_SPLICED_SOCKETS as usize }> = SockHash::new();
 
+/// Bytes `mesh_splice` redirected, by source socket: how the agent knows
+/// the kernel has delivered all it took before a connection leaves the
+/// fast path.
+#[btf_map]
+pub static MESH_REDIRECTED: HashMap<ConnKey, u64, { MAX_SPLICED_SOCKETS as usize }> =
+    HashMap::new();
+
 /// The agent's listening sockets, for `mesh_listener_lookup`.
 #[btf_map]
 pub static MESH_LISTENERS: SockMap<2> = SockMap::new();

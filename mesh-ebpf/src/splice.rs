@@ -14,7 +14,11 @@
 use aya_ebpf::{bindings::sk_action, macros::stream_verdict, programs::SkBuffContext};
 use mesh_common::{ConnKey, counter};
 
-use crate::{counters, maps::MESH_SPLICE_TO, packet::remote_port_from_field};
+use crate::{
+    counters,
+    maps::{MESH_REDIRECTED, MESH_SPLICE_TO},
+    packet::remote_port_from_field,
+};
 
 #[stream_verdict]
 pub fn mesh_splice(ctx: SkBuffContext) -> u32 {
@@ -39,6 +43,12 @@ pub fn mesh_splice(ctx: SkBuffContext) -> u32 {
     // SK_PASS; without a peer it returns SK_DROP, and we pass it up instead.
     if MESH_SPLICE_TO.redirect_skb(&ctx, key, 0) == sk_action::SK_PASS as i64 {
         counters::add(counter::SPLICED_BYTES, u64::from(len));
+        if let Some(moved) = MESH_REDIRECTED.get_ptr_mut(key) {
+            // SAFETY: a map value pointer. The verdict runs for one socket
+            // at a time and only this program writes a socket's entry, so
+            // the read and the store lose no update; the agent only reads.
+            unsafe { moved.write_volatile(moved.read_volatile() + u64::from(len)) };
+        }
     } else {
         counters::bump(counter::SPLICE_NO_PEER);
     }

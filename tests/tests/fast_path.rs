@@ -194,39 +194,35 @@ fn a_peer_that_does_not_read_holds_the_sender_back() {
 
 #[test]
 fn an_edge_triggered_sender_against_a_slow_reader_never_stalls() {
-    // With the default config: with the fast path on, as it was by
-    // default, the client hangs when it half-closes while its direction is
-    // paused (docs/performance.md, "Known problem"). Run this with it on
-    // too once that is fixed.
-    let fast_path = "default";
-    let s = &node_with("fet", "");
-    // A non-blocking sender that waits for writable edges (as tokio and
-    // Go do) keeps filling a path whose far end drains slowly: every
-    // time the path is full it must be woken again when room comes.
-    let report = &s.node.pod("client").connect(
-        s.addr("drip"),
-        Connect {
-            send: 48 * MIB,
-            edge_triggered: true,
-            ..Default::default()
-        },
-    )[0];
-    assert!(report["error"].is_null(), "fast path {fast_path}: {report}");
-    let expected = format!("{} {}", 48 * MIB, report["sent_sha256"].as_str().unwrap());
-    assert_eq!(report["reply"], expected.as_str(), "{report}");
-    // The same sender against a server that never reads stalls, and
-    // says so: the check above can fail.
-    let report = &s.node.pod("client").connect(
-        s.addr("slow"),
-        Connect {
-            send: 256 * MIB,
-            send_first: true,
-            edge_triggered: true,
-            ..Default::default()
-        },
-    )[0];
-    let error = report["error"].as_str().unwrap_or_default();
-    assert!(error.contains("stalled"), "fast path {fast_path}: {report}");
+    both("fet", |s, fast_path| {
+        // A non-blocking sender that waits for writable edges (as tokio and
+        // Go do) keeps filling a path whose far end drains slowly: every
+        // time the path is full it must be woken again when room comes.
+        let report = &s.node.pod("client").connect(
+            s.addr("drip"),
+            Connect {
+                send: 48 * MIB,
+                edge_triggered: true,
+                ..Default::default()
+            },
+        )[0];
+        assert!(report["error"].is_null(), "fast path {fast_path}: {report}");
+        let expected = format!("{} {}", 48 * MIB, report["sent_sha256"].as_str().unwrap());
+        assert_eq!(report["reply"], expected.as_str(), "{report}");
+        // The same sender against a server that never reads stalls, and
+        // says so: the check above can fail.
+        let report = &s.node.pod("client").connect(
+            s.addr("slow"),
+            Connect {
+                send: 256 * MIB,
+                send_first: true,
+                edge_triggered: true,
+                ..Default::default()
+            },
+        )[0];
+        let error = report["error"].as_str().unwrap_or_default();
+        assert!(error.contains("stalled"), "fast path {fast_path}: {report}");
+    });
 }
 
 #[test]

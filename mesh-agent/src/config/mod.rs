@@ -224,8 +224,8 @@ pub struct ProxyConfig {
     /// Let the kernel move the bytes of plaintext proxied connections
     /// (same node, or to destinations outside the mesh) once admitted,
     /// where the kernel can (see `mesh-agent probe`). Read at start. Off by
-    /// default: under back-pressure it can stall a half-closing client and
-    /// was seen to lose a segment (docs/performance.md, "Known problem").
+    /// default: it saves agent CPU and latency but, on the machines
+    /// measured, not throughput (docs/performance.md).
     pub fast_path: bool,
     /// Connect to a meshed pod on this node from the client's address (a
     /// local pod's, or a remote pod's for HBONE) rather than the node's, so

@@ -24,7 +24,7 @@ use std::{
     sync::Mutex,
 };
 
-use aya::maps::{MapData, SockHash};
+use aya::maps::{HashMap, MapData, SockHash};
 use mesh_common::{ConnKey, ipv4_to_raw};
 use tokio::net::TcpStream;
 
@@ -51,12 +51,17 @@ pub struct FastPath {
 struct Maps {
     to: SockHash<MapData, ConnKey>,
     on: SockHash<MapData, ConnKey>,
+    redirected: HashMap<MapData, ConnKey, u64>,
 }
 
 impl FastPath {
-    pub fn new(to: SockHash<MapData, ConnKey>, on: SockHash<MapData, ConnKey>) -> Self {
+    pub fn new(
+        to: SockHash<MapData, ConnKey>,
+        on: SockHash<MapData, ConnKey>,
+        redirected: HashMap<MapData, ConnKey, u64>,
+    ) -> Self {
         Self {
-            maps: Mutex::new(Maps { to, on }),
+            maps: Mutex::new(Maps { to, on, redirected }),
         }
     }
 
@@ -72,17 +77,16 @@ impl FastPath {
         let (key_a, key_b) = (key(a)?, key(b)?);
         let paired = {
             let mut maps = lock(&self.maps);
-            maps.to
-                .insert(key_a, b.as_raw_fd(), 0)
+            maps.redirected
+                .insert(key_a, 0, 0)
+                .and_then(|()| maps.redirected.insert(key_b, 0, 0))
+                .and_then(|()| maps.to.insert(key_a, b.as_raw_fd(), 0))
                 .and_then(|()| maps.to.insert(key_b, a.as_raw_fd(), 0))
                 .map_err(|e| FastPathError::Map(error_chain(&e)))
         };
         if let Err(error) = paired.and_then(|()| self.resume(&key_a, a)) {
-            let mut maps = lock(&self.maps);
-            for key in [key_a, key_b] {
-                let _ = maps.on.remove(&key);
-                let _ = maps.to.remove(&key);
-            }
+            self.unpair(&(key_a, key_b));
+            self.forget(&(key_a, key_b));
             return Err(error);
         }
         Ok((key_a, key_b))
@@ -92,23 +96,73 @@ impl FastPath {
     /// receive queue, where TCP flow control holds the sender back. The
     /// kernel queues redirected bytes for a slow receiver without bound, so
     /// the agent pauses a direction whose backlog grows too large.
-    pub fn pause(&self, key: &ConnKey) {
+    ///
+    /// Removing the socket from the verdict's map detaches the program
+    /// without the socket lock, and a segment whose "data ready" runs in
+    /// that moment finds no program and is dropped (a whole GRO segment,
+    /// 65,160 bytes, went missing that way). So the socket first stops
+    /// signalling data: a receive low-water mark no queue reaches keeps
+    /// TCP from calling "data ready", and setting it takes the socket lock,
+    /// which waits out a segment being processed. [`FastPath::resume`]
+    /// lowers it again, which also hands what queued meanwhile to the
+    /// verdict.
+    pub fn pause(&self, key: &ConnKey, stream: &impl AsRawFd) -> Result<(), FastPathError> {
+        crate::sockopt::set_int(
+            stream,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            libc::c_int::MAX,
+        )
+        .map_err(FastPathError::ReceiveLowWater)?;
         let mut maps = lock(&self.maps);
         let _ = maps.on.remove(key);
+        Ok(())
+    }
+
+    /// Takes both sockets of a connection out of both maps for good, so
+    /// they are plain TCP sockets again and the agent copies what is left.
+    /// Only once the kernel holds none of their bytes (what it redirected,
+    /// [`FastPath::redirected`], has all been queued on the other socket):
+    /// bytes still in a socket's backlog go with its psock.
+    /// A socket the peer has half-closed cannot re-enter `MESH_SPLICE_ON`
+    /// (the kernel refuses sockets that are not established), so a paused
+    /// direction whose sender finished ends this way.
+    pub fn unpair(&self, keys: &(ConnKey, ConnKey)) {
+        let mut maps = lock(&self.maps);
+        for key in [&keys.0, &keys.1] {
+            let _ = maps.on.remove(key);
+            let _ = maps.to.remove(key);
+        }
+    }
+
+    /// Drops a connection's byte counts (when it ends; the sockhashes drop
+    /// closed sockets by themselves, this map does not).
+    pub fn forget(&self, keys: &(ConnKey, ConnKey)) {
+        let mut maps = lock(&self.maps);
+        for key in [&keys.0, &keys.1] {
+            let _ = maps.redirected.remove(key);
+        }
+    }
+
+    /// Bytes `mesh_splice` redirected from the socket with this key.
+    pub fn redirected(&self, key: &ConnKey) -> Option<u64> {
+        lock(&self.maps).redirected.get(key, 0).ok()
     }
 
     /// Lets the kernel move what arrives on a socket (at first, or again
     /// after a pause), starting with what queued up before: in order, as
     /// long as the agent holds none of that direction's bytes.
     pub fn resume(&self, key: &ConnKey, stream: &impl AsRawFd) -> Result<(), FastPathError> {
-        lock(&self.maps)
+        let inserted = lock(&self.maps)
             .on
             .insert(key, stream.as_raw_fd(), 0)
-            .map_err(|e| FastPathError::Map(error_chain(&e)))?;
+            .map_err(|e| FastPathError::Map(error_chain(&e)));
         // TCP signals "data ready", so what queued before the verdict was
-        // in place goes through it first.
-        crate::sockopt::set_int(stream, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
-            .map_err(FastPathError::ReceiveLowWater)
+        // in place goes through it first. Lowered even when the insert
+        // failed: a paused socket must be readable again.
+        let lowered = crate::sockopt::set_int(stream, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
+            .map_err(FastPathError::ReceiveLowWater);
+        inserted.and(lowered)
     }
 }
 

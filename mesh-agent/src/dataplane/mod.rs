@@ -450,8 +450,8 @@ fn lock_pin_root(pins: &PinLayout) -> Result<File, DataplaneError> {
 }
 
 /// Loads `mesh_splice`, attaches it to `MESH_SPLICE_ON` (a map
-/// attachment lives as long as the map, which is pinned) and takes both
-/// splice maps.
+/// attachment lives as long as the map, which is pinned) and takes the
+/// fast path's maps.
 fn load_fast_path(ebpf: &mut Ebpf, pins: &PinLayout) -> Result<FastPath, DataplaneError> {
     use mesh_common::maps::{SPLICE_ON, SPLICE_TO};
     let name = mesh_common::programs::SPLICE;
@@ -464,6 +464,14 @@ fn load_fast_path(ebpf: &mut Ebpf, pins: &PinLayout) -> Result<FastPath, Datapla
     };
     let to = take(ebpf, SPLICE_TO)?;
     let on = take(ebpf, SPLICE_ON)?;
+    let redirected = {
+        let name = mesh_common::maps::REDIRECTED;
+        let data = ebpf
+            .take_map(name)
+            .ok_or(maps::KernelMapError::Missing(name))?;
+        aya::maps::HashMap::try_from(data)
+            .map_err(|source| DataplaneError::Map(maps::KernelMapError::Map { name, source }))?
+    };
     let program: &mut SkSkb = program_mut(ebpf, name)?;
     program
         .load()
@@ -472,7 +480,7 @@ fn load_fast_path(ebpf: &mut Ebpf, pins: &PinLayout) -> Result<FastPath, Datapla
     program
         .attach(on.fd())
         .map_err(|source| DataplaneError::Program { name, source })?;
-    Ok(FastPath::new(to, on))
+    Ok(FastPath::new(to, on, redirected))
 }
 
 /// Which optional parts this kernel runs.

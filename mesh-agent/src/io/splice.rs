@@ -50,6 +50,8 @@ struct Gate {
     paused: std::sync::atomic::AtomicBool,
     /// Bytes that had arrived when the direction was paused.
     arrived_at_pause: AtomicU64,
+    /// The pump is between a read and the count of what it wrote.
+    writing: std::sync::atomic::AtomicBool,
     resumed: tokio::sync::Notify,
 }
 
@@ -68,8 +70,37 @@ impl Gate {
         }
     }
 
+    /// Marks the pump busy (between a read and the count of what it
+    /// wrote) until the guard drops.
+    fn writing(&self) -> Writing<'_> {
+        self.writing.store(true, Ordering::Release);
+        Writing(&self.writing)
+    }
+
+    /// Stops the kernel moving this direction (see [`FastPath::pause`]).
+    fn pause(&self, fast: &FastPath, key: &mesh_common::ConnKey, from: RawFd, arrived: u64) {
+        if let Err(error) = fast.pause(key, &spliced_fd(from)) {
+            // Without the guard the pause could drop a segment: the
+            // direction keeps moving instead, and the pause is retried.
+            tracing::warn!(%error, "fast path: pausing a direction");
+            return;
+        }
+        self.arrived_at_pause.store(arrived, Ordering::Relaxed);
+        self.paused.store(true, Ordering::Release);
+    }
+
+    /// Hands this direction back to its pump for good (after
+    /// [`FastPath::unpair`]).
+    fn release_to_user_space(&self) {
+        self.kernel.store(false, Ordering::Release);
+        self.paused.store(false, Ordering::Release);
+        self.resumed.notify_waiters();
+    }
+
     /// Pauses or resumes by the backlog between `from` (where bytes
-    /// arrive) and `to` (where the kernel queues them).
+    /// arrive) and `to` (where the kernel queues them). Returns `false`
+    /// when a paused direction could not be resumed: it stays paused, and
+    /// the connection must leave the kernel ([`FastPath::unpair`]).
     fn regulate(
         &self,
         fast: &FastPath,
@@ -77,18 +108,16 @@ impl Gate {
         from: RawFd,
         arrived: u64,
         to: RawFd,
-    ) {
+    ) -> bool {
         if !self.kernel.load(Ordering::Acquire) {
-            return;
+            return true;
         }
         let Some(queued) = fast_path::bytes_queued(&spliced_fd(to)) else {
-            return;
+            return true;
         };
         if !self.is_paused() {
             if arrived.saturating_sub(queued) > BACKLOG_HIGH {
-                fast.pause(key);
-                self.arrived_at_pause.store(arrived, Ordering::Relaxed);
-                self.paused.store(true, Ordering::Release);
+                self.pause(fast, key, from, arrived);
             }
         } else if self
             .arrived_at_pause
@@ -97,11 +126,36 @@ impl Gate {
             < BACKLOG_LOW
         {
             if let Err(error) = fast.resume(key, &spliced_fd(from)) {
-                tracing::warn!(%error, "fast path: resuming a paused direction");
+                // Typically the sender has half-closed meanwhile.
+                tracing::debug!(%error, "fast path: a paused direction cannot resume");
+                return false;
             }
             self.paused.store(false, Ordering::Release);
             self.resumed.notify_waiters();
         }
+        true
+    }
+}
+
+/// Drops a connection's entries in `MESH_REDIRECTED` however its splice
+/// ends (finished, failed, or dropped when the agent stops).
+struct Forget<'a> {
+    fast: &'a FastPath,
+    keys: (mesh_common::ConnKey, mesh_common::ConnKey),
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.fast.forget(&self.keys);
+    }
+}
+
+/// See [`Gate::writing`].
+struct Writing<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -170,6 +224,9 @@ pub async fn splice(
         None => None,
     };
     let kernel = keys.is_some();
+    let _forget = fast_path
+        .zip(keys)
+        .map(|(fast, keys)| Forget { fast, keys });
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
     // In kernel mode the pumps only see what the kernel passes up; the
@@ -200,6 +257,9 @@ pub async fn splice(
         _ => None,
     };
     let mut last_arrived = (0u64, 0u64);
+    // Set while the connection leaves the kernel (see `Gate::regulate`):
+    // by when the kernel must have delivered what it took.
+    let mut leaving: Option<Instant> = None;
     // Which sides' ends of stream were read (client, upstream).
     let mut fins = (false, false);
     let error = {
@@ -258,9 +318,66 @@ pub async fn splice(
                     let (client, upstream) = (counters_of(client_fd), counters_of(upstream_fd));
                     counted.sent.fetch_max(client.bytes_received, Ordering::Relaxed);
                     counted.received.fetch_max(upstream.bytes_received, Ordering::Relaxed);
-                    if let (Some(fast), Some((client_key, upstream_key))) = (fast_path, keys) {
-                        up_gate.regulate(fast, &client_key, client_fd, client.bytes_received, upstream_fd);
-                        down_gate.regulate(fast, &upstream_key, upstream_fd, upstream.bytes_received, client_fd);
+                    if let (Some(fast), Some(keys)) = (fast_path, keys.as_ref()) {
+                        let (client_key, upstream_key) = keys;
+                        match leaving {
+                            None => {
+                                let up = up_gate.regulate(fast, client_key, client_fd, client.bytes_received, upstream_fd);
+                                let down = down_gate.regulate(fast, upstream_key, upstream_fd, upstream.bytes_received, client_fd);
+                                if !(up && down) {
+                                    // Hold both directions until the kernel
+                                    // has delivered what it took.
+                                    for (gate, key, from, arrived) in [
+                                        (&up_gate, client_key, client_fd, client.bytes_received),
+                                        (&down_gate, upstream_key, upstream_fd, upstream.bytes_received),
+                                    ] {
+                                        if !gate.is_paused() {
+                                            gate.pause(fast, key, from, arrived);
+                                        }
+                                    }
+                                    leaving = Some(Instant::now() + FORWARD_LIMIT);
+                                    tracing::debug!("fast path: the connection leaves the kernel");
+                                }
+                            }
+                            Some(deadline) => {
+                                let (client_sock, upstream_sock) = (spliced_fd(client_fd), spliced_fd(upstream_fd));
+                                // What the kernel queued on a socket is all
+                                // that was queued there less what a pump
+                                // wrote; a pump mid-write would blur that.
+                                let in_flight = |from: &mesh_common::ConnKey, to: &BorrowedFd<'_>, written: &AtomicU64| {
+                                    let redirected = fast.redirected(from)?;
+                                    let queued = fast_path::bytes_queued(to)?;
+                                    let by_kernel = queued.saturating_sub(written.load(Ordering::Acquire));
+                                    Some(redirected.saturating_sub(by_kernel))
+                                };
+                                let delivered = !up_gate.writing.load(Ordering::Acquire)
+                                    && !down_gate.writing.load(Ordering::Acquire)
+                                    && in_flight(client_key, &upstream_sock, &passed_up.sent) == Some(0)
+                                    && in_flight(upstream_key, &client_sock, &passed_up.received) == Some(0);
+                                if delivered {
+                                    fast.unpair(keys);
+                                    up_gate.release_to_user_space();
+                                    down_gate.release_to_user_space();
+                                    // What queued meanwhile raised no edge a
+                                    // pump saw: this re-signals "readable".
+                                    for sock in [&client_sock, &upstream_sock] {
+                                        let _ = crate::sockopt::set_int(sock, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1);
+                                    }
+                                    leaving = None;
+                                } else if Instant::now() >= deadline {
+                                    tracing::warn!(
+                                        up = ?in_flight(client_key, &upstream_sock, &passed_up.sent),
+                                        down = ?in_flight(upstream_key, &client_sock, &passed_up.received),
+                                        "fast path: bytes held in the kernel were not delivered in time; resetting"
+                                    );
+                                    // Never hand on a stream with a hole.
+                                    break Some((Side::Upstream, io::Error::new(
+                                        io::ErrorKind::TimedOut,
+                                        "fast path: bytes held in the kernel were not delivered",
+                                    )));
+                                }
+                            }
+                        }
                     }
                     // Poll fast while bytes move (flow control needs it),
                     // back off when the connection is quiet.
@@ -411,6 +528,7 @@ async fn pump(
         if gate.is_some_and(Gate::is_paused) {
             continue;
         }
+        let writing = gate.map(Gate::writing);
         // Readiness may come without data (the fast path's sockets are
         // woken when the kernel takes their bytes): until the first bytes
         // really arrive, read into a small stack buffer and allocate none.
@@ -430,6 +548,7 @@ async fn pump(
         let buffer = buffer.as_deref().unwrap_or_default();
         match read {
             Ok(0) => {
+                drop(writing);
                 if kernel {
                     fast_path::wait_forwarded(from.as_ref(), to.as_ref(), FORWARD_LIMIT).await;
                 }
@@ -448,6 +567,7 @@ async fn pump(
                     // The kernel's totals include these bytes too.
                     live.fetch_max(total, Ordering::Relaxed);
                 }
+                drop(writing);
                 // Nothing of this direction is held here now: the kernel
                 // may take it over.
                 if let (Some(hand_over), Some(gate)) = (hand_over.take(), gate) {
