@@ -222,6 +222,19 @@ fn an_edge_triggered_sender_against_a_slow_reader_never_stalls() {
         )[0];
         let error = report["error"].as_str().unwrap_or_default();
         assert!(error.contains("stalled"), "fast path {fast_path}: {report}");
+        // With the fast path, the slow reader paused it, and the client's
+        // half-close while paused sent the connection back to user space.
+        let stats = &s.agent.stats()["fast_path"];
+        if fast_path {
+            assert!(stats["pauses"].as_u64() > Some(0), "{stats}");
+            assert!(
+                stats["returned_to_user_space"].as_u64() > Some(0),
+                "{stats}"
+            );
+            assert_eq!(stats["undelivered_resets"], 0, "{stats}");
+        } else {
+            assert!(stats.is_null(), "{stats}");
+        }
     });
 }
 

@@ -10,7 +10,7 @@ use tracing::info;
 use super::AdminView;
 use crate::{
     config::Config,
-    dataplane::{KernelMaps, PinLayout, conn_json},
+    dataplane::{KernelMaps, PinLayout, conn_json, fast_path::FastPath},
     hbone::{client::HboneClient, server::InboundStats},
     identity::CertManager,
     observability::access::Sinks,
@@ -44,6 +44,8 @@ pub struct AgentView {
     pub config: tokio::sync::watch::Receiver<Arc<Config>>,
     pub log: LogControl,
     pub kube: Option<Arc<KubeSource>>,
+    /// The same-node fast path, when it is on.
+    pub fast_path: Option<Arc<FastPath>>,
 }
 
 impl AdminView for AgentView {
@@ -99,6 +101,7 @@ fn stats(view: &AgentView) -> serde_json::Value {
         hbone,
         certs,
         routes,
+        fast_path,
         ..
     } = view;
     {
@@ -128,6 +131,7 @@ fn stats(view: &AgentView) -> serde_json::Value {
             "certificates": certs.snapshot(),
             "services": services,
             "kernel": kernel,
+            "fast_path": fast_path.as_ref().map(|fast| fast.stats.snapshot()),
         })
     }
 }

@@ -211,6 +211,7 @@ impl Bound {
             config: config_rx,
             log: options.log.clone(),
             kube: source.kube().cloned(),
+            fast_path: dataplane.fast_path(),
         });
         let _ = admin_state.view.set(view);
         let inbound = Inbound::new(

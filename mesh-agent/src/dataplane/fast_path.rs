@@ -46,6 +46,31 @@ pub enum FastPathError {
 
 pub struct FastPath {
     maps: Mutex<Maps>,
+    pub stats: FastPathStats,
+}
+
+/// What the fast path did with the connections it carried (`/stats`).
+#[derive(Debug, Default)]
+pub struct FastPathStats {
+    /// Directions paused because the receiver fell behind.
+    pub pauses: std::sync::atomic::AtomicU64,
+    /// Connections taken out of the kernel and finished in user space (a
+    /// paused direction that could not resume).
+    pub returned_to_user_space: std::sync::atomic::AtomicU64,
+    /// Connections reset because the kernel did not deliver what it had
+    /// taken in time.
+    pub undelivered_resets: std::sync::atomic::AtomicU64,
+}
+
+impl FastPathStats {
+    pub fn snapshot(&self) -> serde_json::Value {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        serde_json::json!({
+            "pauses": get(&self.pauses),
+            "returned_to_user_space": get(&self.returned_to_user_space),
+            "undelivered_resets": get(&self.undelivered_resets),
+        })
+    }
 }
 
 struct Maps {
@@ -62,6 +87,7 @@ impl FastPath {
     ) -> Self {
         Self {
             maps: Mutex::new(Maps { to, on, redirected }),
+            stats: FastPathStats::default(),
         }
     }
 

@@ -85,6 +85,7 @@ impl Gate {
             tracing::warn!(%error, "fast path: pausing a direction");
             return;
         }
+        fast.stats.pauses.fetch_add(1, Ordering::Relaxed);
         self.arrived_at_pause.store(arrived, Ordering::Relaxed);
         self.paused.store(true, Ordering::Release);
     }
@@ -356,6 +357,7 @@ pub async fn splice(
                                     && in_flight(upstream_key, &client_sock, &passed_up.received) == Some(0);
                                 if delivered {
                                     fast.unpair(keys);
+                                    fast.stats.returned_to_user_space.fetch_add(1, Ordering::Relaxed);
                                     up_gate.release_to_user_space();
                                     down_gate.release_to_user_space();
                                     // What queued meanwhile raised no edge a
@@ -371,6 +373,7 @@ pub async fn splice(
                                         "fast path: bytes held in the kernel were not delivered in time; resetting"
                                     );
                                     // Never hand on a stream with a hole.
+                                    fast.stats.undelivered_resets.fetch_add(1, Ordering::Relaxed);
                                     break Some((Side::Upstream, io::Error::new(
                                         io::ErrorKind::TimedOut,
                                         "fast path: bytes held in the kernel were not delivered",

@@ -96,6 +96,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("cross-node HBONE mTLS", cross_node),
     ("exit leaves nothing behind", clean_exit),
     ("cleanup after SIGKILL leaves nothing", crash_cleanup),
+    (
+        "fast path: slow reader, then half-close",
+        fast_path_slow_reader,
+    ),
 ];
 
 fn probe() -> Result<Value, String> {
@@ -273,6 +277,57 @@ fn cross_node() -> Result<Value, String> {
         attach_mode(&agent_b.pin_root, programs::UPLINK, &uplink_link)?,
     );
     Ok(json!({ "tunnels": tunnels, "inbound": inbound, "attached": attached }))
+}
+
+/// The same-node fast path against a server that reads slowly: the kernel
+/// backlog may pause the direction, the client half-closes while it may
+/// be paused, and every byte still arrives, in order (the server answers
+/// with the count and checksum it read).
+fn fast_path_slow_reader() -> Result<Value, String> {
+    const SEND: u64 = 16 << 20;
+    let mut node = Node::new("kslow", 1);
+    for pod in ["client", "drip"] {
+        node.add_pod(pod);
+    }
+    let config = format!(
+        "{}proxy: {{ fast_path: true }}\n",
+        echo_config(&node, &["client", "drip"], &["drip"], "")
+    );
+    // 64 KiB every 20 ms: slower than the client writes, even emulated.
+    let _server = node.pod("drip").serve_slow_reader(8080, "drip", 20);
+    let agent = Agent::start(&node, &config);
+    let reports = node.pod("client").try_connect(
+        VIP.parse().unwrap(),
+        Connect {
+            send: SEND,
+            edge_triggered: true,
+            ..Default::default()
+        },
+    )?;
+    let report = &reports[0];
+    if !report["error"].is_null() {
+        return Err(format!("client: {report}"));
+    }
+    let expected = format!("{SEND} {}", report["sent_sha256"].as_str().unwrap_or("?"));
+    if report["reply"] != expected.as_str() {
+        return Err(format!(
+            "server read {}, expected {expected}",
+            report["reply"]
+        ));
+    }
+    let spliced = agent.counter("spliced_bytes");
+    if spliced == 0 {
+        return Err("the fast path moved no byte".into());
+    }
+    // Whether the backlog grows enough to pause is a matter of timing
+    // under emulation (5.10 paused twice in one run, not at all in
+    // another; 6.1 paused in both and handed the connection back to user
+    // space at the half-close). Reported, not required; the bytes are.
+    let stats = agent.stats()["fast_path"].clone();
+    if stats["undelivered_resets"] != 0 {
+        return Err(format!("a connection was reset as undelivered: {stats}"));
+    }
+    Ok(json!({ "sent": SEND, "spliced_bytes": spliced, "fast_path": stats }))
 }
 
 fn clean_exit() -> Result<Value, String> {
