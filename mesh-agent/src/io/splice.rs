@@ -160,6 +160,149 @@ impl Drop for Writing<'_> {
     }
 }
 
+/// Flow control of a kernel-moved connection, run on every tick: pauses
+/// and resumes each direction, and takes the whole connection out of the
+/// kernel when a paused direction cannot resume.
+struct KernelControl<'a> {
+    fast: &'a FastPath,
+    /// The client's and the upstream's socket keys.
+    keys: (mesh_common::ConnKey, mesh_common::ConnKey),
+    /// The client's and the upstream's sockets.
+    fds: (RawFd, RawFd),
+    /// Client to upstream, upstream to client.
+    gates: (&'a Gate, &'a Gate),
+    /// What the pumps wrote themselves, each way.
+    passed_up: &'a crate::observability::live::Bytes,
+    /// Set while the connection leaves the kernel: by when the kernel
+    /// must have delivered what it took.
+    leaving: Option<Instant>,
+}
+
+impl KernelControl<'_> {
+    /// One tick, with both sockets' counters; an error ends the splice.
+    fn tick(
+        &mut self,
+        client: &fast_path::TcpCounters,
+        upstream: &fast_path::TcpCounters,
+    ) -> Result<(), (Side, io::Error)> {
+        match self.leaving {
+            None => {
+                self.regulate(client, upstream);
+                Ok(())
+            }
+            Some(deadline) => self.try_leave(deadline),
+        }
+    }
+
+    fn regulate(&mut self, client: &fast_path::TcpCounters, upstream: &fast_path::TcpCounters) {
+        let (fast, (client_key, upstream_key)) = (self.fast, &self.keys);
+        let (client_fd, upstream_fd) = self.fds;
+        let (up_gate, down_gate) = self.gates;
+        let up = up_gate.regulate(
+            fast,
+            client_key,
+            client_fd,
+            client.bytes_received,
+            upstream_fd,
+        );
+        let down = down_gate.regulate(
+            fast,
+            upstream_key,
+            upstream_fd,
+            upstream.bytes_received,
+            client_fd,
+        );
+        if up && down {
+            return;
+        }
+        // Hold both directions until the kernel has delivered what it took.
+        for (gate, key, from, arrived) in [
+            (up_gate, client_key, client_fd, client.bytes_received),
+            (
+                down_gate,
+                upstream_key,
+                upstream_fd,
+                upstream.bytes_received,
+            ),
+        ] {
+            if !gate.is_paused() {
+                gate.pause(fast, key, from, arrived);
+            }
+        }
+        self.leaving = Some(Instant::now() + FORWARD_LIMIT);
+        tracing::debug!("fast path: the connection leaves the kernel");
+    }
+
+    /// Bytes the kernel took from `from` and has not yet queued on `to`.
+    /// What the kernel queued on a socket is all that was queued there
+    /// less what a pump wrote (`written`).
+    fn in_flight(
+        &self,
+        from: &mesh_common::ConnKey,
+        to: RawFd,
+        written: &AtomicU64,
+    ) -> Option<u64> {
+        let redirected = self.fast.redirected(from)?;
+        let queued = fast_path::bytes_queued(&spliced_fd(to))?;
+        let by_kernel = queued.saturating_sub(written.load(Ordering::Acquire));
+        Some(redirected.saturating_sub(by_kernel))
+    }
+
+    /// Hands the connection to the pumps once the kernel holds none of
+    /// its bytes; resets it if that takes past `deadline`.
+    fn try_leave(&mut self, deadline: Instant) -> Result<(), (Side, io::Error)> {
+        let (client_key, upstream_key) = &self.keys;
+        let (client_fd, upstream_fd) = self.fds;
+        let (up_gate, down_gate) = self.gates;
+        let up = || self.in_flight(client_key, upstream_fd, &self.passed_up.sent);
+        let down = || self.in_flight(upstream_key, client_fd, &self.passed_up.received);
+        // A pump mid-write would blur the counts.
+        let delivered = !up_gate.writing.load(Ordering::Acquire)
+            && !down_gate.writing.load(Ordering::Acquire)
+            && up() == Some(0)
+            && down() == Some(0);
+        if delivered {
+            self.fast.unpair(&self.keys);
+            let stats = &self.fast.stats;
+            stats.returned_to_user_space.fetch_add(1, Ordering::Relaxed);
+            up_gate.release_to_user_space();
+            down_gate.release_to_user_space();
+            // What queued meanwhile raised no edge a pump saw: this
+            // re-signals "readable".
+            for fd in [client_fd, upstream_fd] {
+                let _ = crate::sockopt::set_int(
+                    &spliced_fd(fd),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVLOWAT,
+                    1,
+                );
+            }
+            self.leaving = None;
+            return Ok(());
+        }
+        if Instant::now() < deadline {
+            return Ok(());
+        }
+        tracing::warn!(
+            up = ?up(),
+            down = ?down(),
+            "fast path: bytes held in the kernel were not delivered in time; resetting"
+        );
+        // Never hand on a stream with a hole.
+        self.fast
+            .stats
+            .undelivered_resets
+            .fetch_add(1, Ordering::Relaxed);
+        Err((
+            Side::Upstream,
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "fast path: bytes held in the kernel were not delivered",
+            ),
+        ))
+    }
+}
+
 /// What a pump of a kernel-moved direction needs besides its sockets.
 struct KernelMoved<'a> {
     gate: &'a Gate,
@@ -258,9 +401,14 @@ pub async fn splice(
         _ => None,
     };
     let mut last_arrived = (0u64, 0u64);
-    // Set while the connection leaves the kernel (see `Gate::regulate`):
-    // by when the kernel must have delivered what it took.
-    let mut leaving: Option<Instant> = None;
+    let mut control = fast_path.zip(keys).map(|(fast, keys)| KernelControl {
+        fast,
+        keys,
+        fds: (client_fd, upstream_fd),
+        gates: (&up_gate, &down_gate),
+        passed_up: &passed_up,
+        leaving: None,
+    });
     // Which sides' ends of stream were read (client, upstream).
     let mut fins = (false, false);
     let error = {
@@ -319,68 +467,10 @@ pub async fn splice(
                     let (client, upstream) = (counters_of(client_fd), counters_of(upstream_fd));
                     counted.sent.fetch_max(client.bytes_received, Ordering::Relaxed);
                     counted.received.fetch_max(upstream.bytes_received, Ordering::Relaxed);
-                    if let (Some(fast), Some(keys)) = (fast_path, keys.as_ref()) {
-                        let (client_key, upstream_key) = keys;
-                        match leaving {
-                            None => {
-                                let up = up_gate.regulate(fast, client_key, client_fd, client.bytes_received, upstream_fd);
-                                let down = down_gate.regulate(fast, upstream_key, upstream_fd, upstream.bytes_received, client_fd);
-                                if !(up && down) {
-                                    // Hold both directions until the kernel
-                                    // has delivered what it took.
-                                    for (gate, key, from, arrived) in [
-                                        (&up_gate, client_key, client_fd, client.bytes_received),
-                                        (&down_gate, upstream_key, upstream_fd, upstream.bytes_received),
-                                    ] {
-                                        if !gate.is_paused() {
-                                            gate.pause(fast, key, from, arrived);
-                                        }
-                                    }
-                                    leaving = Some(Instant::now() + FORWARD_LIMIT);
-                                    tracing::debug!("fast path: the connection leaves the kernel");
-                                }
-                            }
-                            Some(deadline) => {
-                                let (client_sock, upstream_sock) = (spliced_fd(client_fd), spliced_fd(upstream_fd));
-                                // What the kernel queued on a socket is all
-                                // that was queued there less what a pump
-                                // wrote; a pump mid-write would blur that.
-                                let in_flight = |from: &mesh_common::ConnKey, to: &BorrowedFd<'_>, written: &AtomicU64| {
-                                    let redirected = fast.redirected(from)?;
-                                    let queued = fast_path::bytes_queued(to)?;
-                                    let by_kernel = queued.saturating_sub(written.load(Ordering::Acquire));
-                                    Some(redirected.saturating_sub(by_kernel))
-                                };
-                                let delivered = !up_gate.writing.load(Ordering::Acquire)
-                                    && !down_gate.writing.load(Ordering::Acquire)
-                                    && in_flight(client_key, &upstream_sock, &passed_up.sent) == Some(0)
-                                    && in_flight(upstream_key, &client_sock, &passed_up.received) == Some(0);
-                                if delivered {
-                                    fast.unpair(keys);
-                                    fast.stats.returned_to_user_space.fetch_add(1, Ordering::Relaxed);
-                                    up_gate.release_to_user_space();
-                                    down_gate.release_to_user_space();
-                                    // What queued meanwhile raised no edge a
-                                    // pump saw: this re-signals "readable".
-                                    for sock in [&client_sock, &upstream_sock] {
-                                        let _ = crate::sockopt::set_int(sock, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1);
-                                    }
-                                    leaving = None;
-                                } else if Instant::now() >= deadline {
-                                    tracing::warn!(
-                                        up = ?in_flight(client_key, &upstream_sock, &passed_up.sent),
-                                        down = ?in_flight(upstream_key, &client_sock, &passed_up.received),
-                                        "fast path: bytes held in the kernel were not delivered in time; resetting"
-                                    );
-                                    // Never hand on a stream with a hole.
-                                    fast.stats.undelivered_resets.fetch_add(1, Ordering::Relaxed);
-                                    break Some((Side::Upstream, io::Error::new(
-                                        io::ErrorKind::TimedOut,
-                                        "fast path: bytes held in the kernel were not delivered",
-                                    )));
-                                }
-                            }
-                        }
+                    if let Some(control) = control.as_mut()
+                        && let Err(error) = control.tick(&client, &upstream)
+                    {
+                        break Some(error);
                     }
                     // Poll fast while bytes move (flow control needs it),
                     // back off when the connection is quiet.
