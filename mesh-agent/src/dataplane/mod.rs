@@ -453,25 +453,21 @@ fn lock_pin_root(pins: &PinLayout) -> Result<File, DataplaneError> {
 /// attachment lives as long as the map, which is pinned) and takes the
 /// fast path's maps.
 fn load_fast_path(ebpf: &mut Ebpf, pins: &PinLayout) -> Result<FastPath, DataplaneError> {
-    use mesh_common::maps::{SPLICE_ON, SPLICE_TO};
-    let name = mesh_common::programs::SPLICE;
-    let take = |ebpf: &mut Ebpf, map: &'static str| {
-        let data = ebpf
-            .take_map(map)
-            .ok_or(maps::KernelMapError::Missing(map))?;
-        SockHash::try_from(data)
-            .map_err(|source| DataplaneError::Map(maps::KernelMapError::Map { name: map, source }))
-    };
-    let to = take(ebpf, SPLICE_TO)?;
-    let on = take(ebpf, SPLICE_ON)?;
-    let redirected = {
-        let name = mesh_common::maps::REDIRECTED;
+    use mesh_common::maps::{REDIRECTED, SPLICE_ON, SPLICE_TO};
+    fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+        ebpf: &mut Ebpf,
+        name: &'static str,
+    ) -> Result<T, DataplaneError> {
         let data = ebpf
             .take_map(name)
             .ok_or(maps::KernelMapError::Missing(name))?;
-        aya::maps::HashMap::try_from(data)
-            .map_err(|source| DataplaneError::Map(maps::KernelMapError::Map { name, source }))?
-    };
+        T::try_from(data)
+            .map_err(|source| DataplaneError::Map(maps::KernelMapError::Map { name, source }))
+    }
+    let name = mesh_common::programs::SPLICE;
+    let to: SockHash<_, _> = take(ebpf, SPLICE_TO)?;
+    let on: SockHash<_, _> = take(ebpf, SPLICE_ON)?;
+    let redirected = take(ebpf, REDIRECTED)?;
     let program: &mut SkSkb = program_mut(ebpf, name)?;
     program
         .load()

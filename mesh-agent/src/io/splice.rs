@@ -138,19 +138,6 @@ impl Gate {
     }
 }
 
-/// Drops a connection's entries in `MESH_REDIRECTED` however its splice
-/// ends (finished, failed, or dropped when the agent stops).
-struct Forget<'a> {
-    fast: &'a FastPath,
-    keys: (mesh_common::ConnKey, mesh_common::ConnKey),
-}
-
-impl Drop for Forget<'_> {
-    fn drop(&mut self) {
-        self.fast.forget(&self.keys);
-    }
-}
-
 /// See [`Gate::writing`].
 struct Writing<'a>(&'a std::sync::atomic::AtomicBool);
 
@@ -162,7 +149,9 @@ impl Drop for Writing<'_> {
 
 /// Flow control of a kernel-moved connection, run on every tick: pauses
 /// and resumes each direction, and takes the whole connection out of the
-/// kernel when a paused direction cannot resume.
+/// kernel when a paused direction cannot resume. Dropped, it drops the
+/// connection's entries in `MESH_REDIRECTED`, however the splice ended
+/// (finished, failed, or cancelled when the agent stops).
 struct KernelControl<'a> {
     fast: &'a FastPath,
     /// The client's and the upstream's socket keys.
@@ -176,6 +165,12 @@ struct KernelControl<'a> {
     /// Set while the connection leaves the kernel: by when the kernel
     /// must have delivered what it took.
     leaving: Option<Instant>,
+}
+
+impl Drop for KernelControl<'_> {
+    fn drop(&mut self) {
+        self.fast.forget(&self.keys);
+    }
 }
 
 impl KernelControl<'_> {
@@ -368,9 +363,6 @@ pub async fn splice(
         None => None,
     };
     let kernel = keys.is_some();
-    let _forget = fast_path
-        .zip(keys)
-        .map(|(fast, keys)| Forget { fast, keys });
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
     // In kernel mode the pumps only see what the kernel passes up; the
