@@ -72,10 +72,33 @@ pub mod maps {
     /// delivered everything it took, before a connection leaves the fast
     /// path.
     pub const REDIRECTED: &str = "MESH_REDIRECTED";
+    /// [`super::DirectKey`] -> [`super::DirectValue`]: same-node pod pairs
+    /// whose connections go pod to pod without the agent (written by the
+    /// agent from the authorization policy when `proxy.same_node_direct`
+    /// is on; empty otherwise).
+    pub const DIRECT: &str = "MESH_DIRECT";
+    /// [`super::ConnKey`] of a segment's sender (local) and receiver
+    /// (remote) -> the sender's host-side ifindex (u32), LRU: both
+    /// directions of connections admitted pod to pod, so their segments
+    /// pass on one lookup. Written by the programs only; a cache, since
+    /// a segment it misses is decided from [`DIRECT`] again.
+    pub const DIRECT_FLOWS: &str = "MESH_DIR_FLOWS";
     /// Every map, in a stable order.
-    pub const ALL: [&str; 12] = [
-        SERVICES, WORKLOADS, POD_STATS, CONNS, SETTINGS, COUNTERS, TC_FILTERS, SPLICE_TO,
-        SPLICE_ON, LISTENERS, IF_FLAGS, REDIRECTED,
+    pub const ALL: [&str; 14] = [
+        SERVICES,
+        WORKLOADS,
+        POD_STATS,
+        CONNS,
+        SETTINGS,
+        COUNTERS,
+        TC_FILTERS,
+        SPLICE_TO,
+        SPLICE_ON,
+        LISTENERS,
+        IF_FLAGS,
+        REDIRECTED,
+        DIRECT,
+        DIRECT_FLOWS,
     ];
 }
 
@@ -105,6 +128,11 @@ pub const MAX_POD_INTERFACES: u32 = 1_024;
 /// Capacity of [`maps::CONNS`]. Entries are removed on close; LRU eviction is
 /// the safety net if a close is ever missed.
 pub const MAX_CONNS: u32 = 65_536;
+/// Capacity of [`maps::DIRECT`]: pairs of this node's pod addresses, times
+/// the ports the policy names.
+pub const MAX_DIRECT: u32 = 65_536;
+/// Capacity of [`maps::DIRECT_FLOWS`]: two entries per direct connection.
+pub const MAX_DIRECT_FLOWS: u32 = 131_072;
 
 /// Indices into [`maps::COUNTERS`].
 pub mod counter {
@@ -136,8 +164,11 @@ pub mod counter {
     /// Traffic to a strict pod that is neither IPv4 nor ARP (IPv6: the
     /// mesh carries IPv4 only), dropped.
     pub const STRICT_NON_IPV4_DROPPED: u32 = 11;
+    /// A SYN between two pods of this node went pod to pod (an allowed
+    /// pair in [`super::maps::DIRECT`]), not through the agent.
+    pub const DIRECT_ADMITTED: u32 = 12;
     /// Number of counters.
-    pub const LEN: u32 = 12;
+    pub const LEN: u32 = 13;
     /// Human names, by index.
     pub const NAMES: [&str; LEN as usize] = [
         "captured",
@@ -152,6 +183,7 @@ pub mod counter {
         "listener_lookup",
         "strict_fragment_dropped",
         "strict_non_ipv4_dropped",
+        "direct_admitted",
     ];
 }
 
@@ -277,6 +309,43 @@ pub struct Settings {
 /// listeners are in [`maps::LISTENERS`], so segments that meet an agent
 /// socket in TIME_WAIT may go to it.
 pub const SETTING_TIME_WAIT_HANDOFF: u32 = 1 << 0;
+/// [`Settings::flags`]: consult [`maps::DIRECT`] (`proxy.same_node_direct`);
+/// off, the programs skip its lookups.
+pub const SETTING_SAME_NODE_DIRECT: u32 = 1 << 1;
+
+/// Key of [`maps::DIRECT`]: a client pod's address, a server pod's address
+/// on the same node, and the server's port (0: every port the policy does
+/// not name).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DirectKey {
+    /// Raw.
+    pub client: u32,
+    /// Raw.
+    pub server: u32,
+    /// Host order; 0 for "any other port".
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub pad: u16,
+}
+
+/// Value of [`maps::DIRECT`]. The interfaces tie the addresses to the pods
+/// that own them: a segment claiming the client's address is admitted only
+/// when it arrives from the client's own interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectValue {
+    /// Host-side ifindex of the client pod.
+    pub client_ifindex: u32,
+    /// Host-side ifindex of the server pod.
+    pub server_ifindex: u32,
+    /// [`DIRECT_ALLOW`] or 0 (this port is not allowed, whatever the
+    /// pair's port-0 entry says).
+    pub verdict: u32,
+}
+
+/// [`DirectValue::verdict`]: connections go pod to pod.
+pub const DIRECT_ALLOW: u32 = 1;
 
 /// Index of the outbound (captured connections) listener in [`maps::LISTENERS`].
 pub const LISTENER_OUTBOUND: u32 = 0;
@@ -372,6 +441,17 @@ assert_no_padding!(Settings {
     flags,
 });
 assert_no_padding!(TcFilterKey { ifindex, direction });
+assert_no_padding!(DirectKey {
+    client,
+    server,
+    port,
+    pad
+});
+assert_no_padding!(DirectValue {
+    client_ifindex,
+    server_ifindex,
+    verdict
+});
 assert_no_padding!(TcFilterValue {
     priority,
     handle,
@@ -392,4 +472,6 @@ mod user {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for TcFilterKey {}
     unsafe impl aya::Pod for TcFilterValue {}
+    unsafe impl aya::Pod for DirectKey {}
+    unsafe impl aya::Pod for DirectValue {}
 }

@@ -5,14 +5,17 @@
 //! the agent's outbound listener or to the agent socket that owns its flow
 //! (see [`crate::steer`]).
 //!
+//! Pairs of this node's pods that the policy lets talk directly are left
+//! alone (see [`crate::direct`]).
+//!
 //! Only this hook sees pod traffic, so the agent's own connections (which
 //! start in the node namespace) are never captured.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use mesh_common::{PodStats, counter};
+use mesh_common::{PodStats, SETTING_SAME_NODE_DIRECT, counter};
 
 use crate::{
-    counters, maps, packet,
+    counters, direct, maps, packet,
     steer::{self, Steered},
 };
 
@@ -25,12 +28,12 @@ pub fn mesh_from_pod(ctx: TcContext) -> i32 {
         stats.packets_from_pod += 1;
         stats.bytes_from_pod += u64::from(ctx.len());
     }
-    capture(&ctx, stats);
+    capture(&ctx, ifindex, stats);
     TC_ACT_OK
 }
 
 #[inline(always)]
-fn capture(ctx: &TcContext, stats: Option<&mut PodStats>) {
+fn capture(ctx: &TcContext, ifindex: u32, stats: Option<&mut PodStats>) {
     let Some(settings) = maps::settings() else {
         return;
     };
@@ -40,9 +43,35 @@ fn capture(ctx: &TcContext, stats: Option<&mut PodStats>) {
     let Some(tcp) = packet::parse_tcp_v4(ctx) else {
         return;
     };
+    let direct = settings.flags & SETTING_SAME_NODE_DIRECT != 0;
+    // The bulk of a pod-to-pod connection: one lookup.
+    if direct && !tcp.is_syn() && direct::admitted_flow(ifindex, &tcp) {
+        return;
+    }
     // HBONE to another node's agent is already mesh traffic.
     if tcp.dport == settings.inbound_port || !maps::is_meshed_destination(tcp.daddr, tcp.dport) {
         return;
+    }
+    if direct {
+        if tcp.is_syn() {
+            if direct::admit_syn(ifindex, &tcp) {
+                counters::bump(counter::DIRECT_ADMITTED);
+                return;
+            }
+            direct::forget_flow(&tcp);
+        } else if !steer::assign_existing(ctx, settings, &tcp) {
+            // A segment of a pod-to-pod connection the flow table lost
+            // passes; one of a flow the agent holds went to its socket
+            // above (a connection proxied before the pair was allowed
+            // keeps its path).
+            if direct::client_sends(ifindex, &tcp) || direct::server_answers(ifindex, &tcp) {
+                return;
+            }
+            steer::to_listener(ctx, settings, &tcp, settings.outbound_port);
+            return;
+        } else {
+            return;
+        }
     }
     if let Steered::New = steer::steer(ctx, settings, &tcp, settings.outbound_port) {
         counters::bump(counter::CAPTURED);

@@ -14,6 +14,8 @@
 //! - [`listener_lookup`]: sk_lookup on the node's namespace. Finds the
 //!   agent's listener for a SYN that the kernel took over from one of the
 //!   agent's TIME_WAIT sockets.
+//! - [`direct`]: same-node pod pairs the policy allows talk without the
+//!   agent (both tc programs consult it).
 //! - [`to_pod`] also enforces strict mode: plaintext from outside the mesh
 //!   to a strict pod is dropped.
 //!
@@ -23,6 +25,7 @@
 #![no_main]
 
 mod counters;
+mod direct;
 mod from_pod;
 mod listener_lookup;
 mod maps;

@@ -6,9 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mesh_common::{
-    ConnKey, ConnValue, MAX_CONNS, MAX_POD_INTERFACES, MAX_SERVICES, MAX_SPLICED_SOCKETS,
-    MAX_WORKLOADS, PodStats, ServiceKey, ServiceValue, Settings, TcFilterKey, TcFilterValue,
-    WorkloadValue, counter,
+    ConnKey, ConnValue, DirectKey, DirectValue, MAX_CONNS, MAX_DIRECT, MAX_DIRECT_FLOWS,
+    MAX_POD_INTERFACES, MAX_SERVICES, MAX_SPLICED_SOCKETS, MAX_WORKLOADS, PodStats, ServiceKey,
+    ServiceValue, Settings, TcFilterKey, TcFilterValue, WorkloadValue, counter,
 };
 
 // BTF map definitions carry the key and value types, so `bpftool map dump`
@@ -55,6 +55,15 @@ pub static MESH_SPLICE_ON: SockHash<ConnKey, { MAX_SPLICED_SOCKETS as usize }> =
 #[btf_map]
 pub static MESH_REDIRECTED: HashMap<ConnKey, u64, { MAX_SPLICED_SOCKETS as usize }> =
     HashMap::new();
+
+/// Same-node pod pairs that talk without the agent (see [`crate::direct`]).
+#[btf_map]
+pub static MESH_DIRECT: HashMap<DirectKey, DirectValue, { MAX_DIRECT as usize }> = HashMap::new();
+
+/// Both directions of connections admitted pod to pod (see [`crate::direct`]).
+#[btf_map]
+pub static MESH_DIR_FLOWS: LruHashMap<ConnKey, u32, { MAX_DIRECT_FLOWS as usize }> =
+    LruHashMap::new();
 
 /// The agent's listening sockets, for `mesh_listener_lookup`.
 #[btf_map]

@@ -36,6 +36,17 @@ pub fn steer(ctx: &TcContext, settings: &Settings, tcp: &TcpV4, listener_port: u
     if assign_existing(ctx, settings, tcp) {
         return Steered::Existing;
     }
+    to_listener(ctx, settings, tcp, listener_port)
+}
+
+/// The second half of [`steer`], for a segment no agent socket owns.
+#[inline(always)]
+pub fn to_listener(
+    ctx: &TcContext,
+    settings: &Settings,
+    tcp: &TcpV4,
+    listener_port: u16,
+) -> Steered {
     // A segment of no flow goes to the listener too: a SYN opens one, and
     // an ACK may complete a handshake the listener answered with a SYN
     // cookie (its backlog was full, as in a SYN flood), which only the
@@ -52,7 +63,7 @@ pub fn steer(ctx: &TcContext, settings: &Settings, tcp: &TcpV4, listener_port: u
 
 /// Hands the segment to the socket that already owns its flow, if any.
 #[inline(always)]
-fn assign_existing(ctx: &TcContext, settings: &Settings, tcp: &TcpV4) -> bool {
+pub fn assign_existing(ctx: &TcContext, settings: &Settings, tcp: &TcpV4) -> bool {
     let mut tuple = tuple_v4(tcp.saddr, tcp.daddr, tcp.sport, tcp.dport);
     let Some(sk) = lookup(ctx, &mut tuple) else {
         return false;

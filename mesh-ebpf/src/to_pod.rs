@@ -8,6 +8,8 @@
 //! too: TCP fragments whose header cannot be read here (the pod would
 //! reassemble them), and everything that is neither IPv4 nor ARP (the
 //! mesh carries IPv4 only, so IPv6 would be plaintext around it).
+//! A SYN from a pod of this node whose pair the policy allows directly
+//! (see [`crate::direct`]) is mesh traffic and passes.
 //! Enforcement reads the workload and interface maps only: a pod is
 //! strict whether or not its counters exist.
 
@@ -16,19 +18,23 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use mesh_common::{PodStats, WORKLOAD_STRICT, counter};
+use mesh_common::{PodStats, SETTING_SAME_NODE_DIRECT, WORKLOAD_STRICT, counter};
 
 use crate::{
-    counters, maps,
+    counters, direct, maps,
     packet::{self, Frame},
 };
 
 #[classifier]
 pub fn mesh_to_pod(ctx: TcContext) -> i32 {
     // SAFETY: reading fields of the context the kernel handed us.
-    let (ifindex, from_this_host) = unsafe {
+    let (ifindex, ingress_ifindex, from_this_host) = unsafe {
         let skb = &*ctx.skb.skb;
-        (skb.ifindex, !skb.__bindgen_anon_2.sk.is_null())
+        (
+            skb.ifindex,
+            skb.ingress_ifindex,
+            !skb.__bindgen_anon_2.sk.is_null(),
+        )
     };
     let mut stats = counters::pod_stats(ifindex);
     if let Some(stats) = stats.as_deref_mut() {
@@ -36,6 +42,7 @@ pub fn mesh_to_pod(ctx: TcContext) -> i32 {
         stats.bytes_to_pod += u64::from(ctx.len());
     }
     if from_this_host {
+        forget_direct_flow(&ctx);
         return TC_ACT_OK;
     }
     let strict = |flags: Option<u32>| flags.is_some_and(|f| f & WORKLOAD_STRICT != 0);
@@ -44,6 +51,13 @@ pub fn mesh_to_pod(ctx: TcContext) -> i32 {
             let Some(flags) = maps::workload_flags(tcp.daddr) else {
                 return TC_ACT_OK;
             };
+            // From a pod of this node the policy lets reach this one
+            // directly: mesh traffic, admitted ahead of time.
+            if maps::settings().is_some_and(|s| s.flags & SETTING_SAME_NODE_DIRECT != 0)
+                && direct::syn_reaches_server(ingress_ifindex, ifindex, &tcp)
+            {
+                return TC_ACT_OK;
+            }
             if !strict(Some(flags)) {
                 if let Some(stats) = stats {
                     stats.plaintext_in += 1;
@@ -67,6 +81,19 @@ pub fn mesh_to_pod(ctx: TcContext) -> i32 {
         }
     };
     dropped(stats, drop)
+}
+
+/// A SYN from the agent opens a connection it carries: what an earlier
+/// pod-to-pod connection on the same addresses and ports left in the flow
+/// table must not divert the pod's answers from the agent's socket.
+#[inline(always)]
+fn forget_direct_flow(ctx: &TcContext) {
+    if maps::settings().is_some_and(|s| s.flags & SETTING_SAME_NODE_DIRECT != 0)
+        && let Frame::Tcp(tcp) = packet::classify(ctx)
+        && tcp.is_syn()
+    {
+        direct::forget_flow(&tcp);
+    }
 }
 
 /// Counts a strict-mode drop, for the pod and, with its reason, overall.

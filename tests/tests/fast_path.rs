@@ -1,7 +1,14 @@
-//! The same-node fast path (`mesh_splice`, sk_skb redirect between the
-//! agent's two sockets of a connection): every behaviour is checked with
-//! the fast path on and with it off (`proxy.fast_path: false`), and must be
-//! the same; with it on the kernel must have moved the bytes. Needs root.
+//! The same-node fast paths: every behaviour is checked on each of the
+//! three ways a same-node connection can go, and must be the same:
+//! - through the agent (the default);
+//! - spliced (`proxy.fast_path`: `mesh_splice`, sk_skb redirect between
+//!   the agent's two sockets of a connection; the kernel must have moved
+//!   the bytes);
+//! - direct (`proxy.same_node_direct`: an allowed pair of pods talks pod
+//!   to pod; the agent must not have carried the connection).
+//!
+//! The server pods are strict, so direct connections also prove that
+//! strict mode admits an allowed pair and nothing else. Needs root.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -27,21 +34,35 @@ struct FastNode {
     node: Node,
 }
 
-fn fast_node(label: &str, fast_path: bool) -> FastNode {
-    node_with(label, &format!("proxy: {{ fast_path: {fast_path} }}\n"))
+/// How same-node connections go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Agent,
+    Splice,
+    Direct,
+}
+
+const PATHS: [Path; 3] = [Path::Agent, Path::Splice, Path::Direct];
+
+fn fast_node(label: &str, path: Path) -> FastNode {
+    let (fast_path, direct) = (path == Path::Splice, path == Path::Direct);
+    node_with(
+        label,
+        &format!("proxy: {{ fast_path: {fast_path}, same_node_direct: {direct} }}\n"),
+    )
 }
 
 /// [`fast_node`] with `proxy` as the config's proxy section (empty: the
-/// defaults).
+/// defaults). `outsider` is a pod of the node outside the mesh.
 fn node_with(label: &str, proxy: &str) -> FastNode {
     let mut node = Node::new(label, 1);
-    for pod in ["client", "other", "be", "rst", "slow", "drip"] {
+    for pod in ["client", "other", "be", "rst", "slow", "drip", "outsider"] {
         node.add_pod(pod);
     }
-    let workload = |pod: &str, sa: &str| {
+    let workload = |pod: &str, sa: &str, mode: &str| {
         let p = node.pod(pod);
         format!(
-            "  - {{ name: {pod}, service_account: {sa}, ips: [{}], interface: {}, cgroup: {pod} }}\n",
+            "  - {{ name: {pod}, service_account: {sa}, ips: [{}], interface: {}, cgroup: {pod}, mode: {mode} }}\n",
             p.ip, p.host_if
         )
     };
@@ -51,12 +72,12 @@ fn node_with(label: &str, proxy: &str) -> FastNode {
     - {{ name: no-other, action: deny, from: {{ principals: ['spiffe://cluster.local/ns/default/sa/other'] }} }}
 ",
         node.node_yaml(),
-        workload("client", "client"),
-        workload("other", "other"),
-        workload("be", "be"),
-        workload("rst", "rst"),
-        workload("slow", "slow"),
-        workload("drip", "drip"),
+        workload("client", "client", "permissive"),
+        workload("other", "other", "permissive"),
+        workload("be", "be", "strict"),
+        workload("rst", "rst", "strict"),
+        workload("slow", "slow", "strict"),
+        workload("drip", "drip", "strict"),
     );
     let servers = vec![
         ("be", node.pod("be").serve(8080, "be", false)),
@@ -87,19 +108,35 @@ impl FastNode {
     fn spliced_bytes(&self) -> u64 {
         self.agent.counter("spliced_bytes")
     }
+
+    /// Checks that `connections` went the way `path` says: pod to pod
+    /// (admitted by the kernel, never captured) or captured by the agent.
+    fn went(&self, path: Path, connections: u64) {
+        let (direct, captured) = (
+            self.agent.counter("direct_admitted"),
+            self.agent.counter("captured"),
+        );
+        if path == Path::Direct {
+            assert!(direct >= connections, "{direct} admitted directly");
+            assert_eq!(captured, 0, "the agent captured a direct pair");
+        } else {
+            assert_eq!(direct, 0);
+            assert!(captured >= connections, "{captured} captured");
+        }
+    }
 }
 
-/// Both modes, each on its own node.
-fn both(label: &str, check: impl Fn(&FastNode, bool)) {
-    for fast_path in [true, false] {
-        let node = fast_node(&format!("{label}{}", u8::from(fast_path)), fast_path);
-        check(&node, fast_path);
+/// Every path, each on its own node.
+fn every_path(label: &str, check: impl Fn(&FastNode, Path)) {
+    for (index, path) in PATHS.into_iter().enumerate() {
+        let node = fast_node(&format!("{label}{index}"), path);
+        check(&node, path);
     }
 }
 
 #[test]
 fn a_gibibyte_arrives_intact_with_half_close_and_kernel_byte_counts() {
-    both("fgib", |s, fast_path| {
+    every_path("fgib", |s, path| {
         let report = &s.node.pod("client").connect(
             s.addr("be"),
             Connect {
@@ -112,19 +149,33 @@ fn a_gibibyte_arrives_intact_with_half_close_and_kernel_byte_counts() {
         // back on the still-open reverse direction.
         let expected = format!("{GIB} {}", report["sent_sha256"].as_str().unwrap());
         assert_eq!(report["reply"], expected.as_str(), "{report}");
+        s.went(path, 1);
         let spliced = s.spliced_bytes();
-        if fast_path {
+        if path == Path::Splice {
             assert!(spliced >= GIB, "the kernel moved only {spliced} bytes");
         } else {
             assert_eq!(spliced, 0);
         }
-        // The access record's byte counts are exact either way.
         let greeting = report["greeting"].as_str().unwrap().len() as u64 + 1;
         let reply = expected.len() as u64 + 1;
+        if path == Path::Direct {
+            // No agent socket: the pod counters saw the bytes go by.
+            let stats = s.agent.stats();
+            let client = s.node.pod("client").host_if.as_str();
+            let pods = stats["kernel"]["pods"].as_array().cloned().unwrap_or_default();
+            let sent = pods
+                .iter()
+                .find(|pod| pod["interface"] == client)
+                .and_then(|pod| pod["bytes_from_pod"].as_u64())
+                .unwrap_or(0);
+            assert!(sent > GIB, "client interface counted {sent} bytes: {pods:?}");
+            return;
+        }
+        // The access record's byte counts are exact either way.
         let needle = format!("sent={GIB} received={}", greeting + reply);
         assert!(
             s.agent.wait_log(&needle, 1, Duration::from_secs(10)),
-            "no access record with {needle} (fast path {fast_path}):\n{}",
+            "no access record with {needle} ({path:?}):\n{}",
             s.agent.log()
         );
     });
@@ -132,7 +183,7 @@ fn a_gibibyte_arrives_intact_with_half_close_and_kernel_byte_counts() {
 
 #[test]
 fn resets_propagate_both_ways() {
-    both("frst", |s, _| {
+    every_path("frst", |s, path| {
         let client = s.node.pod("client");
         // The server resets: the client sees a reset, not a clean end.
         let report = &client.connect(s.addr("rst"), Connect::default())[0];
@@ -150,12 +201,13 @@ fn resets_propagate_both_ways() {
         let seen = s.server("be").wait_connections(1, Duration::from_secs(10));
         let error = seen[0]["error"].as_str().unwrap_or_default();
         assert!(error.contains("reset"), "server saw no reset: {seen:?}");
+        s.went(path, 2);
     });
 }
 
 #[test]
 fn a_hundred_parallel_connections_arrive_intact() {
-    both("fpar", |s, fast_path| {
+    every_path("fpar", |s, path| {
         let reports = s.node.pod("client").connect(
             s.addr("be"),
             Connect {
@@ -170,31 +222,33 @@ fn a_hundred_parallel_connections_arrive_intact() {
             let expected = format!("{MIB} {}", report["sent_sha256"].as_str().unwrap());
             assert_eq!(report["reply"], expected.as_str(), "{report}");
         }
-        if fast_path {
+        if path == Path::Splice {
             assert!(s.spliced_bytes() >= 100 * MIB);
         }
+        s.went(path, 100);
     });
 }
 
 #[test]
 fn a_peer_that_does_not_read_holds_the_sender_back() {
-    both("fbp", |s, fast_path| {
+    every_path("fbp", |s, path| {
         // Write to a server that never reads until the kernel refuses more.
         let accepted = s.node.pod("client").write_until_stalled(s.addr("slow"));
         // Socket buffers along the path hold some megabytes (about 20 MiB
         // here without the fast path; it adds at most its 4 MiB backlog
         // bound); without back-pressure the sender would never stall.
-        eprintln!("fast path {fast_path}: {} MiB accepted", accepted / MIB);
+        eprintln!("{path:?}: {} MiB accepted", accepted / MIB);
         assert!(
             accepted < 64 * MIB,
-            "fast path {fast_path}: {accepted} bytes accepted by a path to a peer that reads nothing"
+            "{path:?}: {accepted} bytes accepted by a path to a peer that reads nothing"
         );
+        s.went(path, 1);
     });
 }
 
 #[test]
 fn an_edge_triggered_sender_against_a_slow_reader_never_stalls() {
-    both("fet", |s, fast_path| {
+    every_path("fet", |s, path| {
         // A non-blocking sender that waits for writable edges (as tokio and
         // Go do) keeps filling a path whose far end drains slowly: every
         // time the path is full it must be woken again when room comes.
@@ -206,7 +260,7 @@ fn an_edge_triggered_sender_against_a_slow_reader_never_stalls() {
                 ..Default::default()
             },
         )[0];
-        assert!(report["error"].is_null(), "fast path {fast_path}: {report}");
+        assert!(report["error"].is_null(), "{path:?}: {report}");
         let expected = format!("{} {}", 48 * MIB, report["sent_sha256"].as_str().unwrap());
         assert_eq!(report["reply"], expected.as_str(), "{report}");
         // The same sender against a server that never reads stalls, and
@@ -221,11 +275,12 @@ fn an_edge_triggered_sender_against_a_slow_reader_never_stalls() {
             },
         )[0];
         let error = report["error"].as_str().unwrap_or_default();
-        assert!(error.contains("stalled"), "fast path {fast_path}: {report}");
+        assert!(error.contains("stalled"), "{path:?}: {report}");
+        s.went(path, 2);
         // With the fast path, the slow reader paused it, and the client's
         // half-close while paused sent the connection back to user space.
         let stats = &s.agent.stats()["fast_path"];
-        if fast_path {
+        if path == Path::Splice {
             assert!(stats["pauses"].as_u64() > Some(0), "{stats}");
             assert!(
                 stats["returned_to_user_space"].as_u64() > Some(0),
@@ -240,7 +295,7 @@ fn an_edge_triggered_sender_against_a_slow_reader_never_stalls() {
 
 #[test]
 fn a_connection_denied_by_policy_never_gets_a_fast_path() {
-    let s = fast_node("fdeny", true);
+    let s = fast_node("fdeny", Path::Splice);
     let denied = s
         .node
         .pod("other")
@@ -249,21 +304,58 @@ fn a_connection_denied_by_policy_never_gets_a_fast_path() {
     if let Ok(reports) = &denied {
         assert!(reports[0]["greeting"].is_null(), "{reports:?}");
     }
-    let entries = |map: &str| -> usize {
-        let path = s.agent.pin_root.join("maps").join(map);
-        bpftool(&["map", "dump", "pinned", path.to_str().unwrap()])
-            .and_then(|v| v.as_array().map(Vec::len))
-            .unwrap_or(usize::MAX)
-    };
-    assert_eq!(entries("MESH_SPLICE_TO"), 0);
-    assert_eq!(entries("MESH_SPLICE_ON"), 0);
+    assert_eq!(map_entries(&s, "MESH_SPLICE_TO"), 0);
+    assert_eq!(map_entries(&s, "MESH_SPLICE_ON"), 0);
     assert_eq!(s.spliced_bytes(), 0);
     // An admitted connection, held open, does get one: both of its sockets
     // (the upstream's once its first bytes, the greeting, were copied).
     let held = s.node.pod("client").hold(s.addr("be"));
     assert!(held.greeting.starts_with("be "), "{}", held.greeting);
-    assert_eq!(entries("MESH_SPLICE_TO"), 2);
-    assert_eq!(entries("MESH_SPLICE_ON"), 2);
+    assert_eq!(map_entries(&s, "MESH_SPLICE_TO"), 2);
+    assert_eq!(map_entries(&s, "MESH_SPLICE_ON"), 2);
     let stats: Value = s.agent.stats();
     assert_eq!(stats["outbound"]["denied"], 1, "{stats}");
+}
+
+#[test]
+fn a_denied_pair_and_a_pod_outside_the_mesh_never_go_direct() {
+    let s = fast_node("fdirdeny", Path::Direct);
+    // The denied pair has no entry: its SYN goes to the agent, which
+    // refuses it and says so.
+    let denied = s
+        .node
+        .pod("other")
+        .try_connect(s.addr("be"), Connect::default());
+    if let Ok(reports) = &denied {
+        assert!(reports[0]["greeting"].is_null(), "{reports:?}");
+    }
+    let stats: Value = s.agent.stats();
+    assert_eq!(stats["outbound"]["denied"], 1, "{stats}");
+    assert_eq!(s.agent.counter("direct_admitted"), 0);
+    assert_eq!(s.agent.counter("captured"), 1);
+    // A pod outside the mesh is plaintext to a strict pod, direct pairs
+    // or not: dropped.
+    let outsider = s
+        .node
+        .pod("outsider")
+        .try_connect(s.addr("be"), Connect::default());
+    let got_in = outsider.is_ok_and(|reports| reports[0]["greeting"].is_string());
+    assert!(!got_in, "a pod outside the mesh reached a strict pod");
+    // Allowed pairs: one entry (port 0: no rule names a port) for each
+    // ordered pair of the six meshed pods (30) but other's five.
+    assert_eq!(map_entries(&s, "MESH_DIRECT"), 25);
+    // The client's connection goes pod to pod, not through the agent.
+    let held = s.node.pod("client").hold(s.addr("be"));
+    assert!(held.greeting.starts_with("be "), "{}", held.greeting);
+    assert_eq!(s.agent.counter("direct_admitted"), 1);
+    assert_eq!(s.agent.counter("captured"), 1);
+    assert_eq!(s.agent.stats()["outbound"]["accepted"], 1);
+}
+
+/// Entries of one of the agent's pinned maps, as bpftool dumps it.
+fn map_entries(s: &FastNode, map: &str) -> usize {
+    let path = s.agent.pin_root.join("maps").join(map);
+    bpftool(&["map", "dump", "pinned", path.to_str().unwrap()])
+        .and_then(|v| v.as_array().map(Vec::len))
+        .unwrap_or(usize::MAX)
 }

@@ -112,6 +112,8 @@ fn stats(view: &AgentView) -> serde_json::Value {
                 json!({
                     "counters": maps.counters_json(),
                     "pods": maps.pods_json(),
+                    // Same-node pod pairs (and ports) that go pod to pod.
+                    "direct_entries": maps.direct_entries(),
                     "conns_tracked": conns.len(),
                     // A sample: the whole list of a busy node (tens of
                     // thousands) would make every call cost megabytes.

@@ -158,6 +158,7 @@ impl Bound {
                 workloads: config.maps.workloads,
             },
             fast_path: config.proxy.fast_path,
+            same_node_direct: config.proxy.same_node_direct,
         })?;
         report_problems(dataplane.sync(&state)?);
         *lock(&kernel_status) = map_fill(&dataplane, None);

@@ -233,6 +233,14 @@ pub struct ProxyConfig {
     /// through the agent's capture hook; elsewhere the node's address is
     /// used anyway. Read at start.
     pub preserve_client_ip: bool,
+    /// Connections between two pods of this node that the authorization
+    /// policy allows go pod to pod in the kernel, without the agent: the
+    /// policy is evaluated for every pair of local pods ahead of time, and
+    /// the kernel lets an allowed pair's segments pass instead of handing
+    /// them to the agent. Denied and dry-run-denied pairs still go through
+    /// the agent. Such connections have no access-log line (the kernel's
+    /// per-pod counters and `direct_admitted` count them).
+    pub same_node_direct: bool,
 }
 
 impl Default for ProxyConfig {
@@ -244,6 +252,7 @@ impl Default for ProxyConfig {
             drain_timeout_ms: 5_000,
             fast_path: false,
             preserve_client_ip: true,
+            same_node_direct: false,
         }
     }
 }

@@ -6,8 +6,8 @@ use std::{collections::HashMap as StdHashMap, net::Ipv4Addr};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use mesh_common::{
-    ConnKey, ConnValue, PodStats, ServiceKey, ServiceValue, Settings, WORKLOAD_LOCAL,
-    WORKLOAD_STRICT, WorkloadValue, counter, ipv4_from_raw, ipv4_to_raw,
+    ConnKey, ConnValue, DirectKey, DirectValue, PodStats, ServiceKey, ServiceValue, Settings,
+    WORKLOAD_LOCAL, WORKLOAD_STRICT, WorkloadValue, counter, ipv4_from_raw, ipv4_to_raw,
 };
 
 use crate::model::{MeshState, WorkloadMode};
@@ -86,6 +86,7 @@ pub struct KernelMaps {
     settings: Array<MapData, Settings>,
     counters: PerCpuArray<MapData, u64>,
     if_flags: HashMap<MapData, u32, u32>,
+    direct: HashMap<MapData, DirectKey, DirectValue>,
 }
 
 impl KernelMaps {
@@ -112,6 +113,7 @@ impl KernelMaps {
             settings: Array::try_from(get(SETTINGS)?).map_err(map_err(SETTINGS))?,
             counters: PerCpuArray::try_from(get(COUNTERS)?).map_err(map_err(COUNTERS))?,
             if_flags: HashMap::try_from(get(IF_FLAGS)?).map_err(map_err(IF_FLAGS))?,
+            direct: HashMap::try_from(get(DIRECT)?).map_err(map_err(DIRECT))?,
         })
     }
 
@@ -221,6 +223,22 @@ impl KernelMaps {
         sync_hash(&mut self.if_flags, flags)
             .map(drop)
             .map_err(map_err(IF_FLAGS))
+    }
+
+    /// Makes the same-node direct pairs say exactly what `entries` says.
+    pub fn sync_direct(
+        &mut self,
+        entries: &StdHashMap<DirectKey, DirectValue>,
+    ) -> Result<(), KernelMapError> {
+        use mesh_common::maps::DIRECT;
+        sync_hash(&mut self.direct, entries)
+            .map(drop)
+            .map_err(map_err(DIRECT))
+    }
+
+    /// Entries in the same-node direct map.
+    pub fn direct_entries(&self) -> usize {
+        self.direct.keys().filter(Result::is_ok).count()
     }
 
     /// Starts counting for a pod interface (the programs only count

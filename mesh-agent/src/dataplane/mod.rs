@@ -3,6 +3,7 @@
 //! them, and keeps the maps and attachments in step with the mesh model.
 
 mod attach;
+pub mod direct;
 pub mod fast_path;
 pub mod features;
 pub mod maps;
@@ -24,12 +25,14 @@ use aya::{
     programs::{SchedClassifier, SkLookup, SkSkb, SockOps},
 };
 use mesh_common::{
-    SETTING_TIME_WAIT_HANDOFF, STEER_MARK, STEER_MARK_MASK, Settings, WORKLOAD_STRICT,
+    SETTING_SAME_NODE_DIRECT, SETTING_TIME_WAIT_HANDOFF, STEER_MARK, STEER_MARK_MASK, Settings,
+    WORKLOAD_STRICT,
 };
 use tracing::{info, warn};
 
 use self::{
     attach::{Attachment, PodAttachment, Target},
+    direct::DirectPlan,
     fast_path::FastPath,
     tc_filters::TcFilterRecords,
 };
@@ -99,6 +102,9 @@ pub struct DataplaneSettings<'a> {
     /// `proxy.fast_path`: load `mesh_splice` (where the kernel can). Off,
     /// nothing of the fast path runs in the kernel.
     pub fast_path: bool,
+    /// `proxy.same_node_direct`: pairs of this node's pods that the policy
+    /// allows talk pod to pod, without the agent (see [`direct`]).
+    pub same_node_direct: bool,
 }
 
 pub struct Dataplane {
@@ -119,6 +125,9 @@ pub struct Dataplane {
     unattached: std::collections::BTreeSet<String>,
     capacity: Capacity,
     filled: [Fill; 2],
+    same_node_direct: bool,
+    /// Pairs the last sync left to the agent because `MESH_DIRECT` was full.
+    direct_left_out: usize,
     closed: bool,
 }
 
@@ -208,6 +217,10 @@ impl Dataplane {
                 SETTING_TIME_WAIT_HANDOFF
             } else {
                 0
+            } | if settings.same_node_direct {
+                SETTING_SAME_NODE_DIRECT
+            } else {
+                0
             },
         })?;
 
@@ -225,6 +238,8 @@ impl Dataplane {
             unattached: Default::default(),
             capacity: settings.capacity,
             filled: Destinations::default().fill(settings.capacity),
+            same_node_direct: settings.same_node_direct,
+            direct_left_out: 0,
             closed: false,
         };
         if let Some(cgroup) = settings.cgroup {
@@ -338,6 +353,23 @@ impl Dataplane {
             })
             .collect();
         self.maps.sync_interface_flags(&flags)?;
+        // After attachments: a pair goes direct only once both pods'
+        // interfaces carry the programs that check it.
+        let direct = if self.same_node_direct {
+            let attached = |ifname: &str| self.pods.get(ifname).map(|pod| pod.ifindex);
+            DirectPlan::of(state, attached, mesh_common::MAX_DIRECT as usize)
+        } else {
+            DirectPlan::default()
+        };
+        self.maps.sync_direct(&direct.entries)?;
+        if direct.left_out > 0 && direct.left_out != self.direct_left_out {
+            warn!(
+                pairs = direct.left_out,
+                capacity = mesh_common::MAX_DIRECT,
+                "same-node pod pairs left to the agent: the direct map is full"
+            );
+        }
+        self.direct_left_out = direct.left_out;
         Ok(problems)
     }
 

@@ -125,7 +125,7 @@ struct Case {
     server: (usize, &'static str),
 }
 
-const CASES: [Case; 4] = [
+const CASES: [Case; 5] = [
     Case {
         name: "same node, plain",
         baseline: None,
@@ -149,6 +149,14 @@ const CASES: [Case; 4] = [
         baseline: Some(2),
         client: (0, "mc"),
         server: (1, "mr"),
+    },
+    // A third node whose agent runs with `proxy.same_node_direct: true`
+    // (off by default): the allowed pair talks pod to pod.
+    Case {
+        name: "same node, direct",
+        baseline: Some(0),
+        client: (2, "dc"),
+        server: (2, "ds"),
     },
 ];
 
@@ -256,6 +264,10 @@ fn setup() -> anyhow::Result<Bench> {
         b.add_pod(pod);
     }
     topology::connect(&mut a, &mut b);
+    let mut c = Node::new("bench", 3);
+    for pod in ["dc", "ds"] {
+        c.add_pod(pod);
+    }
     let workload = |node: &Node, pod: &str| node.own_identity_workload_yaml(pod);
     let remote = |node: &Node, pod: &str| node.remote_workload_yaml(pod);
     let config_a = format!(
@@ -271,8 +283,20 @@ fn setup() -> anyhow::Result<Bench> {
         workload(&b, "mr"),
         remote(&a, "mc")
     );
+    let config_c = format!(
+        "{}proxy: {{ same_node_direct: true }}\nworkloads:\n{}{}",
+        c.node_yaml(),
+        workload(&c, "dc"),
+        workload(&c, "ds"),
+    );
     let mut servers = Vec::new();
-    for (node, pod) in [(&a, "ms"), (&a, "ps"), (&b, "mr"), (&b, "pr")] {
+    for (node, pod) in [
+        (&a, "ms"),
+        (&a, "ps"),
+        (&b, "mr"),
+        (&b, "pr"),
+        (&c, "ds"),
+    ] {
         servers.extend(start_servers(node.pod(pod))?);
     }
     // Two simulated nodes share this machine's cores with the pods' own
@@ -290,9 +314,10 @@ fn setup() -> anyhow::Result<Bench> {
     let agents = vec![
         Agent::start_with(&a, &config_a, &launch),
         Agent::start_with(&b, &config_b, &launch),
+        Agent::start_with(&c, &config_c, &launch),
     ];
     Ok(Bench {
-        nodes: vec![a, b],
+        nodes: vec![a, b, c],
         agents,
         _servers: servers,
     })
@@ -582,7 +607,7 @@ fn target(baseline: usize, figure: &str) -> Option<f64> {
 /// node (the kernel moves the bytes), at most 1 core-s across nodes.
 fn cpu_target(case: usize) -> Option<f64> {
     match case {
-        1 => Some(0.05),
+        1 | 4 => Some(0.05),
         3 => Some(1.0),
         _ => None,
     }

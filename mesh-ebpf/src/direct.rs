@@ -1,0 +1,133 @@
+//! Same-node connections that need no agent: pod to pod in the kernel.
+//!
+//! The agent evaluates its authorization policy for every pair of this
+//! node's meshed pods ahead of time and writes the pairs it allows into
+//! `MESH_DIRECT` (only when `proxy.same_node_direct` is on). A SYN from
+//! an allowed client to an allowed server port is then neither handed to
+//! the agent by `mesh_from_pod` nor dropped as plaintext by a strict
+//! server's `mesh_to_pod`: the two pods' own sockets talk over the veths,
+//! and the bytes never cross a third and fourth TCP socket in the agent.
+//!
+//! Addresses are tied to interfaces: an entry names the client's and the
+//! server's host-side ifindex, and a segment claiming an allowed address
+//! passes only when it comes from that pod's own interface (a pod cannot
+//! borrow another pod's pass by spoofing its address, and nothing from
+//! outside the node can).
+//!
+//! The SYN is decided from `MESH_DIRECT`; an admitted connection's two
+//! directions then enter `MESH_DIR_FLOWS`, so every later segment passes
+//! on one lookup (without looking for an agent socket, which runs the
+//! listener lookup and its sk_lookup program for every segment). Like a
+//! connection through the agent, an admitted connection is not judged
+//! again when the policy changes; new ones are. The flow table is only a
+//! cache: a segment it misses is decided from `MESH_DIRECT` again, after
+//! the agent's own sockets, and a SYN that is not admitted (one the
+//! agent will carry, from the pod or from the agent itself) clears any
+//! entry an earlier connection on the same addresses and ports left.
+
+use mesh_common::{ConnKey, DIRECT_ALLOW, DirectKey, DirectValue};
+
+use crate::{
+    maps::{MESH_DIR_FLOWS, MESH_DIRECT},
+    packet::TcpV4,
+};
+
+/// The verdict for `client` reaching `server:port`: the port's own entry
+/// if the policy names the port, else the pair's port-0 entry.
+#[inline(always)]
+fn entry(client: u32, server: u32, port: u16) -> Option<DirectValue> {
+    let mut key = DirectKey {
+        client,
+        server,
+        port,
+        pad: 0,
+    };
+    // SAFETY: values are copied out before the map can change them.
+    if let Some(value) = unsafe { MESH_DIRECT.get(key) } {
+        return Some(*value);
+    }
+    key.port = 0;
+    // SAFETY: as above.
+    unsafe { MESH_DIRECT.get(key) }.copied()
+}
+
+/// A segment the client pod behind `ifindex` sends to the server.
+#[inline(always)]
+pub fn client_sends(ifindex: u32, tcp: &TcpV4) -> bool {
+    allowed_from(ifindex, tcp).is_some()
+}
+
+/// Admits a SYN the client pod behind `ifindex` sends, if its pair is
+/// allowed: both directions of the connection enter the flow table.
+#[inline(always)]
+pub fn admit_syn(ifindex: u32, tcp: &TcpV4) -> bool {
+    let Some(value) = allowed_from(ifindex, tcp) else {
+        return false;
+    };
+    let (forward, backward) = flow_keys(tcp);
+    // If the table cannot take them, the segments are decided from
+    // MESH_DIRECT one by one instead: slower, still right.
+    let _ = MESH_DIR_FLOWS.insert(forward, value.client_ifindex, 0);
+    let _ = MESH_DIR_FLOWS.insert(backward, value.server_ifindex, 0);
+    true
+}
+
+/// A segment of an admitted connection, sent from the pod behind `ifindex`.
+#[inline(always)]
+pub fn admitted_flow(ifindex: u32, tcp: &TcpV4) -> bool {
+    let (forward, _) = flow_keys(tcp);
+    // SAFETY: the value is copied out before the map can change it.
+    unsafe { MESH_DIR_FLOWS.get(forward) }.is_some_and(|&sender| sender == ifindex)
+}
+
+/// Forgets what an earlier connection on the same addresses and ports
+/// left in the flow table: this one goes through the agent.
+#[inline(always)]
+pub fn forget_flow(tcp: &TcpV4) {
+    let (forward, backward) = flow_keys(tcp);
+    let _ = MESH_DIR_FLOWS.remove(forward);
+    let _ = MESH_DIR_FLOWS.remove(backward);
+}
+
+#[inline(always)]
+fn allowed_from(ifindex: u32, tcp: &TcpV4) -> Option<DirectValue> {
+    entry(tcp.saddr, tcp.daddr, tcp.dport)
+        .filter(|v| v.verdict == DIRECT_ALLOW && v.client_ifindex == ifindex)
+}
+
+/// The segment's own direction (sender local) and the reverse.
+#[inline(always)]
+fn flow_keys(tcp: &TcpV4) -> (ConnKey, ConnKey) {
+    (
+        ConnKey {
+            local_addr: tcp.saddr,
+            remote_addr: tcp.daddr,
+            local_port: tcp.sport,
+            remote_port: tcp.dport,
+        },
+        ConnKey {
+            local_addr: tcp.daddr,
+            remote_addr: tcp.saddr,
+            local_port: tcp.dport,
+            remote_port: tcp.sport,
+        },
+    )
+}
+
+/// A segment the server pod behind `ifindex` sends back to the client.
+#[inline(always)]
+pub fn server_answers(ifindex: u32, tcp: &TcpV4) -> bool {
+    entry(tcp.daddr, tcp.saddr, tcp.sport)
+        .is_some_and(|v| v.verdict == DIRECT_ALLOW && v.server_ifindex == ifindex)
+}
+
+/// A SYN that arrived on host interface `from_ifindex` and leaves on
+/// `to_ifindex` towards the server.
+#[inline(always)]
+pub fn syn_reaches_server(from_ifindex: u32, to_ifindex: u32, tcp: &TcpV4) -> bool {
+    entry(tcp.saddr, tcp.daddr, tcp.dport).is_some_and(|v| {
+        v.verdict == DIRECT_ALLOW
+            && v.client_ifindex == from_ifindex
+            && v.server_ifindex == to_ifindex
+    })
+}
