@@ -78,10 +78,11 @@ pub mod maps {
     /// is on; empty otherwise).
     pub const DIRECT: &str = "MESH_DIRECT";
     /// [`super::ConnKey`] of a segment's sender (local) and receiver
-    /// (remote) -> the sender's host-side ifindex (u32), LRU: both
-    /// directions of connections admitted pod to pod, so their segments
-    /// pass on one lookup. Written by the programs only; a cache, since
-    /// a segment it misses is decided from [`DIRECT`] again.
+    /// (remote) -> [`super::DirectFlow`], LRU: both directions of
+    /// connections admitted pod to pod, so their segments pass on one
+    /// lookup, and, once learnt, go straight into the receiving pod.
+    /// Written by the programs only; a cache, since a segment it misses is
+    /// decided from [`DIRECT`] again.
     pub const DIRECT_FLOWS: &str = "MESH_DIR_FLOWS";
     /// Every map, in a stable order.
     pub const ALL: [&str; 14] = [
@@ -167,8 +168,11 @@ pub mod counter {
     /// A SYN between two pods of this node went pod to pod (an allowed
     /// pair in [`super::maps::DIRECT`]), not through the agent.
     pub const DIRECT_ADMITTED: u32 = 12;
+    /// A segment of a pod-to-pod connection went straight into the
+    /// receiving pod (`bpf_redirect_peer`), past the node's routing.
+    pub const DIRECT_REDIRECTED: u32 = 13;
     /// Number of counters.
-    pub const LEN: u32 = 13;
+    pub const LEN: u32 = 14;
     /// Human names, by index.
     pub const NAMES: [&str; LEN as usize] = [
         "captured",
@@ -184,6 +188,7 @@ pub mod counter {
         "strict_fragment_dropped",
         "strict_non_ipv4_dropped",
         "direct_admitted",
+        "direct_redirected",
     ];
 }
 
@@ -312,6 +317,9 @@ pub const SETTING_TIME_WAIT_HANDOFF: u32 = 1 << 0;
 /// [`Settings::flags`]: consult [`maps::DIRECT`] (`proxy.same_node_direct`);
 /// off, the programs skip its lookups.
 pub const SETTING_SAME_NODE_DIRECT: u32 = 1 << 1;
+/// [`Settings::flags`]: the kernel has `bpf_redirect_peer`, so segments of
+/// a pod-to-pod connection go straight into the receiving pod.
+pub const SETTING_REDIRECT_PEER: u32 = 1 << 2;
 
 /// Key of [`maps::DIRECT`]: a client pod's address, a server pod's address
 /// on the same node, and the server's port (0: every port the policy does
@@ -342,6 +350,27 @@ pub struct DirectValue {
     /// [`DIRECT_ALLOW`] or 0 (this port is not allowed, whatever the
     /// pair's port-0 entry says).
     pub verdict: u32,
+}
+
+/// Value of [`maps::DIRECT_FLOWS`]: one direction of a pod-to-pod
+/// connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectFlow {
+    /// Host-side ifindex of the sending pod: segments claiming this
+    /// direction pass only from there.
+    pub sender_ifindex: u32,
+    /// Host-side ifindex of the receiving pod, learnt from the first
+    /// segment the node delivered to it (0 until then); from then on
+    /// segments go straight to the pod (`bpf_redirect_peer`) past the
+    /// node's routing.
+    pub receiver_ifindex: u32,
+    /// The Ethernet addresses (destination, source: 12 bytes as three
+    /// words) the node wrote on that segment, written on every segment
+    /// sent straight to the pod.
+    pub eth_0: u32,
+    pub eth_1: u32,
+    pub eth_2: u32,
 }
 
 /// [`DirectValue::verdict`]: connections go pod to pod.
@@ -447,6 +476,13 @@ assert_no_padding!(DirectKey {
     port,
     pad
 });
+assert_no_padding!(DirectFlow {
+    sender_ifindex,
+    receiver_ifindex,
+    eth_0,
+    eth_1,
+    eth_2
+});
 assert_no_padding!(DirectValue {
     client_ifindex,
     server_ifindex,
@@ -474,4 +510,5 @@ mod user {
     unsafe impl aya::Pod for TcFilterValue {}
     unsafe impl aya::Pod for DirectKey {}
     unsafe impl aya::Pod for DirectValue {}
+    unsafe impl aya::Pod for DirectFlow {}
 }

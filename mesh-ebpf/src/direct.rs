@@ -24,10 +24,20 @@
 //! the agent's own sockets, and a SYN that is not admitted (one the
 //! agent will carry, from the pod or from the agent itself) clears any
 //! entry an earlier connection on the same addresses and ports left.
+//!
+//! Where the kernel has `bpf_redirect_peer`, the first segment the node
+//! delivers to the receiving pod teaches `mesh_to_pod` that pod's
+//! interface and the Ethernet addresses the node writes for it; from then
+//! on `mesh_from_pod` writes those addresses itself and hands the segment
+//! straight to the receiving pod, past the node's routing and the
+//! receiver's tc egress. That is shorter than what plain pods' traffic
+//! takes.
 
-use mesh_common::{ConnKey, DIRECT_ALLOW, DirectKey, DirectValue};
+use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_redirect_peer, programs::TcContext};
+use mesh_common::{ConnKey, DIRECT_ALLOW, DirectFlow, DirectKey, DirectValue, counter};
 
 use crate::{
+    counters,
     maps::{MESH_DIR_FLOWS, MESH_DIRECT},
     packet::TcpV4,
 };
@@ -65,19 +75,69 @@ pub fn admit_syn(ifindex: u32, tcp: &TcpV4) -> bool {
         return false;
     };
     let (forward, backward) = flow_keys(tcp);
+    let flow = |sender_ifindex| DirectFlow {
+        sender_ifindex,
+        ..DirectFlow::default()
+    };
     // If the table cannot take them, the segments are decided from
     // MESH_DIRECT one by one instead: slower, still right.
-    let _ = MESH_DIR_FLOWS.insert(forward, value.client_ifindex, 0);
-    let _ = MESH_DIR_FLOWS.insert(backward, value.server_ifindex, 0);
+    let _ = MESH_DIR_FLOWS.insert(forward, flow(value.client_ifindex), 0);
+    let _ = MESH_DIR_FLOWS.insert(backward, flow(value.server_ifindex), 0);
     true
 }
 
-/// A segment of an admitted connection, sent from the pod behind `ifindex`.
+/// The flow of a segment of an admitted connection, sent from the pod
+/// behind `ifindex`.
 #[inline(always)]
-pub fn admitted_flow(ifindex: u32, tcp: &TcpV4) -> bool {
+pub fn admitted_flow(ifindex: u32, tcp: &TcpV4) -> Option<DirectFlow> {
     let (forward, _) = flow_keys(tcp);
     // SAFETY: the value is copied out before the map can change it.
-    unsafe { MESH_DIR_FLOWS.get(forward) }.is_some_and(|&sender| sender == ifindex)
+    unsafe { MESH_DIR_FLOWS.get(forward) }
+        .copied()
+        .filter(|flow| flow.sender_ifindex == ifindex)
+}
+
+/// Hands a segment of `flow` straight to the receiving pod: the
+/// Ethernet addresses the node would have written, then the receiver's
+/// side of its veth. Counted as the receiver's traffic, since its
+/// `mesh_to_pod` does not see it.
+#[inline(always)]
+pub fn redirect(ctx: &TcContext, flow: &DirectFlow) -> i32 {
+    let eth = [flow.eth_0, flow.eth_1, flow.eth_2];
+    if ctx.store(0, &eth, 0).is_err() {
+        return TC_ACT_SHOT;
+    }
+    if let Some(stats) = counters::pod_stats(flow.receiver_ifindex) {
+        stats.packets_to_pod += 1;
+        stats.bytes_to_pod += u64::from(ctx.len());
+    }
+    counters::bump(counter::DIRECT_REDIRECTED);
+    // SAFETY: helper call with a plain ifindex; it returns a tc action.
+    unsafe { bpf_redirect_peer(flow.receiver_ifindex, 0) as i32 }
+}
+
+/// Learns, from a segment the node delivers to the pod behind
+/// `ifindex`, where later segments of its flow can go directly: if it
+/// belongs to an admitted flow whose sender's interface it came from.
+#[inline(always)]
+pub fn learn(ctx: &TcContext, ifindex: u32, ingress_ifindex: u32, tcp: &TcpV4) {
+    let (forward, _) = flow_keys(tcp);
+    let Some(flow) = MESH_DIR_FLOWS.get_ptr_mut(forward) else {
+        return;
+    };
+    // SAFETY: a pointer into the map's value; fields are plain integers
+    // and a concurrent writer could only write the same values.
+    let flow = unsafe { &mut *flow };
+    if flow.receiver_ifindex != 0 || flow.sender_ifindex != ingress_ifindex {
+        return;
+    }
+    let Ok(eth) = ctx.load::<[u32; 3]>(0) else {
+        return;
+    };
+    flow.eth_0 = eth[0];
+    flow.eth_1 = eth[1];
+    flow.eth_2 = eth[2];
+    flow.receiver_ifindex = ifindex;
 }
 
 /// Forgets what an earlier connection on the same addresses and ports

@@ -12,7 +12,7 @@
 //! start in the node namespace) are never captured.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use mesh_common::{PodStats, SETTING_SAME_NODE_DIRECT, counter};
+use mesh_common::{PodStats, SETTING_REDIRECT_PEER, SETTING_SAME_NODE_DIRECT, counter};
 
 use crate::{
     counters, direct, maps, packet,
@@ -28,49 +28,56 @@ pub fn mesh_from_pod(ctx: TcContext) -> i32 {
         stats.packets_from_pod += 1;
         stats.bytes_from_pod += u64::from(ctx.len());
     }
-    capture(&ctx, ifindex, stats);
-    TC_ACT_OK
+    capture(&ctx, ifindex, stats)
 }
 
+/// What becomes of a segment the pod sends: the tc action.
 #[inline(always)]
-fn capture(ctx: &TcContext, ifindex: u32, stats: Option<&mut PodStats>) {
+fn capture(ctx: &TcContext, ifindex: u32, stats: Option<&mut PodStats>) -> i32 {
     let Some(settings) = maps::settings() else {
-        return;
+        return TC_ACT_OK;
     };
     if settings.outbound_port == 0 {
-        return;
+        return TC_ACT_OK;
     }
     let Some(tcp) = packet::parse_tcp_v4(ctx) else {
-        return;
+        return TC_ACT_OK;
     };
     let direct = settings.flags & SETTING_SAME_NODE_DIRECT != 0;
-    // The bulk of a pod-to-pod connection: one lookup.
-    if direct && !tcp.is_syn() && direct::admitted_flow(ifindex, &tcp) {
-        return;
+    // The bulk of a pod-to-pod connection: one lookup, and straight into
+    // the receiving pod once its way there is known.
+    if direct
+        && !tcp.is_syn()
+        && let Some(flow) = direct::admitted_flow(ifindex, &tcp)
+    {
+        if settings.flags & SETTING_REDIRECT_PEER != 0 && flow.receiver_ifindex != 0 {
+            return direct::redirect(ctx, &flow);
+        }
+        return TC_ACT_OK;
     }
     // HBONE to another node's agent is already mesh traffic.
     if tcp.dport == settings.inbound_port || !maps::is_meshed_destination(tcp.daddr, tcp.dport) {
-        return;
+        return TC_ACT_OK;
     }
     if direct {
         if tcp.is_syn() {
             if direct::admit_syn(ifindex, &tcp) {
                 counters::bump(counter::DIRECT_ADMITTED);
-                return;
+                return TC_ACT_OK;
             }
             direct::forget_flow(&tcp);
-        } else if !steer::assign_existing(ctx, settings, &tcp) {
-            // A segment of a pod-to-pod connection the flow table lost
-            // passes; one of a flow the agent holds went to its socket
-            // above (a connection proxied before the pair was allowed
-            // keeps its path).
-            if direct::client_sends(ifindex, &tcp) || direct::server_answers(ifindex, &tcp) {
-                return;
-            }
-            steer::to_listener(ctx, settings, &tcp, settings.outbound_port);
-            return;
         } else {
-            return;
+            // A segment of a flow the agent holds goes to its socket (a
+            // connection proxied before the pair was allowed keeps its
+            // path); one of a pod-to-pod connection the flow table lost
+            // passes.
+            if !steer::assign_existing(ctx, settings, &tcp)
+                && !direct::client_sends(ifindex, &tcp)
+                && !direct::server_answers(ifindex, &tcp)
+            {
+                steer::to_listener(ctx, settings, &tcp, settings.outbound_port);
+            }
+            return TC_ACT_OK;
         }
     }
     if let Steered::New = steer::steer(ctx, settings, &tcp, settings.outbound_port) {
@@ -79,4 +86,5 @@ fn capture(ctx: &TcContext, ifindex: u32, stats: Option<&mut PodStats>) {
             stats.captured += 1;
         }
     }
+    TC_ACT_OK
 }

@@ -6,9 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mesh_common::{
-    ConnKey, ConnValue, DirectKey, DirectValue, MAX_CONNS, MAX_DIRECT, MAX_DIRECT_FLOWS,
-    MAX_POD_INTERFACES, MAX_SERVICES, MAX_SPLICED_SOCKETS, MAX_WORKLOADS, PodStats, ServiceKey,
-    ServiceValue, Settings, TcFilterKey, TcFilterValue, WorkloadValue, counter,
+    ConnKey, ConnValue, DirectFlow, DirectKey, DirectValue, MAX_CONNS, MAX_DIRECT,
+    MAX_DIRECT_FLOWS, MAX_POD_INTERFACES, MAX_SERVICES, MAX_SPLICED_SOCKETS, MAX_WORKLOADS,
+    PodStats, ServiceKey, ServiceValue, Settings, TcFilterKey, TcFilterValue, WorkloadValue,
+    counter,
 };
 
 // BTF map definitions carry the key and value types, so `bpftool map dump`
@@ -62,7 +63,7 @@ pub static MESH_DIRECT: HashMap<DirectKey, DirectValue, { MAX_DIRECT as usize }>
 
 /// Both directions of connections admitted pod to pod (see [`crate::direct`]).
 #[btf_map]
-pub static MESH_DIR_FLOWS: LruHashMap<ConnKey, u32, { MAX_DIRECT_FLOWS as usize }> =
+pub static MESH_DIR_FLOWS: LruHashMap<ConnKey, DirectFlow, { MAX_DIRECT_FLOWS as usize }> =
     LruHashMap::new();
 
 /// The agent's listening sockets, for `mesh_listener_lookup`.

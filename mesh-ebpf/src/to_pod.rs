@@ -18,7 +18,9 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use mesh_common::{PodStats, SETTING_SAME_NODE_DIRECT, WORKLOAD_STRICT, counter};
+use mesh_common::{
+    PodStats, SETTING_REDIRECT_PEER, SETTING_SAME_NODE_DIRECT, WORKLOAD_STRICT, counter,
+};
 
 use crate::{
     counters, direct, maps,
@@ -46,7 +48,13 @@ pub fn mesh_to_pod(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     }
     let strict = |flags: Option<u32>| flags.is_some_and(|f| f & WORKLOAD_STRICT != 0);
-    let drop = match packet::classify(&ctx) {
+    let frame = packet::classify(&ctx);
+    if let Frame::Tcp(tcp) = &frame
+        && maps::settings().is_some_and(|s| s.flags & SETTING_REDIRECT_PEER != 0)
+    {
+        direct::learn(&ctx, ifindex, ingress_ifindex, tcp);
+    }
+    let drop = match frame {
         Frame::Tcp(tcp) if tcp.is_syn() => {
             let Some(flags) = maps::workload_flags(tcp.daddr) else {
                 return TC_ACT_OK;

@@ -162,13 +162,19 @@ fn a_gibibyte_arrives_intact_with_half_close_and_kernel_byte_counts() {
             // No agent socket: the pod counters saw the bytes go by.
             let stats = s.agent.stats();
             let client = s.node.pod("client").host_if.as_str();
-            let pods = stats["kernel"]["pods"].as_array().cloned().unwrap_or_default();
+            let pods = stats["kernel"]["pods"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             let sent = pods
                 .iter()
                 .find(|pod| pod["interface"] == client)
                 .and_then(|pod| pod["bytes_from_pod"].as_u64())
                 .unwrap_or(0);
-            assert!(sent > GIB, "client interface counted {sent} bytes: {pods:?}");
+            assert!(
+                sent > GIB,
+                "client interface counted {sent} bytes: {pods:?}"
+            );
             return;
         }
         // The access record's byte counts are exact either way.
@@ -350,6 +356,27 @@ fn a_denied_pair_and_a_pod_outside_the_mesh_never_go_direct() {
     assert_eq!(s.agent.counter("direct_admitted"), 1);
     assert_eq!(s.agent.counter("captured"), 1);
     assert_eq!(s.agent.stats()["outbound"]["accepted"], 1);
+    // Both directions learnt their way straight into the receiving pod.
+    let path = s.agent.pin_root.join("maps").join("MESH_DIR_FLOWS");
+    let flows = bpftool(&["map", "dump", "pinned", path.to_str().unwrap()]).unwrap();
+    let receivers: Vec<u64> = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|entry| entry["formatted"]["value"]["receiver_ifindex"].as_u64())
+        .collect();
+    let stats = s.agent.stats();
+    let interface = |pod: &str| {
+        let name = s.node.pod(pod).host_if.as_str();
+        let pods = stats["kernel"]["pods"].as_array().unwrap();
+        let entry = pods.iter().find(|p| p["interface"] == name).unwrap();
+        entry["ifindex"].as_u64().unwrap()
+    };
+    let mut expected = vec![interface("be"), interface("client")];
+    expected.sort();
+    let mut receivers = receivers;
+    receivers.sort();
+    assert_eq!(receivers, expected, "{flows}");
 }
 
 /// Entries of one of the agent's pinned maps, as bpftool dumps it.

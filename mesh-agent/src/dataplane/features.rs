@@ -99,6 +99,16 @@ const FEATURES: &[Feature] = &[
         check: Check::Helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_sk_assign),
     },
     Feature {
+        name: "helper bpf_redirect_peer in tc",
+        since: "5.10",
+        used_by: "mesh_from_pod (same-node direct connections, into the receiving pod)",
+        fallback: None,
+        check: Check::Helper(
+            ProgramType::SchedClassifier,
+            BpfHelper::BPF_FUNC_redirect_peer,
+        ),
+    },
+    Feature {
         name: "helper bpf_sk_release in tc",
         since: "4.20",
         used_by: "mesh_from_pod, mesh_uplink",

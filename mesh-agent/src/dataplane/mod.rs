@@ -25,8 +25,8 @@ use aya::{
     programs::{SchedClassifier, SkLookup, SkSkb, SockOps},
 };
 use mesh_common::{
-    SETTING_SAME_NODE_DIRECT, SETTING_TIME_WAIT_HANDOFF, STEER_MARK, STEER_MARK_MASK, Settings,
-    WORKLOAD_STRICT,
+    SETTING_REDIRECT_PEER, SETTING_SAME_NODE_DIRECT, SETTING_TIME_WAIT_HANDOFF, STEER_MARK,
+    STEER_MARK_MASK, Settings, WORKLOAD_STRICT,
 };
 use tracing::{info, warn};
 
@@ -218,7 +218,7 @@ impl Dataplane {
             } else {
                 0
             } | if settings.same_node_direct {
-                SETTING_SAME_NODE_DIRECT
+                SETTING_SAME_NODE_DIRECT | SETTING_REDIRECT_PEER
             } else {
                 0
             },

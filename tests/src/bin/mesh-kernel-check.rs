@@ -100,6 +100,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         "fast path: slow reader, then half-close",
         fast_path_slow_reader,
     ),
+    (
+        "same-node direct: strict pod, straight into the pod",
+        same_node_direct,
+    ),
 ];
 
 fn probe() -> Result<Value, String> {
@@ -328,6 +332,64 @@ fn fast_path_slow_reader() -> Result<Value, String> {
         return Err(format!("a connection was reset as undelivered: {stats}"));
     }
     Ok(json!({ "sent": SEND, "spliced_bytes": spliced, "fast_path": stats }))
+}
+
+/// `proxy.same_node_direct`: an allowed pair talks pod to pod (bytes
+/// intact, the agent never sees the connection, segments go straight into
+/// the receiving pod), while a pod outside the mesh still cannot reach
+/// the strict server.
+fn same_node_direct() -> Result<Value, String> {
+    const SEND: u64 = 16 << 20;
+    let mut node = Node::new("kdirect", 1);
+    for pod in ["client", "be", "outsider"] {
+        node.add_pod(pod);
+    }
+    let strict = |pod: &str| {
+        let p = node.pod(pod);
+        format!(
+            "  - {{ name: {pod}, ips: [{}], interface: {}, cgroup: {pod}, mode: strict }}\n",
+            p.ip, p.host_if
+        )
+    };
+    let config = format!(
+        "{}proxy: {{ same_node_direct: true }}\nworkloads:\n{}{}",
+        node.node_yaml(),
+        strict("client"),
+        strict("be"),
+    );
+    let _server = node.pod("be").serve(8080, "be", false);
+    let agent = Agent::start(&node, &config);
+    let be = SocketAddr::new(node.pod("be").ip.into(), 8080);
+    let reports = node.pod("client").try_connect(
+        be,
+        Connect {
+            send: SEND,
+            ..Default::default()
+        },
+    )?;
+    let report = &reports[0];
+    let expected = format!("{SEND} {}", report["sent_sha256"].as_str().unwrap_or("?"));
+    if report["reply"] != expected.as_str() {
+        return Err(format!(
+            "server read {}, expected {expected}",
+            report["reply"]
+        ));
+    }
+    let (admitted, redirected, captured) = (
+        agent.counter("direct_admitted"),
+        agent.counter("direct_redirected"),
+        agent.counter("captured"),
+    );
+    if admitted != 1 || captured != 0 || redirected == 0 {
+        return Err(format!(
+            "direct_admitted {admitted}, direct_redirected {redirected}, captured {captured}"
+        ));
+    }
+    let outsider = node.pod("outsider").try_connect(be, Connect::default());
+    if outsider.is_ok_and(|reports| reports[0]["greeting"].is_string()) {
+        return Err("a pod outside the mesh reached the strict pod".into());
+    }
+    Ok(json!({ "sent": SEND, "direct_redirected": redirected }))
 }
 
 fn clean_exit() -> Result<Value, String> {

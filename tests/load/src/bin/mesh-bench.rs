@@ -290,13 +290,7 @@ fn setup() -> anyhow::Result<Bench> {
         workload(&c, "ds"),
     );
     let mut servers = Vec::new();
-    for (node, pod) in [
-        (&a, "ms"),
-        (&a, "ps"),
-        (&b, "mr"),
-        (&b, "pr"),
-        (&c, "ds"),
-    ] {
+    for (node, pod) in [(&a, "ms"), (&a, "ps"), (&b, "mr"), (&b, "pr"), (&c, "ds")] {
         servers.extend(start_servers(node.pod(pod))?);
     }
     // Two simulated nodes share this machine's cores with the pods' own
