@@ -28,8 +28,20 @@ pub mod programs {
     /// sk_lookup on the node's network namespace: finds the agent's
     /// listener for a SYN the kernel took over from a TIME_WAIT socket.
     pub const LISTENER_LOOKUP: &str = "mesh_listener_lookup";
+    /// cgroup/connect4 on the node's pod cgroup subtree: a pod's connect()
+    /// to a service whose endpoints all run on this node picks one and
+    /// connects there directly (only with `proxy.same_node_direct`).
+    pub const CONNECT4: &str = "mesh_connect4";
     /// Every program, in load order.
-    pub const ALL: [&str; 6] = [FROM_POD, TO_POD, SOCKOPS, UPLINK, SPLICE, LISTENER_LOOKUP];
+    pub const ALL: [&str; 7] = [
+        FROM_POD,
+        TO_POD,
+        SOCKOPS,
+        UPLINK,
+        SPLICE,
+        LISTENER_LOOKUP,
+        CONNECT4,
+    ];
 }
 
 /// Names of the maps, as `bpftool map show` lists them (at most 15 bytes).
@@ -84,8 +96,15 @@ pub mod maps {
     /// Written by the programs only; a cache, since a segment it misses is
     /// decided from [`DIRECT`] again.
     pub const DIRECT_FLOWS: &str = "MESH_DIR_FLOWS";
+    /// [`super::ServiceKey`] -> number of endpoints (u32): services whose
+    /// endpoints all run on this node and that `mesh_connect4` balances
+    /// at connect time (`proxy.same_node_direct`).
+    pub const DIRECT_SERVICES: &str = "MESH_DIR_SVCS";
+    /// [`super::DirectEndpointKey`] -> [`super::DirectEndpoint`]: the
+    /// endpoints of [`DIRECT_SERVICES`], by index.
+    pub const DIRECT_ENDPOINTS: &str = "MESH_DIR_EPS";
     /// Every map, in a stable order.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         WORKLOADS,
         POD_STATS,
@@ -100,6 +119,8 @@ pub mod maps {
         REDIRECTED,
         DIRECT,
         DIRECT_FLOWS,
+        DIRECT_SERVICES,
+        DIRECT_ENDPOINTS,
     ];
 }
 
@@ -134,6 +155,10 @@ pub const MAX_CONNS: u32 = 65_536;
 pub const MAX_DIRECT: u32 = 65_536;
 /// Capacity of [`maps::DIRECT_FLOWS`]: two entries per direct connection.
 pub const MAX_DIRECT_FLOWS: u32 = 131_072;
+/// Capacity of [`maps::DIRECT_SERVICES`].
+pub const MAX_DIRECT_SERVICES: u32 = 4_096;
+/// Capacity of [`maps::DIRECT_ENDPOINTS`].
+pub const MAX_DIRECT_ENDPOINTS: u32 = 65_536;
 
 /// Indices into [`maps::COUNTERS`].
 pub mod counter {
@@ -171,8 +196,11 @@ pub mod counter {
     /// A segment of a pod-to-pod connection went straight into the
     /// receiving pod (`bpf_redirect_peer`), past the node's routing.
     pub const DIRECT_REDIRECTED: u32 = 13;
+    /// `mesh_connect4` sent a pod's connect() to a service VIP straight
+    /// to one of its endpoints on this node.
+    pub const DIRECT_BALANCED: u32 = 14;
     /// Number of counters.
-    pub const LEN: u32 = 14;
+    pub const LEN: u32 = 15;
     /// Human names, by index.
     pub const NAMES: [&str; LEN as usize] = [
         "captured",
@@ -189,6 +217,7 @@ pub mod counter {
         "strict_non_ipv4_dropped",
         "direct_admitted",
         "direct_redirected",
+        "direct_balanced",
     ];
 }
 
@@ -373,6 +402,30 @@ pub struct DirectFlow {
     pub eth_2: u32,
 }
 
+/// Key of [`maps::DIRECT_ENDPOINTS`]: one endpoint of a service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DirectEndpointKey {
+    /// The service's VIP, raw.
+    pub vip: u32,
+    /// The service port, host order.
+    pub port: u16,
+    /// 0 .. the count in [`maps::DIRECT_SERVICES`].
+    pub index: u16,
+}
+
+/// Value of [`maps::DIRECT_ENDPOINTS`]: where a connection goes instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectEndpoint {
+    /// The endpoint pod's address, raw.
+    pub addr: u32,
+    /// The target port, host order.
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub pad: u16,
+}
+
 /// [`DirectValue::verdict`]: connections go pod to pod.
 pub const DIRECT_ALLOW: u32 = 1;
 
@@ -483,6 +536,8 @@ assert_no_padding!(DirectFlow {
     eth_1,
     eth_2
 });
+assert_no_padding!(DirectEndpointKey { vip, port, index });
+assert_no_padding!(DirectEndpoint { addr, port, pad });
 assert_no_padding!(DirectValue {
     client_ifindex,
     server_ifindex,
@@ -511,4 +566,6 @@ mod user {
     unsafe impl aya::Pod for DirectKey {}
     unsafe impl aya::Pod for DirectValue {}
     unsafe impl aya::Pod for DirectFlow {}
+    unsafe impl aya::Pod for DirectEndpointKey {}
+    unsafe impl aya::Pod for DirectEndpoint {}
 }

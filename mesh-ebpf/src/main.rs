@@ -14,6 +14,9 @@
 //! - [`listener_lookup`]: sk_lookup on the node's namespace. Finds the
 //!   agent's listener for a SYN that the kernel took over from one of the
 //!   agent's TIME_WAIT sockets.
+//! - [`connect`]: cgroup/connect4 on the same subtree. Sends a connect()
+//!   to a service whose endpoints all run here to one of them (only with
+//!   `proxy.same_node_direct`).
 //! - [`direct`]: same-node pod pairs the policy allows talk without the
 //!   agent (both tc programs consult it).
 //! - [`to_pod`] also enforces strict mode: plaintext from outside the mesh
@@ -24,6 +27,7 @@
 #![no_std]
 #![no_main]
 
+mod connect;
 mod counters;
 mod direct;
 mod from_pod;

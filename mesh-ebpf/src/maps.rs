@@ -6,10 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mesh_common::{
-    ConnKey, ConnValue, DirectFlow, DirectKey, DirectValue, MAX_CONNS, MAX_DIRECT,
-    MAX_DIRECT_FLOWS, MAX_POD_INTERFACES, MAX_SERVICES, MAX_SPLICED_SOCKETS, MAX_WORKLOADS,
-    PodStats, ServiceKey, ServiceValue, Settings, TcFilterKey, TcFilterValue, WorkloadValue,
-    counter,
+    ConnKey, ConnValue, DirectEndpoint, DirectEndpointKey, DirectFlow, DirectKey, DirectValue,
+    MAX_CONNS, MAX_DIRECT, MAX_DIRECT_ENDPOINTS, MAX_DIRECT_FLOWS, MAX_DIRECT_SERVICES,
+    MAX_POD_INTERFACES, MAX_SERVICES, MAX_SPLICED_SOCKETS, MAX_WORKLOADS, PodStats, ServiceKey,
+    ServiceValue, Settings, TcFilterKey, TcFilterValue, WorkloadValue, counter,
 };
 
 // BTF map definitions carry the key and value types, so `bpftool map dump`
@@ -65,6 +65,20 @@ pub static MESH_DIRECT: HashMap<DirectKey, DirectValue, { MAX_DIRECT as usize }>
 #[btf_map]
 pub static MESH_DIR_FLOWS: LruHashMap<ConnKey, DirectFlow, { MAX_DIRECT_FLOWS as usize }> =
     LruHashMap::new();
+
+/// Services `mesh_connect4` balances at connect time, with their endpoint
+/// count (see [`crate::connect`]).
+#[btf_map]
+pub static MESH_DIR_SVCS: HashMap<ServiceKey, u32, { MAX_DIRECT_SERVICES as usize }> =
+    HashMap::new();
+
+/// Their endpoints, by index.
+#[btf_map]
+pub static MESH_DIR_EPS: HashMap<
+    DirectEndpointKey,
+    DirectEndpoint,
+    { MAX_DIRECT_ENDPOINTS as usize },
+> = HashMap::new();
 
 /// The agent's listening sockets, for `mesh_listener_lookup`.
 #[btf_map]

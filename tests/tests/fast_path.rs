@@ -10,7 +10,10 @@
 //! The server pods are strict, so direct connections also prove that
 //! strict mode admits an allowed pair and nothing else. Needs root.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
 
 use mesh_tests::{
     agent::Agent,
@@ -21,6 +24,8 @@ use mesh_tests::{
 use serde_json::Value;
 
 const GIB: u64 = 1 << 30;
+/// A service whose one endpoint is `be`.
+const BE_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20)), 80);
 const MIB: u64 = 1 << 20;
 
 /// One node: `client` and `other` (service account `other`, which policy
@@ -67,7 +72,9 @@ fn node_with(label: &str, proxy: &str) -> FastNode {
         )
     };
     let config = format!(
-        "{}{proxy}workloads:\n{}{}{}{}{}{}authorization:
+        "{}{proxy}workloads:\n{}{}{}{}{}{}services:
+  - {{ name: be, vip: {}, policy: round_robin, ports: [{{ port: 80, target_port: 8080 }}], endpoints: [{{ ip: {} }}] }}
+authorization:
   rules:
     - {{ name: no-other, action: deny, from: {{ principals: ['spiffe://cluster.local/ns/default/sa/other'] }} }}
 ",
@@ -78,6 +85,8 @@ fn node_with(label: &str, proxy: &str) -> FastNode {
         workload("rst", "rst", "strict"),
         workload("slow", "slow", "strict"),
         workload("drip", "drip", "strict"),
+        BE_VIP.ip(),
+        node.pod("be").ip,
     );
     let servers = vec![
         ("be", node.pod("be").serve(8080, "be", false)),
@@ -356,7 +365,8 @@ fn a_denied_pair_and_a_pod_outside_the_mesh_never_go_direct() {
     assert_eq!(s.agent.counter("direct_admitted"), 1);
     assert_eq!(s.agent.counter("captured"), 1);
     assert_eq!(s.agent.stats()["outbound"]["accepted"], 1);
-    // Both directions learnt their way straight into the receiving pod.
+    // Both directions of the held connection learnt their way straight
+    // into the receiving pod.
     let path = s.agent.pin_root.join("maps").join("MESH_DIR_FLOWS");
     let flows = bpftool(&["map", "dump", "pinned", path.to_str().unwrap()]).unwrap();
     let receivers: Vec<u64> = flows
@@ -377,6 +387,25 @@ fn a_denied_pair_and_a_pod_outside_the_mesh_never_go_direct() {
     let mut receivers = receivers;
     receivers.sort();
     assert_eq!(receivers, expected, "{flows}");
+    // Through the service VIP: the kernel picks the endpoint at connect
+    // time, and the connection goes pod to pod as well.
+    let report = &s.node.pod("client").connect(BE_VIP, Connect::default())[0];
+    assert!(
+        report["greeting"]
+            .as_str()
+            .is_some_and(|g| g.starts_with("be ")),
+        "{report}"
+    );
+    assert_eq!(s.agent.counter("direct_balanced"), 1);
+    assert_eq!(s.agent.counter("direct_admitted"), 2);
+    // The denied pod's connect() is balanced too, but its SYN to the
+    // endpoint still reaches the agent, which refuses it.
+    let denied = s.node.pod("other").try_connect(BE_VIP, Connect::default());
+    if let Ok(reports) = &denied {
+        assert!(reports[0]["greeting"].is_null(), "{reports:?}");
+    }
+    assert_eq!(s.agent.stats()["outbound"]["denied"], 2);
+    assert_eq!(s.agent.counter("direct_admitted"), 2);
 }
 
 /// Entries of one of the agent's pinned maps, as bpftool dumps it.

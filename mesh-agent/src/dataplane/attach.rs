@@ -16,13 +16,13 @@ use aya::{
     Ebpf,
     maps::SockMap,
     programs::{
-        CgroupAttachMode, SchedClassifier, SkLookup, SockOps, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkLookup, SockOps, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink},
     },
     util::KernelVersion,
 };
-use mesh_common::programs::{FROM_POD, LISTENER_LOOKUP, SOCKOPS, TO_POD, UPLINK};
+use mesh_common::programs::{CONNECT4, FROM_POD, LISTENER_LOOKUP, SOCKOPS, TO_POD, UPLINK};
 
 use super::{DataplaneError, PinLayout, error_chain, tc_filters::TcFilterRecords};
 
@@ -218,6 +218,34 @@ pub fn sockops(
         .map_err(|e| cgroup_err(error_chain(&e)))?;
     let fd_link = FdLink::try_from(link).map_err(|e| cgroup_err(e.to_string()))?;
     let path = pins.link("sockops");
+    let pinned = fd_link
+        .pin(&path)
+        .map_err(|source| DataplaneError::Pin { path, source })?;
+    Ok(Attachment::Pinned(pinned))
+}
+
+/// Attaches `mesh_connect4` (loaded and pinned by the caller) to the
+/// node's pod cgroup subtree, as a pinned cgroup link.
+pub fn connect4(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    cgroup: &Path,
+) -> Result<Attachment, DataplaneError> {
+    let cgroup_err = |message: String| DataplaneError::Cgroup {
+        path: cgroup.to_owned(),
+        message,
+    };
+    let dir = File::open(cgroup).map_err(|e| cgroup_err(e.to_string()))?;
+    let program: &mut CgroupSockAddr =
+        ebpf.program_mut(CONNECT4)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| cgroup_err(format!("program {CONNECT4} is not loaded")))?;
+    let link = program
+        .attach(&dir, CgroupAttachMode::Single)
+        .and_then(|id| program.take_link(id))
+        .map_err(|e| cgroup_err(error_chain(&e)))?;
+    let fd_link = FdLink::try_from(link).map_err(|e| cgroup_err(e.to_string()))?;
+    let path = pins.link("connect4");
     let pinned = fd_link
         .pin(&path)
         .map_err(|source| DataplaneError::Pin { path, source })?;

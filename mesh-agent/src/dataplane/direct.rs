@@ -15,13 +15,19 @@
 //! on its own, and every other port, which no rule can tell apart and
 //! which is decided once (port 0 in the map).
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
-use mesh_common::{DIRECT_ALLOW, DirectKey, DirectValue, ipv4_to_raw};
+use mesh_common::{
+    DIRECT_ALLOW, DirectEndpoint, DirectEndpointKey, DirectKey, DirectValue, ServiceKey,
+    ipv4_to_raw,
+};
 
 use crate::{
     authz::{Decision, Request},
-    model::MeshState,
+    model::{CircuitBreaker, MeshState, Policy, Service},
 };
 
 /// The entries `MESH_DIRECT` should hold.
@@ -115,6 +121,79 @@ impl DirectPlan {
     }
 }
 
+/// The services `mesh_connect4` balances at connect time: those whose
+/// endpoints all run on this node behind interfaces with the programs,
+/// and that ask for nothing the kernel cannot give. Everything else keeps
+/// the agent's balancer.
+#[derive(Debug, Default, PartialEq)]
+pub struct DirectServices {
+    /// VIP:port -> number of endpoints.
+    pub services: HashMap<ServiceKey, u32>,
+    pub endpoints: HashMap<DirectEndpointKey, DirectEndpoint>,
+}
+
+impl DirectServices {
+    /// `attached`: addresses of this node's pods whose interfaces carry
+    /// the programs. At most `capacity` (services, endpoints) entries.
+    pub fn of(state: &MeshState, attached: &HashSet<Ipv4Addr>, capacity: (usize, usize)) -> Self {
+        let mut plan = Self::default();
+        for service in state
+            .services
+            .iter()
+            .filter(|s| kernel_can_balance(s, attached))
+        {
+            for port in &service.ports {
+                let count = service.endpoints.len();
+                if plan.services.len() + 1 > capacity.0 || plan.endpoints.len() + count > capacity.1
+                {
+                    continue;
+                }
+                let vip = ipv4_to_raw(service.vip.octets());
+                for (index, endpoint) in service.endpoints.iter().enumerate() {
+                    let key = DirectEndpointKey {
+                        vip,
+                        port: port.port,
+                        index: index as u16,
+                    };
+                    let value = DirectEndpoint {
+                        addr: ipv4_to_raw(endpoint.ip.octets()),
+                        port: port.target_port,
+                        pad: 0,
+                    };
+                    plan.endpoints.insert(key, value);
+                }
+                let key = ServiceKey {
+                    addr: vip,
+                    port: port.port,
+                    pad: 0,
+                };
+                plan.services.insert(key, count as u32);
+            }
+        }
+        plan
+    }
+}
+
+/// A uniform pick at connect time does what the agent would: every
+/// endpoint here and reachable directly, equal weights, and none of
+/// splits, session affinity, health checks or circuit breakers (retries
+/// and outlier ejection, on by default, are what such a service gives up;
+/// docs/performance.md says so).
+fn kernel_can_balance(service: &Service, attached: &HashSet<Ipv4Addr>) -> bool {
+    let Some(first) = service.endpoints.first() else {
+        return false;
+    };
+    service.splits.is_empty()
+        && service.policy != Policy::ConsistentHash
+        && service.resilience.health_check.is_none()
+        && service.resilience.circuit_breaker == CircuitBreaker::default()
+        && service.endpoints.len() <= usize::from(u16::MAX)
+        && service.endpoints.iter().all(|endpoint| {
+            endpoint.local && endpoint.weight == first.weight && attached.contains(&endpoint.ip)
+        })
+        && first.weight > 0
+}
+
 fn verdict(allow: bool) -> u32 {
     if allow { DIRECT_ALLOW } else { 0 }
 }
@@ -128,6 +207,8 @@ mod tests {
         authz::Authorization,
         model::{LocalWorkload, Workload, WorkloadMode},
     };
+
+    use std::collections::HashSet;
 
     fn pod(name: &str, ip: [u8; 4], interface: Option<&str>) -> Workload {
         Workload {
@@ -251,6 +332,125 @@ rules:
     fn a_pod_without_programs_on_its_interface_is_left_to_the_agent() {
         let plan = DirectPlan::of(&state("{}"), |name| (name == "veth-a").then_some(11), 100);
         assert!(plan.entries.is_empty(), "{plan:?}");
+    }
+
+    fn service(endpoints: &[([u8; 4], bool)], tweak: impl FnOnce(&mut Service)) -> MeshState {
+        use crate::model::{Endpoint, Locality, Resilience, ServicePort};
+        let mut service = Service {
+            name: "web".into(),
+            namespace: "default".into(),
+            vip: Ipv4Addr::new(10, 96, 0, 1),
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: 8080,
+            }],
+            endpoints: endpoints
+                .iter()
+                .map(|&(ip, local)| Endpoint {
+                    ip: Ipv4Addr::from(ip),
+                    weight: 1,
+                    subset: None,
+                    node: None,
+                    local,
+                    zone: None,
+                    same_zone: false,
+                })
+                .collect(),
+            policy: Policy::default(),
+            locality: Locality::default(),
+            splits: Vec::new(),
+            resilience: Resilience::default(),
+        };
+        tweak(&mut service);
+        let mut state = state("{}");
+        state = MeshState::new(
+            state.node_name.clone(),
+            state.trust_domain.clone(),
+            state.authorization.clone(),
+            state.workloads.clone(),
+            vec![service],
+        );
+        state
+    }
+
+    fn attached() -> HashSet<Ipv4Addr> {
+        [A, B].into_iter().map(Ipv4Addr::from).collect()
+    }
+
+    #[test]
+    fn a_service_with_every_endpoint_here_is_balanced_at_connect() {
+        let plan = DirectServices::of(
+            &service(&[(A, true), (B, true)], |_| {}),
+            &attached(),
+            (10, 10),
+        );
+        let vip = ipv4_to_raw([10, 96, 0, 1]);
+        let key = ServiceKey {
+            addr: vip,
+            port: 80,
+            pad: 0,
+        };
+        assert_eq!(plan.services.get(&key), Some(&2));
+        let second = plan.endpoints[&DirectEndpointKey {
+            vip,
+            port: 80,
+            index: 1,
+        }];
+        assert_eq!((second.addr, second.port), (ipv4_to_raw(B), 8080));
+    }
+
+    #[test]
+    fn a_service_that_needs_the_agent_keeps_it() {
+        let cases: [(&str, MeshState); 6] = [
+            (
+                "remote endpoint",
+                service(&[(A, true), (REMOTE, false)], |_| {}),
+            ),
+            (
+                "unattached endpoint",
+                service(&[(A, true), ([10, 1, 0, 9], true)], |_| {}),
+            ),
+            (
+                "split",
+                service(&[(A, true)], |s| {
+                    s.splits = vec![crate::model::Split {
+                        subset: "v2".into(),
+                        weight: 10,
+                    }];
+                }),
+            ),
+            (
+                "affinity",
+                service(&[(A, true)], |s| s.policy = Policy::ConsistentHash),
+            ),
+            (
+                "health check",
+                service(&[(A, true)], |s| {
+                    s.resilience.health_check = Some(Default::default());
+                }),
+            ),
+            (
+                "weights",
+                service(&[(A, true), (B, true)], |s| s.endpoints[1].weight = 3),
+            ),
+        ];
+        for (why, state) in cases {
+            let plan = DirectServices::of(&state, &attached(), (10, 10));
+            assert!(plan.services.is_empty(), "{why}: {plan:?}");
+        }
+        let breaker = service(&[(A, true)], |s| {
+            s.resilience.circuit_breaker.max_connections = Some(10);
+        });
+        assert!(
+            DirectServices::of(&breaker, &attached(), (10, 10))
+                .services
+                .is_empty()
+        );
+        assert!(
+            DirectServices::of(&service(&[], |_| {}), &attached(), (10, 10))
+                .services
+                .is_empty()
+        );
     }
 
     #[test]

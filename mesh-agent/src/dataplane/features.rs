@@ -54,6 +54,13 @@ const FEATURES: &[Feature] = &[
         check: Check::Program(ProgramType::SockOps),
     },
     Feature {
+        name: "program type cgroup_sock_addr",
+        since: "4.17",
+        used_by: "mesh_connect4 (same-node direct service balancing)",
+        fallback: None,
+        check: Check::Program(ProgramType::CgroupSockAddr),
+    },
+    Feature {
         name: "map type hash",
         since: "3.19",
         used_by: "MESH_SERVICES, MESH_WORKLOADS, MESH_TC_FILTERS",

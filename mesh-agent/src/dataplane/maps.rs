@@ -6,10 +6,12 @@ use std::{collections::HashMap as StdHashMap, net::Ipv4Addr};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use mesh_common::{
-    ConnKey, ConnValue, DirectKey, DirectValue, PodStats, ServiceKey, ServiceValue, Settings,
-    WORKLOAD_LOCAL, WORKLOAD_STRICT, WorkloadValue, counter, ipv4_from_raw, ipv4_to_raw,
+    ConnKey, ConnValue, DirectEndpoint, DirectEndpointKey, DirectKey, DirectValue, PodStats,
+    ServiceKey, ServiceValue, Settings, WORKLOAD_LOCAL, WORKLOAD_STRICT, WorkloadValue, counter,
+    ipv4_from_raw, ipv4_to_raw,
 };
 
+use super::direct::DirectServices;
 use crate::model::{MeshState, WorkloadMode};
 
 /// A map was missing from the object or had an unexpected type.
@@ -87,6 +89,8 @@ pub struct KernelMaps {
     counters: PerCpuArray<MapData, u64>,
     if_flags: HashMap<MapData, u32, u32>,
     direct: HashMap<MapData, DirectKey, DirectValue>,
+    direct_services: HashMap<MapData, ServiceKey, u32>,
+    direct_endpoints: HashMap<MapData, DirectEndpointKey, DirectEndpoint>,
 }
 
 impl KernelMaps {
@@ -114,6 +118,10 @@ impl KernelMaps {
             counters: PerCpuArray::try_from(get(COUNTERS)?).map_err(map_err(COUNTERS))?,
             if_flags: HashMap::try_from(get(IF_FLAGS)?).map_err(map_err(IF_FLAGS))?,
             direct: HashMap::try_from(get(DIRECT)?).map_err(map_err(DIRECT))?,
+            direct_services: HashMap::try_from(get(DIRECT_SERVICES)?)
+                .map_err(map_err(DIRECT_SERVICES))?,
+            direct_endpoints: HashMap::try_from(get(DIRECT_ENDPOINTS)?)
+                .map_err(map_err(DIRECT_ENDPOINTS))?,
         })
     }
 
@@ -234,6 +242,40 @@ impl KernelMaps {
         sync_hash(&mut self.direct, entries)
             .map(drop)
             .map_err(map_err(DIRECT))
+    }
+
+    /// Makes the services `mesh_connect4` balances say exactly what
+    /// `plan` says. Endpoints first: a service entry never names an index
+    /// without its endpoint; a service leaving goes before its endpoints.
+    pub fn sync_direct_services(&mut self, plan: &DirectServices) -> Result<(), KernelMapError> {
+        use mesh_common::maps::{DIRECT_ENDPOINTS, DIRECT_SERVICES};
+        let stale: Vec<ServiceKey> = self
+            .direct_services
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !plan.services.contains_key(key))
+            .collect();
+        for key in stale {
+            let _ = self.direct_services.remove(&key);
+        }
+        // A service whose count shrinks: the smaller count first.
+        for (key, &count) in &plan.services {
+            if self
+                .direct_services
+                .get(key, 0)
+                .is_ok_and(|old| old > count)
+            {
+                self.direct_services
+                    .insert(*key, count, 0)
+                    .map_err(map_err(DIRECT_SERVICES))?;
+            }
+        }
+        sync_hash(&mut self.direct_endpoints, &plan.endpoints)
+            .map(drop)
+            .map_err(map_err(DIRECT_ENDPOINTS))?;
+        sync_hash(&mut self.direct_services, &plan.services)
+            .map(drop)
+            .map_err(map_err(DIRECT_SERVICES))
     }
 
     /// Entries in the same-node direct map.

@@ -22,7 +22,7 @@ use std::{
 use aya::{
     Ebpf,
     maps::SockHash,
-    programs::{SchedClassifier, SkLookup, SkSkb, SockOps},
+    programs::{CgroupSockAddr, SchedClassifier, SkLookup, SkSkb, SockOps},
 };
 use mesh_common::{
     SETTING_REDIRECT_PEER, SETTING_SAME_NODE_DIRECT, SETTING_TIME_WAIT_HANDOFF, STEER_MARK,
@@ -32,7 +32,7 @@ use tracing::{info, warn};
 
 use self::{
     attach::{Attachment, PodAttachment, Target},
-    direct::DirectPlan,
+    direct::{DirectPlan, DirectServices},
     fast_path::FastPath,
     tc_filters::TcFilterRecords,
 };
@@ -117,6 +117,8 @@ pub struct Dataplane {
     /// `None` when the kernel cannot run it.
     fast_path: Option<std::sync::Arc<FastPath>>,
     sockops: Option<Attachment>,
+    /// `mesh_connect4`, with `proxy.same_node_direct` and `node.cgroup`.
+    connect4: Option<Attachment>,
     /// `mesh_listener_lookup` on the node's namespace, when the kernel has sk_lookup.
     listener_lookup: Option<Attachment>,
     uplinks: Vec<Attachment>,
@@ -232,6 +234,7 @@ impl Dataplane {
             tc_filters,
             fast_path,
             sockops: None,
+            connect4: None,
             listener_lookup,
             uplinks: Vec::new(),
             pods: BTreeMap::new(),
@@ -249,6 +252,28 @@ impl Dataplane {
                 cgroup,
             )?);
             info!(cgroup = %cgroup.display(), "connection tracking attached");
+            if settings.same_node_direct {
+                let name = mesh_common::programs::CONNECT4;
+                let program: &mut CgroupSockAddr = program_mut(&mut dataplane.ebpf, name)?;
+                program
+                    .load()
+                    .map_err(|source| DataplaneError::Program { name, source })?;
+                pin_program(
+                    program.pin(dataplane.pins.program(name)),
+                    &dataplane.pins,
+                    name,
+                )?;
+                dataplane.connect4 = Some(attach::connect4(
+                    &mut dataplane.ebpf,
+                    &dataplane.pins,
+                    cgroup,
+                )?);
+                info!(cgroup = %cgroup.display(), "same-node service balancing at connect attached");
+            }
+        } else if settings.same_node_direct {
+            warn!(
+                "proxy.same_node_direct without node.cgroup: connections to service VIPs go through the agent"
+            );
         }
         for uplink in settings.uplinks {
             let attachment = attach::uplink(&mut dataplane.target(), uplink).map_err(|source| {
@@ -362,6 +387,20 @@ impl Dataplane {
             DirectPlan::default()
         };
         self.maps.sync_direct(&direct.entries)?;
+        let services = if self.same_node_direct {
+            let attached = self.hooked_workload_ips(state);
+            DirectServices::of(
+                state,
+                &attached,
+                (
+                    mesh_common::MAX_DIRECT_SERVICES as usize,
+                    mesh_common::MAX_DIRECT_ENDPOINTS as usize,
+                ),
+            )
+        } else {
+            DirectServices::default()
+        };
+        self.maps.sync_direct_services(&services)?;
         if direct.left_out > 0 && direct.left_out != self.direct_left_out {
             warn!(
                 pairs = direct.left_out,
@@ -425,6 +464,9 @@ impl Dataplane {
         }
         if let Some(sockops) = self.sockops.take() {
             sockops.detach(&mut self.tc_filters);
+        }
+        if let Some(connect4) = self.connect4.take() {
+            connect4.detach(&mut self.tc_filters);
         }
         if let Some(lookup) = self.listener_lookup.take() {
             lookup.detach(&mut self.tc_filters);
@@ -567,6 +609,7 @@ pub fn probe_programs() -> Vec<ProgramStatus> {
                 Some(aya::programs::Program::SockOps(p)) => p.load(),
                 Some(aya::programs::Program::SkSkb(p)) => p.load(),
                 Some(aya::programs::Program::SkLookup(p)) => p.load(),
+                Some(aya::programs::Program::CgroupSockAddr(p)) => p.load(),
                 _ => Err(aya::programs::ProgramError::NotLoaded),
             };
             ProgramStatus {

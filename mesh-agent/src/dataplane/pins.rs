@@ -5,6 +5,7 @@
 //! <root>/maps/<MAP_NAME>           every map
 //! <root>/progs/<prog_name>         every program
 //! <root>/links/sockops             sock_ops on the node cgroup
+//! <root>/links/connect4            cgroup/connect4 there (same-node direct)
 //! <root>/links/<ifname>_from_pod   tc ingress on a pod interface (TCX)
 //! <root>/links/<ifname>_to_pod     tc egress on a pod interface (TCX)
 //! ```

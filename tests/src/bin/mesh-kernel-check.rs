@@ -101,7 +101,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         fast_path_slow_reader,
     ),
     (
-        "same-node direct: strict pod, straight into the pod",
+        "same-node direct: strict pod, pod IP and VIP, into the pod",
         same_node_direct,
     ),
 ];
@@ -352,13 +352,16 @@ fn same_node_direct() -> Result<Value, String> {
         )
     };
     let config = format!(
-        "{}proxy: {{ same_node_direct: true }}\nworkloads:\n{}{}",
+        "{}proxy: {{ same_node_direct: true }}\nworkloads:\n{}{}services:
+  - {{ name: be, vip: {}, ports: [{{ port: 80, target_port: 8080 }}], endpoints: [{{ ip: {} }}] }}\n",
         node.node_yaml(),
         strict("client"),
         strict("be"),
+        VIP.parse::<SocketAddr>().unwrap().ip(),
+        node.pod("be").ip,
     );
     let _server = node.pod("be").serve(8080, "be", false);
-    let agent = Agent::start(&node, &config);
+    let mut agent = Agent::start(&node, &config);
     let be = SocketAddr::new(node.pod("be").ip.into(), 8080);
     let reports = node.pod("client").try_connect(
         be,
@@ -385,11 +388,31 @@ fn same_node_direct() -> Result<Value, String> {
             "direct_admitted {admitted}, direct_redirected {redirected}, captured {captured}"
         ));
     }
+    // Through the service's VIP: balanced at connect(), then the same.
+    let reports = node
+        .pod("client")
+        .try_connect(VIP.parse().unwrap(), Connect::default())?;
+    try_greeting(&reports[0])?;
+    let (balanced, admitted) = (
+        agent.counter("direct_balanced"),
+        agent.counter("direct_admitted"),
+    );
+    if balanced != 1 || admitted != 2 || agent.counter("captured") != 0 {
+        return Err(format!(
+            "through the VIP: direct_balanced {balanced}, direct_admitted {admitted}"
+        ));
+    }
     let outsider = node.pod("outsider").try_connect(be, Connect::default());
     if outsider.is_ok_and(|reports| reports[0]["greeting"].is_string()) {
         return Err("a pod outside the mesh reached the strict pod".into());
     }
-    Ok(json!({ "sent": SEND, "direct_redirected": redirected }))
+    // Its extra program and maps go with it.
+    let status = agent.terminate();
+    if !status.success() {
+        return Err(format!("agent exited with {status}"));
+    }
+    nothing_left(&node, &agent.pin_root)?;
+    Ok(json!({ "sent": SEND, "direct_redirected": redirected, "direct_balanced": balanced }))
 }
 
 fn clean_exit() -> Result<Value, String> {
