@@ -114,6 +114,15 @@ impl FastNode {
         &self.servers.iter().find(|(n, _)| *n == name).unwrap().1
     }
 
+    /// Checks that `pod`'s connection to `addr` is refused before any
+    /// upstream exists: a reset, or no greeting.
+    fn refused(&self, pod: &str, addr: SocketAddr) {
+        let denied = self.node.pod(pod).try_connect(addr, Connect::default());
+        if let Ok(reports) = &denied {
+            assert!(reports[0]["greeting"].is_null(), "{reports:?}");
+        }
+    }
+
     fn spliced_bytes(&self) -> u64 {
         self.agent.counter("spliced_bytes")
     }
@@ -311,14 +320,7 @@ fn an_edge_triggered_sender_against_a_slow_reader_never_stalls() {
 #[test]
 fn a_connection_denied_by_policy_never_gets_a_fast_path() {
     let s = fast_node("fdeny", Path::Splice);
-    let denied = s
-        .node
-        .pod("other")
-        .try_connect(s.addr("be"), Connect::default());
-    // Refused before any upstream exists: reset or no greeting.
-    if let Ok(reports) = &denied {
-        assert!(reports[0]["greeting"].is_null(), "{reports:?}");
-    }
+    s.refused("other", s.addr("be"));
     assert_eq!(map_entries(&s, "MESH_SPLICE_TO"), 0);
     assert_eq!(map_entries(&s, "MESH_SPLICE_ON"), 0);
     assert_eq!(s.spliced_bytes(), 0);
@@ -337,13 +339,7 @@ fn a_denied_pair_and_a_pod_outside_the_mesh_never_go_direct() {
     let s = fast_node("fdirdeny", Path::Direct);
     // The denied pair has no entry: its SYN goes to the agent, which
     // refuses it and says so.
-    let denied = s
-        .node
-        .pod("other")
-        .try_connect(s.addr("be"), Connect::default());
-    if let Ok(reports) = &denied {
-        assert!(reports[0]["greeting"].is_null(), "{reports:?}");
-    }
+    s.refused("other", s.addr("be"));
     let stats: Value = s.agent.stats();
     assert_eq!(stats["outbound"]["denied"], 1, "{stats}");
     assert_eq!(s.agent.counter("direct_admitted"), 0);
@@ -400,10 +396,7 @@ fn a_denied_pair_and_a_pod_outside_the_mesh_never_go_direct() {
     assert_eq!(s.agent.counter("direct_admitted"), 2);
     // The denied pod's connect() is balanced too, but its SYN to the
     // endpoint still reaches the agent, which refuses it.
-    let denied = s.node.pod("other").try_connect(BE_VIP, Connect::default());
-    if let Ok(reports) = &denied {
-        assert!(reports[0]["greeting"].is_null(), "{reports:?}");
-    }
+    s.refused("other", BE_VIP);
     assert_eq!(s.agent.stats()["outbound"]["denied"], 2);
     assert_eq!(s.agent.counter("direct_admitted"), 2);
 }

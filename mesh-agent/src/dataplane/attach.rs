@@ -196,56 +196,66 @@ fn tc(
     Ok(Attachment::Pinned(pinned))
 }
 
+/// Attaches `mesh_sockops` (loaded and pinned by the caller) to the
+/// node's pod cgroup subtree, as a pinned cgroup link.
 pub fn sockops(
     ebpf: &mut Ebpf,
     pins: &PinLayout,
     cgroup: &Path,
 ) -> Result<Attachment, DataplaneError> {
-    let cgroup_err = |message: String| DataplaneError::Cgroup {
-        path: cgroup.to_owned(),
-        message,
-    };
-    let dir = File::open(cgroup).map_err(|e| cgroup_err(e.to_string()))?;
-    let program: &mut SockOps = ebpf
-        .program_mut(SOCKOPS)
-        .and_then(|p| p.try_into().ok())
-        .ok_or_else(|| cgroup_err(format!("program {SOCKOPS} is not loaded")))?;
-    // A cgroup link always coexists with other programs on the cgroup; the
-    // link_create flags must be 0, which is what `Single` passes.
-    let link = program
-        .attach(&dir, CgroupAttachMode::Single)
-        .and_then(|id| program.take_link(id))
-        .map_err(|e| cgroup_err(error_chain(&e)))?;
-    let fd_link = FdLink::try_from(link).map_err(|e| cgroup_err(e.to_string()))?;
-    let path = pins.link("sockops");
-    let pinned = fd_link
-        .pin(&path)
-        .map_err(|source| DataplaneError::Pin { path, source })?;
-    Ok(Attachment::Pinned(pinned))
+    cgroup_link(pins, cgroup, "sockops", |dir| {
+        let program: &mut SockOps = loaded(ebpf, SOCKOPS)?;
+        program
+            .attach(dir, CgroupAttachMode::Single)
+            .and_then(|id| program.take_link(id))
+            .map_err(|e| error_chain(&e))
+            .and_then(|link| FdLink::try_from(link).map_err(|e| e.to_string()))
+    })
 }
 
-/// Attaches `mesh_connect4` (loaded and pinned by the caller) to the
-/// node's pod cgroup subtree, as a pinned cgroup link.
+/// Attaches `mesh_connect4` (loaded and pinned by the caller) there too.
 pub fn connect4(
     ebpf: &mut Ebpf,
     pins: &PinLayout,
     cgroup: &Path,
+) -> Result<Attachment, DataplaneError> {
+    cgroup_link(pins, cgroup, "connect4", |dir| {
+        let program: &mut CgroupSockAddr = loaded(ebpf, CONNECT4)?;
+        program
+            .attach(dir, CgroupAttachMode::Single)
+            .and_then(|id| program.take_link(id))
+            .map_err(|e| error_chain(&e))
+            .and_then(|link| FdLink::try_from(link).map_err(|e| e.to_string()))
+    })
+}
+
+/// A loaded program of the object, by name and type.
+fn loaded<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| format!("program {name} is not loaded"))
+}
+
+/// Opens the cgroup, lets `attach` make the link there and pins it as
+/// `links/<link_name>`. A cgroup link always coexists with other
+/// programs on the cgroup; the link_create flags must be 0, which is what
+/// `CgroupAttachMode::Single` passes.
+fn cgroup_link(
+    pins: &PinLayout,
+    cgroup: &Path,
+    link_name: &str,
+    attach: impl FnOnce(&File) -> Result<FdLink, String>,
 ) -> Result<Attachment, DataplaneError> {
     let cgroup_err = |message: String| DataplaneError::Cgroup {
         path: cgroup.to_owned(),
         message,
     };
     let dir = File::open(cgroup).map_err(|e| cgroup_err(e.to_string()))?;
-    let program: &mut CgroupSockAddr =
-        ebpf.program_mut(CONNECT4)
-            .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| cgroup_err(format!("program {CONNECT4} is not loaded")))?;
-    let link = program
-        .attach(&dir, CgroupAttachMode::Single)
-        .and_then(|id| program.take_link(id))
-        .map_err(|e| cgroup_err(error_chain(&e)))?;
-    let fd_link = FdLink::try_from(link).map_err(|e| cgroup_err(e.to_string()))?;
-    let path = pins.link("connect4");
+    let fd_link = attach(&dir).map_err(cgroup_err)?;
+    let path = pins.link(link_name);
     let pinned = fd_link
         .pin(&path)
         .map_err(|source| DataplaneError::Pin { path, source })?;
