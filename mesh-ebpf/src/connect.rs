@@ -31,7 +31,7 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn balance(ctx: &SockAddrContext) {
-    if !maps::settings().is_some_and(|s| s.flags & SETTING_SAME_NODE_DIRECT != 0) {
+    if maps::settings().is_none_or(|s| s.flags & SETTING_SAME_NODE_DIRECT == 0) {
         return;
     }
     // SAFETY: the context the kernel handed us; these fields are
