@@ -103,8 +103,12 @@ pub mod maps {
     /// [`super::DirectEndpointKey`] -> [`super::DirectEndpoint`]: the
     /// endpoints of [`DIRECT_SERVICES`], by index.
     pub const DIRECT_ENDPOINTS: &str = "MESH_DIR_EPS";
+    /// Ring buffer of [`super::DirectClosed`]: `mesh_sockops` reports each
+    /// pod-to-pod connection when its client socket closes, for the
+    /// agent's access log and metrics.
+    pub const DIRECT_CLOSED: &str = "MESH_DIR_CLOSED";
     /// Every map, in a stable order.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         SERVICES,
         WORKLOADS,
         POD_STATS,
@@ -121,6 +125,7 @@ pub mod maps {
         DIRECT_FLOWS,
         DIRECT_SERVICES,
         DIRECT_ENDPOINTS,
+        DIRECT_CLOSED,
     ];
 }
 
@@ -155,6 +160,9 @@ pub const MAX_CONNS: u32 = 65_536;
 pub const MAX_DIRECT: u32 = 65_536;
 /// Capacity of [`maps::DIRECT_FLOWS`]: two entries per direct connection.
 pub const MAX_DIRECT_FLOWS: u32 = 131_072;
+/// Bytes of [`maps::DIRECT_CLOSED`] (a power of two of pages): about
+/// 5,000 records the agent has not read yet.
+pub const DIRECT_CLOSED_BYTES: u32 = 256 * 1024;
 /// Capacity of [`maps::DIRECT_SERVICES`].
 pub const MAX_DIRECT_SERVICES: u32 = 4_096;
 /// Capacity of [`maps::DIRECT_ENDPOINTS`].
@@ -199,8 +207,11 @@ pub mod counter {
     /// `mesh_connect4` sent a pod's connect() to a service VIP straight
     /// to one of its endpoints on this node.
     pub const DIRECT_BALANCED: u32 = 14;
+    /// A closed pod-to-pod connection's record found the ring buffer full
+    /// (the agent fell behind): it has no access-log line.
+    pub const DIRECT_RECORDS_LOST: u32 = 15;
     /// Number of counters.
-    pub const LEN: u32 = 15;
+    pub const LEN: u32 = 16;
     /// Human names, by index.
     pub const NAMES: [&str; LEN as usize] = [
         "captured",
@@ -218,6 +229,7 @@ pub mod counter {
         "direct_admitted",
         "direct_redirected",
         "direct_balanced",
+        "direct_records_lost",
     ];
 }
 
@@ -400,6 +412,8 @@ pub struct DirectFlow {
     pub eth_0: u32,
     pub eth_1: u32,
     pub eth_2: u32,
+    /// 1 once a reset went this way (for the connection's access record).
+    pub reset: u32,
 }
 
 /// Key of [`maps::DIRECT_ENDPOINTS`]: one endpoint of a service port.
@@ -424,6 +438,33 @@ pub struct DirectEndpoint {
     pub port: u16,
     /// Explicit padding; always zero.
     pub pad: u16,
+}
+
+/// One record of [`maps::DIRECT_CLOSED`]: a pod-to-pod connection, seen
+/// from its client's socket as it closed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectClosed {
+    /// `bpf_ktime_get_ns()` when it was established.
+    pub established_ns: u64,
+    /// The same clock when it closed.
+    pub closed_ns: u64,
+    /// Bytes the client sent that the server acknowledged.
+    pub sent: u64,
+    /// Bytes the client received.
+    pub received: u64,
+    /// Raw addresses.
+    pub client: u32,
+    pub server: u32,
+    /// Host order.
+    pub client_port: u16,
+    pub server_port: u16,
+    /// The TCP state it left for CLOSE.
+    pub last_state: u32,
+    /// 1 if a reset went either way.
+    pub reset: u32,
+    /// Explicit padding; always zero.
+    pub pad: u32,
 }
 
 /// [`DirectValue::verdict`]: connections go pod to pod.
@@ -534,9 +575,23 @@ assert_no_padding!(DirectFlow {
     receiver_ifindex,
     eth_0,
     eth_1,
-    eth_2
+    eth_2,
+    reset
 });
 assert_no_padding!(DirectEndpointKey { vip, port, index });
+assert_no_padding!(DirectClosed {
+    established_ns,
+    closed_ns,
+    sent,
+    received,
+    client,
+    server,
+    client_port,
+    server_port,
+    last_state,
+    reset,
+    pad
+});
 assert_no_padding!(DirectEndpoint { addr, port, pad });
 assert_no_padding!(DirectValue {
     client_ifindex,
@@ -568,4 +623,5 @@ mod user {
     unsafe impl aya::Pod for DirectFlow {}
     unsafe impl aya::Pod for DirectEndpointKey {}
     unsafe impl aya::Pod for DirectEndpoint {}
+    unsafe impl aya::Pod for DirectClosed {}
 }

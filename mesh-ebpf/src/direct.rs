@@ -140,6 +140,34 @@ pub fn learn(ctx: &TcContext, ifindex: u32, ingress_ifindex: u32, tcp: &TcpV4) {
     flow.receiver_ifindex = ifindex;
 }
 
+/// Notes that a reset went along a flow, for its access record.
+#[inline(always)]
+pub fn note_reset(tcp: &TcpV4) {
+    let (forward, _) = flow_keys(tcp);
+    if let Some(flow) = MESH_DIR_FLOWS.get_ptr_mut(forward) {
+        // SAFETY: a pointer into the map's value, a plain integer.
+        unsafe { (*flow).reset = 1 };
+    }
+}
+
+/// Whether a socket's connection (its key as sock_ops builds it: this
+/// side local) was admitted pod to pod, and if so whether a reset went
+/// either way.
+#[inline(always)]
+pub fn admitted(key: &ConnKey) -> Option<bool> {
+    // SAFETY: values are copied out before the map can change them.
+    let forward = unsafe { MESH_DIR_FLOWS.get(*key) }.copied()?;
+    let backward = ConnKey {
+        local_addr: key.remote_addr,
+        remote_addr: key.local_addr,
+        local_port: key.remote_port,
+        remote_port: key.local_port,
+    };
+    // SAFETY: as above.
+    let back_reset = unsafe { MESH_DIR_FLOWS.get(backward) }.is_some_and(|f| f.reset != 0);
+    Some(forward.reset != 0 || back_reset)
+}
+
 /// Forgets what an earlier connection on the same addresses and ports
 /// left in the flow table: this one goes through the agent.
 #[inline(always)]

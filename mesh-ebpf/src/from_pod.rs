@@ -50,6 +50,9 @@ fn capture(ctx: &TcContext, ifindex: u32, stats: Option<&mut PodStats>) -> i32 {
         && !tcp.is_syn()
         && let Some(flow) = direct::admitted_flow(ifindex, &tcp)
     {
+        if tcp.is_rst() {
+            direct::note_reset(&tcp);
+        }
         if settings.flags & SETTING_REDIRECT_PEER != 0 && flow.receiver_ifindex != 0 {
             return direct::redirect(ctx, &flow);
         }

@@ -2,14 +2,17 @@
 //! from `mesh-common`, so user space opens the same maps by the same names.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash, SockMap},
+    btf_maps::{
+        Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash, SockMap,
+    },
     macros::btf_map,
 };
 use mesh_common::{
-    ConnKey, ConnValue, DirectEndpoint, DirectEndpointKey, DirectFlow, DirectKey, DirectValue,
-    MAX_CONNS, MAX_DIRECT, MAX_DIRECT_ENDPOINTS, MAX_DIRECT_FLOWS, MAX_DIRECT_SERVICES,
-    MAX_POD_INTERFACES, MAX_SERVICES, MAX_SPLICED_SOCKETS, MAX_WORKLOADS, PodStats, ServiceKey,
-    ServiceValue, Settings, TcFilterKey, TcFilterValue, WorkloadValue, counter,
+    ConnKey, ConnValue, DIRECT_CLOSED_BYTES, DirectClosed, DirectEndpoint, DirectEndpointKey,
+    DirectFlow, DirectKey, DirectValue, MAX_CONNS, MAX_DIRECT, MAX_DIRECT_ENDPOINTS,
+    MAX_DIRECT_FLOWS, MAX_DIRECT_SERVICES, MAX_POD_INTERFACES, MAX_SERVICES, MAX_SPLICED_SOCKETS,
+    MAX_WORKLOADS, PodStats, ServiceKey, ServiceValue, Settings, TcFilterKey, TcFilterValue,
+    WorkloadValue, counter,
 };
 
 // BTF map definitions carry the key and value types, so `bpftool map dump`
@@ -79,6 +82,11 @@ pub static MESH_DIR_EPS: HashMap<
     DirectEndpoint,
     { MAX_DIRECT_ENDPOINTS as usize },
 > = HashMap::new();
+
+/// Closed pod-to-pod connections, for the access log (see [`crate::sockops`]).
+#[btf_map]
+pub static MESH_DIR_CLOSED: RingBuf<DirectClosed, { DIRECT_CLOSED_BYTES as usize }> =
+    RingBuf::new();
 
 /// The agent's listening sockets, for `mesh_listener_lookup`.
 #[btf_map]

@@ -10,6 +10,7 @@ const IPV4_MIN_HDR_LEN: usize = 20;
 const TCP_MIN_HDR_LEN: usize = 20;
 
 pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// The host-order port from a context's `remote_port` field (sock_ops,
@@ -36,6 +37,11 @@ impl TcpV4 {
     #[inline(always)]
     pub fn is_syn(&self) -> bool {
         self.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+    }
+
+    #[inline(always)]
+    pub fn is_rst(&self) -> bool {
+        self.flags & TCP_FLAG_RST != 0
     }
 }
 

@@ -193,9 +193,12 @@ fn a_gibibyte_arrives_intact_with_half_close_and_kernel_byte_counts() {
                 sent > GIB,
                 "client interface counted {sent} bytes: {pods:?}"
             );
-            return;
+            // Segments went straight into the receiving pod.
+            let redirected = s.agent.counter("direct_redirected");
+            assert!(redirected > 1000, "{redirected} segments redirected");
         }
-        // The access record's byte counts are exact either way.
+        // The access record's byte counts are exact on every path (direct:
+        // from the kernel's report of the client socket's close).
         let needle = format!("sent={GIB} received={}", greeting + reply);
         assert!(
             s.agent.wait_log(&needle, 1, Duration::from_secs(10)),
@@ -226,6 +229,12 @@ fn resets_propagate_both_ways() {
         let error = seen[0]["error"].as_str().unwrap_or_default();
         assert!(error.contains("reset"), "server saw no reset: {seen:?}");
         s.went(path, 2);
+        // Both access records say so (direct: from the kernel's reports).
+        assert!(
+            s.agent.wait_log("result=Reset", 2, Duration::from_secs(10)),
+            "{path:?}: no two reset records:\n{}",
+            s.agent.log()
+        );
     });
 }
 

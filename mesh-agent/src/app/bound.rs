@@ -82,6 +82,8 @@ pub struct Bound {
     outbound: Outbound,
     /// For the allocator's quiet-time release: connections carried now.
     load: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Access-log lines for same-node direct connections, when they exist.
+    direct_log: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl Bound {
@@ -195,6 +197,13 @@ impl Bound {
             metrics: metrics.clone(),
             live: Arc::new(Live::default()),
         });
+        let direct_log = dataplane.take_direct_records().map(|ring| {
+            Box::pin(super::direct_log::run(
+                ring,
+                routes_rx.clone(),
+                sinks.clone(),
+            )) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+        });
         let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
         let hbone = Arc::new(HboneClient::new(
             tls.clone(),
@@ -270,6 +279,7 @@ impl Bound {
             inbound,
             outbound,
             load,
+            direct_log,
         })
     }
 
@@ -299,7 +309,11 @@ impl Bound {
             inbound,
             outbound,
             load,
+            direct_log,
         } = self;
+        if let Some(direct_log) = direct_log {
+            tokio::spawn(direct_log);
+        }
         let tracker = TaskTracker::new();
         tokio::spawn(memory::release_when_quiet(move || load(), stop.clone()));
         let inbound_accepting = tokio::spawn(inbound.serve(stop.clone(), tracker.clone()));

@@ -16,6 +16,7 @@
 //! same way (debounced by 50 ms).
 
 mod bound;
+mod direct_log;
 pub mod memory;
 mod reload;
 

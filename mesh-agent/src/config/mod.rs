@@ -238,8 +238,9 @@ pub struct ProxyConfig {
     /// policy is evaluated for every pair of local pods ahead of time, and
     /// the kernel lets an allowed pair's segments pass instead of handing
     /// them to the agent. Denied and dry-run-denied pairs still go through
-    /// the agent. Such connections have no access-log line (the kernel's
-    /// per-pod counters and `direct_admitted` count them).
+    /// the agent. A pod's connect() to a service whose endpoints all run
+    /// here goes to one of them (with `node.cgroup`). sock_ops reports
+    /// each closed direct connection for the access log.
     pub same_node_direct: bool,
 }
 

@@ -119,6 +119,8 @@ pub struct Dataplane {
     sockops: Option<Attachment>,
     /// `mesh_connect4`, with `proxy.same_node_direct` and `node.cgroup`.
     connect4: Option<Attachment>,
+    /// Reports of closed direct connections, until the agent takes them.
+    direct_records: Option<aya::maps::RingBuf<aya::maps::MapData>>,
     /// `mesh_listener_lookup` on the node's namespace, when the kernel has sk_lookup.
     listener_lookup: Option<Attachment>,
     uplinks: Vec<Attachment>,
@@ -235,6 +237,7 @@ impl Dataplane {
             fast_path,
             sockops: None,
             connect4: None,
+            direct_records: None,
             listener_lookup,
             uplinks: Vec::new(),
             pods: BTreeMap::new(),
@@ -269,6 +272,16 @@ impl Dataplane {
                     cgroup,
                 )?);
                 info!(cgroup = %cgroup.display(), "same-node service balancing at connect attached");
+                // sock_ops reports direct connections only where it runs.
+                let name = mesh_common::maps::DIRECT_CLOSED;
+                let ring = dataplane
+                    .ebpf
+                    .take_map(name)
+                    .ok_or(maps::KernelMapError::Missing(name))?;
+                dataplane.direct_records =
+                    Some(aya::maps::RingBuf::try_from(ring).map_err(|source| {
+                        DataplaneError::Map(maps::KernelMapError::Map { name, source })
+                    })?);
             }
         } else if settings.same_node_direct {
             warn!(
@@ -294,6 +307,12 @@ impl Dataplane {
             pins: &self.pins,
             records: &mut self.tc_filters,
         }
+    }
+
+    /// The reports of closed same-node direct connections (once; `None`
+    /// without `proxy.same_node_direct` and `node.cgroup`).
+    pub fn take_direct_records(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.direct_records.take()
     }
 
     /// The same-node fast path, when this kernel runs it.

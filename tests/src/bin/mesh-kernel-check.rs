@@ -388,6 +388,11 @@ fn same_node_direct() -> Result<Value, String> {
             "direct_admitted {admitted}, direct_redirected {redirected}, captured {captured}"
         ));
     }
+    // sock_ops reported the closed connection: its access record.
+    let needle = format!("sent={SEND} ");
+    if !agent.wait_log(&needle, 1, Duration::from_secs(10)) {
+        return Err(format!("no access record with {needle}"));
+    }
     // Through the service's VIP: balanced at connect(), then the same.
     let reports = node
         .pod("client")
