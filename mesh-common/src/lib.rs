@@ -358,9 +358,6 @@ pub const SETTING_TIME_WAIT_HANDOFF: u32 = 1 << 0;
 /// [`Settings::flags`]: consult [`maps::DIRECT`] (`proxy.same_node_direct`);
 /// off, the programs skip its lookups.
 pub const SETTING_SAME_NODE_DIRECT: u32 = 1 << 1;
-/// [`Settings::flags`]: the kernel has `bpf_redirect_peer`, so segments of
-/// a pod-to-pod connection go straight into the receiving pod.
-pub const SETTING_REDIRECT_PEER: u32 = 1 << 2;
 
 /// Key of [`maps::DIRECT`]: a client pod's address, a server pod's address
 /// on the same node, and the server's port (0: every port the policy does

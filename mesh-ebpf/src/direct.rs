@@ -25,9 +25,8 @@
 //! agent will carry, from the pod or from the agent itself) clears any
 //! entry an earlier connection on the same addresses and ports left.
 //!
-//! Where the kernel has `bpf_redirect_peer`, the first segment the node
-//! delivers to the receiving pod teaches `mesh_to_pod` that pod's
-//! interface and the Ethernet addresses the node writes for it; from then
+//! The first segment the node delivers to the receiving pod teaches
+//! `mesh_to_pod` that pod's interface and the Ethernet addresses the node writes for it; from then
 //! on `mesh_from_pod` writes those addresses itself and hands the segment
 //! straight to the receiving pod, past the node's routing and the
 //! receiver's tc egress. That is shorter than what plain pods' traffic
@@ -42,10 +41,11 @@ use crate::{
     packet::TcpV4,
 };
 
-/// The verdict for `client` reaching `server:port`: the port's own entry
-/// if the policy names the port, else the pair's port-0 entry.
+/// The entry letting `client` reach `server:port`, if the policy does: the
+/// port's own entry if the policy names the port, else the pair's port-0
+/// entry.
 #[inline(always)]
-fn entry(client: u32, server: u32, port: u16) -> Option<DirectValue> {
+fn allowed(client: u32, server: u32, port: u16) -> Option<DirectValue> {
     let mut key = DirectKey {
         client,
         server,
@@ -53,12 +53,15 @@ fn entry(client: u32, server: u32, port: u16) -> Option<DirectValue> {
         pad: 0,
     };
     // SAFETY: values are copied out before the map can change them.
-    if let Some(value) = unsafe { MESH_DIRECT.get(key) } {
-        return Some(*value);
-    }
-    key.port = 0;
-    // SAFETY: as above.
-    unsafe { MESH_DIRECT.get(key) }.copied()
+    let value = match unsafe { MESH_DIRECT.get(key) } {
+        Some(value) => *value,
+        None => {
+            key.port = 0;
+            // SAFETY: as above.
+            *unsafe { MESH_DIRECT.get(key) }?
+        }
+    };
+    (value.verdict == DIRECT_ALLOW).then_some(value)
 }
 
 /// A segment the client pod behind `ifindex` sends to the server.
@@ -179,8 +182,7 @@ pub fn forget_flow(tcp: &TcpV4) {
 
 #[inline(always)]
 fn allowed_from(ifindex: u32, tcp: &TcpV4) -> Option<DirectValue> {
-    entry(tcp.saddr, tcp.daddr, tcp.dport)
-        .filter(|v| v.verdict == DIRECT_ALLOW && v.client_ifindex == ifindex)
+    allowed(tcp.saddr, tcp.daddr, tcp.dport).filter(|v| v.client_ifindex == ifindex)
 }
 
 /// The segment's own direction (sender local) and the reverse.
@@ -205,17 +207,12 @@ fn flow_keys(tcp: &TcpV4) -> (ConnKey, ConnKey) {
 /// A segment the server pod behind `ifindex` sends back to the client.
 #[inline(always)]
 pub fn server_answers(ifindex: u32, tcp: &TcpV4) -> bool {
-    entry(tcp.daddr, tcp.saddr, tcp.sport)
-        .is_some_and(|v| v.verdict == DIRECT_ALLOW && v.server_ifindex == ifindex)
+    allowed(tcp.daddr, tcp.saddr, tcp.sport).is_some_and(|v| v.server_ifindex == ifindex)
 }
 
 /// A SYN that arrived on host interface `from_ifindex` and leaves on
 /// `to_ifindex` towards the server.
 #[inline(always)]
 pub fn syn_reaches_server(from_ifindex: u32, to_ifindex: u32, tcp: &TcpV4) -> bool {
-    entry(tcp.saddr, tcp.daddr, tcp.dport).is_some_and(|v| {
-        v.verdict == DIRECT_ALLOW
-            && v.client_ifindex == from_ifindex
-            && v.server_ifindex == to_ifindex
-    })
+    allowed_from(from_ifindex, tcp).is_some_and(|v| v.server_ifindex == to_ifindex)
 }

@@ -12,7 +12,7 @@
 //! start in the node namespace) are never captured.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use mesh_common::{PodStats, SETTING_REDIRECT_PEER, SETTING_SAME_NODE_DIRECT, counter};
+use mesh_common::{PodStats, SETTING_SAME_NODE_DIRECT, counter};
 
 use crate::{
     counters, direct, maps, packet,
@@ -53,7 +53,7 @@ fn capture(ctx: &TcContext, ifindex: u32, stats: Option<&mut PodStats>) -> i32 {
         if tcp.is_rst() {
             direct::note_reset(&tcp);
         }
-        if settings.flags & SETTING_REDIRECT_PEER != 0 && flow.receiver_ifindex != 0 {
+        if flow.receiver_ifindex != 0 {
             return direct::redirect(ctx, &flow);
         }
         return TC_ACT_OK;

@@ -18,9 +18,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use mesh_common::{
-    PodStats, SETTING_REDIRECT_PEER, SETTING_SAME_NODE_DIRECT, WORKLOAD_STRICT, counter,
-};
+use mesh_common::{PodStats, SETTING_SAME_NODE_DIRECT, WORKLOAD_STRICT, counter};
 
 use crate::{
     counters, direct, maps,
@@ -38,19 +36,22 @@ pub fn mesh_to_pod(ctx: TcContext) -> i32 {
             !skb.__bindgen_anon_2.sk.is_null(),
         )
     };
+    let direct = maps::settings().is_some_and(|s| s.flags & SETTING_SAME_NODE_DIRECT != 0);
     let mut stats = counters::pod_stats(ifindex);
     if let Some(stats) = stats.as_deref_mut() {
         stats.packets_to_pod += 1;
         stats.bytes_to_pod += u64::from(ctx.len());
     }
     if from_this_host {
-        forget_direct_flow(&ctx);
+        if direct {
+            forget_direct_flow(&ctx);
+        }
         return TC_ACT_OK;
     }
     let strict = |flags: Option<u32>| flags.is_some_and(|f| f & WORKLOAD_STRICT != 0);
     let frame = packet::classify(&ctx);
     if let Frame::Tcp(tcp) = &frame
-        && maps::settings().is_some_and(|s| s.flags & SETTING_REDIRECT_PEER != 0)
+        && direct
     {
         direct::learn(&ctx, ifindex, ingress_ifindex, tcp);
     }
@@ -61,9 +62,7 @@ pub fn mesh_to_pod(ctx: TcContext) -> i32 {
             };
             // From a pod of this node the policy lets reach this one
             // directly: mesh traffic, admitted ahead of time.
-            if maps::settings().is_some_and(|s| s.flags & SETTING_SAME_NODE_DIRECT != 0)
-                && direct::syn_reaches_server(ingress_ifindex, ifindex, &tcp)
-            {
+            if direct && direct::syn_reaches_server(ingress_ifindex, ifindex, &tcp) {
                 return TC_ACT_OK;
             }
             if !strict(Some(flags)) {
@@ -96,8 +95,7 @@ pub fn mesh_to_pod(ctx: TcContext) -> i32 {
 /// table must not divert the pod's answers from the agent's socket.
 #[inline(always)]
 fn forget_direct_flow(ctx: &TcContext) {
-    if maps::settings().is_some_and(|s| s.flags & SETTING_SAME_NODE_DIRECT != 0)
-        && let Frame::Tcp(tcp) = packet::classify(ctx)
+    if let Frame::Tcp(tcp) = packet::classify(ctx)
         && tcp.is_syn()
     {
         direct::forget_flow(&tcp);

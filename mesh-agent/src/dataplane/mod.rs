@@ -25,8 +25,8 @@ use aya::{
     programs::{CgroupSockAddr, SchedClassifier, SkLookup, SkSkb, SockOps},
 };
 use mesh_common::{
-    SETTING_REDIRECT_PEER, SETTING_SAME_NODE_DIRECT, SETTING_TIME_WAIT_HANDOFF, STEER_MARK,
-    STEER_MARK_MASK, Settings, WORKLOAD_STRICT,
+    SETTING_SAME_NODE_DIRECT, SETTING_TIME_WAIT_HANDOFF, STEER_MARK, STEER_MARK_MASK, Settings,
+    WORKLOAD_STRICT,
 };
 use tracing::{info, warn};
 
@@ -222,7 +222,7 @@ impl Dataplane {
             } else {
                 0
             } | if settings.same_node_direct {
-                SETTING_SAME_NODE_DIRECT | SETTING_REDIRECT_PEER
+                SETTING_SAME_NODE_DIRECT
             } else {
                 0
             },
@@ -273,15 +273,8 @@ impl Dataplane {
                 )?);
                 info!(cgroup = %cgroup.display(), "same-node service balancing at connect attached");
                 // sock_ops reports direct connections only where it runs.
-                let name = mesh_common::maps::DIRECT_CLOSED;
-                let ring = dataplane
-                    .ebpf
-                    .take_map(name)
-                    .ok_or(maps::KernelMapError::Missing(name))?;
                 dataplane.direct_records =
-                    Some(aya::maps::RingBuf::try_from(ring).map_err(|source| {
-                        DataplaneError::Map(maps::KernelMapError::Map { name, source })
-                    })?);
+                    Some(take(&mut dataplane.ebpf, mesh_common::maps::DIRECT_CLOSED)?);
             }
         } else if settings.same_node_direct {
             warn!(
@@ -542,21 +535,23 @@ fn lock_pin_root(pins: &PinLayout) -> Result<File, DataplaneError> {
     Ok(dir)
 }
 
+/// Takes a map out of the object as its typed handle.
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DataplaneError> {
+    let data = ebpf
+        .take_map(name)
+        .ok_or(maps::KernelMapError::Missing(name))?;
+    T::try_from(data)
+        .map_err(|source| DataplaneError::Map(maps::KernelMapError::Map { name, source }))
+}
+
 /// Loads `mesh_splice`, attaches it to `MESH_SPLICE_ON` (a map
 /// attachment lives as long as the map, which is pinned) and takes the
 /// fast path's maps.
 fn load_fast_path(ebpf: &mut Ebpf, pins: &PinLayout) -> Result<FastPath, DataplaneError> {
     use mesh_common::maps::{REDIRECTED, SPLICE_ON, SPLICE_TO};
-    fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-        ebpf: &mut Ebpf,
-        name: &'static str,
-    ) -> Result<T, DataplaneError> {
-        let data = ebpf
-            .take_map(name)
-            .ok_or(maps::KernelMapError::Missing(name))?;
-        T::try_from(data)
-            .map_err(|source| DataplaneError::Map(maps::KernelMapError::Map { name, source }))
-    }
     let name = mesh_common::programs::SPLICE;
     let to: SockHash<_, _> = take(ebpf, SPLICE_TO)?;
     let on: SockHash<_, _> = take(ebpf, SPLICE_ON)?;
