@@ -57,6 +57,8 @@ struct Options<'a> {
     drain_timeout_ms_b: Option<u64>,
     /// What node 2 believes the client's service account is.
     client_sa_seen_from_b: &'a str,
+    /// `hbone.kernel_tls` on both nodes.
+    kernel_tls: &'a str,
 }
 
 impl Default for Options<'_> {
@@ -66,6 +68,7 @@ impl Default for Options<'_> {
             authorization_b: "",
             cert_lifetime_s: None,
             server_mode: "permissive",
+            kernel_tls: "off",
             drain_timeout_ms_b: None,
             client_sa_seen_from_b: "client",
         }
@@ -90,7 +93,7 @@ fn remote(node: &Node, pod: &str, sa: &str) -> String {
 
 fn config_a(t: &TwoNodesSetup, o: &Options<'_>) -> String {
     format!(
-        "{}workloads:\n{}{}{}{}services:
+        "{}hbone: {{ kernel_tls: {} }}\nworkloads:\n{}{}{}{}services:
   - name: web
     vip: 10.96.0.10
     ports: [{{ port: 80, target_port: 8080 }}]
@@ -112,6 +115,7 @@ fn config_a(t: &TwoNodesSetup, o: &Options<'_>) -> String {
     resilience: {{ outlier_detection: {{ consecutive_failures: 0 }} }}
 ",
         t.a.node_yaml(),
+        o.kernel_tls,
         workload(&t.a, "client", "client", "permissive"),
         workload(&t.a, "other", "other", "permissive"),
         remote(&t.b, "server", o.server_sa_seen_from_a),
@@ -130,8 +134,9 @@ fn config_b(t: &TwoNodesSetup, o: &Options<'_>) -> String {
         .map(|ms| format!("proxy: {{ drain_timeout_ms: {ms} }}\n"))
         .unwrap_or_default();
     format!(
-        "{}{proxy}workloads:\n{}{}{}{}{}",
+        "{}{proxy}hbone: {{ kernel_tls: {} }}\nworkloads:\n{}{}{}{}{}",
         t.b.node_yaml(),
+        o.kernel_tls,
         workload(&t.b, "server", "server", o.server_mode),
         workload(&t.b, "open", "open", "permissive"),
         remote(&t.a, "client", o.client_sa_seen_from_b),
@@ -604,6 +609,58 @@ fn strict_mode_drops_plaintext_from_outside_the_mesh() {
     assert_eq!(greeting(report).0, "server");
 }
 
+/// `hbone.kernel_tls: auto` on both nodes: where the kernel has TLS,
+/// every HBONE connection is handed to it; where it has not (this CI
+/// host: `tcp_available_ulp` lists no `tls`), the probe says so once and
+/// every connection stays on rustls. Either way 20 parallel streams of
+/// 4 MiB arrive intact and a reset still reaches the client.
+#[test]
+fn kernel_tls_auto_carries_streams_where_the_kernel_can_and_falls_back_where_not() {
+    let t = two_nodes(
+        "ktls",
+        &Options {
+            kernel_tls: "auto",
+            ..Default::default()
+        },
+    );
+    let reports = t.a.pod("client").connect(
+        vip(),
+        Connect {
+            count: 20,
+            parallel: 20,
+            send: 4 << 20,
+            ..Default::default()
+        },
+    );
+    for report in &reports {
+        assert!(report.get("error").is_none(), "{report}");
+        let expected = format!("{} {}", 4 << 20, report["sent_sha256"].as_str().unwrap());
+        assert_eq!(report["reply"], expected.as_str(), "{report}");
+    }
+    let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+    let kernel_has_tls = ulps.split_whitespace().any(|ulp| ulp == "tls");
+    for agent in [&t.agent_a, &t.agent_b] {
+        let kernel_tls = &agent.stats()["hbone"]["kernel_tls"];
+        let connections = kernel_tls["connections"].as_u64().unwrap();
+        if kernel_has_tls {
+            assert!(connections > 0, "{kernel_tls}\n{}", agent.log());
+            assert_eq!(kernel_tls["fallbacks"], 0, "{kernel_tls}");
+        } else {
+            assert_eq!(connections, 0, "{kernel_tls}");
+            assert!(
+                agent.log().contains("kernel TLS unavailable"),
+                "{}",
+                agent.log()
+            );
+        }
+    }
+    let report =
+        &t.a.pod("client")
+            .connect(RESET_VIP.parse().unwrap(), Connect::default())[0];
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(error.contains("reset"), "client saw no reset: {report}");
+}
+
 #[test]
 fn a_hundred_parallel_streams_across_nodes_arrive_intact() {
     let t = two_nodes("streams", &Options::default());
@@ -893,7 +950,12 @@ async fn raw_hbone(t: &TwoNodes) -> h2::client::SendRequest<bytes::Bytes> {
     let certs = CertManager::new(std::sync::Arc::new(ca), Duration::from_secs(3600));
     let client = SpiffeId::new("cluster.local", "default", "client");
     assert!(certs.ensure(std::slice::from_ref(&client)).await.is_empty());
-    let tls = TlsFactory::new(certs, "cluster.local").unwrap();
+    let tls = TlsFactory::new(
+        certs,
+        "cluster.local",
+        mesh_agent::tls::KernelTls::new(mesh_agent::config::KernelTlsMode::Off),
+    )
+    .unwrap();
     let config = tls
         .client(client, SpiffeId::new("cluster.local", "default", "server"))
         .unwrap();

@@ -147,6 +147,19 @@ pub(super) fn render_metrics(sources: &AgentView) -> String {
             sources.hbone.connections_opened.load(Ordering::Relaxed),
         )],
     );
+    let kernel_tls = sources.hbone.kernel_tls();
+    counter_family(
+        &mut registry,
+        "mesh_hbone_kernel_tls_connections",
+        "HBONE connections (inbound and outbound) whose TLS records the kernel ciphers",
+        [(vec![], kernel_tls.connections.load(Ordering::Relaxed))],
+    );
+    counter_family(
+        &mut registry,
+        "mesh_hbone_kernel_tls_fallbacks",
+        "HBONE connections left on rustls although kernel TLS was allowed",
+        [(vec![], kernel_tls.fallbacks.load(Ordering::Relaxed))],
+    );
     gauge_family(
         &mut registry,
         "mesh_certificate_expiry_timestamp_seconds",

@@ -129,7 +129,10 @@ fn stats(view: &AgentView) -> serde_json::Value {
         json!({
             "outbound": outbound.snapshot(),
             "inbound": inbound.snapshot(),
-            "hbone": { "connections_opened": hbone.connections_opened.load(Ordering::Relaxed) },
+            "hbone": {
+                "connections_opened": hbone.connections_opened.load(Ordering::Relaxed),
+                "kernel_tls": hbone.kernel_tls().snapshot(),
+            },
             "certificates": certs.snapshot(),
             "services": services,
             "kernel": kernel,

@@ -138,8 +138,12 @@ impl Bound {
         );
         report_cert_problems(certs.ensure(&state.local_identities()).await);
         let tls = Arc::new(
-            crate::tls::TlsFactory::new(certs.clone(), &config.identity.trust_domain)
-                .context("trust roots")?,
+            crate::tls::TlsFactory::new(
+                certs.clone(),
+                &config.identity.trust_domain,
+                crate::tls::KernelTls::new(config.hbone.kernel_tls),
+            )
+            .context("trust roots")?,
         );
         let outbound_addr = any_addr(config.proxy.outbound_port);
         let outbound_listener = transparent_listener(outbound_addr)

@@ -9,7 +9,7 @@ use super::*;
 const GOOD: &str = r#"node: { name: n1, cgroup: /sys/fs/cgroup/unified/mesh/n1, uplinks: [eth0] }
 proxy: { outbound_port: 15001, inbound_port: 15008, connect_timeout_ms: 5000 }
 identity: { trust_domain: cluster.local, cert_lifetime_s: 86400 }
-hbone: { max_connections_per_peer: 4, streams_per_connection: 2 }
+hbone: { max_connections_per_peer: 4, streams_per_connection: 2, kernel_tls: auto }
 workloads:
   - { name: a, namespace: shop, service_account: web, ips: [10.1.0.2], interface: veth-a, cgroup: a }
   - { name: b, ips: [10.1.0.3], node: n2 }
@@ -239,6 +239,13 @@ const CORPUS: &[Entry] = &[
         "max_connections_per_peer: 4",
         "max_connections_per_peer: 0",
         "hbone.max_connections_per_peer",
+        Some(4),
+    ),
+    (
+        "kernel TLS neither auto nor off",
+        "kernel_tls: auto",
+        "kernel_tls: always",
+        "unknown variant `always`",
         Some(4),
     ),
     (

@@ -177,6 +177,20 @@ pub struct HboneConfig {
     pub max_connections_per_peer: usize,
     /// Open another connection once every pooled one carries this many streams.
     pub streams_per_connection: usize,
+    /// `auto`: after the TLS handshake the kernel ciphers the records
+    /// (kTLS) where it has the `tls` module, else rustls does; `off` (the
+    /// default): always rustls. Off by default because the kernel cannot
+    /// take a peer's TLS KeyUpdate (see docs/config.md).
+    pub kernel_tls: KernelTlsMode,
+}
+
+/// Whether HBONE connections hand their TLS records to the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelTlsMode {
+    Auto,
+    #[default]
+    Off,
 }
 
 impl Default for HboneConfig {
@@ -184,6 +198,7 @@ impl Default for HboneConfig {
         Self {
             max_connections_per_peer: 4,
             streams_per_connection: 2,
+            kernel_tls: KernelTlsMode::Off,
         }
     }
 }

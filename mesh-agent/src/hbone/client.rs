@@ -29,7 +29,12 @@ use super::{
     CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, SEND_BUFFER,
     STREAM_WINDOW, TLS_SEND_BUFFER, Tunnel,
 };
-use crate::{config::HboneConfig, identity::SpiffeId, locks::lock, tls::TlsFactory};
+use crate::{
+    config::HboneConfig,
+    identity::SpiffeId,
+    locks::lock,
+    tls::{RecordBounded, TlsFactory, kernel::KernelTlsStats},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -128,6 +133,11 @@ pub struct Destination<'a> {
 }
 
 impl HboneClient {
+    /// Kernel TLS counters, inbound and outbound connections together.
+    pub fn kernel_tls(&self) -> &KernelTlsStats {
+        &self.tls.kernel.stats
+    }
+
     pub fn new(tls: Arc<TlsFactory>, config: HboneConfig, connect_timeout: Duration) -> Self {
         Self {
             tls,
@@ -302,12 +312,17 @@ impl HboneClient {
         let name = ServerName::IpAddress((*to.gateway.ip()).into());
         let mut tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            TlsConnector::from(Arc::new(config)).connect(name, tcp),
+            TlsConnector::from(Arc::new(config)).connect(name, RecordBounded::new(tcp)),
         )
         .await
         .map_err(|_| HboneError::Tls(to.gateway, "handshake timed out".into()))?
         .map_err(|e| HboneError::Tls(to.gateway, e.to_string()))?;
         tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+        let tls = self
+            .tls
+            .kernel
+            .take_over(tls.into())
+            .map_err(|e| HboneError::Tls(to.gateway, e.to_string()))?;
         let cert = self.tls.current_cert(&key.source);
         let handshake = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)

@@ -41,7 +41,7 @@ use crate::{
     observability::access::{Outcome, Record, Sinks},
     observability::log_budget::LogBudget,
     routes::Routes,
-    tls::{ALPN_H2, TlsFactory},
+    tls::{ALPN_H2, RecordBounded, TlsFactory},
 };
 
 /// TLS handshakes in progress at once, overall and from one source
@@ -242,7 +242,8 @@ impl Shared {
                 return refuse(format!("TLS config for {identity}: {error}"), Some(stream));
             }
         };
-        let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        let accept = acceptor.accept(RecordBounded::new(stream));
+        let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => return refuse(format!("TLS handshake failed: {error}"), None),
             Err(_) => return refuse("TLS handshake timed out".into(), None),
@@ -260,6 +261,10 @@ impl Shared {
             None => return refuse("no client certificate".into(), None),
         };
         debug!(%peer, %client, server = %identity, "inbound HBONE connection");
+        let tls = match self.tls.kernel.take_over(tls.into()) {
+            Ok(tls) => tls,
+            Err(error) => return refuse(format!("kernel TLS: {error}"), None),
+        };
         let handshake = h2::server::Builder::new()
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .max_header_list_size(MAX_HEADER_LIST)

@@ -13,6 +13,26 @@ use anyhow::{Context, bail};
 /// and the BPF classifier for netlink tc.
 pub(super) const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf"];
 
+/// Modules loaded where the kernel ships them: `tls` for kernel TLS (the
+/// scenario checks the agent's fallback where it is missing) and the
+/// AEADs it asks the crypto API for. The guest has no `modprobe` to load
+/// them on demand, so a kernel whose `tls` cannot find `gcm(aes)` refuses
+/// the keys (ENOENT) as it would on a node without them.
+pub(super) const OPTIONAL_MODULES: &[&str] = &[
+    "tls",
+    "aesni_intel",
+    "aes_generic",
+    "ctr",
+    "ghash_generic",
+    "ghash_clmulni_intel",
+    "gcm",
+    "chacha_x86_64",
+    "chacha_generic",
+    "poly1305_x86_64",
+    "poly1305_generic",
+    "chacha20poly1305",
+];
+
 /// Binaries of ours that go into the guest.
 pub(super) const OUR_BINARIES: &[&str] = &["mesh-agent", "mesh-pod", "mesh-kernel-check"];
 

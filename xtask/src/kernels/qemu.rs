@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context;
 
 use super::{
-    initramfs::{MODULES, cpio, decompress_module, module_with_dependencies},
+    initramfs::{MODULES, OPTIONAL_MODULES, cpio, decompress_module, module_with_dependencies},
     mirror::{Kernel, PrivateApt},
     report::KernelRow,
 };
@@ -52,6 +52,11 @@ pub(super) fn boot(
     let mut order = Vec::new();
     for module in MODULES {
         module_with_dependencies(&modules_dir, &builtin, module, &mut order)?;
+    }
+    for module in OPTIONAL_MODULES {
+        if let Err(error) = module_with_dependencies(&modules_dir, &builtin, module, &mut order) {
+            eprintln!("{}: optional module left out: {error:#}", kernel.version);
+        }
     }
     let mut list = String::new();
     for (name, path) in &order {

@@ -34,6 +34,12 @@ use rustls::{
 
 use crate::identity::{CertManager, SpiffeId};
 
+pub mod kernel;
+pub mod record_bounded;
+
+pub use kernel::{HboneIo, KernelTls};
+pub use record_bounded::RecordBounded;
+
 pub const ALPN_H2: &[u8] = b"h2";
 
 /// ring's provider with the AES-GCM suites first (hardware AES is the
@@ -56,10 +62,16 @@ pub struct TlsFactory {
     certs: Arc<CertManager>,
     roots: Arc<RootCertStore>,
     anchors: Arc<Vec<rustls::pki_types::TrustAnchor<'static>>>,
+    /// Hands finished handshakes to the kernel where it can cipher.
+    pub kernel: KernelTls,
 }
 
 impl TlsFactory {
-    pub fn new(certs: Arc<CertManager>, trust_domain: &str) -> Result<Self, Error> {
+    pub fn new(
+        certs: Arc<CertManager>,
+        trust_domain: &str,
+        kernel: KernelTls,
+    ) -> Result<Self, Error> {
         let mut roots = RootCertStore::empty();
         let mut anchors = Vec::new();
         for root in certs.ca().roots() {
@@ -76,6 +88,7 @@ impl TlsFactory {
             certs,
             roots: Arc::new(roots),
             anchors: Arc::new(anchors),
+            kernel,
         })
     }
 
@@ -102,6 +115,10 @@ impl TlsFactory {
                 id: local,
             }));
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        // Agents never resume sessions, and a ticket after the handshake
+        // would reach a kernel-TLS peer as a control record to skip.
+        config.send_tls13_tickets = 0;
+        config.enable_secret_extraction = self.kernel.wanted();
         Ok(config)
     }
 
@@ -121,6 +138,7 @@ impl TlsFactory {
                 id: source,
             }));
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.enable_secret_extraction = self.kernel.wanted();
         Ok(config)
     }
 }
