@@ -242,10 +242,10 @@ const CORPUS: &[Entry] = &[
         Some(4),
     ),
     (
-        "kernel TLS neither auto nor off",
+        "kernel TLS neither auto, on nor off",
         "kernel_tls: auto",
-        "kernel_tls: always",
-        "unknown variant `always`",
+        "kernel_tls: sometimes",
+        "unknown variant `sometimes`",
         Some(4),
     ),
     (

@@ -177,10 +177,11 @@ pub struct HboneConfig {
     pub max_connections_per_peer: usize,
     /// Open another connection once every pooled one carries this many streams.
     pub streams_per_connection: usize,
-    /// `auto`: after the TLS handshake the kernel ciphers the records
-    /// (kTLS) where it has the `tls` module, else rustls does; `off` (the
-    /// default): always rustls. Off by default because the kernel cannot
-    /// take a peer's TLS KeyUpdate (see docs/config.md).
+    /// `auto` (the default): after the TLS handshake the kernel ciphers
+    /// the records (kTLS) where it has the `tls` module and can take new
+    /// keys for TLS KeyUpdates, else rustls does; `on`: kTLS wherever the
+    /// module is, even where a peer's KeyUpdate would end the connection;
+    /// `off`: always rustls (see docs/config.md).
     pub kernel_tls: KernelTlsMode,
 }
 
@@ -188,8 +189,9 @@ pub struct HboneConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KernelTlsMode {
-    Auto,
     #[default]
+    Auto,
+    On,
     Off,
 }
 
@@ -198,7 +200,7 @@ impl Default for HboneConfig {
         Self {
             max_connections_per_peer: 4,
             streams_per_connection: 2,
-            kernel_tls: KernelTlsMode::Off,
+            kernel_tls: KernelTlsMode::Auto,
         }
     }
 }

@@ -305,10 +305,14 @@ impl HboneClient {
             .map_err(|e| HboneError::Connect(to.gateway, e))?;
         let _ = tcp.set_nodelay(true);
         super::keep_alive(&tcp);
-        let config = self
+        let mut config = self
             .tls
             .client(key.source.clone(), key.destination.clone())
             .map_err(|e| HboneError::Tls(to.gateway, e.to_string()))?;
+        let secrets = self.tls.kernel.secret_capture();
+        if let Some(secrets) = &secrets {
+            config.key_log = secrets.clone();
+        }
         let name = ServerName::IpAddress((*to.gateway.ip()).into());
         let mut tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
@@ -321,7 +325,7 @@ impl HboneClient {
         let tls = self
             .tls
             .kernel
-            .take_over(tls.into())
+            .take_over(tls.into(), secrets.as_deref())
             .map_err(|e| HboneError::Tls(to.gateway, e.to_string()))?;
         let cert = self.tls.current_cert(&key.source);
         let handshake = h2::client::Builder::new()

@@ -41,7 +41,7 @@ use crate::{
     observability::access::{Outcome, Record, Sinks},
     observability::log_budget::LogBudget,
     routes::Routes,
-    tls::{ALPN_H2, RecordBounded, TlsFactory},
+    tls::{ALPN_H2, RecordBounded, TlsFactory, kernel::SecretCapture},
 };
 
 /// TLS handshakes in progress at once, overall and from one source
@@ -101,7 +101,7 @@ pub struct Inbound {
 struct Shared {
     routes: watch::Receiver<Arc<Routes>>,
     tls: Arc<TlsFactory>,
-    acceptors: Mutex<HashMap<SpiffeId, TlsAcceptor>>,
+    acceptors: Mutex<HashMap<SpiffeId, Arc<rustls::ServerConfig>>>,
     connect_timeout: Duration,
     stats: Arc<InboundStats>,
     sinks: Arc<Sinks>,
@@ -236,7 +236,8 @@ impl Shared {
                 Some(stream),
             );
         };
-        let acceptor = match self.acceptor(&identity) {
+        let secrets = self.tls.kernel.secret_capture();
+        let acceptor = match self.acceptor(&identity, secrets.as_ref()) {
             Ok(acceptor) => acceptor,
             Err(error) => {
                 return refuse(format!("TLS config for {identity}: {error}"), Some(stream));
@@ -261,7 +262,7 @@ impl Shared {
             None => return refuse("no client certificate".into(), None),
         };
         debug!(%peer, %client, server = %identity, "inbound HBONE connection");
-        let tls = match self.tls.kernel.take_over(tls.into()) {
+        let tls = match self.tls.kernel.take_over(tls.into(), secrets.as_deref()) {
             Ok(tls) => tls,
             Err(error) => return refuse(format!("kernel TLS: {error}"), None),
         };
@@ -443,13 +444,31 @@ impl Shared {
         record.finish(&self.sinks, outcome, sent, received, error);
     }
 
-    fn acceptor(&self, identity: &SpiffeId) -> Result<TlsAcceptor, rustls::Error> {
-        let mut acceptors = lock(&self.acceptors);
-        if let Some(acceptor) = acceptors.get(identity) {
-            return Ok(acceptor.clone());
-        }
-        let acceptor = TlsAcceptor::from(Arc::new(self.tls.server(identity.clone())?));
-        acceptors.insert(identity.clone(), acceptor.clone());
-        Ok(acceptor)
+    /// The TLS acceptor for `identity`; with `secrets`, one of its own
+    /// that records the connection's traffic secrets for kernel TLS.
+    fn acceptor(
+        &self,
+        identity: &SpiffeId,
+        secrets: Option<&Arc<SecretCapture>>,
+    ) -> Result<TlsAcceptor, rustls::Error> {
+        let config = {
+            let mut acceptors = lock(&self.acceptors);
+            match acceptors.get(identity) {
+                Some(config) => config.clone(),
+                None => {
+                    let config = Arc::new(self.tls.server(identity.clone())?);
+                    acceptors.insert(identity.clone(), config.clone());
+                    config
+                }
+            }
+        };
+        Ok(match secrets {
+            None => TlsAcceptor::from(config),
+            Some(secrets) => {
+                let mut own = (*config).clone();
+                own.key_log = secrets.clone();
+                TlsAcceptor::from(Arc::new(own))
+            }
+        })
     }
 }

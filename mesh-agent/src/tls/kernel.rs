@@ -3,25 +3,28 @@
 //! longer copied and ciphered by the agent's TLS layer (one pass over each
 //! byte in each direction fewer, and no rustls buffers per connection).
 //!
-//! Where the kernel has no `tls` upper-layer protocol (the module is not
-//! built or cannot load), setting it fails before any secret leaves
-//! rustls, so the connection simply stays on rustls; the first such
-//! failure is logged and later connections do not try again.
+//! A probe at start (loopback sockets, throw-away keys) finds which
+//! ciphers the kernel takes and whether it takes new keys on a live
+//! socket; a connection's secrets leave rustls only when the kernel will
+//! accept them, so a kernel without the `tls` module simply leaves every
+//! connection on rustls.
 //!
-//! What the kernel cannot do and rustls did:
-//! - Post-handshake messages arrive as control records. Session tickets
-//!   are ignored (the agent never resumes). A KeyUpdate from the peer
-//!   cannot be applied (the traffic secret it derives from stays inside
-//!   rustls, and changing receive keys on a live socket is recent kernel
-//!   work the agent does not rely on),
-//!   so the connection fails with an error that says so and is counted.
-//!   rustls peers (ztunnel, or an agent without kTLS) send one at AES-GCM's
-//!   confidentiality limit: 2^24 records for AES-128 (2^23 for AES-256)
-//!   on one connection, which is 256 GiB of bulk data but only hours of
-//!   small RPCs on a pooled connection. This is why the setting is off by
-//!   default (see docs/config.md).
-//! - The kernel never sends a KeyUpdate either, so past that limit a
-//!   connection keeps its keys where rustls would have refreshed them.
+//! What rustls did and this module now does over the kernel:
+//! - Post-handshake messages arrive as control records (`recvmsg` with
+//!   the record type). Session tickets are ignored (the agent never
+//!   resumes). A peer's KeyUpdate moves the receiving traffic secret on
+//!   (HKDF-Expand-Label "traffic upd", RFC 8446 7.2; the handshake's
+//!   secrets come from rustls's key-log hook, kept in memory only and
+//!   wiped when replaced) and gives the kernel the new keys; when the peer
+//!   asks, our sending keys follow. rustls peers, ztunnel included, send a
+//!   KeyUpdate at AES-GCM's confidentiality limit (2^24 records with
+//!   AES-128, 2^23 with AES-256): hours of small RPCs on a pooled
+//!   connection.
+//! - The sending side counts its records and sends a KeyUpdate at the
+//!   same limit, as rustls would.
+//! - Kernels that cannot take new keys (before the TLS 1.3 rekey support)
+//!   are used only with `hbone.kernel_tls: on`; there a peer's KeyUpdate
+//!   ends the connection with an error naming it, and it is counted.
 //! - Alerts arrive the same way: close_notify ends the stream, any other
 //!   alert is an error naming it.
 
@@ -31,7 +34,7 @@ use std::{
     os::fd::{AsRawFd, RawFd},
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll, ready},
@@ -45,7 +48,7 @@ use tokio::{
 use tracing::{debug, info};
 
 use super::record_bounded::RecordBounded;
-use crate::config::KernelTlsMode;
+use crate::{config::KernelTlsMode, locks::lock};
 
 /// A TLS stream over one TCP connection, the handshake done by rustls.
 pub type HandshakenStream = tokio_rustls::TlsStream<RecordBounded<TcpStream>>;
@@ -69,9 +72,13 @@ pub struct KernelTlsStats {
     pub fallbacks: AtomicU64,
     /// Session tickets received and dropped.
     pub tickets_ignored: AtomicU64,
-    /// Connections ended by a peer's KeyUpdate, which the kernel path
-    /// cannot apply (see the module comment).
+    /// Connections ended by a peer's KeyUpdate that this kernel cannot
+    /// apply (see the module comment).
     pub key_updates_refused: AtomicU64,
+    /// Peers' KeyUpdates applied to the kernel's receiving keys.
+    pub key_updates_received: AtomicU64,
+    /// KeyUpdates sent (at the confidentiality limit, or asked by a peer).
+    pub key_updates_sent: AtomicU64,
 }
 
 impl KernelTlsStats {
@@ -82,6 +89,8 @@ impl KernelTlsStats {
             "fallbacks": get(&self.fallbacks),
             "tickets_ignored": get(&self.tickets_ignored),
             "key_updates_refused": get(&self.key_updates_refused),
+            "key_updates_received": get(&self.key_updates_received),
+            "key_updates_sent": get(&self.key_updates_sent),
         })
     }
 }
@@ -92,6 +101,12 @@ pub struct KernelTls {
     /// Ciphers the kernel took in a probe at start; empty when the setting
     /// is off or the kernel has no TLS.
     ciphers: Vec<Cipher>,
+    /// Whether the kernel takes new keys on a live socket, so KeyUpdates
+    /// can be applied both ways.
+    rekey: bool,
+    /// Records sent under one key before the stream refreshes it; `None`:
+    /// the cipher suite's confidentiality limit.
+    record_limit: Option<u64>,
     pub stats: Arc<KernelTlsStats>,
 }
 
@@ -127,6 +142,91 @@ impl Cipher {
     }
 }
 
+/// Records the handshake's application traffic secrets of one connection
+/// (rustls's `KeyLog` hook, in memory only, taken at the hand-over).
+#[derive(Default)]
+pub struct SecretCapture {
+    client: Mutex<Vec<u8>>,
+    server: Mutex<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SecretCapture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretCapture")
+    }
+}
+
+impl rustls::KeyLog for SecretCapture {
+    fn will_log(&self, label: &str) -> bool {
+        matches!(label, "CLIENT_TRAFFIC_SECRET_0" | "SERVER_TRAFFIC_SECRET_0")
+    }
+
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        let slot = match label {
+            "CLIENT_TRAFFIC_SECRET_0" => &self.client,
+            "SERVER_TRAFFIC_SECRET_0" => &self.server,
+            _ => return,
+        };
+        *lock(slot) = secret.to_vec();
+    }
+}
+
+/// A traffic secret, overwritten when dropped.
+struct Secret(Vec<u8>);
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        wipe(&mut self.0);
+    }
+}
+
+fn wipe(bytes: &mut [u8]) {
+    for byte in bytes.iter_mut() {
+        // SAFETY: a valid, exclusive reference; volatile so the wipe stays.
+        unsafe { std::ptr::write_volatile(byte, 0) };
+    }
+}
+
+/// TLS 1.3 key schedule for KeyUpdates (RFC 8446, section 7.2): each
+/// direction's next secret is HKDF-Expand-Label(secret, "traffic upd"),
+/// and its key and IV expand from that.
+struct Rekey {
+    cipher: Cipher,
+    hkdf: &'static dyn rustls::crypto::tls13::Hkdf,
+    tx: Secret,
+    rx: Secret,
+    records_sent: u64,
+    record_limit: u64,
+    tx_update_due: bool,
+}
+
+impl Rekey {
+    fn expand_label(&self, secret: &[u8], label: &[u8], out: &mut [u8]) -> io::Result<()> {
+        let expander = self
+            .hkdf
+            .expander_for_okm(&rustls::crypto::tls13::OkmBlock::new(secret));
+        let length = (out.len() as u16).to_be_bytes();
+        let label_len = [(b"tls13 ".len() + label.len()) as u8];
+        expander
+            .expand_slice(&[&length, &label_len, b"tls13 ", label, &[0]], out)
+            .map_err(|_| io::Error::other("TLS key schedule: output too long"))
+    }
+
+    /// Moves `secret` one KeyUpdate on and gives the kernel the keys that
+    /// follow from it for `direction`.
+    fn advance(&self, fd: RawFd, direction: libc::c_int, secret: &mut Secret) -> io::Result<()> {
+        let mut next = Secret(vec![0; secret.0.len()]);
+        self.expand_label(&secret.0, b"traffic upd", &mut next.0)?;
+        let mut key = Secret(vec![0; self.cipher.key_len()]);
+        let mut iv = Secret(vec![0; 12]);
+        self.expand_label(&next.0, b"key", &mut key.0)?;
+        self.expand_label(&next.0, b"iv", &mut iv.0)?;
+        set_keys(fd, direction, self.cipher, &key.0, &iv.0, 0)?;
+        *secret = next;
+        Ok(())
+    }
+}
+
 /// Where a connection's records are ciphered from now on.
 pub enum HboneIo {
     Kernel(KernelStream),
@@ -134,34 +234,65 @@ pub enum HboneIo {
 }
 
 impl KernelTls {
-    /// With `auto`, probes once which ciphers this kernel takes (on a
-    /// loopback connection with throw-away keys), so a connection's
-    /// secrets leave rustls only when the kernel will accept them.
+    /// Unless `off`, probes once which ciphers this kernel takes and
+    /// whether it takes new keys (on loopback connections with throw-away
+    /// keys), so a connection's secrets leave rustls only when the kernel
+    /// will accept them; `auto` also wants the new keys.
     pub fn new(mode: KernelTlsMode) -> Self {
-        let ciphers = match mode {
-            KernelTlsMode::Off => Vec::new(),
-            KernelTlsMode::Auto => match probe() {
-                Ok(ciphers) if !ciphers.is_empty() => {
+        let probed = match mode {
+            KernelTlsMode::Off => Probed::default(),
+            KernelTlsMode::Auto | KernelTlsMode::On => match probe() {
+                Ok(probed) if mode == KernelTlsMode::Auto && !probed.rekey => {
                     info!(
-                        ?ciphers,
+                        "kernel TLS cannot take new keys for TLS KeyUpdates on this kernel: \
+                         HBONE stays on rustls (`hbone.kernel_tls: on` uses it anyway)"
+                    );
+                    Probed::default()
+                }
+                Ok(probed) if !probed.ciphers.is_empty() => {
+                    info!(
+                        ciphers = ?probed.ciphers,
+                        key_update = probed.rekey,
                         "kernel TLS available: the kernel will cipher HBONE records"
                     );
-                    ciphers
+                    probed
                 }
                 Ok(_) => {
                     info!("kernel TLS has none of the TLS 1.3 ciphers: HBONE stays on rustls");
-                    Vec::new()
+                    Probed::default()
                 }
                 Err(error) => {
                     info!(%error, "kernel TLS unavailable (no `tls` module?): HBONE stays on rustls");
-                    Vec::new()
+                    Probed::default()
                 }
             },
         };
         Self {
-            ciphers,
+            ciphers: probed.ciphers,
+            rekey: probed.rekey,
+            record_limit: None,
             stats: Arc::default(),
         }
+    }
+
+    /// Refreshes the sending keys after `records` records instead of at
+    /// the suite's confidentiality limit (tests reach it that way).
+    pub fn with_record_limit(mut self, records: u64) -> Self {
+        self.record_limit = Some(records);
+        self
+    }
+
+    /// Whether peers' KeyUpdates can be applied: the kernel takes new
+    /// keys on a live socket.
+    pub fn applies_key_updates(&self) -> bool {
+        self.rekey
+    }
+
+    /// A recorder of the handshake's traffic secrets for one connection,
+    /// to set as the TLS config's `key_log` when KeyUpdates can be
+    /// applied (the kernel path derives the next keys from them).
+    pub fn secret_capture(&self) -> Option<Arc<SecretCapture>> {
+        (self.wanted() && self.rekey).then(Arc::default)
     }
 
     /// Whether secret extraction must be enabled on the TLS configs.
@@ -172,12 +303,25 @@ impl KernelTls {
     /// Hands a finished handshake to the kernel when it can take it, or
     /// keeps it on rustls. An error means the secrets had left rustls when
     /// the kernel refused them: the connection cannot be used.
-    pub fn take_over(&self, mut tls: HandshakenStream) -> io::Result<HboneIo> {
+    pub fn take_over(
+        &self,
+        mut tls: HandshakenStream,
+        secrets: Option<&SecretCapture>,
+    ) -> io::Result<HboneIo> {
         if let Some(reason) = self.cannot_take(&tls) {
             if let Some(reason) = reason {
                 self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
                 debug!(reason, "kernel TLS not used on an HBONE connection");
             }
+            tls.get_mut().0.unbound();
+            return Ok(HboneIo::User(Box::new(tls)));
+        }
+        let rekey = self.rekey_state(&tls, secrets);
+        if self.rekey && rekey.is_none() {
+            // Without the handshake's secrets a KeyUpdate could not be
+            // followed, where rustls would follow it.
+            self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+            debug!("kernel TLS not used: the traffic secrets were not captured");
             tls.get_mut().0.unbound();
             return Ok(HboneIo::User(Box::new(tls)));
         }
@@ -216,10 +360,49 @@ impl KernelTls {
         Ok(HboneIo::Kernel(KernelStream {
             tcp,
             pending: early,
+            rekey,
             read_closed: false,
             close_notify_sent: false,
             stats: self.stats.clone(),
         }))
+    }
+
+    /// What applying KeyUpdates on this connection takes: its cipher, HKDF
+    /// and current traffic secrets (ours to send, the peer's to receive).
+    fn rekey_state(
+        &self,
+        tls: &HandshakenStream,
+        secrets: Option<&SecretCapture>,
+    ) -> Option<Rekey> {
+        if !self.rekey {
+            return None;
+        }
+        let secrets = secrets?;
+        let (_, state) = tls.get_ref();
+        let rustls::SupportedCipherSuite::Tls13(suite) = state.negotiated_cipher_suite()? else {
+            return None;
+        };
+        let cipher = Cipher::of_suite(suite.common.suite)?;
+        let client = std::mem::take(&mut *lock(&secrets.client));
+        let server = std::mem::take(&mut *lock(&secrets.server));
+        if client.is_empty() || server.is_empty() {
+            return None;
+        }
+        let (tx, rx) = match tls {
+            tokio_rustls::TlsStream::Client(_) => (client, server),
+            tokio_rustls::TlsStream::Server(_) => (server, client),
+        };
+        Some(Rekey {
+            cipher,
+            hkdf: suite.hkdf_provider,
+            tx: Secret(tx),
+            rx: Secret(rx),
+            records_sent: 0,
+            record_limit: self
+                .record_limit
+                .unwrap_or(suite.common.confidentiality_limit),
+            tx_update_due: false,
+        })
     }
 
     /// `Some` when this connection stays on rustls; `Some(Some(reason))`
@@ -375,12 +558,22 @@ fn set_keys(
     }
 }
 
+/// What the kernel's TLS can do, found by the probe.
+#[derive(Debug, Default)]
+struct Probed {
+    ciphers: Vec<Cipher>,
+    /// Whether keys can be replaced on a live socket (TLS 1.3 KeyUpdate).
+    rekey: bool,
+}
+
 /// Which ciphers the kernel takes in both directions, tried on loopback
-/// connections with all-zero keys that never carry a byte. An error means
-/// no TLS at all (the `tls` upper-layer protocol is refused).
-fn probe() -> io::Result<Vec<Cipher>> {
+/// connections with all-zero keys that never carry a byte, and whether it
+/// takes new keys on a socket that has some (older kernels refuse with
+/// `EBUSY`). An error means no TLS at all (the `tls` upper-layer protocol
+/// is refused).
+fn probe() -> io::Result<Probed> {
     let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
-    let mut ciphers = Vec::new();
+    let mut probed = Probed::default();
     for cipher in Cipher::ALL {
         let client = std::net::TcpStream::connect(listener.local_addr()?)?;
         let _server = listener.accept()?;
@@ -391,11 +584,18 @@ fn probe() -> io::Result<Vec<Cipher>> {
         let taken = set_keys(fd, libc::TLS_TX, cipher, key, &zero[..12], 0)
             .and_then(|()| set_keys(fd, libc::TLS_RX, cipher, key, &zero[..12], 0));
         match taken {
-            Ok(()) => ciphers.push(cipher),
+            Ok(()) => {
+                if probed.ciphers.is_empty() {
+                    probed.rekey = set_keys(fd, libc::TLS_TX, cipher, key, &zero[..12], 0)
+                        .and_then(|()| set_keys(fd, libc::TLS_RX, cipher, key, &zero[..12], 0))
+                        .is_ok();
+                }
+                probed.ciphers.push(cipher);
+            }
             Err(error) => debug!(?cipher, %error, "kernel TLS refuses a cipher"),
         }
     }
-    Ok(ciphers)
+    Ok(probed)
 }
 
 fn fill(to: &mut [u8], from: &[u8]) -> io::Result<()> {
@@ -440,6 +640,8 @@ pub struct KernelStream {
     tcp: TcpStream,
     /// Application data that came with `recvmsg`, not yet read.
     pending: Vec<u8>,
+    /// Key schedule state where the kernel can take new keys.
+    rekey: Option<Rekey>,
     read_closed: bool,
     close_notify_sent: bool,
     stats: Arc<KernelTlsStats>,
@@ -452,8 +654,9 @@ impl KernelStream {
     /// Takes one control record from the head of the receive queue.
     /// `Ok(true)` when it ended the stream (close_notify).
     fn control_record(&mut self) -> io::Result<bool> {
-        let fd = self.tcp.as_raw_fd();
-        let (kind, body) = self.tcp.try_io(Interest::READABLE, || recv_record(fd))?;
+        // Not through tokio's readiness: a kernel that rekeys reports the
+        // socket unreadable while a KeyUpdate waits (see `poll_read`).
+        let (kind, body) = recv_record(self.tcp.as_raw_fd())?;
         match kind {
             // Only control records make `read` fail, but should data come
             // first after all, it is kept for the next read.
@@ -477,15 +680,7 @@ impl KernelStream {
                         NEW_SESSION_TICKET => {
                             self.stats.tickets_ignored.fetch_add(1, Ordering::Relaxed);
                         }
-                        KEY_UPDATE => {
-                            self.stats
-                                .key_updates_refused
-                                .fetch_add(1, Ordering::Relaxed);
-                            return Err(io::Error::other(
-                                "peer sent a TLS KeyUpdate, which the kernel TLS path cannot \
-                                 apply: connection closed",
-                            ));
-                        }
+                        KEY_UPDATE => self.key_update(tail.first().copied())?,
                         other => {
                             return Err(invalid(&format!(
                                 "unexpected TLS handshake message {other} after the handshake"
@@ -499,6 +694,82 @@ impl KernelStream {
                 Ok(false)
             }
             other => Err(invalid(&format!("unexpected TLS record type {other}"))),
+        }
+    }
+
+    /// Applies a peer's KeyUpdate to the receiving keys; `request` is its
+    /// `request_update` byte (1: the peer wants ours refreshed too).
+    fn key_update(&mut self, request: Option<u8>) -> io::Result<()> {
+        let fd = self.tcp.as_raw_fd();
+        let applied = match self.rekey.as_mut() {
+            None => Err(io::Error::other("this kernel cannot take new keys")),
+            Some(rekey) => {
+                let mut rx = std::mem::replace(&mut rekey.rx, Secret(Vec::new()));
+                let result = rekey.advance(fd, libc::TLS_RX, &mut rx);
+                rekey.rx = rx;
+                if request == Some(1) {
+                    rekey.tx_update_due = true;
+                }
+                result
+            }
+        };
+        match applied {
+            Ok(()) => {
+                self.stats
+                    .key_updates_received
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) => {
+                self.stats
+                    .key_updates_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(io::Error::other(format!(
+                    "peer sent a TLS KeyUpdate the kernel TLS path cannot apply ({error}): \
+                     connection closed"
+                )))
+            }
+        }
+    }
+
+    /// Sends a KeyUpdate under the old keys, then gives the kernel the new
+    /// sending keys, before any more data goes out.
+    fn poll_key_update(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.rekey.as_ref().is_some_and(|rekey| rekey.tx_update_due) {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let fd = self.tcp.as_raw_fd();
+            // update_not_requested: the peer's sending keys are its own
+            // business.
+            let message = [KEY_UPDATE, 0, 0, 1, 0];
+            match self.tcp.try_io(Interest::WRITABLE, || {
+                send_record(fd, RECORD_HANDSHAKE, &message)
+            }) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            let Some(rekey) = self.rekey.as_mut() else {
+                break;
+            };
+            let mut tx = std::mem::replace(&mut rekey.tx, Secret(Vec::new()));
+            let result = rekey.advance(fd, libc::TLS_TX, &mut tx);
+            rekey.tx = tx;
+            result?;
+            rekey.records_sent = 0;
+            rekey.tx_update_due = false;
+            self.stats.key_updates_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Counts the records a write of `bytes` made (the kernel closes a
+    /// record at the end of every send and every 16 KiB).
+    fn sent(&mut self, bytes: usize) {
+        if let Some(rekey) = self.rekey.as_mut() {
+            rekey.records_sent += bytes.div_ceil(16 * 1024).max(1) as u64;
+            if rekey.records_sent >= rekey.record_limit {
+                rekey.tx_update_due = true;
+            }
         }
     }
 
@@ -591,6 +862,12 @@ fn send_record(fd: RawFd, kind: u8, body: &[u8]) -> io::Result<()> {
     }
 }
 
+impl AsRawFd for KernelStream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.tcp.as_raw_fd()
+    }
+}
+
 impl AsyncRead for KernelStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -608,14 +885,50 @@ impl AsyncRead for KernelStream {
             if this.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(Pin::new(&mut this.tcp).poll_read(cx, buf)) {
+            // Read before asking tokio whether the socket is readable: a
+            // kernel that takes KeyUpdates reports the socket unreadable
+            // once it has decrypted a KeyUpdate it has not yet delivered
+            // (until the new key is set, which needs that very record), so
+            // a reader that waits for an edge there waits forever. Found
+            // in the qemu matrix on 7.3: `recv` gets `EIO` and `recvmsg`
+            // the record while `poll` says nothing is there.
+            let fd = this.tcp.as_raw_fd();
+            // SAFETY: `recv` writes at most `len` bytes into the unfilled
+            // part, which is then marked initialised and filled.
+            let unfilled = unsafe { buf.unfilled_mut() };
+            let (ptr, len) = (unfilled.as_mut_ptr().cast::<libc::c_void>(), unfilled.len());
+            let raw_read = || {
+                // SAFETY: as above; the socket is non-blocking.
+                let read = unsafe { libc::recv(fd, ptr, len, 0) };
+                if read < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(read as usize)
+                }
+            };
+            let result = match raw_read() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(this.tcp.poll_read_ready(cx))?;
+                    // Clears a stale readiness when it would block, so the
+                    // next turn registers for the next edge.
+                    this.tcp.try_io(Interest::READABLE, raw_read)
+                }
+                other => other,
+            };
+            match result {
+                Ok(read) => {
+                    // SAFETY: `recv` initialised `read` bytes.
+                    unsafe { buf.assume_init(read) };
+                    buf.advance(read);
+                    return Poll::Ready(Ok(()));
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EIO) => match this.control_record() {
                     Ok(true) => this.read_closed = true,
                     Ok(false) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Poll::Ready(Err(e)),
                 },
-                other => return Poll::Ready(other),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
@@ -627,7 +940,11 @@ impl AsyncWrite for KernelStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+        let this = self.get_mut();
+        ready!(this.poll_key_update(cx))?;
+        let written = ready!(Pin::new(&mut this.tcp).poll_write(cx, buf))?;
+        this.sent(written);
+        Poll::Ready(Ok(written))
     }
 
     fn poll_write_vectored(
@@ -635,7 +952,11 @@ impl AsyncWrite for KernelStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        ready!(this.poll_key_update(cx))?;
+        let written = ready!(Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs))?;
+        this.sent(written);
+        Poll::Ready(Ok(written))
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -105,6 +105,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         same_node_direct,
     ),
     ("cross-node HBONE on kernel TLS, against rustls", kernel_tls),
+    (
+        "kernel TLS KeyUpdates both ways with rustls",
+        kernel_tls_key_updates,
+    ),
 ];
 
 fn probe() -> Result<Value, String> {
@@ -284,8 +288,8 @@ fn cross_node() -> Result<Value, String> {
     Ok(json!({ "tunnels": tunnels, "inbound": inbound, "attached": attached }))
 }
 
-/// Cross-node HBONE with `hbone.kernel_tls` at `auto` and `off` in the
-/// same guest: with the `tls` module the kernel must cipher every HBONE
+/// Cross-node HBONE with `hbone.kernel_tls` at `on` and `off` in the
+/// same guest (`on`: whether or not this kernel takes KeyUpdates): with the `tls` module the kernel must cipher every HBONE
 /// connection on both nodes and the bytes must arrive intact; without it
 /// the agents must stay on rustls and still carry them. Each mode runs
 /// twice, alternated, and the faster run of each counts (emulated CPUs
@@ -299,7 +303,7 @@ fn kernel_tls() -> Result<Value, String> {
     let mut best = [(0.0f64, f64::MAX), (0.0f64, f64::MAX)];
     let mut kernel_connections = 0;
     for round in 0..2 {
-        for (slot, mode) in ["auto", "off"].into_iter().enumerate() {
+        for (slot, mode) in ["on", "off"].into_iter().enumerate() {
             let label = format!("k{}{round}", &mode[..2]);
             let run = timed_cross_node(&label, mode, SEND)?;
             let counted = |field: &str| -> u64 {
@@ -310,13 +314,13 @@ fn kernel_tls() -> Result<Value, String> {
             };
             let (on, fell_back) = (counted("connections"), counted("fallbacks"));
             match (mode, has_tls) {
-                ("auto", true) if on < 2 || fell_back != 0 => {
+                ("on", true) if on < 2 || fell_back != 0 => {
                     return Err(format!(
                         "kernel has tls but {on} connections used it ({fell_back} fell back): {:?}",
                         run.stats
                     ));
                 }
-                ("auto", false) if on != 0 => {
+                ("on", false) if on != 0 => {
                     return Err(format!("no tls module, yet {on} kernel connections"));
                 }
                 ("off", _) if on != 0 => {
@@ -324,7 +328,7 @@ fn kernel_tls() -> Result<Value, String> {
                 }
                 _ => {}
             }
-            if mode == "auto" {
+            if mode == "on" {
                 kernel_connections += on;
             }
             let (speed, cpu) = &mut best[slot];
@@ -339,6 +343,196 @@ fn kernel_tls() -> Result<Value, String> {
         "MiB_per_s": { "kernel_tls": kernel_speed, "rustls": user_speed, "ratio": kernel_speed / user_speed },
         "agent_cpu_s_per_MiB": { "kernel_tls": kernel_cpu, "rustls": user_cpu, "ratio": kernel_cpu / user_cpu },
     }))
+}
+
+/// Kernel TLS (the agent's hand-over, record limit 64) against a plain
+/// rustls peer on loopback that refreshes its keys after every MiB it
+/// sends: where the kernel takes new keys on a live socket, every byte
+/// must arrive both ways and KeyUpdates must be applied and sent; where it
+/// cannot, the read must fail with an error naming the KeyUpdate (never
+/// garbage), and it is counted.
+fn kernel_tls_key_updates() -> Result<Value, String> {
+    use mesh_agent::{
+        config::KernelTlsMode,
+        tls::{KernelTls, RecordBounded},
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const EACH_WAY: usize = 4 << 20;
+    const CHUNK: usize = 256 << 10;
+
+    let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+    if !ulps.split_whitespace().any(|ulp| ulp == "tls") {
+        return Ok(json!({ "tls_module": false }));
+    }
+    let kernel = KernelTls::new(KernelTlsMode::On).with_record_limit(64);
+    if !kernel.wanted() {
+        let loopback = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .and_then(std::net::TcpStream::connect);
+        return Err(format!(
+            "the tls module is loaded but the probe failed (loopback: {loopback:?})"
+        ));
+    }
+    let rekey = kernel.applies_key_updates();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .map_err(|e| e.to_string())?;
+    let cert_der = cert.cert.der().clone();
+    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+    let provider = mesh_agent::tls::provider();
+    let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .and_then(|b| {
+            b.with_no_client_auth()
+                .with_single_cert(vec![cert_der.clone()], key_der)
+        })
+        .map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert_der).map_err(|e| e.to_string())?;
+    let mut client_config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client_config.enable_secret_extraction = true;
+    let secrets = kernel.secret_capture();
+    if let Some(secrets) = &secrets {
+        client_config.key_log = secrets.clone();
+    }
+    let pattern = |offset: usize, len: usize| -> Vec<u8> {
+        let mut chunk = vec![0; len];
+        mesh_tests::payload::fill(&mut chunk, offset as u64);
+        chunk
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        // The rustls peer: sends EACH_WAY bytes with a KeyUpdate after
+        // every MiB, then reads to the end and answers how much matched.
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+            let mut tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+            for offset in (0..EACH_WAY).step_by(CHUNK) {
+                if offset > 0 && offset % (1 << 20) == 0 {
+                    tls.get_mut()
+                        .1
+                        .refresh_traffic_keys()
+                        .map_err(|e| e.to_string())?;
+                }
+                tls.write_all(&pattern(offset, CHUNK))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            tls.flush().await.map_err(|e| e.to_string())?;
+            let mut received = Vec::new();
+            let read = tls.read_to_end(&mut received).await;
+            let intact = received.len() == EACH_WAY && received == pattern(0, EACH_WAY);
+            Ok::<_, String>((read.err().map(|e| e.to_string()), received.len(), intact))
+        });
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+        let name =
+            rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let tls = connector
+            .connect(name, RecordBounded::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut stream = kernel
+            .take_over(tls.into(), secrets.as_deref())
+            .map_err(|e| e.to_string())?;
+        if !matches!(stream, mesh_agent::tls::HboneIo::Kernel(_)) {
+            return Err("the connection stayed on rustls".into());
+        }
+        let mut received = vec![0; EACH_WAY];
+        let mut got = 0;
+        let read = loop {
+            if got == EACH_WAY {
+                break Ok(got);
+            }
+            match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut received[got..])).await {
+                Err(_) => {
+                    let mut diag = String::new();
+                    if let mesh_agent::tls::HboneIo::Kernel(k) = &stream {
+                        use std::os::fd::AsRawFd;
+                        let fd = k.as_raw_fd();
+                        let mut buf = vec![0u8; 20000];
+                        // SAFETY: diagnostics: a plain non-blocking read.
+                        let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+                        let e = std::io::Error::last_os_error();
+                        let mut control = [0u64; 8];
+                        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+                        // SAFETY: as above.
+                        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                        msg.msg_iov = &mut iov;
+                        msg.msg_iovlen = 1;
+                        msg.msg_control = control.as_mut_ptr().cast();
+                        msg.msg_controllen = 64;
+                        // SAFETY: as above.
+                        let r2 = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+                        let e2 = std::io::Error::last_os_error();
+                        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                        // SAFETY: as above.
+                        let p = unsafe { libc::poll(&mut pfd, 1, 0) };
+                        diag = format!("recv {r} ({e}); recvmsg {r2} ({e2}) first bytes {:?} ctl {:?}; poll {p} revents {}", &buf[..8], &control[..3], pfd.revents);
+                    }
+                    return Err(format!(
+                        "client read stalled at {got} bytes: {} {diag}",
+                        kernel.stats.snapshot()
+                    ));
+                }
+                Ok(Ok(0)) => break Err(std::io::Error::other(format!("EOF at {got}"))),
+                Ok(Ok(n)) => got += n,
+                Ok(Err(e)) => break Err(e),
+            }
+        };
+        let stats = kernel.stats.snapshot();
+        match (rekey, read) {
+            (true, Ok(_)) if received == pattern(0, EACH_WAY) => {}
+            (true, Ok(_)) => return Err("bytes after a KeyUpdate arrived changed".into()),
+            (true, Err(e)) => return Err(format!("read failed although the kernel rekeys: {e}")),
+            (false, Err(e)) if e.to_string().contains("KeyUpdate") => {
+                return Ok(
+                    json!({ "rekey": false, "refused_cleanly": e.to_string(), "stats": stats }),
+                );
+            }
+            (false, other) => {
+                return Err(format!(
+                    "kernel without rekey, KeyUpdate not refused: {other:?}"
+                ));
+            }
+        }
+        for offset in (0..EACH_WAY).step_by(CHUNK) {
+            stream
+                .write_all(&pattern(offset, CHUNK))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        stream.shutdown().await.map_err(|e| e.to_string())?;
+        let (error, got, intact) = tokio::time::timeout(Duration::from_secs(60), server)
+            .await
+            .map_err(|_| format!("the rustls peer never finished reading: {}", kernel.stats.snapshot()))?
+            .map_err(|e| e.to_string())??;
+        let stats = kernel.stats.snapshot();
+        if !intact {
+            return Err(format!(
+                "rustls peer read {got} bytes, intact: {intact}, error {error:?}"
+            ));
+        }
+        if stats["key_updates_received"].as_u64() < Some(3)
+            || stats["key_updates_sent"].as_u64() < Some(1)
+        {
+            return Err(format!("too few KeyUpdates: {stats}"));
+        }
+        Ok(json!({ "rekey": true, "stats": stats }))
+    })
 }
 
 /// What one timed transfer gave.

@@ -102,6 +102,7 @@ mkdir -p /run/netns
 for module in $(cat /modules.list); do
     insmod "$module" || echo "MESH-KCHECK-MODULE-FAILED $module"
 done
+/usr/sbin/ip link set lo up
 echo "MESH-KCHECK-BOOT $(uname -r)"
 /bin/mesh-kernel-check
 echo "MESH-KCHECK-EXIT $?"
