@@ -296,7 +296,7 @@ fn cross_node() -> Result<Value, String> {
 /// are noisy: identical runs differ by half), with both agents' CPU time
 /// per MiB beside it, so the matrix shows kTLS against rustls per kernel.
 fn kernel_tls() -> Result<Value, String> {
-    const SEND: u64 = 8 << 20;
+    const SEND: u64 = 4 << 20;
     let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
     let has_tls = ulps.split_whitespace().any(|ulp| ulp == "tls");
     let mib = (SEND >> 20) as f64;
