@@ -33,7 +33,7 @@ use crate::{
     config::HboneConfig,
     identity::SpiffeId,
     locks::lock,
-    tls::{RecordBounded, TlsFactory, kernel::KernelTlsStats},
+    tls::{TlsFactory, kernel::KernelTlsStats},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -316,7 +316,7 @@ impl HboneClient {
         let name = ServerName::IpAddress((*to.gateway.ip()).into());
         let mut tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            TlsConnector::from(Arc::new(config)).connect(name, RecordBounded::new(tcp)),
+            TlsConnector::from(Arc::new(config)).connect(name, self.tls.kernel.handshake_io(tcp)),
         )
         .await
         .map_err(|_| HboneError::Tls(to.gateway, "handshake timed out".into()))?

@@ -41,7 +41,7 @@ use crate::{
     observability::access::{Outcome, Record, Sinks},
     observability::log_budget::LogBudget,
     routes::Routes,
-    tls::{ALPN_H2, RecordBounded, TlsFactory, kernel::SecretCapture},
+    tls::{ALPN_H2, TlsFactory, kernel::SecretCapture},
 };
 
 /// TLS handshakes in progress at once, overall and from one source
@@ -243,7 +243,7 @@ impl Shared {
                 return refuse(format!("TLS config for {identity}: {error}"), Some(stream));
             }
         };
-        let accept = acceptor.accept(RecordBounded::new(stream));
+        let accept = acceptor.accept(self.tls.kernel.handshake_io(stream));
         let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => return refuse(format!("TLS handshake failed: {error}"), None),

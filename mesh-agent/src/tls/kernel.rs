@@ -305,34 +305,25 @@ impl KernelTls {
     /// the kernel refused them: the connection cannot be used.
     pub fn take_over(
         &self,
-        mut tls: HandshakenStream,
+        tls: HandshakenStream,
         secrets: Option<&SecretCapture>,
     ) -> io::Result<HboneIo> {
-        if let Some(reason) = self.cannot_take(&tls) {
-            if let Some(reason) = reason {
-                self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-                debug!(reason, "kernel TLS not used on an HBONE connection");
-            }
-            tls.get_mut().0.unbound();
+        if !self.wanted() {
             return Ok(HboneIo::User(Box::new(tls)));
+        }
+        if let Some(reason) = self.cannot_take(&tls) {
+            return Ok(self.stay_on_rustls(tls, reason));
         }
         let rekey = self.rekey_state(&tls, secrets);
         if self.rekey && rekey.is_none() {
             // Without the handshake's secrets a KeyUpdate could not be
             // followed, where rustls would follow it.
-            self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-            debug!("kernel TLS not used: the traffic secrets were not captured");
-            tls.get_mut().0.unbound();
-            return Ok(HboneIo::User(Box::new(tls)));
+            return Ok(self.stay_on_rustls(tls, "the traffic secrets were not captured"));
         }
-        let fd = tls.get_ref().0.get_ref().as_raw_fd();
-        if let Err(error) = set_ulp(fd) {
+        if set_ulp(tls.get_ref().0.get_ref().as_raw_fd()).is_err() {
             // The probe passed, so this connection is the odd one (the
-            // peer may already have closed it): it stays on rustls.
-            self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-            debug!(%error, "kernel TLS refused on one HBONE connection");
-            tls.get_mut().0.unbound();
-            return Ok(HboneIo::User(Box::new(tls)));
+            // peer may already have closed it).
+            return Ok(self.stay_on_rustls(tls, "the kernel refused the tls protocol"));
         }
         // The handshake's last reads may have taken whole application
         // records too (tokio-rustls reads on while rustls wants to): their
@@ -405,23 +396,33 @@ impl KernelTls {
         })
     }
 
-    /// `Some` when this connection stays on rustls; `Some(Some(reason))`
-    /// when that is worth a warning (the setting wanted the kernel).
-    fn cannot_take(&self, tls: &HandshakenStream) -> Option<Option<&'static str>> {
-        if !self.wanted() {
-            return Some(None);
-        }
+    /// Why this connection cannot go to the kernel although the kernel
+    /// could take connections.
+    fn cannot_take(&self, tls: &HandshakenStream) -> Option<&'static str> {
         let (io, state) = tls.get_ref();
         let cipher = state
             .negotiated_cipher_suite()
             .and_then(|suite| Cipher::of_suite(suite.suite()));
         if !cipher.is_some_and(|cipher| self.ciphers.contains(&cipher)) {
-            return Some(Some("the kernel lacks the negotiated cipher"));
+            return Some("the kernel lacks the negotiated cipher");
         }
-        let reason = check_state(state).or_else(|| {
+        check_state(state).or_else(|| {
             (!io.at_record_boundary()).then_some("rustls read past the last handshake record")
-        });
-        reason.map(Some)
+        })
+    }
+
+    /// Keeps a connection the kernel could have taken on rustls, counted.
+    fn stay_on_rustls(&self, mut tls: HandshakenStream, reason: &'static str) -> HboneIo {
+        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+        debug!(reason, "kernel TLS not used on an HBONE connection");
+        tls.get_mut().0.unbound();
+        HboneIo::User(Box::new(tls))
+    }
+
+    /// The TCP stream a handshake runs over: bounded to one record per
+    /// read only when the kernel may take the connection afterwards.
+    pub fn handshake_io(&self, tcp: TcpStream) -> RecordBounded<TcpStream> {
+        RecordBounded::new(tcp, self.wanted())
     }
 }
 
@@ -615,14 +616,9 @@ fn set_and_wipe<T>(fd: RawFd, direction: libc::c_int, info: &mut T) -> io::Resul
         (info as *const T).cast(),
         size_of::<T>(),
     );
-    // SAFETY: `info` is a plain-old-data struct of `size_of::<T>()` bytes;
-    // volatile writes keep the wipe from being optimised away.
-    unsafe {
-        let bytes = (info as *mut T).cast::<u8>();
-        for i in 0..size_of::<T>() {
-            std::ptr::write_volatile(bytes.add(i), 0);
-        }
-    }
+    // SAFETY: `info` is a plain-old-data struct of `size_of::<T>()` bytes,
+    // borrowed exclusively.
+    wipe(unsafe { std::slice::from_raw_parts_mut((info as *mut T).cast::<u8>(), size_of::<T>()) });
     result.map_err(|e| {
         let which = if direction == libc::TLS_TX {
             "send"
@@ -859,12 +855,6 @@ fn send_record(fd: RawFd, kind: u8, body: &[u8]) -> io::Result<()> {
         Err(io::Error::last_os_error())
     } else {
         Ok(())
-    }
-}
-
-impl AsRawFd for KernelStream {
-    fn as_raw_fd(&self) -> RawFd {
-        self.tcp.as_raw_fd()
     }
 }
 

@@ -30,19 +30,22 @@ pub struct RecordBounded<IO> {
 }
 
 impl<IO> RecordBounded<IO> {
-    pub fn new(io: IO) -> Self {
+    /// `bounded`: one record per read until [`Self::unbound`]; otherwise a
+    /// plain pass-through.
+    pub fn new(io: IO, bounded: bool) -> Self {
         Self {
             io,
-            bounded: true,
+            bounded,
             header: [0; HEADER],
             header_len: 0,
             body_left: 0,
         }
     }
 
-    /// Whether every byte read so far belongs to a complete record.
+    /// Whether every byte read so far belongs to a complete record (never
+    /// known for an unbounded reader).
     pub fn at_record_boundary(&self) -> bool {
-        self.header_len == 0 && self.body_left == 0
+        self.bounded && self.header_len == 0 && self.body_left == 0
     }
 
     /// Reads as much as the socket offers from now on.
@@ -166,7 +169,7 @@ mod tests {
         near.write_all(&[first.clone(), second.clone()].concat())
             .await
             .unwrap();
-        let mut bounded = RecordBounded::new(far);
+        let mut bounded = RecordBounded::new(far, true);
         let mut buf = vec![0; 4096];
         let mut got = Vec::new();
         while got.len() < first.len() {
@@ -182,7 +185,7 @@ mod tests {
 
     #[test]
     fn split_headers_and_empty_records_are_followed() {
-        let mut bounded = RecordBounded::new(tokio::io::empty());
+        let mut bounded = RecordBounded::new(tokio::io::empty(), true);
         let stream = [record(22, &[]), record(22, &[1, 2, 3])].concat();
         for byte in &stream[..7] {
             bounded.account(std::slice::from_ref(byte));

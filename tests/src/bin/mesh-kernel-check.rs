@@ -352,10 +352,7 @@ fn kernel_tls() -> Result<Value, String> {
 /// cannot, the read must fail with an error naming the KeyUpdate (never
 /// garbage), and it is counted.
 fn kernel_tls_key_updates() -> Result<Value, String> {
-    use mesh_agent::{
-        config::KernelTlsMode,
-        tls::{KernelTls, RecordBounded},
-    };
+    use mesh_agent::{config::KernelTlsMode, tls::KernelTls};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const EACH_WAY: usize = 4 << 20;
     const CHUNK: usize = 256 << 10;
@@ -442,7 +439,7 @@ fn kernel_tls_key_updates() -> Result<Value, String> {
         let name =
             rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
         let tls = connector
-            .connect(name, RecordBounded::new(tcp))
+            .connect(name, kernel.handshake_io(tcp))
             .await
             .map_err(|e| e.to_string())?;
         let mut stream = kernel
@@ -457,34 +454,12 @@ fn kernel_tls_key_updates() -> Result<Value, String> {
             if got == EACH_WAY {
                 break Ok(got);
             }
-            match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut received[got..])).await {
+            match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut received[got..]))
+                .await
+            {
                 Err(_) => {
-                    let mut diag = String::new();
-                    if let mesh_agent::tls::HboneIo::Kernel(k) = &stream {
-                        use std::os::fd::AsRawFd;
-                        let fd = k.as_raw_fd();
-                        let mut buf = vec![0u8; 20000];
-                        // SAFETY: diagnostics: a plain non-blocking read.
-                        let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-                        let e = std::io::Error::last_os_error();
-                        let mut control = [0u64; 8];
-                        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-                        // SAFETY: as above.
-                        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                        msg.msg_iov = &mut iov;
-                        msg.msg_iovlen = 1;
-                        msg.msg_control = control.as_mut_ptr().cast();
-                        msg.msg_controllen = 64;
-                        // SAFETY: as above.
-                        let r2 = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
-                        let e2 = std::io::Error::last_os_error();
-                        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-                        // SAFETY: as above.
-                        let p = unsafe { libc::poll(&mut pfd, 1, 0) };
-                        diag = format!("recv {r} ({e}); recvmsg {r2} ({e2}) first bytes {:?} ctl {:?}; poll {p} revents {}", &buf[..8], &control[..3], pfd.revents);
-                    }
                     return Err(format!(
-                        "client read stalled at {got} bytes: {} {diag}",
+                        "client read stalled at {got} bytes: {}",
                         kernel.stats.snapshot()
                     ));
                 }
@@ -518,7 +493,12 @@ fn kernel_tls_key_updates() -> Result<Value, String> {
         stream.shutdown().await.map_err(|e| e.to_string())?;
         let (error, got, intact) = tokio::time::timeout(Duration::from_secs(60), server)
             .await
-            .map_err(|_| format!("the rustls peer never finished reading: {}", kernel.stats.snapshot()))?
+            .map_err(|_| {
+                format!(
+                    "the rustls peer never finished reading: {}",
+                    kernel.stats.snapshot()
+                )
+            })?
             .map_err(|e| e.to_string())??;
         let stats = kernel.stats.snapshot();
         if !intact {
