@@ -9,6 +9,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod handover;
 pub mod hbone;
 pub mod identity;
 pub mod io;

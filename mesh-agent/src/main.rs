@@ -41,6 +41,11 @@ enum Command {
         /// bpffs directory for this agent's programs, maps and links.
         #[arg(long, default_value = mesh_common::DEFAULT_PIN_ROOT, env = "MESH_PIN_ROOT")]
         pin_root: PathBuf,
+        /// Unix socket where a new agent for the same pin root finds this
+        /// one and takes over its listeners and kernel state (an upgrade
+        /// without a lapse). Root only.
+        #[arg(long, default_value = mesh_agent::handover::DEFAULT_SOCKET, env = "MESH_HANDOVER_SOCKET")]
+        handover_socket: PathBuf,
         #[command(flatten)]
         endpoints: Endpoints,
         /// Threads that run the proxy (default: one per CPU this process
@@ -175,6 +180,7 @@ fn main() -> ExitCode {
                 config,
                 node_name,
                 pin_root,
+                handover_socket,
                 endpoints,
                 worker_threads: _,
             } => {
@@ -183,6 +189,7 @@ fn main() -> ExitCode {
                     config,
                     overrides: endpoints.overrides(node_name),
                     pin_root,
+                    handover_socket,
                     admin: endpoints.admin,
                     ready: endpoints.ready,
                     metrics: endpoints.metrics,

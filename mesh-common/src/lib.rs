@@ -349,7 +349,15 @@ pub struct Settings {
     pub mark_mask: u32,
     /// `SETTING_*` bits.
     pub flags: u32,
+    /// [`LAYOUT_VERSION`] of the agent that wrote this: a new agent
+    /// adopts the pinned maps only when it is its own.
+    pub layout: u32,
 }
+
+/// The meaning of the pinned maps' entries. Sizes and types a new agent
+/// compares itself; bump this when an entry changes meaning without
+/// changing size, so an agent never adopts maps it would misread.
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// [`Settings::flags`]: `mesh_listener_lookup` is attached and the
 /// listeners are in [`maps::LISTENERS`], so segments that meet an agent
@@ -559,6 +567,7 @@ assert_no_padding!(Settings {
     mark,
     mark_mask,
     flags,
+    layout,
 });
 assert_no_padding!(TcFilterKey { ifindex, direction });
 assert_no_padding!(DirectKey {

@@ -70,6 +70,9 @@ fn runtime_default_seccomp(capabilities: &[&str], path: &Path) {
 
 pub struct Agent {
     process: Option<Guarded>,
+    /// Handed its kernel state to another agent: dropping this one must
+    /// leave the pin root alone.
+    handed_over: bool,
     pub pin_root: PathBuf,
     pub config_path: PathBuf,
     log_path: PathBuf,
@@ -98,14 +101,21 @@ impl Agent {
         Self::spawn_with(node, config, &Launch::default())
     }
 
-    fn spawn_with(node: &Node, config: &str, launch: &Launch<'_>) -> Self {
+    pub fn spawn_with(node: &Node, config: &str, launch: &Launch<'_>) -> Self {
         // The agent watches its config file's directory: one of its own
         // keeps the agent from waking for every other file written in /tmp
         // (its own log among them).
-        let config_dir = std::env::temp_dir().join(format!("{}.config", node.name));
+        // Paths of their own per agent: a node may run a new agent beside
+        // its old one (a handover).
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let serial = match STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+            0 => String::new(),
+            n => format!(".{n}"),
+        };
+        let config_dir = std::env::temp_dir().join(format!("{}{serial}.config", node.name));
         std::fs::create_dir_all(&config_dir).expect("create config directory");
         let config_path = config_dir.join("config.yaml");
-        let log_path = std::env::temp_dir().join(format!("{}.log", node.name));
+        let log_path = std::env::temp_dir().join(format!("{}{serial}.log", node.name));
         std::fs::write(&config_path, config).expect("write config");
         let log = std::fs::File::create(&log_path).expect("create log");
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
@@ -150,6 +160,8 @@ impl Agent {
             .arg(&config_path)
             .arg("--pin-root")
             .arg(&node.pin_root)
+            .arg("--handover-socket")
+            .arg(node.handover_socket())
             .env("MESH_LOG", "info,mesh_agent=debug")
             .envs(launch.env.iter().copied())
             .stdout(Stdio::null())
@@ -158,6 +170,7 @@ impl Agent {
         let child = command.spawn().expect("starting mesh-agent");
         Self {
             process: Some(Guarded::new(child)),
+            handed_over: false,
             pin_root: node.pin_root.clone(),
             config_path,
             log_path,
@@ -372,6 +385,12 @@ impl Agent {
         }
     }
 
+    /// Marks this agent as one that handed over to a successor: its drop
+    /// leaves the kernel state (the successor's now) alone.
+    pub fn handed_over(&mut self) {
+        self.handed_over = true;
+    }
+
     /// SIGKILL: the agent gets no chance to clean up.
     pub fn kill(&mut self) {
         if let Some(process) = self.process.take() {
@@ -406,7 +425,7 @@ impl Drop for Agent {
             }
             self.kill();
         }
-        if self.pin_root.exists() {
+        if self.pin_root.exists() && !self.handed_over {
             let _ = self.cleanup();
         }
         if let Some(config_dir) = self.config_path.parent() {

@@ -62,6 +62,12 @@ impl Node {
         }
     }
 
+    /// Where this node's agent serves its handover socket: one per node,
+    /// as one per real node.
+    pub fn handover_socket(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("{}.handover.sock", self.name))
+    }
+
     /// Adds a pod called `name` (at most 13 characters: it names the veth).
     pub fn add_pod(&mut self, name: &str) -> &Pod {
         self.add_pod_in_cgroup(name, name)

@@ -72,6 +72,7 @@ fn an_agent_binds_chosen_ports_serves_and_stops_in_process() {
         config: config_path.clone(),
         overrides: Overrides::default(),
         pin_root: node.pin_root.clone(),
+        handover_socket: node.handover_socket(),
         admin: "127.0.0.1:0".parse().unwrap(),
         ready: "127.0.0.1:0".parse().unwrap(),
         metrics: "127.0.0.1:0".parse().unwrap(),

@@ -322,6 +322,19 @@ pub async fn bind(role: Role, addr: SocketAddr) -> Result<TcpListener, BindError
         .map_err(|source| BindError::Io { addr, source })
 }
 
+/// An endpoint listener a previous agent bound (a handover), held to
+/// the same rule as [`bind`].
+pub fn adopt(role: Role, listener: std::net::TcpListener) -> Result<TcpListener, BindError> {
+    let addr = listener.local_addr().map_err(|source| BindError::Io {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
+    if role == Role::Admin && !addr.ip().is_loopback() {
+        return Err(BindError::AdminNotLoopback(addr));
+    }
+    TcpListener::from_std(listener).map_err(|source| BindError::Io { addr, source })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
     /// The admin API changes state and shows every connection: pods must

@@ -147,6 +147,28 @@ pub(super) fn render_metrics(sources: &AgentView) -> String {
             sources.hbone.connections_opened.load(Ordering::Relaxed),
         )],
     );
+    let lifecycle = &sources.lifecycle;
+    gauge_family(
+        &mut registry,
+        "mesh_agent_kernel_start",
+        "How this agent came by the kernel state (1 for its kind): fresh, adopted from the previous agent, or reloaded because the pinned layout differed (capture lapsed)",
+        [(vec![("kind", lifecycle.kernel_kind().to_owned())], 1.0)],
+    );
+    counter_family(
+        &mut registry,
+        "mesh_agent_handovers_failed",
+        "New agents that asked to take over from this one and did not",
+        [(vec![], lifecycle.handovers_failed.load(Ordering::Relaxed))],
+    );
+    gauge_family(
+        &mut registry,
+        "mesh_agent_draining",
+        "1 while this agent, handed over, serves only the connections it carried",
+        [(
+            vec![],
+            f64::from(u8::from(lifecycle.draining.load(Ordering::Relaxed))),
+        )],
+    );
     let kernel_tls = sources.hbone.kernel_tls();
     counter_family(
         &mut registry,

@@ -46,6 +46,7 @@ pub struct AgentView {
     pub kube: Option<Arc<KubeSource>>,
     /// The same-node fast path, when it is on.
     pub fast_path: Option<Arc<FastPath>>,
+    pub lifecycle: Arc<crate::handover::Lifecycle>,
 }
 
 impl AdminView for AgentView {
@@ -102,6 +103,7 @@ fn stats(view: &AgentView) -> serde_json::Value {
         certs,
         routes,
         fast_path,
+        lifecycle,
         ..
     } = view;
     {
@@ -137,6 +139,7 @@ fn stats(view: &AgentView) -> serde_json::Value {
             "services": services,
             "kernel": kernel,
             "fast_path": fast_path.as_ref().map(|fast| fast.stats.snapshot()),
+            "lifecycle": lifecycle.snapshot(),
         })
     }
 }

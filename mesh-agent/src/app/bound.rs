@@ -4,7 +4,8 @@
 use std::{
     future::Future,
     net::SocketAddr,
-    os::fd::AsFd,
+    os::fd::{AsFd, OwnedFd},
+    path::PathBuf,
     pin::pin,
     sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
@@ -19,13 +20,16 @@ use tokio_util::{
 use tracing::{info, warn};
 
 use super::{
-    RunOptions, memory,
+    RunOptions,
+    direct_log::DirectLog,
+    memory,
     reload::{Reloader, hooked_pods, map_fill, report_cert_problems, report_problems},
 };
 use crate::{
     admin::{self, AdminState, AdminView, AgentView},
     config::{Config, any_addr},
     dataplane::{Capacity, Dataplane, DataplaneSettings},
+    handover::{HandoverServer, Lifecycle, ListenerRole, Predecessor, Successor},
     hbone::{
         client::HboneClient,
         server::{Inbound, InboundStats},
@@ -83,7 +87,34 @@ pub struct Bound {
     /// For the allocator's quiet-time release: connections carried now.
     load: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Access-log lines for same-node direct connections, when they exist.
-    direct_log: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
+    direct_log: Option<DirectLog>,
+    handover: HandoverState,
+}
+
+/// What a handover needs, on either side.
+struct HandoverState {
+    /// The agent this one takes over from, until it has.
+    predecessor: Option<Predecessor>,
+    /// Endpoints whose listeners came from the predecessor: served once
+    /// it stops accepting on them.
+    inherited_endpoints: Vec<(tokio::net::TcpListener, admin::Role)>,
+    admin_state: AdminState,
+    /// Copies of this agent's listeners, for its successor.
+    listeners: Arc<Vec<(ListenerRole, OwnedFd)>>,
+    socket: PathBuf,
+    pin_root: PathBuf,
+    lifecycle: Arc<Lifecycle>,
+}
+
+/// How [`Bound::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Drained and removed everything it put in the kernel.
+    Cleaned,
+    /// Handed the kernel state and the listeners to a new agent, then
+    /// drained: the kernel state, the routing and the handover socket are
+    /// the new agent's now.
+    HandedOver,
 }
 
 impl Bound {
@@ -98,20 +129,47 @@ impl Bound {
         // How full the kernel maps are, and whether the last model was
         // refused: part of the readiness answer.
         let kernel_status = Arc::new(Mutex::new(String::new()));
+        // Before binding anything: a running agent on this pin root hands
+        // its listeners over (it holds the ports).
+        let mut predecessor =
+            match Predecessor::find(&options.handover_socket, &options.pin_root).await {
+                Ok(found) => found,
+                Err(error) => {
+                    warn!(%error, "not taking over from the running agent: starting on its own");
+                    None
+                }
+            };
+        let mut inherit = |role: ListenerRole, addr: SocketAddr| {
+            predecessor
+                .as_mut()
+                .and_then(|p| p.take_listener(role, addr))
+        };
+        let mut handover_listeners = Vec::with_capacity(5);
+        let mut inherited_endpoints = Vec::new();
         let mut bound_endpoints = Vec::with_capacity(3);
-        for (role, addr) in [
-            (admin::Role::Admin, options.admin),
-            (admin::Role::Readiness, options.ready),
-            (admin::Role::Metrics, options.metrics),
+        for (role, addr, handover_role) in [
+            (admin::Role::Admin, options.admin, ListenerRole::Admin),
+            (admin::Role::Readiness, options.ready, ListenerRole::Ready),
+            (admin::Role::Metrics, options.metrics, ListenerRole::Metrics),
         ] {
-            let listener = admin::bind(role, addr).await?;
+            let inherited = inherit(handover_role, addr);
+            let was_inherited = inherited.is_some();
+            let listener = match inherited {
+                Some(listener) => admin::adopt(role, listener)?,
+                None => admin::bind(role, addr).await?,
+            };
             bound_endpoints.push(listener.local_addr()?);
-            tokio::spawn(admin::serve(
-                listener,
-                role,
-                admin_state.clone(),
-                stop.clone(),
-            ));
+            handover_listeners.push((handover_role, listener.as_fd().try_clone_to_owned()?));
+            if was_inherited {
+                inherited_endpoints.push((listener, role));
+            } else {
+                tokio::spawn(admin::serve(
+                    listener,
+                    role,
+                    admin_state.clone(),
+                    stop.clone(),
+                ));
+            }
         }
         let [admin_addr, ready_addr, metrics_addr] = bound_endpoints[..] else {
             unreachable!("three endpoints bound");
@@ -146,11 +204,31 @@ impl Bound {
             .context("trust roots")?,
         );
         let outbound_addr = any_addr(config.proxy.outbound_port);
-        let outbound_listener = transparent_listener(outbound_addr)
-            .with_context(|| format!("outbound listener on {outbound_addr}"))?;
+        let outbound_listener = match inherit(ListenerRole::Outbound, outbound_addr) {
+            Some(listener) => tokio::net::TcpListener::from_std(listener)?,
+            None => transparent_listener(outbound_addr)
+                .with_context(|| format!("outbound listener on {outbound_addr}"))?,
+        };
         let inbound_addr = any_addr(config.proxy.inbound_port);
-        let inbound_listener = transparent_listener(inbound_addr)
-            .with_context(|| format!("inbound listener on {inbound_addr}"))?;
+        let inbound_listener = match inherit(ListenerRole::Inbound, inbound_addr) {
+            Some(listener) => tokio::net::TcpListener::from_std(listener)?,
+            None => transparent_listener(inbound_addr)
+                .with_context(|| format!("inbound listener on {inbound_addr}"))?,
+        };
+        handover_listeners.push((
+            ListenerRole::Outbound,
+            outbound_listener.as_fd().try_clone_to_owned()?,
+        ));
+        handover_listeners.push((
+            ListenerRole::Inbound,
+            inbound_listener.as_fd().try_clone_to_owned()?,
+        ));
+        if let Some(predecessor) = predecessor.as_mut() {
+            predecessor
+                .take_kernel()
+                .await
+                .context("taking the kernel state over from the running agent")?;
+        }
 
         let mut dataplane = Dataplane::load(&DataplaneSettings {
             pin_root: &options.pin_root,
@@ -167,6 +245,7 @@ impl Bound {
             same_node_direct: config.proxy.same_node_direct,
         })?;
         report_problems(dataplane.sync(&state)?);
+        let lifecycle = Arc::new(Lifecycle::new(dataplane.adoption().clone()));
         *lock(&kernel_status) = map_fill(&dataplane, None);
         // Loading parsed the kernel's BTF (several MB of types) for
         // relocations.
@@ -202,11 +281,12 @@ impl Bound {
             live: Arc::new(Live::default()),
         });
         let direct_log = dataplane.take_direct_records().map(|ring| {
-            Box::pin(super::direct_log::run(
+            DirectLog::new(
                 ring,
                 routes_rx.clone(),
                 sinks.clone(),
-            )) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+                dataplane.pins().map(mesh_common::maps::DIRECT_CLOSED),
+            )
         });
         let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
         let hbone = Arc::new(HboneClient::new(
@@ -226,6 +306,7 @@ impl Bound {
             log: options.log.clone(),
             kube: source.kube().cloned(),
             fast_path: dataplane.fast_path(),
+            lifecycle: lifecycle.clone(),
         });
         let _ = admin_state.view.set(view);
         let inbound = Inbound::new(
@@ -284,6 +365,15 @@ impl Bound {
             outbound,
             load,
             direct_log,
+            handover: HandoverState {
+                predecessor,
+                inherited_endpoints,
+                admin_state,
+                listeners: Arc::new(handover_listeners),
+                socket: options.handover_socket.clone(),
+                pin_root: options.pin_root.clone(),
+                lifecycle,
+            },
         })
     }
 
@@ -298,8 +388,10 @@ impl Bound {
     }
 
     /// Serves until `shutdown` resolves, then drains (up to
-    /// `proxy.drain_timeout`) and removes everything it put in the kernel.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    /// `proxy.drain_timeout`) and removes everything it put in the kernel;
+    /// or until a new agent takes over, then drains (up to
+    /// `proxy.handover_drain_timeout`) and leaves the kernel to it.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<Stopped> {
         let Self {
             addresses,
             stop,
@@ -313,26 +405,111 @@ impl Bound {
             inbound,
             outbound,
             load,
-            direct_log,
+            mut direct_log,
+            handover,
         } = self;
-        if let Some(direct_log) = direct_log {
-            tokio::spawn(direct_log);
+        if let Some(direct_log) = direct_log.as_mut() {
+            direct_log.resume();
         }
         let tracker = TaskTracker::new();
-        tokio::spawn(memory::release_when_quiet(move || load(), stop.clone()));
+        let quiet_load = load.clone();
+        tokio::spawn(memory::release_when_quiet(
+            move || quiet_load(),
+            stop.clone(),
+        ));
         let inbound_accepting = tokio::spawn(inbound.serve(stop.clone(), tracker.clone()));
         let outbound_accepting = tokio::spawn(outbound.serve(stop.clone(), tracker.clone()));
         ready.store(true, Ordering::Release);
-        info!(node = %reloader.current.node.name, outbound = %addresses.outbound, "agent ready");
+        let HandoverState {
+            predecessor,
+            inherited_endpoints,
+            admin_state,
+            listeners,
+            socket,
+            pin_root,
+            lifecycle,
+        } = handover;
+        for (listener, role) in inherited_endpoints {
+            tokio::spawn(admin::serve(
+                listener,
+                role,
+                admin_state.clone(),
+                stop.clone(),
+            ));
+        }
+        let took_over = predecessor.is_some();
+        if let Some(predecessor) = predecessor {
+            let pid = predecessor.pid();
+            // This agent serves from here on, whatever the old one answers.
+            match predecessor.taken().await {
+                Ok(stats) => lifecycle.took_over(pid, stats),
+                Err(error) => warn!(pid, %error, "telling the old agent to drain"),
+            }
+        }
+        info!(
+            node = %reloader.current.node.name,
+            outbound = %addresses.outbound,
+            kernel = ?reloader.dataplane.adoption(),
+            "agent ready"
+        );
+        let mut handover_server = match HandoverServer::bind(&socket, took_over).await {
+            Ok(server) => Some(server),
+            Err(error) => {
+                warn!(%error, "no handover socket: a new agent will not be able to take over from this one");
+                None
+            }
+        };
+        let (successors_tx, mut successors) = tokio::sync::mpsc::channel::<Successor>(1);
 
         let mut remap = tokio::time::interval(Duration::from_secs(2));
         // Pod interfaces can be deleted and made again under the same name
         // without any change to the model: look every second.
         let mut interfaces = tokio::time::interval(Duration::from_secs(1));
         let mut shutdown = pin!(shutdown);
+        let mut successor = None;
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                stream = next_successor(handover_server.as_ref()) => {
+                    let (listeners, pin_root, ready) =
+                        (listeners.clone(), pin_root.clone(), successors_tx.clone());
+                    // The new agent may take its time (its API server's
+                    // lists) before it wants the kernel state: talk to it
+                    // aside, and serve meanwhile.
+                    tokio::spawn(async move {
+                        let borrowed: Vec<_> =
+                            listeners.iter().map(|(role, fd)| (*role, fd.as_fd())).collect();
+                        match Successor::greet(stream, &pin_root, &borrowed).await {
+                            Ok(successor) => drop(ready.send(successor).await),
+                            Err(error) => warn!(%error, "handover to a new agent abandoned"),
+                        }
+                    });
+                }
+                Some(mut next) = successors.recv() => {
+                    // Lend the kernel state: no map or link changes from
+                    // here until the new agent has it or has failed.
+                    if let Some(direct_log) = direct_log.as_mut() {
+                        direct_log.stop();
+                    }
+                    reloader.dataplane.unlock();
+                    info!(pid = next.pid, "handing the kernel state to the new agent");
+                    match next.release().await {
+                        Ok(()) => {
+                            successor = Some(next);
+                            break;
+                        }
+                        Err(error) => {
+                            warn!(%error, "the new agent did not take over: keeping the kernel state");
+                            lifecycle.handovers_failed.fetch_add(1, Ordering::Relaxed);
+                            if let Err(error) = reloader.dataplane.relock() {
+                                warn!(%error, "taking the pin root back");
+                            }
+                            if let Some(direct_log) = direct_log.as_mut() {
+                                direct_log.resume();
+                            }
+                        }
+                    }
+                }
                 () = reload.0.notified() => reloader.reload().await,
                 Some(()) = changed.recv() => {
                     // Let a burst of writes settle before reading the file.
@@ -360,21 +537,81 @@ impl Bound {
             }
         }
 
-        info!("draining");
         ready.store(false, Ordering::Release);
+        // Stop accepting (the successor, if any, accepts on the same
+        // sockets), GOAWAY to HBONE peers.
         stop.cancel();
         let _ = outbound_accepting.await;
         let _ = inbound_accepting.await;
+        drop(listeners);
         tracker.close();
-        if tokio::time::timeout(reloader.current.proxy.drain_timeout(), tracker.wait())
+        let Some(successor) = successor else {
+            info!("draining");
+            if tokio::time::timeout(reloader.current.proxy.drain_timeout(), tracker.wait())
+                .await
+                .is_err()
+            {
+                warn!("drain timeout: closing the remaining connections");
+            }
+            if let Some(server) = &handover_server {
+                server.remove();
+            }
+            reloader.dataplane.close().context("removing pins")?;
+            info!("stopped; kernel state removed");
+            return Ok(Stopped::Cleaned);
+        };
+        reloader.dataplane.relinquish();
+        lifecycle.draining.store(true, Ordering::Release);
+        // New agents find the successor from now on.
+        handover_server.take();
+        // This agent's own numbers stay readable while it drains, on a
+        // port of its own: the new agent has the configured one.
+        let drain_stop = CancellationToken::new();
+        let stats = match admin::bind(admin::Role::Admin, (addresses.admin.ip(), 0).into()).await {
+            Ok(listener) => {
+                let at = listener.local_addr()?;
+                tokio::spawn(admin::serve(
+                    listener,
+                    admin::Role::Admin,
+                    admin_state.clone(),
+                    drain_stop.clone(),
+                ));
+                at
+            }
+            Err(error) => {
+                warn!(%error, "no stats while draining");
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        };
+        successor.draining(stats).await;
+        let deadline = reloader.current.proxy.handover_drain_timeout();
+        info!(
+            %stats,
+            connections = load(),
+            deadline_s = deadline.as_secs(),
+            "handed over to the new agent: serving the open connections until they end"
+        );
+        if tokio::time::timeout(deadline, tracker.wait())
             .await
             .is_err()
         {
-            warn!("drain timeout: closing the remaining connections");
+            warn!(
+                connections = load(),
+                "handover drain deadline: closing the remaining connections"
+            );
+        } else {
+            info!("handover drain finished: every connection ended");
         }
-        reloader.dataplane.close().context("removing pins")?;
-        info!("stopped; kernel state removed");
-        Ok(())
+        drain_stop.cancel();
+        Ok(Stopped::HandedOver)
+    }
+}
+
+/// The next new agent at the handover socket (never, without one).
+async fn next_successor(server: Option<&HandoverServer>) -> tokio::net::UnixStream {
+    match server {
+        Some(server) => server.accept().await,
+        None => std::future::pending().await,
     }
 }
 

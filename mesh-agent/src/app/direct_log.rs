@@ -27,9 +27,70 @@ const TCP_CLOSE_WAIT: u32 = 8;
 const TCP_LAST_ACK: u32 = 9;
 const TCP_CLOSING: u32 = 11;
 
+/// The reader of the reports, which a handover stops (one reader per
+/// ring: the successor's takes over) and starts again should the
+/// handover fail.
+pub struct DirectLog {
+    routes: watch::Receiver<Arc<Routes>>,
+    sinks: Arc<Sinks>,
+    /// Where the ring is pinned, to open it again after a stop.
+    pin: std::path::PathBuf,
+    /// The ring as loaded, until the first [`DirectLog::resume`].
+    ring: Option<RingBuf<MapData>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl DirectLog {
+    /// A reader of `ring`, started by [`DirectLog::resume`].
+    pub fn new(
+        ring: RingBuf<MapData>,
+        routes: watch::Receiver<Arc<Routes>>,
+        sinks: Arc<Sinks>,
+        pin: std::path::PathBuf,
+    ) -> Self {
+        Self {
+            routes,
+            sinks,
+            pin,
+            ring: Some(ring),
+            task: None,
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    pub fn resume(&mut self) {
+        if self.task.is_some() {
+            return;
+        }
+        let ring = match self.ring.take() {
+            Some(ring) => Ok(ring),
+            None => MapData::from_pin(&self.pin)
+                .map(aya::maps::Map::RingBuf)
+                .and_then(RingBuf::try_from),
+        };
+        match ring {
+            Ok(ring) => {
+                self.task = Some(tokio::spawn(run(
+                    ring,
+                    self.routes.clone(),
+                    self.sinks.clone(),
+                )));
+            }
+            Err(error) => {
+                warn!(%error, "direct connections will have no access-log lines: reopening their ring buffer");
+            }
+        }
+    }
+}
+
 /// Reads reports until the ring buffer cannot be polled any more (the
 /// agent is stopping and the map was closed).
-pub async fn run(ring: RingBuf<MapData>, routes: watch::Receiver<Arc<Routes>>, sinks: Arc<Sinks>) {
+async fn run(ring: RingBuf<MapData>, routes: watch::Receiver<Arc<Routes>>, sinks: Arc<Sinks>) {
     // SAFETY: the ring buffer owns its map's descriptor (MapData) and
     // returns that same open descriptor for as long as it lives, which is
     // as long as the AsyncFd that owns it.

@@ -27,7 +27,7 @@ use futures::FutureExt;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-pub use self::bound::{Addresses, Bound, ReloadHandle};
+pub use self::bound::{Addresses, Bound, ReloadHandle, Stopped};
 use crate::{
     admin::LogControl,
     config::{Config, Overrides},
@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub config: PathBuf,
     pub overrides: Overrides,
     pub pin_root: PathBuf,
+    /// Where a new agent finds this one ([`crate::handover`]).
+    pub handover_socket: PathBuf,
     /// Port 0 binds any free port ([`Addresses`] tells which).
     pub admin: SocketAddr,
     pub ready: SocketAddr,
@@ -77,7 +79,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         let mut shutdown = pin!(shutdown);
         let bound = tokio::select! {
             bound = Bound::bind(&options, config) => bound?,
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => return Ok(Stopped::Cleaned),
         };
         let reload = bound.reload_handle();
         tokio::spawn(async move {
@@ -94,10 +96,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             panic_message(panic.as_ref())
         )),
     };
-    if let Err(error) = policy_routing::remove().await {
+    // After a handover the routing is the new agent's.
+    if !matches!(result, Ok(Stopped::HandedOver))
+        && let Err(error) = policy_routing::remove().await
+    {
         warn!(%error, "removing the steer routing");
     }
-    result
+    result.map(drop)
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {

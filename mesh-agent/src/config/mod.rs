@@ -238,6 +238,10 @@ pub struct ProxyConfig {
     pub connect_timeout_ms: u64,
     /// On SIGTERM, how long open connections may finish, in milliseconds.
     pub drain_timeout_ms: u64,
+    /// After handing over to a new agent, how long this one may go on
+    /// serving the connections it carries, in milliseconds (30 minutes by
+    /// default: a large download outlives an upgrade).
+    pub handover_drain_timeout_ms: u64,
     /// Let the kernel move the bytes of plaintext proxied connections
     /// (same node, or to destinations outside the mesh) once admitted,
     /// where the kernel can (see `mesh-agent probe`). Read at start. Off by
@@ -268,6 +272,7 @@ impl Default for ProxyConfig {
             inbound_port: 15008,
             connect_timeout_ms: 5_000,
             drain_timeout_ms: 5_000,
+            handover_drain_timeout_ms: 30 * 60 * 1_000,
             fast_path: false,
             preserve_client_ip: true,
             same_node_direct: false,
@@ -282,6 +287,10 @@ impl ProxyConfig {
 
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    pub fn handover_drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.handover_drain_timeout_ms)
     }
 }
 
@@ -463,6 +472,12 @@ impl Config {
         in_range(
             "proxy.drain_timeout_ms",
             proxy.drain_timeout_ms,
+            0,
+            limits::MAX_DRAIN_TIMEOUT_MS,
+        )?;
+        in_range(
+            "proxy.handover_drain_timeout_ms",
+            proxy.handover_drain_timeout_ms,
             0,
             limits::MAX_DRAIN_TIMEOUT_MS,
         )?;

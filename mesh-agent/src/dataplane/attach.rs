@@ -8,7 +8,8 @@
 
 use std::{
     fs::File,
-    os::fd::{AsRawFd, BorrowedFd},
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::Path,
 };
 
@@ -18,7 +19,7 @@ use aya::{
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkLookup, SockOps, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc::{self, SchedClassifierLink},
+        tc::{self, SchedClassifierLink, TcHandle},
     },
     util::KernelVersion,
 };
@@ -39,6 +40,17 @@ pub enum Attachment {
 }
 
 impl Attachment {
+    /// Lets go of the attachment without detaching it: for an agent that
+    /// handed the kernel state to its successor.
+    pub fn keep_attached(self) {
+        match self {
+            // The pin keeps the link.
+            Attachment::Pinned(link) => drop(link),
+            // Dropping the handle would delete the filter.
+            Attachment::Netlink { link, .. } => std::mem::forget(link),
+        }
+    }
+
     pub fn detach(self, records: &mut TcFilterRecords) {
         match self {
             // Unpinning drops the last reference we own: the link detaches.
@@ -65,6 +77,10 @@ impl PodAttachment {
     /// Whether `ifname` still names the interface the programs are on.
     pub fn is_current(&self, ifname: &str) -> bool {
         ifindex(ifname).is_ok_and(|index| index == self.ifindex)
+    }
+
+    pub fn keep_attached(self) {
+        self.links.into_iter().for_each(Attachment::keep_attached);
     }
 
     pub fn detach(self, records: &mut TcFilterRecords) {
@@ -168,8 +184,39 @@ fn tc(
         .program_mut(name)
         .and_then(|p| p.try_into().ok())
         .ok_or(AttachError::NotLoaded(name))?;
-    let link = program
-        .attach(ifname, attach_type)
+    if has_tcx() {
+        let path = pins.pod_link(ifname, suffix);
+        let fd = program.fd().map_err(|_| AttachError::NotLoaded(name))?;
+        if let Some(adopted) = adopt_link(&path, fd.as_fd()).map_err(|e| AttachError::Attach {
+            program: name,
+            reason: format!("adopting {}: {e}", path.display()),
+        })? {
+            return Ok(adopted);
+        }
+    }
+    // A filter the previous agent attached over netlink: replaced in place
+    // (same priority and handle), so the hook never runs nothing.
+    let recorded = (!has_tcx())
+        .then(|| records.get(ifindex, attach_type))
+        .flatten();
+    let attached = match recorded {
+        Some((priority, handle)) => SchedClassifierLink::attached(
+            ifname,
+            attach_type,
+            priority,
+            TcHandle::from(handle),
+            None,
+        )
+        .map_err(aya::programs::ProgramError::from)
+        .and_then(|link| program.attach_to_link(link))
+        .or_else(|_| {
+            // The recorded filter is gone with its interface.
+            records.forget(ifindex, attach_type);
+            program.attach(ifname, attach_type)
+        }),
+        None => program.attach(ifname, attach_type),
+    };
+    let link = attached
         .and_then(|id| program.take_link(id))
         .map_err(|e| AttachError::Attach {
             program: name,
@@ -203,6 +250,14 @@ pub fn sockops(
     pins: &PinLayout,
     cgroup: &Path,
 ) -> Result<Attachment, DataplaneError> {
+    let program: &mut SockOps =
+        loaded(ebpf, SOCKOPS).map_err(|message| DataplaneError::Cgroup {
+            path: cgroup.to_owned(),
+            message,
+        })?;
+    if let Some(adopted) = adopt_pinned(pins, "sockops", program.fd())? {
+        return Ok(adopted);
+    }
     cgroup_link(pins, cgroup, "sockops", |dir| {
         let program: &mut SockOps = loaded(ebpf, SOCKOPS)?;
         program
@@ -219,6 +274,14 @@ pub fn connect4(
     pins: &PinLayout,
     cgroup: &Path,
 ) -> Result<Attachment, DataplaneError> {
+    let program: &mut CgroupSockAddr =
+        loaded(ebpf, CONNECT4).map_err(|message| DataplaneError::Cgroup {
+            path: cgroup.to_owned(),
+            message,
+        })?;
+    if let Some(adopted) = adopt_pinned(pins, "connect4", program.fd())? {
+        return Ok(adopted);
+    }
     cgroup_link(pins, cgroup, "connect4", |dir| {
         let program: &mut CgroupSockAddr = loaded(ebpf, CONNECT4)?;
         program
@@ -306,6 +369,9 @@ pub fn listener_lookup(
         .program_mut(LISTENER_LOOKUP)
         .and_then(|p| p.try_into().ok())
         .ok_or(program_err(aya::programs::ProgramError::NotLoaded))?;
+    if let Some(adopted) = adopt_pinned(pins, "listener_lookup", program.fd())? {
+        return Ok(adopted);
+    }
     let link = program
         .attach(&netns)
         .and_then(|id| program.take_link(id))
@@ -315,4 +381,39 @@ pub fn listener_lookup(
         .pin(&path)
         .map_err(|source| DataplaneError::Pin { path, source })?;
     Ok(Attachment::Pinned(pinned))
+}
+
+/// The link a previous agent pinned at `path`, made to run `program`.
+/// `None` when there is none, or when its hook is gone (the interface or
+/// cgroup deleted): then the stale pin is removed and the caller attaches
+/// afresh. Any other failure is an error: attaching a second program
+/// beside the old one would run both.
+fn adopt_link(path: &Path, program: BorrowedFd<'_>) -> io::Result<Option<Attachment>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    match super::link_update::replace_program(path, program) {
+        Ok(()) => PinnedLink::from_pin(path)
+            .map(|link| Some(Attachment::Pinned(link)))
+            .map_err(|e| io::Error::other(error_chain(&e))),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOLINK | libc::ENOENT)) => {
+            std::fs::remove_file(path)?;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// [`adopt_link`] for `links/<link_name>`, with the dataplane's errors.
+fn adopt_pinned(
+    pins: &PinLayout,
+    link_name: &str,
+    program: Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
+) -> Result<Option<Attachment>, DataplaneError> {
+    let path = pins.link(link_name);
+    let program = program.map_err(|source| DataplaneError::Program {
+        name: "(adopting a link)",
+        source,
+    })?;
+    adopt_link(&path, program.as_fd()).map_err(|source| DataplaneError::Adopt { path, source })
 }

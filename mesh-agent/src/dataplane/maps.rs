@@ -291,13 +291,32 @@ impl KernelMaps {
             aya::util::nr_cpus().map_err(|(_, e)| map_err(POD_STATS)(MapError::IoError(e)))?;
         let zero = PerCpuValues::try_from(vec![PodStats::default(); cpus])
             .map_err(|e| map_err(POD_STATS)(MapError::IoError(e)))?;
-        self.pod_stats
-            .insert(ifindex, zero, 0)
-            .map_err(map_err(POD_STATS))
+        // BPF_NOEXIST: an interface adopted from a previous agent keeps
+        // the counts it has.
+        match self.pod_stats.insert(ifindex, zero, 1 /* BPF_NOEXIST */) {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(())
+            }
+            result => result.map_err(map_err(POD_STATS)),
+        }
     }
 
     pub fn remove_pod_interface(&mut self, ifindex: u32) {
         let _ = self.pod_stats.remove(&ifindex);
+    }
+
+    /// Removes the counters of interfaces not in `keep`: what a previous
+    /// agent counted for pods that are gone.
+    pub fn retain_pod_interfaces(&mut self, keep: &std::collections::HashSet<u32>) {
+        let gone: Vec<u32> = self
+            .pod_stats
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|ifindex| !keep.contains(ifindex))
+            .collect();
+        for ifindex in gone {
+            let _ = self.pod_stats.remove(&ifindex);
+        }
     }
 
     /// Per-pod traffic, summed over CPUs, by ifindex.

@@ -6,6 +6,8 @@ mod attach;
 pub mod direct;
 pub mod fast_path;
 pub mod features;
+pub mod layout;
+mod link_update;
 pub mod maps;
 pub mod pins;
 pub mod policy_routing;
@@ -84,6 +86,26 @@ pub enum DataplaneError {
     Cgroup { path: PathBuf, message: String },
     #[error(transparent)]
     Kernel(#[from] features::MissingFeature),
+    #[error("adopting the link pinned at {}: {source}", path.display())]
+    Adopt {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How this agent came by its kernel state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "reason")]
+pub enum Adoption {
+    /// Nothing was pinned: loaded and attached afresh.
+    Fresh,
+    /// A previous agent's maps and links were kept, its programs replaced
+    /// in place: nothing lapsed.
+    Adopted,
+    /// A previous agent's maps had another layout (the reason): removed
+    /// and loaded afresh, so capture lapsed until the programs were
+    /// attached again.
+    Reloaded(String),
 }
 
 /// What the agent tells the programs about itself.
@@ -124,6 +146,8 @@ pub struct Dataplane {
     /// `mesh_listener_lookup` on the node's namespace, when the kernel has sk_lookup.
     listener_lookup: Option<Attachment>,
     uplinks: Vec<Attachment>,
+    /// The interfaces of `uplinks`.
+    uplink_names: Vec<String>,
     pods: BTreeMap<String, PodAttachment>,
     /// Wanted pod interfaces the last sync could not attach to.
     unattached: std::collections::BTreeSet<String>,
@@ -132,6 +156,10 @@ pub struct Dataplane {
     same_node_direct: bool,
     /// Pairs the last sync left to the agent because `MESH_DIRECT` was full.
     direct_left_out: usize,
+    adoption: Adoption,
+    /// Links and filters of the previous agent this one has not taken
+    /// over are removed after the first sync (pods gone meanwhile).
+    pruned: bool,
     closed: bool,
 }
 
@@ -147,25 +175,51 @@ impl Dataplane {
         };
         pins.create().map_err(pin_root_err)?;
         let lock = lock_pin_root(&pins)?;
-        if has_pins(&pins) {
-            warn!(pin_root = %pins.root().display(), "removing state a previous agent left behind");
-            remove_leftovers(&pins).map_err(pin_root_err)?;
-            pins.create().map_err(pin_root_err)?;
-        }
-
         let kernel = check_kernel()?;
-        let mut ebpf = aya::EbpfLoader::new()
+        let adoption = match layout::inspect(&pins, OBJECT, settings.capacity) {
+            layout::Pinned::Adoptable => {
+                info!(
+                    pin_root = %pins.root().display(),
+                    "adopting the maps and links a previous agent pinned"
+                );
+                // Programs are replaced; their pins are only names.
+                let progs = pins.root().join(mesh_common::pins::PROGS_DIR);
+                std::fs::remove_dir_all(&progs).map_err(pin_root_err)?;
+                pins.create().map_err(pin_root_err)?;
+                Adoption::Adopted
+            }
+            pinned => {
+                let reloaded = match pinned {
+                    layout::Pinned::Incompatible(reason) => {
+                        warn!(
+                            pin_root = %pins.root().display(),
+                            %reason,
+                            "the pinned maps are not this agent's layout: removing them and \
+                             loading afresh (capture lapses until the programs are attached)"
+                        );
+                        Adoption::Reloaded(reason)
+                    }
+                    _ => Adoption::Fresh,
+                };
+                if has_pins(&pins) {
+                    warn!(pin_root = %pins.root().display(), "removing state a previous agent left behind");
+                    remove_leftovers(&pins).map_err(pin_root_err)?;
+                    pins.create().map_err(pin_root_err)?;
+                }
+                reloaded
+            }
+        };
+
+        // Every map lives at its pin: created there, or, adopting, the
+        // previous agent's opened from there, entries and all.
+        let mut loader = aya::EbpfLoader::new();
+        loader
             .map_max_entries(mesh_common::maps::SERVICES, settings.capacity.services)
-            .map_max_entries(mesh_common::maps::WORKLOADS, settings.capacity.workloads)
-            .load(OBJECT)?;
+            .map_max_entries(mesh_common::maps::WORKLOADS, settings.capacity.workloads);
         for name in mesh_common::maps::ALL {
-            let path = pins.map(name);
-            let map = ebpf
-                .map_mut(name)
-                .ok_or(maps::KernelMapError::Missing(name))?;
-            map.pin(&path)
-                .map_err(|source| DataplaneError::Pin { path, source })?;
+            loader.map_pin_path(name, pins.map(name));
         }
+        let mut ebpf = loader.load(OBJECT)?;
         let mut maps = KernelMaps::take(|name| {
             ebpf.take_map(name)
                 .ok_or(maps::KernelMapError::Missing(name))
@@ -217,6 +271,7 @@ impl Dataplane {
             inbound_port: settings.inbound_port,
             mark: STEER_MARK,
             mark_mask: STEER_MARK_MASK,
+            layout: layout::version(),
             flags: if listener_lookup.is_some() {
                 SETTING_TIME_WAIT_HANDOFF
             } else {
@@ -240,12 +295,15 @@ impl Dataplane {
             direct_records: None,
             listener_lookup,
             uplinks: Vec::new(),
+            uplink_names: settings.uplinks.to_vec(),
             pods: BTreeMap::new(),
             unattached: Default::default(),
             capacity: settings.capacity,
             filled: Destinations::default().fill(settings.capacity),
             same_node_direct: settings.same_node_direct,
             direct_left_out: 0,
+            pruned: adoption != Adoption::Adopted,
+            adoption,
             closed: false,
         };
         if let Some(cgroup) = settings.cgroup {
@@ -421,7 +479,122 @@ impl Dataplane {
             );
         }
         self.direct_left_out = direct.left_out;
+        if !self.pruned {
+            self.pruned = true;
+            self.prune_unadopted(&config_uplinks(&self.uplink_names));
+        }
         Ok(problems)
+    }
+
+    /// After adopting: removes the links and netlink filters the previous
+    /// agent left on hooks this one does not use (pods gone since, an
+    /// uplink or cgroup no longer configured), and the counters of
+    /// interfaces no longer meshed.
+    fn prune_unadopted(&mut self, uplinks: &[(String, u32)]) {
+        use std::collections::HashSet as Set;
+        let mut ours: Set<PathBuf> = Set::new();
+        for ifname in self.pods.keys() {
+            ours.insert(self.pins.pod_link(ifname, "from_pod"));
+            ours.insert(self.pins.pod_link(ifname, "to_pod"));
+        }
+        for (ifname, _) in uplinks {
+            ours.insert(self.pins.pod_link(ifname, "uplink"));
+        }
+        for (name, kept) in [
+            ("sockops", self.sockops.is_some()),
+            ("connect4", self.connect4.is_some()),
+            ("listener_lookup", self.listener_lookup.is_some()),
+        ] {
+            if kept {
+                ours.insert(self.pins.link(name));
+            }
+        }
+        let links = self.pins.root().join(mesh_common::pins::LINKS_DIR);
+        for entry in std::fs::read_dir(&links).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if ours.contains(&path) {
+                continue;
+            }
+            // Unpinning the last reference detaches the link.
+            match aya::programs::links::PinnedLink::from_pin(&path).map(|link| link.unpin()) {
+                Ok(_) => {
+                    info!(link = %path.display(), "removed a link the previous agent left on a hook no longer meshed");
+                }
+                Err(error) => {
+                    warn!(link = %path.display(), error = %error_chain(&error), "removing a link the previous agent left");
+                }
+            }
+        }
+        let kept_ifindexes: Set<u32> = self
+            .pods
+            .values()
+            .map(|pod| pod.ifindex)
+            .chain(uplinks.iter().map(|(_, ifindex)| *ifindex))
+            .collect();
+        for filter in self.tc_filters.list() {
+            if kept_ifindexes.contains(&filter.ifindex) {
+                continue;
+            }
+            if let Ok(ifname) = nix::net::if_::if_indextoname(filter.ifindex) {
+                // Dropping a netlink link deletes the filter.
+                drop(aya::programs::tc::SchedClassifierLink::attached(
+                    &ifname.to_string_lossy(),
+                    filter.attach_type,
+                    filter.priority,
+                    aya::programs::tc::TcHandle::from(filter.handle),
+                    None,
+                ));
+            }
+            self.tc_filters.forget(filter.ifindex, filter.attach_type);
+            info!(
+                ifindex = filter.ifindex,
+                "removed a tc filter the previous agent left on a hook no longer meshed"
+            );
+        }
+        let pods: Set<u32> = self.pods.values().map(|pod| pod.ifindex).collect();
+        self.maps.retain_pod_interfaces(&pods);
+    }
+
+    /// How this agent came by its kernel state.
+    pub fn adoption(&self) -> &Adoption {
+        &self.adoption
+    }
+
+    /// Lets another agent lock the pin root (during a handover): this one
+    /// must not change the kernel state until it locks it again.
+    pub fn unlock(&self) {
+        // SAFETY: flock on a descriptor we own.
+        unsafe { libc::flock(self._lock.as_raw_fd(), libc::LOCK_UN) };
+    }
+
+    /// Takes the pin root back after a handover that did not complete.
+    pub fn relock(&self) -> Result<(), DataplaneError> {
+        // SAFETY: flock on a descriptor we own.
+        let ret = unsafe { libc::flock(self._lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if ret != 0 {
+            return Err(DataplaneError::PinRootBusy(self.pins.root().to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Gives up the kernel state without touching it: the successor
+    /// adopted every program, map and link, which stay as they are.
+    pub fn relinquish(&mut self) {
+        self.closed = true;
+        for (_, pod) in std::mem::take(&mut self.pods) {
+            pod.keep_attached();
+        }
+        for attachment in [
+            self.sockops.take(),
+            self.connect4.take(),
+            self.listener_lookup.take(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(std::mem::take(&mut self.uplinks))
+        {
+            attachment.keep_attached();
+        }
     }
 
     /// Entries in the destination maps (as of the last sync) against
@@ -683,4 +856,15 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     message
+}
+
+/// The configured uplinks with their ifindex (those that exist).
+fn config_uplinks(names: &[String]) -> Vec<(String, u32)> {
+    names
+        .iter()
+        .filter_map(|name| {
+            let index = nix::net::if_::if_nametoindex(name.as_str()).ok()?;
+            Some((name.clone(), index))
+        })
+        .collect()
 }

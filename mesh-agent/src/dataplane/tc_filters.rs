@@ -74,6 +74,14 @@ impl TcFilterRecords {
             .map_err(|e| TcFilterError::Record(error_chain(&e)))
     }
 
+    /// Priority and handle of the filter recorded there, if any.
+    pub fn get(&self, ifindex: u32, attach_type: TcAttachType) -> Option<(u16, u32)> {
+        self.map
+            .get(&key(ifindex, attach_type), 0)
+            .ok()
+            .map(|value| (value.priority as u16, value.handle))
+    }
+
     pub fn forget(&mut self, ifindex: u32, attach_type: TcAttachType) {
         let _ = self.map.remove(&key(ifindex, attach_type));
     }

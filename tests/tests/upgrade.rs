@@ -1,0 +1,521 @@
+//! Replacing the agent under live traffic (issue 18): a new agent on the
+//! same pin root takes the listeners and the kernel state over from the
+//! running one, which drains what it carries; after a SIGKILL a new agent
+//! adopts what the dead one pinned. Real namespaces, programs and TCP.
+//! Needs root.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    agent::{Agent, Launch},
+    bpftool,
+    pod::{Connect, Server},
+    topology::{self, Node},
+};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+/// A service whose one endpoint is `be` (greets and echoes a digest).
+const BE_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20)), 80);
+/// `drip`, which reads about 30 MiB/s: a transfer that outlasts upgrades.
+const DRIP_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 21)), 80);
+/// `first`, which closes before its clients do.
+const FIRST_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 22)), 80);
+
+/// A node with its pods and servers; its agents live beside it, in the
+/// order they took over (the last one serves).
+struct UpgradeNode {
+    config: String,
+    _servers: Vec<Server>,
+    node: Node,
+}
+
+fn upgrade_node(label: &str, proxy: &str) -> (UpgradeNode, Vec<Agent>) {
+    let mut node = Node::new(label, 1);
+    for pod in ["client", "be", "drip", "first", "outsider"] {
+        node.add_pod(pod);
+    }
+    let workload = |pod: &str, mode: &str| {
+        let p = node.pod(pod);
+        format!(
+            "  - {{ name: {pod}, service_account: {pod}, ips: [{}], interface: {}, cgroup: {pod}, mode: {mode} }}\n",
+            p.ip, p.host_if
+        )
+    };
+    let service = |name: &str, vip: SocketAddr| {
+        format!(
+            "  - {{ name: {name}, vip: {}, ports: [{{ port: 80, target_port: 8080 }}], endpoints: [{{ ip: {} }}] }}\n",
+            vip.ip(),
+            node.pod(name).ip
+        )
+    };
+    let config = format!(
+        "{}{proxy}workloads:\n{}{}{}{}services:\n{}{}{}",
+        node.node_yaml(),
+        workload("client", "permissive"),
+        workload("be", "strict"),
+        workload("drip", "strict"),
+        workload("first", "strict"),
+        service("be", BE_VIP),
+        service("drip", DRIP_VIP),
+        service("first", FIRST_VIP),
+    );
+    let servers = vec![
+        node.pod("be").serve(8080, "be", false),
+        node.pod("drip").serve_slow_reader(8080, "drip", 2),
+        node.pod("first").serve_closing_first(8080, "first"),
+    ];
+    let agent = Agent::start(&node, &config);
+    (
+        UpgradeNode {
+            config,
+            _servers: servers,
+            node,
+        },
+        vec![agent],
+    )
+}
+
+impl UpgradeNode {
+    fn upgrade(&self, agents: &mut Vec<Agent>, launch: &Launch<'_>) -> Duration {
+        upgrade(&self.node, &self.config, agents, launch)
+    }
+}
+
+/// Starts a new agent on `node` beside the serving one (the last of
+/// `agents`) and waits until it has taken over: the new one is ready, the
+/// old one says it drains. Returns how long the new one took.
+fn upgrade(node: &Node, config: &str, agents: &mut Vec<Agent>, launch: &Launch<'_>) -> Duration {
+    {
+        let started = Instant::now();
+        let next = Agent::spawn_with(node, config, launch);
+        let old = agents.last_mut().expect("an agent");
+        assert!(
+            next.wait_log("agent ready", 1, Duration::from_secs(30)),
+            "the new agent did not get ready:\n{}\n--- old agent:\n{}",
+            next.log(),
+            old.log()
+        );
+        let took = started.elapsed();
+        assert!(
+            old.wait_log("handed over to the new agent", 1, Duration::from_secs(10)),
+            "the old agent did not hand over:\n{}\n--- new agent:\n{}",
+            old.log(),
+            next.log()
+        );
+        old.handed_over();
+        agents.push(next);
+        took
+    }
+}
+
+/// Opens connections to `addr` from `pod`, one client run after another,
+/// until `stop`; returns every report that failed or took over a second.
+fn churn(
+    node: &Node,
+    pod: &str,
+    addr: SocketAddr,
+    options: &Connect,
+    stop: &AtomicBool,
+    opened: &AtomicU64,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match node.pod(pod).try_connect(addr, *options) {
+            Ok(reports) => {
+                for report in reports {
+                    let slow = report["duration_ms"].as_u64().unwrap_or(0) > 1_000;
+                    if !report["error"].is_null() || report["greeting"].is_null() || slow {
+                        problems.push(report.to_string());
+                    }
+                    opened.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(error) => problems.push(error),
+        }
+    }
+    problems
+}
+
+/// Ids of the links pinned under the node's pin root.
+fn pinned_link_ids(node: &Node) -> Vec<u64> {
+    let mut ids: Vec<u64> = bpftool(&["-f", "link", "show"])
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter(|link| {
+            link["pinned"].as_array().is_some_and(|paths| {
+                paths.iter().any(|p| {
+                    p.as_str()
+                        .is_some_and(|p| p.starts_with(&*node.pin_root.to_string_lossy()))
+                })
+            })
+        })
+        .filter_map(|link| link["id"].as_u64())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Three upgrades in a row while a long transfer, new connections (half
+/// of them to a server that closes first) and a plaintext outsider
+/// knocking at a strict pod run: nothing fails, nothing takes over a
+/// second, every byte arrives, the strict pod never answers plaintext,
+/// and the links in the kernel stay the same objects throughout.
+fn upgrade_three_times_under_load(label: &str, proxy: &str) {
+    let (s, mut agents) = upgrade_node(label, proxy);
+    let links_before = pinned_link_ids(&s.node);
+    assert!(!links_before.is_empty(), "no pinned links (bpftool?)");
+    let stop = AtomicBool::new(false);
+    let opened = AtomicU64::new(0);
+    let (long, problems, plaintext) = thread::scope(|scope| {
+        let (node, stop, opened) = (&s.node, &stop, &opened);
+        let long = scope.spawn(move || {
+            node.pod("client").try_connect(
+                DRIP_VIP,
+                Connect {
+                    send: 320 * MIB,
+                    ..Default::default()
+                },
+            )
+        });
+        let churners: Vec<_> = [(BE_VIP, false), (FIRST_VIP, true)]
+            .into_iter()
+            .map(|(addr, wait_close)| {
+                let options = Connect {
+                    count: 50,
+                    parallel: 2,
+                    wait_close,
+                    ..Default::default()
+                };
+                scope.spawn(move || churn(node, "client", addr, &options, stop, opened))
+            })
+            .collect();
+        let outsider = scope.spawn(move || {
+            let be = SocketAddr::new(node.pod("be").ip.into(), 8080);
+            let (mut tries, mut answered) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let connected = node.pod("outsider").netns.run(|| {
+                    std::net::TcpStream::connect_timeout(&be, Duration::from_millis(100)).is_ok()
+                });
+                tries += 1;
+                answered += u64::from(connected);
+            }
+            (tries, answered)
+        });
+        // Every kind of traffic starts on the first agent.
+        thread::sleep(Duration::from_secs(1));
+        for round in 1..=3 {
+            let took = s.upgrade(&mut agents, &Launch::default());
+            eprintln!("upgrade {round}: the new agent was ready after {took:?}");
+            if round == 1 {
+                old_agent_answers_while_draining(&agents);
+            }
+            thread::sleep(Duration::from_millis(1500));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let problems: Vec<String> = churners
+            .into_iter()
+            .flat_map(|c| c.join().expect("churner"))
+            .collect();
+        (
+            long.join().expect("long transfer"),
+            problems,
+            outsider.join().expect("outsider"),
+        )
+    });
+    let opened = opened.load(Ordering::Relaxed);
+    eprintln!("{opened} connections opened across the upgrades; outsider {plaintext:?}");
+    assert!(
+        problems.is_empty(),
+        "{} of {opened} connections failed or were slow: {:?}\n--- newest agent:\n{}",
+        problems.len(),
+        &problems[..problems.len().min(5)],
+        agents.last().unwrap().log()
+    );
+    assert!(opened >= 200, "only {opened} connections opened");
+    let (tries, answered) = plaintext;
+    assert!(tries > 10, "the outsider tried only {tries} times");
+    assert_eq!(
+        answered, 0,
+        "the strict pod answered plaintext during an upgrade"
+    );
+    let long = long.expect("long transfer");
+    let report: &Value = &long[0];
+    assert!(report["error"].is_null(), "{report}");
+    assert_eq!(report["sent"], 320 * MIB, "{report}");
+    let expected = format!("{} {}", 320 * MIB, report["sent_sha256"].as_str().unwrap());
+    assert_eq!(report["reply"], expected, "{report}");
+    // The same link objects: swapped programs, never a detach.
+    assert_eq!(pinned_link_ids(&s.node), links_before);
+    // Every old agent drains its connections and exits cleanly, leaving
+    // the kernel state to the newest.
+    let newest = agents.pop().unwrap();
+    for mut old in agents {
+        let status = old.wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "old agent exit {status}:\n{}", old.log());
+        assert!(
+            old.log().contains("handover drain finished"),
+            "{}",
+            old.log()
+        );
+    }
+    assert!(
+        newest.log().contains("kernel=Adopted"),
+        "the newest agent did not adopt:\n{}",
+        newest.log()
+    );
+    let after = s.node.pod("client").connect(BE_VIP, Connect::default());
+    assert!(after[0]["error"].is_null(), "{after:?}");
+}
+
+/// The new agent says where the old one's `/stats` answers, and there
+/// the old one says it drains and still carries the long transfer.
+fn old_agent_answers_while_draining(agents: &[Agent]) {
+    let [.., old, new] = agents else {
+        unreachable!("two agents after an upgrade")
+    };
+    let lifecycle = &new.stats()["lifecycle"];
+    assert_eq!(lifecycle["took_over_from"]["pid"], old.pid(), "{lifecycle}");
+    assert_eq!(lifecycle["kernel"]["kind"], "adopted", "{lifecycle}");
+    let at: SocketAddr = lifecycle["took_over_from"]["stats"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no stats address: {lifecycle}"));
+    let (code, body) = old
+        .http_get(at.port(), "/stats")
+        .expect("old agent's stats");
+    assert_eq!(code, 200, "{body}");
+    let stats: Value = serde_json::from_str(&body).expect("stats JSON");
+    assert_eq!(stats["lifecycle"]["draining"], true, "{body}");
+    assert!(
+        stats["outbound"]["active"].as_u64().unwrap_or(0) >= 1,
+        "the old agent carries nothing: {}",
+        stats["outbound"]
+    );
+    let metrics = new.metrics();
+    assert!(
+        metrics.contains("mesh_agent_kernel_start{kind=\"adopted\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn upgrades_lose_nothing_through_the_agent() {
+    upgrade_three_times_under_load("upg-agent", "");
+}
+
+#[test]
+fn upgrades_lose_nothing_on_the_fast_path() {
+    upgrade_three_times_under_load("upg-fast", "proxy: { fast_path: true }\n");
+}
+
+/// SIGKILL: what is pinned stays attached, so a strict pod still refuses
+/// plaintext while no agent runs and a same-node direct connection keeps
+/// flowing; the next agent adopts the same links rather than cleaning up.
+#[test]
+fn after_sigkill_the_next_agent_adopts_and_strict_stays_closed() {
+    let (s, mut agents) = upgrade_node("upg-kill", "proxy: { same_node_direct: true }\n");
+    let links_before = pinned_link_ids(&s.node);
+    let held = s.node.pod("client").hold(BE_VIP);
+    assert!(held.greeting.contains("be"), "{}", held.greeting);
+    let mut dead = agents.pop().unwrap();
+    dead.kill();
+    // Its drop must not clean up what the next agent adopts.
+    dead.handed_over();
+    let be = SocketAddr::new(s.node.pod("be").ip.into(), 8080);
+    let gap = Instant::now();
+    let mut tries = 0;
+    while gap.elapsed() < Duration::from_millis(800) {
+        let answered =
+            s.node.pod("outsider").netns.run(|| {
+                std::net::TcpStream::connect_timeout(&be, Duration::from_millis(100)).is_ok()
+            });
+        assert!(
+            !answered,
+            "the strict pod answered plaintext with no agent running"
+        );
+        tries += 1;
+    }
+    assert!(tries >= 2, "{tries}");
+    let started = Instant::now();
+    let next = Agent::start(&s.node, &s.config);
+    eprintln!(
+        "the next agent was ready {:?} after its start",
+        started.elapsed()
+    );
+    assert!(
+        next.log()
+            .contains("adopting the maps and links a previous agent pinned"),
+        "{}",
+        next.log()
+    );
+    assert_eq!(
+        pinned_link_ids(&s.node),
+        links_before,
+        "links were replaced"
+    );
+    let report = held.release();
+    assert!(report["error"].is_null(), "{report}");
+    assert!(
+        report["reply"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("0 ")),
+        "{report}"
+    );
+    let after = s.node.pod("client").connect(DRIP_VIP, Connect::default());
+    assert!(after[0]["error"].is_null(), "{after:?}");
+    assert_eq!(next.stats()["lifecycle"]["kernel"]["kind"], "adopted");
+    agents.push(next);
+}
+
+/// A new agent whose map layout differs (a version bump, as a build that
+/// changes what an entry means would carry) does not adopt the maps: it
+/// says why, reloads with fresh links, counts it, and serves.
+#[test]
+fn a_layout_change_reloads_and_says_why() {
+    let (s, mut agents) = upgrade_node("upg-layout", "");
+    let links_before = pinned_link_ids(&s.node);
+    s.upgrade(
+        &mut agents,
+        &Launch {
+            env: &[("MESH_TEST_LAYOUT_VERSION", "99")],
+            ..Default::default()
+        },
+    );
+    let new = agents.last().unwrap();
+    let log = new.log();
+    assert!(
+        log.contains("layout version 1 pinned, this agent's is 99"),
+        "{log}"
+    );
+    let kernel = &new.stats()["lifecycle"]["kernel"];
+    assert_eq!(kernel["kind"], "reloaded", "{kernel}");
+    assert!(
+        new.metrics()
+            .contains("mesh_agent_kernel_start{kind=\"reloaded\"} 1")
+    );
+    let report = s.node.pod("client").connect(BE_VIP, Connect::default());
+    assert!(report[0]["error"].is_null(), "{report:?}");
+    let mut old = agents.remove(0);
+    let status = old.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status}:\n{}", old.log());
+    let links_after = pinned_link_ids(&s.node);
+    assert!(!links_after.is_empty());
+    assert!(
+        links_after.iter().all(|id| !links_before.contains(id)),
+        "{links_before:?} -> {links_after:?}"
+    );
+    // Still serving once the old agent is gone.
+    let report = s.node.pod("client").connect(BE_VIP, Connect::default());
+    assert!(report[0]["error"].is_null(), "{report:?}");
+}
+
+/// A long HBONE stream from node 1 to node 2 and new cross-node
+/// connections, while node 2's agent (the stream's inbound end), then node
+/// 1's (its outbound end, holding the pooled HBONE connection), then node
+/// 2's again are replaced: nothing fails, every byte arrives.
+#[test]
+fn cross_node_traffic_survives_upgrades_of_both_ends() {
+    let mut a = Node::new("upg-x", 1);
+    let mut b = Node::new("upg-x", 2);
+    a.add_pod("client");
+    for pod in ["be", "drip"] {
+        b.add_pod(pod);
+    }
+    b.share_ca_with(&a);
+    topology::connect(&mut a, &mut b);
+    let service = |name: &str, vip: SocketAddr| {
+        format!(
+            "  - {{ name: {name}, vip: {}, ports: [{{ port: 80, target_port: 8080 }}], endpoints: [{{ ip: {} }}] }}\n",
+            vip.ip(),
+            b.pod(name).ip
+        )
+    };
+    let config_a = format!(
+        "{}workloads:\n{}{}{}services:\n{}{}",
+        a.node_yaml(),
+        a.own_identity_workload_yaml("client"),
+        b.remote_workload_yaml("be"),
+        b.remote_workload_yaml("drip"),
+        service("be", BE_VIP),
+        service("drip", DRIP_VIP),
+    );
+    let config_b = format!(
+        "{}workloads:\n{}{}{}",
+        b.node_yaml(),
+        b.own_identity_workload_yaml("be"),
+        b.own_identity_workload_yaml("drip"),
+        a.remote_workload_yaml("client"),
+    );
+    let _servers = [
+        b.pod("be").serve(8080, "be", false),
+        b.pod("drip").serve_slow_reader(8080, "drip", 2),
+    ];
+    let mut agents_a = vec![Agent::start(&a, &config_a)];
+    let mut agents_b = vec![Agent::start(&b, &config_b)];
+    let stop = AtomicBool::new(false);
+    let opened = AtomicU64::new(0);
+    let (long, problems) = thread::scope(|scope| {
+        let (a, stop, opened) = (&a, &stop, &opened);
+        let long = scope.spawn(move || {
+            a.pod("client").try_connect(
+                DRIP_VIP,
+                Connect {
+                    send: 256 * MIB,
+                    ..Default::default()
+                },
+            )
+        });
+        let churner = scope.spawn(move || {
+            let options = Connect {
+                count: 20,
+                parallel: 2,
+                ..Default::default()
+            };
+            churn(a, "client", BE_VIP, &options, stop, opened)
+        });
+        thread::sleep(Duration::from_secs(1));
+        for (node, config, agents) in [
+            (&b, &config_b, &mut agents_b),
+            (a, &config_a, &mut agents_a),
+        ] {
+            let took = upgrade(node, config, agents, &Launch::default());
+            eprintln!("{}: the new agent was ready after {took:?}", node.name);
+            thread::sleep(Duration::from_millis(1500));
+        }
+        upgrade(&b, &config_b, &mut agents_b, &Launch::default());
+        thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::Relaxed);
+        (
+            long.join().expect("long transfer"),
+            churner.join().expect("churner"),
+        )
+    });
+    let opened = opened.load(Ordering::Relaxed);
+    eprintln!("{opened} cross-node connections opened across the upgrades");
+    assert!(
+        problems.is_empty(),
+        "{} of {opened} failed or were slow: {:?}",
+        problems.len(),
+        &problems[..problems.len().min(5)]
+    );
+    assert!(opened >= 50, "only {opened} connections opened");
+    let long = long.expect("long transfer");
+    let report = &long[0];
+    assert!(report["error"].is_null(), "{report}");
+    let expected = format!("{} {}", 256 * MIB, report["sent_sha256"].as_str().unwrap());
+    assert_eq!(report["reply"], expected, "{report}");
+    for mut old in agents_a
+        .drain(..agents_a.len() - 1)
+        .chain(agents_b.drain(..agents_b.len() - 1))
+    {
+        let status = old.wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "old agent exit {status}:\n{}", old.log());
+    }
+}
