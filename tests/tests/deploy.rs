@@ -103,10 +103,13 @@ fn daemonset_is_wired_to_what_the_agent_reads() {
         container["readinessProbe"]["httpGet"]["port"].as_u64(),
         Some(15021)
     );
-    assert_eq!(
-        daemonset["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"].as_u64(),
-        Some(1)
-    );
+    // Upgrades overlap old and new agent on a node (the handover), which
+    // the scheduler allows only when the pod claims no host port: with
+    // hostNetwork, every container port is one.
+    let rolling = &daemonset["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"].as_u64(), Some(1), "{rolling:?}");
+    assert_eq!(rolling["maxUnavailable"].as_u64(), Some(0), "{rolling:?}");
+    assert!(container["ports"].is_null(), "{:?}", container["ports"]);
     let env_node = container["env"]
         .as_sequence()
         .unwrap()
@@ -128,6 +131,7 @@ fn daemonset_is_wired_to_what_the_agent_reads() {
         "/sys/fs/cgroup",
         "/etc/mesh-agent/config",
         "/etc/mesh-agent/ca",
+        "/run/mesh-agent",
     ] {
         assert!(mounts.contains(path), "{path} not mounted: {mounts:?}");
     }
@@ -139,11 +143,13 @@ fn daemonset_is_wired_to_what_the_agent_reads() {
             .unwrap(),
     )
     .unwrap();
-    let drain_ms = config["proxy"]["drain_timeout_ms"].as_u64().unwrap();
-    assert!(
-        grace * 1000 > drain_ms + 5000,
-        "grace {grace} s, drain {drain_ms} ms"
-    );
+    for drain in ["drain_timeout_ms", "handover_drain_timeout_ms"] {
+        let drain_ms = config["proxy"][drain].as_u64().unwrap();
+        assert!(
+            grace * 1000 > drain_ms + 5000,
+            "grace {grace} s, {drain} {drain_ms} ms"
+        );
+    }
 }
 
 #[test]

@@ -626,8 +626,9 @@ fn while_no_agent_runs_after_a_crash_strict_pods_stay_closed() {
 
 #[test]
 fn after_a_clean_stop_strict_mode_lapses_until_the_next_agent() {
-    // What the restart issue removes; documented in ARCHITECTURE.md until
-    // then: SIGTERM detaches everything, strictness included.
+    // Uninstalling, as documented in ARCHITECTURE.md: SIGTERM detaches
+    // everything, strictness included. Upgrades and restarts hand over
+    // instead (tests/tests/upgrade.rs).
     let (node, mut agent) = strict_node("stopped");
     let _server = node.pod("strict").serve(8080, "strict", false);
     let (outsider, strict) = (node.pod("outsider"), node.pod("strict"));

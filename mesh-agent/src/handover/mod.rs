@@ -358,3 +358,51 @@ impl Successor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    /// An agent of another pin root (another node's, sharing a socket
+    /// path by mistake) gets no listener.
+    #[tokio::test]
+    async fn a_new_agent_of_another_pin_root_is_refused() {
+        let dir = std::env::temp_dir().join(format!("handover-test-{}", std::process::id()));
+        let path = dir.join("handover.sock");
+        let server = HandoverServer::bind(&path, false).await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let old = async {
+            let stream = server.accept().await;
+            let fd = listener.as_fd();
+            Successor::greet(
+                stream,
+                Path::new("/sys/fs/bpf/ours"),
+                &[(ListenerRole::Admin, fd)],
+            )
+            .await
+        };
+        let new = Predecessor::find(&path, Path::new("/sys/fs/bpf/theirs"));
+        let (old, new) = tokio::join!(old, new);
+        assert!(
+            matches!(old, Err(HandoverError::Refused(_))),
+            "{:?}",
+            old.err()
+        );
+        let error = new.err().expect("refused");
+        assert!(error.to_string().contains("/sys/fs/bpf/theirs"), "{error}");
+        server.remove();
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir(&dir);
+    }
+
+    #[tokio::test]
+    async fn no_running_agent_is_no_predecessor() {
+        let path = std::env::temp_dir().join(format!("no-agent-{}.sock", std::process::id()));
+        let found = Predecessor::find(&path, Path::new("/sys/fs/bpf/x"))
+            .await
+            .unwrap();
+        assert!(found.is_none());
+    }
+}

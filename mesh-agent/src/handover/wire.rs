@@ -169,3 +169,62 @@ async fn read_exact(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_message_arrives_with_its_descriptors() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut reader, mut writer) = std::io::pipe().unwrap();
+        let message = FromPredecessor::Listeners {
+            roles: vec![ListenerRole::Outbound],
+            version: "1".into(),
+            pid: 7,
+        };
+        send(&a, &message, &[writer.as_raw_fd()]).await.unwrap();
+        let (received, fds) = receive::<FromPredecessor>(&b).await.unwrap();
+        assert!(matches!(
+            received,
+            FromPredecessor::Listeners { pid: 7, .. }
+        ));
+        assert_eq!(fds.len(), 1);
+        // The descriptor is the same pipe.
+        let mut passed = std::fs::File::from(fds.into_iter().next().unwrap());
+        passed.write_all(b"x").unwrap();
+        drop((passed, &mut writer));
+        let mut byte = [0u8; 1];
+        reader.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_refused_before_it_is_read() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
+        let error = receive::<FromSuccessor>(&b).await.unwrap_err();
+        assert!(
+            matches!(error, WireError::TooLarge(n) if n == 1 << 30),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cut_frame_and_garbage_are_errors_not_panics() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&[0, 0, 0, 10, b'{']).await.unwrap();
+        drop(a);
+        let error = receive::<FromSuccessor>(&b).await.unwrap_err();
+        assert!(matches!(error, WireError::Closed), "{error}");
+
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&[0, 0, 0, 3, b'a', b'b', b'c']).await.unwrap();
+        let error = receive::<FromSuccessor>(&b).await.unwrap_err();
+        assert!(matches!(error, WireError::Json(_)), "{error}");
+    }
+}

@@ -109,6 +109,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         "kernel TLS KeyUpdates both ways with rustls",
         kernel_tls_key_updates,
     ),
+    ("upgrade: handover, then SIGKILL and adoption", upgrade),
 ];
 
 fn probe() -> Result<Value, String> {
@@ -773,6 +774,94 @@ fn crash_cleanup() -> Result<Value, String> {
     }
     nothing_left(&node, &agent.pin_root)?;
     Ok(json!({ "programs_after_kill": left.len() }))
+}
+
+/// A new agent takes over from the running one while a connection is
+/// open through it (which the old one finishes), its programs replacing
+/// the old ones in the same hooks (tcx/cgroup links updated, or netlink
+/// filters replaced at their priority and handle: afterwards one instance
+/// of each program is loaded, not two); then, after a SIGKILL, the next
+/// agent adopts the pins and serves.
+fn upgrade() -> Result<Value, String> {
+    let (node, old, _servers) = single_node("kupg");
+    let config = std::fs::read_to_string(&old.config_path).map_err(|e| e.to_string())?;
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let held = node.pod("client").hold(vip);
+    let started = Instant::now();
+    let mut agents = vec![old];
+    let new = Agent::spawn_with(&node, &config, &Default::default());
+    if !new.wait_log("agent ready", 1, Duration::from_secs(60)) {
+        return Err(format!("the new agent did not get ready:\n{}", new.log()));
+    }
+    let handover_ms = started.elapsed().as_millis() as u64;
+    if !new.log().contains("kernel=Adopted") {
+        return Err(format!("the new agent did not adopt:\n{}", new.log()));
+    }
+    let reports = node.pod("client").try_connect(
+        vip,
+        Connect {
+            count: 4,
+            ..Default::default()
+        },
+    )?;
+    for report in &reports {
+        try_greeting(report)?;
+    }
+    if new.counter("captured") == 0 {
+        return Err("the new agent's programs captured nothing".into());
+    }
+    // The old agent finishes the connection it carried, then exits.
+    let report = held.release();
+    if !report["error"].is_null() {
+        return Err(format!("the held connection failed: {report}"));
+    }
+    let mut old = agents.pop().unwrap();
+    old.handed_over();
+    let status = old.wait_exit(Duration::from_secs(30));
+    if !status.success() {
+        return Err(format!("old agent exit {status}:\n{}", old.log()));
+    }
+    // One instance of each program: the old ones were replaced, not
+    // joined (the kernel frees them after an RCU grace period).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let duplicated = loop {
+        let mut loaded = mesh_programs();
+        loaded.sort();
+        let before = loaded.len();
+        loaded.dedup();
+        if before == loaded.len() {
+            break None;
+        }
+        if Instant::now() > deadline {
+            break Some(loaded);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if let Some(loaded) = duplicated {
+        return Err(format!(
+            "programs loaded twice after the handover: {loaded:?}"
+        ));
+    }
+    let attach = attach_mode(&new.pin_root, programs::FROM_POD, "p-client_from_pod")?;
+    // SIGKILL: the next agent adopts what is pinned.
+    let mut crashed = new;
+    crashed.kill();
+    crashed.handed_over();
+    let started = Instant::now();
+    let next = Agent::start(&node, &config);
+    let adopted_ms = started.elapsed().as_millis() as u64;
+    if !next.log().contains("adopting the maps and links") {
+        return Err(format!("no adoption after SIGKILL:\n{}", next.log()));
+    }
+    for report in &node.pod("client").try_connect(vip, Connect::default())? {
+        try_greeting(report)?;
+    }
+    drop(next);
+    Ok(json!({
+        "handover_ms": handover_ms,
+        "ready_after_kill_ms": adopted_ms,
+        "attach": attach,
+    }))
 }
 
 /// How `program` is attached: a pinned link (`links/<link>`) or a netlink
