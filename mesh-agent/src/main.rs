@@ -29,6 +29,9 @@ struct Cli {
 enum Command {
     /// Load and attach the kernel programs, proxy captured connections, and
     /// remove everything again on SIGTERM. SIGHUP reloads the config.
+    /// Started while another agent runs on the same pin root, it takes
+    /// that agent's listeners and kernel state over (an upgrade without a
+    /// lapse), and the other finishes its connections and exits.
     Run {
         /// YAML config: node, proxy settings, workloads, services (or
         /// `kubernetes:` to learn those from the API server).

@@ -460,6 +460,7 @@ impl Bound {
             }
         };
         let (successors_tx, mut successors) = tokio::sync::mpsc::channel::<Successor>(1);
+        let conversations = Arc::new(tokio::sync::Semaphore::new(MAX_HANDOVER_CONVERSATIONS));
 
         let mut remap = tokio::time::interval(Duration::from_secs(2));
         // Pod interfaces can be deleted and made again under the same name
@@ -473,10 +474,17 @@ impl Bound {
                 stream = next_successor(handover_server.as_ref()) => {
                     let (listeners, pin_root, ready) =
                         (listeners.clone(), pin_root.clone(), successors_tx.clone());
+                    // At most a few at once, each a task until it asks for
+                    // the kernel state or goes.
+                    let Ok(permit) = conversations.clone().try_acquire_owned() else {
+                        warn!("handover: too many new agents at once, turned one away");
+                        continue;
+                    };
                     // The new agent may take its time (its API server's
                     // lists) before it wants the kernel state: talk to it
                     // aside, and serve meanwhile.
                     tokio::spawn(async move {
+                        let _permit = permit;
                         let borrowed: Vec<_> =
                             listeners.iter().map(|(role, fd)| (*role, fd.as_fd())).collect();
                         match Successor::greet(stream, &pin_root, &borrowed).await {
@@ -606,6 +614,9 @@ impl Bound {
         Ok(Stopped::HandedOver)
     }
 }
+
+/// New agents talking to this one at once (a rollout has one).
+const MAX_HANDOVER_CONVERSATIONS: usize = 4;
 
 /// The next new agent at the handover socket (never, without one).
 async fn next_successor(server: Option<&HandoverServer>) -> tokio::net::UnixStream {
