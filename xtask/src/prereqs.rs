@@ -31,6 +31,7 @@ pub fn install_all() -> anyhow::Result<()> {
     install_toolchain()?;
     install_kubernetes_validate()?;
     install_seccomp_tools()?;
+    install_kube_servers()?;
     mount_bpffs()
 }
 
@@ -110,29 +111,47 @@ fn install_seccomp_tools() -> anyhow::Result<()> {
             ],
         )?;
     }
-    let source =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/runtime-default-seccomp");
-    let binary = tools_dir().join("runtime-default-seccomp");
-    let built = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    go_tool("runtime-default-seccomp", ".")
+}
+
+/// etcd and kube-apiserver, for the tests' real Kubernetes API server,
+/// built from their Go modules (versions pinned in `xtask/tools/*/go.mod`
+/// and go.sum): nothing here can download their binaries.
+pub fn install_kube_servers() -> anyhow::Result<()> {
+    go_tool("etcd", "go.etcd.io/etcd/server/v3")?;
+    go_tool("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver")
+}
+
+/// Builds `package` in the Go module `xtask/tools/<name>` into
+/// `target/tools/<name>`, unless the binary is newer than the module's
+/// go.mod, go.sum and sources. Go's build cache makes a rebuild cheap.
+fn go_tool(name: &str, package: &str) -> anyhow::Result<()> {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tools")
+        .join(name);
+    let binary = tools_dir().join(name);
+    let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let newest_source = ["main.go", "go.mod", "go.sum"]
         .iter()
-        .filter_map(|file| built(&source.join(file)))
+        .filter_map(|file| modified(&source.join(file)))
         .max();
-    if built(&binary).is_some() && built(&binary) >= newest_source {
+    if modified(&binary).is_some() && modified(&binary) >= newest_source {
         return Ok(());
     }
-    println!("building runtime-default-seccomp from containerd's module");
+    println!("building {name} from its Go module (cold: minutes; cached in Go's build cache)");
+    let started = std::time::Instant::now();
     let ok = Command::new("go")
         .args(["build", "-trimpath", "-o"])
         .arg(&binary)
-        .arg(".")
+        .arg(package)
         .current_dir(&source)
         .status()
-        .context("running go (the tests build a tool from containerd's Go module)")?
+        .with_context(|| format!("running go to build {name}"))?
         .success();
     if !ok {
-        bail!("go build of {} failed", source.display());
+        bail!("go build of {package} in {} failed", source.display());
     }
+    println!("built {name} in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -1,0 +1,241 @@
+//! The agent against a real kube-apiserver (with etcd), built from their
+//! Go modules by `cargo xtask`: the manifest's RBAC applied for real, the
+//! agent on its own ServiceAccount's token, objects written through the
+//! API as the controllers and kubelet would. `tests/tests/kubernetes.rs`
+//! keeps the JSON fixture for what a real server cannot be made to show
+//! on demand (a stream cut mid-event, a compaction at a chosen moment).
+//! Needs root.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    agent::{Agent, Launch, READY_PORT, sample},
+    apiserver::objects::{self, PodSpec},
+    cluster::Cluster,
+    pod::Connect,
+    topology::Node,
+};
+use serde_json::Value;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const AGENT: &str = "system:serviceaccount:mesh-system:mesh-agent";
+
+fn besteffort_cgroup(uid: &str) -> String {
+    format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        uid.replace('-', "_")
+    )
+}
+
+fn answered_by(reports: &[Value]) -> Vec<String> {
+    reports
+        .iter()
+        .map(|r| {
+            r["greeting"]
+                .as_str()
+                .and_then(|g| g.split(' ').next())
+                .unwrap_or("-")
+                .to_owned()
+        })
+        .collect()
+}
+
+fn eventually(what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        if check() {
+            return started.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}: not within 30 s");
+}
+
+fn metric(agent: &Agent, name: &str) -> f64 {
+    sample(&agent.metrics(), name, &[]).unwrap_or(-1.0)
+}
+
+/// The manifest's ClusterRole lets the agent do its job and nothing more,
+/// as the real authorizer decides it.
+fn rbac_is_what_the_agent_needs(cluster: &Cluster) {
+    for (verb, resource) in [
+        ("list", "pods"),
+        ("watch", "pods"),
+        ("list", "services"),
+        ("watch", "endpointslices"),
+        ("list", "namespaces"),
+        ("get", "nodes"),
+    ] {
+        assert!(
+            cluster.can(AGENT, verb, resource, None),
+            "the agent may not {verb} {resource}"
+        );
+    }
+    for (verb, resource, namespace) in [
+        ("get", "secrets", None),
+        ("list", "secrets", Some("mesh-system")),
+        ("create", "pods", None),
+        ("update", "services", Some("shop")),
+        ("delete", "endpointslices", None),
+        ("patch", "nodes", None),
+        ("create", "configmaps", Some("mesh-system")),
+    ] {
+        assert!(
+            !cluster.can(AGENT, verb, resource, namespace),
+            "the agent may {verb} {resource} in {namespace:?}"
+        );
+    }
+}
+
+#[test]
+fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
+    let mut node = Node::new("kreal", 1);
+    let mut cluster = Cluster::start(&node.netns, "kreal");
+    cluster.apply_rbac(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mesh-agent.yaml"));
+    rbac_is_what_the_agent_needs(&cluster);
+    cluster.namespace("shop", true);
+    cluster.apply(&objects::node(&node.name, "zone-a"));
+    // Each pod: created through the API (bound to the node), its sandbox
+    // made (cgroup named after the server's uid, veth), then its status
+    // written as kubelet would.
+    let mut uids = Vec::new();
+    let node_name = node.name.clone();
+    for name in ["kc", "ka", "kb"] {
+        let placeholder = PodSpec {
+            namespace: "shop",
+            name,
+            uid: "",
+            node: &node_name,
+            ip: Ipv4Addr::UNSPECIFIED,
+            service_account: name,
+            version: None,
+        };
+        let uid = cluster.create_pod(&placeholder);
+        node.add_pod_in_cgroup(name, &besteffort_cgroup(&uid));
+        cluster.pod_running(&PodSpec {
+            uid: &uid,
+            ip: node.pod(name).ip,
+            ..placeholder
+        });
+        uids.push(uid);
+    }
+    let _servers = [
+        node.pod("ka").serve(8080, "ka", false),
+        node.pod("kb").serve(8080, "kb", false),
+    ];
+    let kubeconfig = cluster.service_account_kubeconfig("mesh-system", "mesh-agent");
+    let config = format!(
+        "node: {{}}\nidentity: {{ ca_dir: {} }}\nkubernetes: {{ cgroup_root: {} }}\n",
+        node.ca_dir.display(),
+        node.cgroup.path().display()
+    );
+    let kubeconfig = kubeconfig.display().to_string();
+    let agent = Agent::start_with(
+        &node,
+        &config,
+        &Launch {
+            env: &[
+                ("NODE_NAME", node.name.as_str()),
+                ("KUBECONFIG", kubeconfig.as_str()),
+            ],
+            ..Default::default()
+        },
+    );
+    let vip = SocketAddr::from((VIP, 80));
+    let client = node.pod("kc");
+    let connect = || {
+        client.connect(
+            vip,
+            Connect {
+                count: 10,
+                ..Default::default()
+            },
+        )
+    };
+    let slice = |pods: &[&str]| {
+        let endpoints: Vec<(Ipv4Addr, &str, &str)> = pods
+            .iter()
+            .map(|p| (node.pod(p).ip, node.name.as_str(), *p))
+            .collect();
+        objects::endpoint_slice("shop", "echo-1", "echo", 8080, &endpoints)
+    };
+    // A Service and its EndpointSlice, written as the controller would.
+    cluster.apply(&objects::service("shop", "echo", VIP, 80, "http"));
+    cluster.apply(&slice(&["ka"]));
+    let took = eventually("traffic to ka", || {
+        client
+            .try_connect(vip, Connect::default())
+            .is_ok_and(|r| answered_by(&r) == ["ka"])
+    });
+    eprintln!("service reachable {took:?} after it was written");
+    // The model has each pod with the cgroup kubelet would give it.
+    let dump = agent.config_dump();
+    let kc = dump["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "kc")
+        .cloned()
+        .expect("kc in the model");
+    let expected_cgroup = node.cgroup.path().join(besteffort_cgroup(&uids[0]));
+    assert_eq!(
+        kc["local"]["cgroup"],
+        expected_cgroup.display().to_string().as_str()
+    );
+    assert_eq!(kc["service_account"], "kc", "{kc}");
+
+    // Endpoints change: traffic follows.
+    cluster.apply(&slice(&["kb"]));
+    eventually("traffic to kb", || {
+        answered_by(&connect()) == vec!["kb"; 10]
+    });
+
+    // The API server stops: traffic flows on the last state, readiness
+    // says why; it comes back (etcd kept everything) and the agent
+    // resyncs, seeing what changed meanwhile once it is up again.
+    let held = client.hold(vip);
+    // Never a permission it lacked while the server ran settled.
+    let settled_log = agent.log();
+    assert!(
+        !settled_log.contains("forbidden"),
+        "the agent met an RBAC refusal:\n{settled_log}"
+    );
+    let relists = metric(&agent, "mesh_kubernetes_relists_total");
+    cluster.stop_apiserver();
+    eventually("readiness reports the outage", || {
+        agent
+            .http_get(READY_PORT, "/healthz/ready")
+            .is_some_and(|(code, body)| code == 200 && body.contains("API server unreachable"))
+    });
+    assert_eq!(answered_by(&connect()), vec!["kb"; 10]);
+    cluster.restart_apiserver();
+    eventually("reconnected", || {
+        metric(&agent, "mesh_kubernetes_connected") == 1.0
+    });
+    // A restarted server's watch cache starts at etcd's current revision:
+    // resuming from before it is refused (410), and the agent lists again.
+    // (Just after the restart, before the server's RBAC caches fill, it
+    // also refuses with 403 for a moment; the agent retries through that.)
+    eventually("listed again", || {
+        metric(&agent, "mesh_kubernetes_relists_total") > relists
+    });
+    cluster.apply(&slice(&["ka", "kb"]));
+    eventually("traffic to both", || {
+        let by = answered_by(&connect());
+        by.contains(&"ka".to_owned()) && by.contains(&"kb".to_owned())
+    });
+    let report = held.release();
+    assert!(report["error"].is_null(), "held connection broke: {report}");
+
+    // The namespace opts out: its pods leave the mesh.
+    cluster.apply(&objects::namespace("shop", false));
+    eventually("pods detached", || {
+        agent.stats()["kernel"]["pods"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+}
