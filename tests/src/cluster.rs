@@ -219,6 +219,10 @@ impl Cluster {
             None => Vec::new(),
         };
         let request = request.body(body).map_err(|e| e.to_string())?;
+        self.send(request)
+    }
+
+    fn send(&self, request: http::Request<Vec<u8>>) -> Result<Value, String> {
         let client = self.client.clone();
         let task = self.runtime.spawn(async move {
             let text = tokio::time::timeout(Duration::from_secs(30), client.request_text(request))
@@ -230,6 +234,22 @@ impl Cluster {
         self.runtime
             .block_on(task)
             .unwrap_or_else(|e| Err(e.to_string()))
+    }
+
+    fn request_raw(
+        &self,
+        method: http::Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<Value, String> {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", content_type)
+            .body(body)
+            .map_err(|e| e.to_string())?;
+        self.send(request)
     }
 
     /// Server-side apply of `object` (its uid, resourceVersion and status
@@ -253,6 +273,38 @@ impl Cluster {
             Some(("application/apply-patch+yaml", object.clone())),
         )
         .unwrap_or_else(|e| panic!("applying {}: {e}", object_path(&object)))
+    }
+
+    /// Server-side apply with `dryRun=All`: validated and admitted as
+    /// for real, stored nowhere. The server's refusal is the error.
+    /// `yaml` is the object's own text (`object` parsed from it).
+    pub fn dry_run_apply(&self, object: &Value, yaml: &str) -> Result<Value, String> {
+        let path = format!(
+            "{}?fieldManager=mesh-tests&force=true&dryRun=All",
+            object_path(object)
+        );
+        let answer = self.request_raw(
+            http::Method::PATCH,
+            &path,
+            "application/apply-patch+yaml",
+            yaml.as_bytes().to_vec(),
+        )?;
+        if answer["kind"] == "Status" && answer["status"] == "Failure" {
+            return Err(answer["message"].to_string());
+        }
+        Ok(answer)
+    }
+
+    /// Deletes a pod as a user would, then finishes it as kubelet does
+    /// once the containers stopped (grace period 0); without a kubelet a
+    /// bound pod would stay terminating.
+    pub fn delete_pod(&self, namespace: &str, name: &str) {
+        let path = format!("/api/v1/namespaces/{namespace}/pods/{name}");
+        self.request(http::Method::DELETE, &path, None)
+            .unwrap_or_else(|e| panic!("deleting {path}: {e}"));
+        let now = format!("{path}?gracePeriodSeconds=0");
+        self.request(http::Method::DELETE, &now, None)
+            .unwrap_or_else(|e| panic!("deleting {now}: {e}"));
     }
 
     pub fn delete(&self, object: &Value) {
@@ -402,6 +454,7 @@ fn object_path(object: &Value) -> String {
         "Service" => ("/api/v1", "services"),
         "ServiceAccount" => ("/api/v1", "serviceaccounts"),
         "ConfigMap" => ("/api/v1", "configmaps"),
+        "DaemonSet" => ("/apis/apps/v1", "daemonsets"),
         "EndpointSlice" => ("/apis/discovery.k8s.io/v1", "endpointslices"),
         "ClusterRole" => ("/apis/rbac.authorization.k8s.io/v1", "clusterroles"),
         "ClusterRoleBinding" => ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings"),

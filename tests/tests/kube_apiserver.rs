@@ -19,7 +19,7 @@ use mesh_tests::{
     pod::Connect,
     topology::Node,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const AGENT: &str = "system:serviceaccount:mesh-system:mesh-agent";
@@ -231,6 +231,29 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
     let report = held.release();
     assert!(report["error"].is_null(), "held connection broke: {report}");
 
+    // A pod opts out by annotation, another is deleted: both leave the
+    // model.
+    let in_model = |name: &str| {
+        agent.config_dump()["workloads"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w["name"] == name))
+    };
+    cluster
+        .request(
+            http::Method::PATCH,
+            "/api/v1/namespaces/shop/pods/kb",
+            Some((
+                "application/merge-patch+json",
+                json!({"metadata": {"annotations": {"mesh-agent.io/mesh": "disabled"}}}),
+            )),
+        )
+        .expect("annotating kb");
+    eventually("kb opted out", || !in_model("kb"));
+    assert!(in_model("ka"));
+    cluster.delete_pod("shop", "ka");
+    eventually("ka gone", || !in_model("ka"));
+    assert!(in_model("kc"));
+
     // The namespace opts out: its pods leave the mesh.
     cluster.apply(&objects::namespace("shop", false));
     eventually("pods detached", || {
@@ -238,4 +261,40 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
             .as_array()
             .is_some_and(Vec::is_empty)
     });
+}
+
+/// Every object of `deploy/` passes the real server's validation and
+/// admission (`kubectl apply --server-side --dry-run=server`), its
+/// namespaces created first as `kubectl apply` would.
+#[test]
+fn the_manifests_pass_a_real_api_servers_validation() {
+    let node = Node::new("kdry", 1);
+    let cluster = Cluster::start(&node.netns, "kdry");
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut checked = Vec::new();
+    for file in ["mesh-agent.yaml", "cleanup.yaml"] {
+        let text = std::fs::read_to_string(deploy.join(file)).unwrap();
+        // Each document as its YAML text: the server reads it with its
+        // own YAML rules (`0400` is octal there, as for kubectl).
+        let documents: Vec<(Value, String)> = text
+            .split("\n---\n")
+            .filter(|d| d.lines().any(|l| l.starts_with("kind:")))
+            .map(|d| (serde_yaml::from_str(d).unwrap(), d.to_owned()))
+            .collect();
+        for (object, _) in documents.iter().filter(|(o, _)| o["kind"] == "Namespace") {
+            cluster.apply(object);
+        }
+        for (object, yaml) in documents.iter().filter(|(o, _)| o["kind"] != "Namespace") {
+            let stored = cluster.dry_run_apply(object, yaml).unwrap_or_else(|error| {
+                panic!(
+                    "{file}: {} {}: {error}",
+                    object["kind"], object["metadata"]["name"]
+                )
+            });
+            assert_eq!(stored["kind"], object["kind"], "{stored}");
+            checked.push(format!("{file}: {}", object["kind"]));
+        }
+    }
+    assert!(checked.len() >= 6, "{checked:?}");
+    eprintln!("validated by the server: {checked:?}");
 }
