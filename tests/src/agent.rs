@@ -320,6 +320,21 @@ impl Agent {
     }
 
     /// A kernel counter from `/stats` (e.g. "captured").
+    /// The value of an unlabelled series in `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics();
+        sample(&text, name, &[]).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    }
+
+    /// The workload `name` as the model in `/config_dump` has it.
+    pub fn workload(&self, name: &str) -> Option<Value> {
+        self.config_dump()["workloads"]
+            .as_array()?
+            .iter()
+            .find(|w| w["name"] == name)
+            .cloned()
+    }
+
     pub fn counter(&self, name: &str) -> u64 {
         self.stats()["kernel"]["counters"][name]
             .as_u64()

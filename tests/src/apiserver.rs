@@ -428,6 +428,15 @@ pub mod objects {
                     "state": {"running": {}}}]}})
     }
 
+    /// kubelet's systemd-driver cgroup of a BestEffort pod, relative to
+    /// the cgroup root.
+    pub fn besteffort_cgroup(uid: &str) -> String {
+        format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        )
+    }
+
     /// The container ID the fixture gives a pod's one container.
     pub fn container_id(uid: &str) -> String {
         format!("{:0<64}", uid.replace('-', ""))

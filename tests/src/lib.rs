@@ -109,3 +109,19 @@ pub fn raise_open_files_limit() {
     // Failure leaves the old limit.
     let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
 }
+
+/// Waits (at most 30 s, else the test fails naming `what`) until `check`
+/// holds; returns how long that took.
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let took = start.elapsed();
+    println!("{what}: after {took:?}");
+    took
+}

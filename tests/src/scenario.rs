@@ -51,3 +51,21 @@ pub fn try_greeting(report: &Value) -> Result<(String, SocketAddr), String> {
 pub fn greeting(report: &Value) -> (String, SocketAddr) {
     try_greeting(report).unwrap_or_else(|error| panic!("{error}"))
 }
+
+/// Which server answered each connection (the greeting starts with its
+/// name); a connection that failed fails the test.
+pub fn answered_by(reports: &[Value]) -> Vec<String> {
+    reports
+        .iter()
+        .map(|r| {
+            assert!(r.get("error").is_none(), "connection failed: {r}");
+            r["greeting"]
+                .as_str()
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}

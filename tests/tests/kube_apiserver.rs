@@ -9,55 +9,21 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::Path,
-    time::{Duration, Instant},
 };
 
 use mesh_tests::{
-    agent::{Agent, Launch, READY_PORT, sample},
-    apiserver::objects::{self, PodSpec},
+    agent::{Agent, Launch, READY_PORT},
+    apiserver::objects::{self, PodSpec, besteffort_cgroup},
     cluster::Cluster,
+    eventually,
     pod::Connect,
+    scenario::answered_by,
     topology::Node,
 };
 use serde_json::{Value, json};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const AGENT: &str = "system:serviceaccount:mesh-system:mesh-agent";
-
-fn besteffort_cgroup(uid: &str) -> String {
-    format!(
-        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
-        uid.replace('-', "_")
-    )
-}
-
-fn answered_by(reports: &[Value]) -> Vec<String> {
-    reports
-        .iter()
-        .map(|r| {
-            r["greeting"]
-                .as_str()
-                .and_then(|g| g.split(' ').next())
-                .unwrap_or("-")
-                .to_owned()
-        })
-        .collect()
-}
-
-fn eventually(what: &str, mut check: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(30) {
-        if check() {
-            return started.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{what}: not within 30 s");
-}
-
-fn metric(agent: &Agent, name: &str) -> f64 {
-    sample(&agent.metrics(), name, &[]).unwrap_or(-1.0)
-}
 
 /// The manifest's ClusterRole lets the agent do its job and nothing more,
 /// as the real authorizer decides it.
@@ -173,14 +139,7 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
     });
     eprintln!("service reachable {took:?} after it was written");
     // The model has each pod with the cgroup kubelet would give it.
-    let dump = agent.config_dump();
-    let kc = dump["workloads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["name"] == "kc")
-        .cloned()
-        .expect("kc in the model");
+    let kc = agent.workload("kc").expect("kc in the model");
     let expected_cgroup = node.cgroup.path().join(besteffort_cgroup(&uids[0]));
     assert_eq!(
         kc["local"]["cgroup"],
@@ -204,7 +163,7 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
         !settled_log.contains("forbidden"),
         "the agent met an RBAC refusal:\n{settled_log}"
     );
-    let relists = metric(&agent, "mesh_kubernetes_relists_total");
+    let relists = agent.metric("mesh_kubernetes_relists_total");
     cluster.stop_apiserver();
     eventually("readiness reports the outage", || {
         agent
@@ -214,14 +173,14 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
     assert_eq!(answered_by(&connect()), vec!["kb"; 10]);
     cluster.restart_apiserver();
     eventually("reconnected", || {
-        metric(&agent, "mesh_kubernetes_connected") == 1.0
+        agent.metric("mesh_kubernetes_connected") == 1.0
     });
     // A restarted server's watch cache starts at etcd's current revision:
     // resuming from before it is refused (410), and the agent lists again.
     // (Just after the restart, before the server's RBAC caches fill, it
     // also refuses with 403 for a moment; the agent retries through that.)
     eventually("listed again", || {
-        metric(&agent, "mesh_kubernetes_relists_total") > relists
+        agent.metric("mesh_kubernetes_relists_total") > relists
     });
     cluster.apply(&slice(&["ka", "kb"]));
     eventually("traffic to both", || {
@@ -233,11 +192,7 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
 
     // A pod opts out by annotation, another is deleted: both leave the
     // model.
-    let in_model = |name: &str| {
-        agent.config_dump()["workloads"]
-            .as_array()
-            .is_some_and(|w| w.iter().any(|w| w["name"] == name))
-    };
+    let in_model = |name: &str| agent.workload(name).is_some();
     cluster
         .request(
             http::Method::PATCH,

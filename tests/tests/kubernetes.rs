@@ -15,25 +15,18 @@ use mesh_agent::{
     source::kubernetes::{KubeSource, model::Built},
 };
 use mesh_tests::{
-    agent::{Agent, Launch, READY_PORT, sample},
+    agent::{Agent, Launch, READY_PORT},
     apiserver::{
         ApiServer,
-        objects::{self, PodSpec},
+        objects::{self, PodSpec, besteffort_cgroup},
     },
+    eventually,
     pod::Connect,
+    scenario::answered_by,
     topology::Node,
     unique_name,
 };
 use serde_json::Value;
-
-/// kubelet's systemd-driver cgroup of a BestEffort pod, relative to the
-/// cgroup root.
-fn besteffort_cgroup(uid: &str) -> String {
-    format!(
-        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
-        uid.replace('-', "_")
-    )
-}
 
 /// A node's cgroup tree and route table in a temporary directory.
 struct NodeTree {
@@ -544,43 +537,6 @@ fn vip() -> SocketAddr {
     SocketAddr::from((VIP, 80))
 }
 
-/// Which server answered each connection (the greeting starts with its name).
-fn answered_by(reports: &[Value]) -> Vec<String> {
-    reports
-        .iter()
-        .map(|r| {
-            assert!(r.get("error").is_none(), "connection failed: {r}");
-            r["greeting"]
-                .as_str()
-                .unwrap()
-                .split(' ')
-                .next()
-                .unwrap()
-                .to_owned()
-        })
-        .collect()
-}
-
-/// The value of an unlabelled series in the agent's `/metrics`.
-fn metric(agent: &Agent, name: &str) -> f64 {
-    let text = agent.metrics();
-    sample(&text, name, &[]).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-}
-
-fn eventually(what: &str, mut check: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let took = start.elapsed();
-    println!("{what}: after {took:?}");
-    took
-}
-
 #[test]
 fn agent_follows_services_and_endpoints_from_the_api_server() {
     let mut node = Node::new("kube", 1);
@@ -657,14 +613,7 @@ fn agent_follows_services_and_endpoints_from_the_api_server() {
     let held = client.hold(vip());
 
     // The model shows each pod's interface and kubelet cgroup.
-    let dump = agent.config_dump();
-    let kc = dump["workloads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["name"] == "kc")
-        .cloned()
-        .expect("kc in the model");
+    let kc = agent.workload("kc").expect("kc in the model");
     assert_eq!(kc["local"]["interface"], node.pod("kc").host_if.as_str());
     let expected_cgroup = node.cgroup.path().join(besteffort_cgroup("uid-kc"));
     assert_eq!(
@@ -691,10 +640,10 @@ fn agent_follows_services_and_endpoints_from_the_api_server() {
 
     // Every one of the six watches missed the compacted history.
     eventually("every watch listed again", || {
-        metric(&agent, "mesh_kubernetes_relists_total") == 6.0
+        agent.metric("mesh_kubernetes_relists_total") == 6.0
     });
     // A cut alone resumes without a list.
-    let relists = metric(&agent, "mesh_kubernetes_relists_total");
+    let relists = agent.metric("mesh_kubernetes_relists_total");
     api.drop_connections();
     api.apply(slice(&["ka"]));
     eventually("traffic to ka again", || {
@@ -705,7 +654,7 @@ fn agent_follows_services_and_endpoints_from_the_api_server() {
         let by = answered_by(&connect());
         by.contains(&"ka".to_owned()) && by.contains(&"kb".to_owned())
     });
-    assert_eq!(metric(&agent, "mesh_kubernetes_relists_total"), relists);
+    assert_eq!(agent.metric("mesh_kubernetes_relists_total"), relists);
 
     // The API server goes away: traffic still flows on the last state, and
     // readiness and metrics say so.
@@ -715,11 +664,11 @@ fn agent_follows_services_and_endpoints_from_the_api_server() {
             .http_get(READY_PORT, "/healthz/ready")
             .is_some_and(|(code, body)| code == 200 && body.contains("API server unreachable"))
     });
-    assert_eq!(metric(&agent, "mesh_kubernetes_connected"), 0.0);
+    assert_eq!(agent.metric("mesh_kubernetes_connected"), 0.0);
     assert_eq!(connect().len(), 20);
     api.set_down(false);
     eventually("reconnected", || {
-        metric(&agent, "mesh_kubernetes_connected") == 1.0
+        agent.metric("mesh_kubernetes_connected") == 1.0
     });
 
     let report = held.release();
