@@ -295,6 +295,46 @@ impl Cluster {
         Ok(answer)
     }
 
+    /// Many requests at once (`parallel` in flight), for filling a
+    /// cluster quickly: each is (method, path, content type, JSON body).
+    /// Returns the failures.
+    pub fn requests(
+        &self,
+        requests: Vec<(http::Method, String, &'static str, Value)>,
+        parallel: usize,
+    ) -> Vec<String> {
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(parallel));
+        let tasks: Vec<_> = requests
+            .into_iter()
+            .map(|(method, path, content_type, body)| {
+                let (client, slots) = (self.client.clone(), slots.clone());
+                self.runtime.spawn(async move {
+                    let _slot = slots.acquire_owned().await;
+                    let request = http::Request::builder()
+                        .method(method)
+                        .uri(&path)
+                        .header("content-type", content_type)
+                        .body(serde_json::to_vec(&body).unwrap())
+                        .unwrap();
+                    client
+                        .request_text(request)
+                        .await
+                        .map(drop)
+                        .map_err(|e| format!("{path}: {e}"))
+                })
+            })
+            .collect();
+        self.runtime.block_on(async {
+            let mut failures = Vec::new();
+            for task in tasks {
+                if let Ok(Err(error)) = task.await {
+                    failures.push(error);
+                }
+            }
+            failures
+        })
+    }
+
     /// Deletes a pod as a user would, then finishes it as kubelet does
     /// once the containers stopped (grace period 0); without a kubelet a
     /// bound pod would stay terminating.
@@ -443,7 +483,7 @@ fn service_account(namespace: &str, name: &str) -> Value {
 }
 
 /// The REST path of a (namespaced or cluster) object of the kinds used here.
-fn object_path(object: &Value) -> String {
+pub fn object_path(object: &Value) -> String {
     let kind = object["kind"].as_str().unwrap_or_default();
     let name = object["metadata"]["name"].as_str().unwrap_or_default();
     let namespace = object["metadata"]["namespace"].as_str();

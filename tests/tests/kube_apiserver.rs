@@ -253,3 +253,167 @@ fn the_manifests_pass_a_real_api_servers_validation() {
     assert!(checked.len() >= 6, "{checked:?}");
     eprintln!("validated by the server: {checked:?}");
 }
+
+/// The agent's resident memory, from /proc.
+fn rss_kib(agent: &Agent) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Fills the cluster up to `pods` meshed pods on other nodes and
+/// `services` Services, each with an EndpointSlice of five of them, the
+/// way the controllers and kubelets would (created, then their status).
+fn fill(cluster: &Cluster, from: (usize, usize), to: (usize, usize)) {
+    let ip = |i: usize| {
+        Ipv4Addr::new(
+            10,
+            20 + (i / 65_536) as u8,
+            (i / 256 % 256) as u8,
+            (i % 256) as u8,
+        )
+    };
+    let apply = |object: Value| {
+        let path = format!(
+            "{}?fieldManager=mesh-tests&force=true",
+            mesh_tests::cluster::object_path(&object)
+        );
+        (
+            http::Method::PATCH,
+            path,
+            "application/apply-patch+yaml",
+            object,
+        )
+    };
+    let mut creates = Vec::new();
+    let mut statuses = Vec::new();
+    for i in from.0..to.0 {
+        let name = format!("p{i}");
+        let spec = PodSpec {
+            namespace: "shop",
+            name: &name,
+            uid: "",
+            node: &format!("other-{}", i % 50),
+            ip: ip(i),
+            service_account: "default",
+            version: None,
+        };
+        let mut pod = objects::pod(&spec);
+        let status = pod["status"].take();
+        pod.as_object_mut().unwrap().remove("status");
+        pod["metadata"].as_object_mut().unwrap().remove("uid");
+        creates.push(apply(pod));
+        statuses.push((
+            http::Method::PATCH,
+            format!("/api/v1/namespaces/shop/pods/{name}/status"),
+            "application/merge-patch+json",
+            json!({ "status": status }),
+        ));
+    }
+    for i in from.1..to.1 {
+        let name = format!("s{i}");
+        let vip = Ipv4Addr::new(10, 96, 1 + (i / 256) as u8, (i % 256) as u8);
+        let mut service = objects::service("shop", &name, vip, 80, "http");
+        service["metadata"].as_object_mut().unwrap().remove("uid");
+        creates.push(apply(service));
+        let names: Vec<String> = (0..5).map(|k| format!("p{}", (i * 5 + k) % to.0)).collect();
+        let nodes: Vec<String> = (0..5)
+            .map(|k| format!("other-{}", (i * 5 + k) % to.0 % 50))
+            .collect();
+        let endpoints: Vec<(Ipv4Addr, &str, &str)> = (0..5)
+            .map(|k| (ip((i * 5 + k) % to.0), nodes[k].as_str(), names[k].as_str()))
+            .collect();
+        creates.push(apply(objects::endpoint_slice(
+            "shop",
+            &format!("{name}-1"),
+            &name,
+            8080,
+            &endpoints,
+        )));
+    }
+    let failures = cluster.requests(creates, 32);
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    let failures = cluster.requests(statuses, 32);
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+}
+
+/// How the agent's start and memory grow with the cluster: an empty one,
+/// 1,000 pods and 200 Services, 5,000 pods and 1,000 Services (every pod
+/// on other nodes, so all of it is model, none of it is kernel
+/// attachments). The model must be whole each time; the figures are
+/// printed as ratios to the empty cluster's, measured in the same run.
+#[test]
+fn the_agent_syncs_a_cluster_of_5000_pods() {
+    let node = Node::new("kscale", 1);
+    let cluster = Cluster::start(&node.netns, "kscale");
+    cluster.apply_rbac(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mesh-agent.yaml"));
+    cluster.namespace("shop", true);
+    cluster.apply(&objects::node(&node.name, "zone-a"));
+    let kubeconfig = cluster
+        .service_account_kubeconfig("mesh-system", "mesh-agent")
+        .display()
+        .to_string();
+    let config = format!(
+        "node: {{}}\nidentity: {{ ca_dir: {} }}\nkubernetes: {{ cgroup_root: {} }}\nmaps: {{ services: 4096, workloads: 16384 }}\n",
+        node.ca_dir.display(),
+        node.cgroup.path().display()
+    );
+    let mut figures = Vec::new();
+    let mut filled = (0, 0);
+    for (pods, services) in [(0, 0), (1_000, 200), (5_000, 1_000)] {
+        let started = std::time::Instant::now();
+        fill(&cluster, filled, (pods, services));
+        filled = (pods, services);
+        let filling = started.elapsed();
+        let started = std::time::Instant::now();
+        let agent = Agent::start_with(
+            &node,
+            &config,
+            &Launch {
+                env: &[
+                    ("NODE_NAME", node.name.as_str()),
+                    ("KUBECONFIG", kubeconfig.as_str()),
+                ],
+                ..Default::default()
+            },
+        );
+        let ready = started.elapsed();
+        // Before /config_dump renders the model (which allocates).
+        let rss = rss_kib(&agent);
+        let dump = agent.config_dump();
+        let workloads = dump["workloads"].as_array().map_or(0, Vec::len);
+        let services_seen = dump["services"].as_array().map_or(0, Vec::len);
+        assert_eq!(workloads, pods, "workloads in the model");
+        assert!(
+            services_seen >= services,
+            "{services_seen} services in the model"
+        );
+        eprintln!(
+            "{pods} pods, {services} services: filled in {filling:?}; agent ready in {ready:?}, {rss} KiB resident"
+        );
+        figures.push((pods, ready, rss));
+        drop(agent);
+    }
+    let (_, ready0, rss0) = figures[0];
+    for (pods, ready, rss) in &figures[1..] {
+        eprintln!(
+            "{pods} pods: start {:.2}x, memory {:.2}x the empty cluster's ({:.1} KiB per pod)",
+            ready.as_secs_f64() / ready0.as_secs_f64(),
+            *rss as f64 / rss0 as f64,
+            (*rss as f64 - rss0 as f64) / *pods as f64
+        );
+    }
+}
