@@ -347,11 +347,6 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("deleting {now}: {e}"));
     }
 
-    pub fn delete(&self, object: &Value) {
-        self.request(http::Method::DELETE, &object_path(object), None)
-            .unwrap_or_else(|e| panic!("deleting {}: {e}", object_path(object)));
-    }
-
     /// A namespace, with the `default` ServiceAccount the controller
     /// would make (admission refuses pods without it).
     pub fn namespace(&self, name: &str, meshed: bool) {

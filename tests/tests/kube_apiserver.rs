@@ -25,6 +25,29 @@ use serde_json::{Value, json};
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const AGENT: &str = "system:serviceaccount:mesh-system:mesh-agent";
 
+/// Starts the agent on `node` as the DaemonSet would (its node name from
+/// the environment), on the ServiceAccount token in `kubeconfig`, with
+/// `more` appended to its config.
+fn start_agent(node: &Node, kubeconfig: &Path, more: &str) -> Agent {
+    let config = format!(
+        "node: {{}}\nidentity: {{ ca_dir: {} }}\nkubernetes: {{ cgroup_root: {} }}\n{more}",
+        node.ca_dir.display(),
+        node.cgroup.path().display()
+    );
+    let kubeconfig = kubeconfig.display().to_string();
+    Agent::start_with(
+        node,
+        &config,
+        &Launch {
+            env: &[
+                ("NODE_NAME", node.name.as_str()),
+                ("KUBECONFIG", kubeconfig.as_str()),
+            ],
+            ..Default::default()
+        },
+    )
+}
+
 /// The manifest's ClusterRole lets the agent do its job and nothing more,
 /// as the real authorizer decides it.
 fn rbac_is_what_the_agent_needs(cluster: &Cluster) {
@@ -94,23 +117,7 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
         node.pod("kb").serve(8080, "kb", false),
     ];
     let kubeconfig = cluster.service_account_kubeconfig("mesh-system", "mesh-agent");
-    let config = format!(
-        "node: {{}}\nidentity: {{ ca_dir: {} }}\nkubernetes: {{ cgroup_root: {} }}\n",
-        node.ca_dir.display(),
-        node.cgroup.path().display()
-    );
-    let kubeconfig = kubeconfig.display().to_string();
-    let agent = Agent::start_with(
-        &node,
-        &config,
-        &Launch {
-            env: &[
-                ("NODE_NAME", node.name.as_str()),
-                ("KUBECONFIG", kubeconfig.as_str()),
-            ],
-            ..Default::default()
-        },
-    );
+    let agent = start_agent(&node, &kubeconfig, "");
     let vip = SocketAddr::from((VIP, 80));
     let client = node.pod("kc");
     let connect = || {
@@ -362,15 +369,7 @@ fn the_agent_syncs_a_cluster_of_5000_pods() {
     cluster.apply_rbac(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mesh-agent.yaml"));
     cluster.namespace("shop", true);
     cluster.apply(&objects::node(&node.name, "zone-a"));
-    let kubeconfig = cluster
-        .service_account_kubeconfig("mesh-system", "mesh-agent")
-        .display()
-        .to_string();
-    let config = format!(
-        "node: {{}}\nidentity: {{ ca_dir: {} }}\nkubernetes: {{ cgroup_root: {} }}\nmaps: {{ services: 4096, workloads: 16384 }}\n",
-        node.ca_dir.display(),
-        node.cgroup.path().display()
-    );
+    let kubeconfig = cluster.service_account_kubeconfig("mesh-system", "mesh-agent");
     let mut figures = Vec::new();
     let mut filled = (0, 0);
     for (pods, services) in [(0, 0), (1_000, 200), (5_000, 1_000)] {
@@ -379,16 +378,10 @@ fn the_agent_syncs_a_cluster_of_5000_pods() {
         filled = (pods, services);
         let filling = started.elapsed();
         let started = std::time::Instant::now();
-        let agent = Agent::start_with(
+        let agent = start_agent(
             &node,
-            &config,
-            &Launch {
-                env: &[
-                    ("NODE_NAME", node.name.as_str()),
-                    ("KUBECONFIG", kubeconfig.as_str()),
-                ],
-                ..Default::default()
-            },
+            &kubeconfig,
+            "maps: { services: 4096, workloads: 16384 }\n",
         );
         let ready = started.elapsed();
         // Before /config_dump renders the model (which allocates).

@@ -27,6 +27,14 @@ const DRIP_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0,
 /// `first`, which closes before its clients do.
 const FIRST_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 22)), 80);
 
+/// A `services:` entry: `vip`:80 to port 8080 of the one endpoint.
+fn service_yaml(name: &str, vip: SocketAddr, endpoint: Ipv4Addr) -> String {
+    format!(
+        "  - {{ name: {name}, vip: {}, ports: [{{ port: 80, target_port: 8080 }}], endpoints: [{{ ip: {endpoint} }}] }}\n",
+        vip.ip()
+    )
+}
+
 /// A node with its pods and servers; its agents live beside it, in the
 /// order they took over (the last one serves).
 struct UpgradeNode {
@@ -47,13 +55,7 @@ fn upgrade_node(label: &str, proxy: &str) -> (UpgradeNode, Vec<Agent>) {
             p.ip, p.host_if
         )
     };
-    let service = |name: &str, vip: SocketAddr| {
-        format!(
-            "  - {{ name: {name}, vip: {}, ports: [{{ port: 80, target_port: 8080 }}], endpoints: [{{ ip: {} }}] }}\n",
-            vip.ip(),
-            node.pod(name).ip
-        )
-    };
+    let service = |name: &str, vip: SocketAddr| service_yaml(name, vip, node.pod(name).ip);
     let config = format!(
         "{}{proxy}workloads:\n{}{}{}{}services:\n{}{}{}",
         node.node_yaml(),
@@ -430,13 +432,7 @@ fn cross_node_traffic_survives_upgrades_of_both_ends() {
     }
     b.share_ca_with(&a);
     topology::connect(&mut a, &mut b);
-    let service = |name: &str, vip: SocketAddr| {
-        format!(
-            "  - {{ name: {name}, vip: {}, ports: [{{ port: 80, target_port: 8080 }}], endpoints: [{{ ip: {} }}] }}\n",
-            vip.ip(),
-            b.pod(name).ip
-        )
-    };
+    let service = |name: &str, vip: SocketAddr| service_yaml(name, vip, b.pod(name).ip);
     let config_a = format!(
         "{}workloads:\n{}{}{}services:\n{}{}",
         a.node_yaml(),

@@ -132,7 +132,7 @@ pub struct DataplaneSettings<'a> {
 pub struct Dataplane {
     pins: PinLayout,
     /// flock on the pin root: one agent per root.
-    _lock: File,
+    lock: File,
     ebpf: Ebpf,
     maps: KernelMaps,
     tc_filters: TcFilterRecords,
@@ -285,7 +285,7 @@ impl Dataplane {
 
         let mut dataplane = Self {
             pins,
-            _lock: lock,
+            lock,
             ebpf,
             maps,
             tc_filters,
@@ -564,13 +564,13 @@ impl Dataplane {
     /// must not change the kernel state until it locks it again.
     pub fn unlock(&self) {
         // SAFETY: flock on a descriptor we own.
-        unsafe { libc::flock(self._lock.as_raw_fd(), libc::LOCK_UN) };
+        unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_UN) };
     }
 
     /// Takes the pin root back after a handover that did not complete.
     pub fn relock(&self) -> Result<(), DataplaneError> {
         // SAFETY: flock on a descriptor we own.
-        let ret = unsafe { libc::flock(self._lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let ret = unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if ret != 0 {
             return Err(DataplaneError::PinRootBusy(self.pins.root().to_owned()));
         }
