@@ -449,6 +449,16 @@ impl Drop for Agent {
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log_path);
         } else {
+            // CI keeps only what is printed: the agent's last complaints
+            // often say why the test failed.
+            let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+            let complaints: Vec<&str> = log
+                .lines()
+                .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+                .collect();
+            for line in &complaints[complaints.len().saturating_sub(15)..] {
+                eprintln!("  agent: {line}");
+            }
             eprintln!("agent log kept at {}", self.log_path.display());
         }
     }

@@ -161,7 +161,7 @@ struct Answer {
 }
 
 fn serve(port: u16, name: &str, how: Answer) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    let listener = listen(port)?;
     println!("listening");
     io::stdout().flush()?;
     for stream in listener.incoming() {
@@ -184,6 +184,21 @@ fn serve(port: u16, name: &str, how: Answer) -> anyhow::Result<()> {
         });
     }
     Ok(())
+}
+
+/// A listener with the backlog real servers ask for (Go's and nginx's take
+/// `somaxconn`). std's is 128: when a burst of a few hundred connections
+/// meets a busy accept loop, the kernel drops the handshake's last ACK,
+/// the connecting side believes it is connected, and the connection can
+/// end up dropped at the server while its client waits for a greeting
+/// that never comes (a test failure that says nothing about the mesh).
+fn listen(port: u16) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
 
 /// Returns how many bytes the client sent.
