@@ -40,6 +40,7 @@ struct Member {
     weight: u32,
     subset: Option<String>,
     local: bool,
+    zone: Option<String>,
     same_zone: bool,
 }
 
@@ -88,6 +89,7 @@ impl ServiceBalancer {
                 weight: e.weight,
                 subset: e.subset.clone(),
                 local: e.local,
+                zone: e.zone.clone(),
                 same_zone: e.same_zone,
             })
             .collect();
@@ -469,6 +471,8 @@ impl ServiceBalancer {
                     weight: m.weight,
                     subset: m.subset.clone(),
                     local: m.local,
+                    zone: m.zone.clone(),
+                    same_zone: m.same_zone,
                     state: m.state.snapshot(now),
                 })
                 .collect(),
@@ -492,6 +496,10 @@ pub struct MemberSnapshot {
     pub weight: u32,
     pub subset: Option<String>,
     pub local: bool,
+    /// The endpoint's zone, and whether it is this node's (what `prefer`
+    /// locality ranks by after the node).
+    pub zone: Option<String>,
+    pub same_zone: bool,
     #[serde(flatten)]
     pub state: EndpointSnapshot,
 }
