@@ -13,6 +13,10 @@ use std::{
     net::{Ipv4Addr, TcpListener},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -56,12 +60,21 @@ pub struct Cluster {
     netns: PathBuf,
     runtime: tokio::runtime::Runtime,
     client: kube::Client,
+    /// Set when the cluster goes: the relays of [`Cluster::reach_from`] stop.
+    stopping: Arc<AtomicBool>,
+    /// etcd's client port (plain HTTP on the namespace's loopback).
+    etcd_port: u16,
 }
 
 impl Cluster {
     /// Starts etcd and kube-apiserver in `netns` and waits until the API
     /// server is ready (seconds: it creates its bootstrap roles first).
     pub fn start(netns: &NetNs, label: &str) -> Self {
+        Self::start_with(netns, label, &[])
+    }
+
+    /// [`Cluster::start`], with more kube-apiserver flags.
+    pub fn start_with(netns: &NetNs, label: &str, apiserver_flags: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(crate::unique_name(&format!("{label}-cluster")));
         std::fs::create_dir_all(&dir).expect("cluster directory");
         let ca_pem = write_certificates(&dir);
@@ -113,6 +126,8 @@ impl Cluster {
             format!("--cert-dir={}", file("apiserver-certs")),
             "--profiling=false".into(),
         ];
+        let mut apiserver_command = apiserver_command;
+        apiserver_command.extend(apiserver_flags.iter().map(|f| f.to_string()));
         let url = format!("https://127.0.0.1:{port}");
         // The client's sockets must be made in `netns` (the API server
         // listens on its loopback): its runtime's threads enter it, and
@@ -146,6 +161,8 @@ impl Cluster {
             netns: netns.path(),
             runtime,
             client,
+            stopping: Arc::default(),
+            etcd_port: client_port,
         };
         cluster.start_apiserver();
         cluster
@@ -185,6 +202,89 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Makes the API server reachable at the same URL from `other`'s
+    /// loopback (another node's agent): a relay in the test process
+    /// listens there and connects from the cluster's namespace, as a
+    /// node reaches a control plane it does not host. Its serving
+    /// certificate names 127.0.0.1, so the kubeconfigs work unchanged.
+    pub fn reach_from(&self, other: &NetNs) {
+        let port: u16 = self
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("the URL's port");
+        let listener = other.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, port)));
+        let listener = listener.unwrap_or_else(|e| panic!("port {port} in {}: {e}", other.name()));
+        listener.set_nonblocking(true).unwrap();
+        let (home, stopping) = (self.netns.clone(), self.stopping.clone());
+        std::thread::spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                let Ok((from, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let _ = from.set_nonblocking(false);
+                let Ok(to) = crate::netns::run_in(&home, || {
+                    std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+                }) else {
+                    continue;
+                };
+                for (mut a, mut b) in [
+                    (from.try_clone(), to.try_clone()),
+                    (to.try_clone(), from.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+    }
+
+    /// Compacts etcd's history up to its current revision, as the API
+    /// server's periodic compaction would (through etcd's JSON gateway):
+    /// a watch resumed from before it is refused with 410 Gone. Returns
+    /// the revision.
+    pub fn compact_etcd(&self) -> u64 {
+        let call = |path: &str, body: Value| -> Value {
+            let request = body.to_string();
+            let response = crate::netns::run_in(&self.netns, || {
+                use std::io::{Read, Write};
+                let mut stream =
+                    std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.etcd_port))?;
+                write!(
+                    stream,
+                    "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{request}",
+                    request.len()
+                )?;
+                let mut response = String::new();
+                stream.read_to_string(&mut response)?;
+                std::io::Result::Ok(response)
+            })
+            .unwrap_or_else(|e| panic!("etcd {path}: {e}"));
+            let (head, body) = response.split_once("\r\n\r\n").unwrap_or_default();
+            assert!(head.starts_with("HTTP/1.1 200"), "etcd {path}: {response}");
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("etcd {path}: {e}: {body}"))
+        };
+        // Any key: the answer's header carries the store's revision (int64
+        // as a string, as the gateway writes them).
+        let range = call("/v3/kv/range", json!({"key": "Lw=="}));
+        let revision: u64 = range["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("no revision in {range}"));
+        call(
+            "/v3/kv/compaction",
+            json!({"revision": revision.to_string(), "physical": true}),
+        );
+        revision
     }
 
     /// Stops the API server (etcd keeps the state) until [`Cluster::restart_apiserver`].
@@ -303,7 +403,7 @@ impl Cluster {
         requests: Vec<(http::Method, String, &'static str, Value)>,
         parallel: usize,
     ) -> Vec<String> {
-        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(parallel));
+        let slots = Arc::new(tokio::sync::Semaphore::new(parallel));
         let tasks: Vec<_> = requests
             .into_iter()
             .map(|(method, path, content_type, body)| {
@@ -459,6 +559,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
         self.apiserver.take();
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);

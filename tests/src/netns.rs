@@ -1,7 +1,10 @@
 //! Network namespaces, made with `ip netns` (so they are visible to
 //! `ip netns list` and removable by hand) and entered per thread with setns.
 
-use std::{fs::File, path::PathBuf};
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
 
 use crate::run;
 
@@ -37,27 +40,7 @@ impl NetNs {
     /// Runs `f` on a thread that has entered this namespace. Sockets made
     /// there stay in the namespace wherever they are used later.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = self.path();
-        std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    let file = File::open(&path).expect("open netns");
-                    // SAFETY: setns on this thread only, with a namespace fd.
-                    let ret = unsafe {
-                        libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
-                    };
-                    assert_eq!(
-                        ret,
-                        0,
-                        "setns {}: {}",
-                        path.display(),
-                        std::io::Error::last_os_error()
-                    );
-                    f()
-                })
-                .join()
-                .expect("netns thread panicked")
-        })
+        run_in(&self.path(), f)
     }
 
     /// Writes a sysctl under /proc/sys/net as seen from this namespace.
@@ -74,4 +57,29 @@ impl Drop for NetNs {
             .args(["netns", "del", &self.name])
             .output();
     }
+}
+
+/// Runs `f` on a thread that has entered the network namespace at `path`
+/// (a namespace known only by its path, such as one a fixture recorded).
+pub fn run_in<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                let file = File::open(path).expect("open netns");
+                // SAFETY: setns on this thread only, with a namespace fd.
+                let ret = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                assert_eq!(
+                    ret,
+                    0,
+                    "setns {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                );
+                f()
+            })
+            .join()
+            .expect("netns thread panicked")
+    })
 }

@@ -15,7 +15,7 @@ use mesh_tests::{
     agent::{Agent, Launch, READY_PORT},
     apiserver::objects::{self, PodSpec, besteffort_cgroup},
     cluster::Cluster,
-    eventually,
+    eventually, manifest,
     pod::Connect,
     scenario::answered_by,
     topology::Node,
@@ -26,15 +26,19 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const AGENT: &str = "system:serviceaccount:mesh-system:mesh-agent";
 
 /// Starts the agent on `node` as the DaemonSet would (its node name from
-/// the environment), on the ServiceAccount token in `kubeconfig`, with
-/// `more` appended to its config.
+/// the environment, one config for every node, the manifest's
+/// capabilities and seccomp), on the ServiceAccount token in
+/// `kubeconfig`, with `more` appended to its config.
 fn start_agent(node: &Node, kubeconfig: &Path, more: &str) -> Agent {
     let config = format!(
-        "node: {{}}\nidentity: {{ ca_dir: {} }}\nkubernetes: {{ cgroup_root: {} }}\n{more}",
+        "node: {{ uplinks: [{}] }}\nidentity: {{ ca_dir: {} }}\nkubernetes: {{ cgroup_root: {} }}\n{more}",
+        node.uplinks.join(", "),
         node.ca_dir.display(),
         node.cgroup.path().display()
     );
     let kubeconfig = kubeconfig.display().to_string();
+    let capabilities = manifest::daemonset_capabilities();
+    let capabilities: Vec<&str> = capabilities.iter().map(String::as_str).collect();
     Agent::start_with(
         node,
         &config,
@@ -43,9 +47,34 @@ fn start_agent(node: &Node, kubeconfig: &Path, more: &str) -> Agent {
                 ("NODE_NAME", node.name.as_str()),
                 ("KUBECONFIG", kubeconfig.as_str()),
             ],
-            ..Default::default()
+            capabilities: Some(&capabilities),
+            runtime_default_seccomp: manifest::daemonset_uses_runtime_default_seccomp(),
         },
     )
+}
+
+/// Creates pod `name` through the API, bound to `node` and running as
+/// `service_account`, makes its sandbox (cgroup named after the server's
+/// uid, veth), then writes its status as kubelet would. Returns the uid.
+fn run_pod(cluster: &Cluster, node: &mut Node, name: &str, service_account: &str) -> String {
+    let node_name = node.name.clone();
+    let placeholder = PodSpec {
+        namespace: "shop",
+        name,
+        uid: "",
+        node: &node_name,
+        ip: Ipv4Addr::UNSPECIFIED,
+        service_account,
+        version: None,
+    };
+    let uid = cluster.create_pod(&placeholder);
+    node.add_pod_in_cgroup(name, &besteffort_cgroup(&uid));
+    cluster.pod_running(&PodSpec {
+        uid: &uid,
+        ip: node.pod(name).ip,
+        ..placeholder
+    });
+    uid
 }
 
 /// The manifest's ClusterRole lets the agent do its job and nothing more,
@@ -88,36 +117,21 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
     rbac_is_what_the_agent_needs(&cluster);
     cluster.namespace("shop", true);
     cluster.apply(&objects::node(&node.name, "zone-a"));
-    // Each pod: created through the API (bound to the node), its sandbox
-    // made (cgroup named after the server's uid, veth), then its status
-    // written as kubelet would.
-    let mut uids = Vec::new();
-    let node_name = node.name.clone();
-    for name in ["kc", "ka", "kb"] {
-        let placeholder = PodSpec {
-            namespace: "shop",
-            name,
-            uid: "",
-            node: &node_name,
-            ip: Ipv4Addr::UNSPECIFIED,
-            service_account: name,
-            version: None,
-        };
-        let uid = cluster.create_pod(&placeholder);
-        node.add_pod_in_cgroup(name, &besteffort_cgroup(&uid));
-        cluster.pod_running(&PodSpec {
-            uid: &uid,
-            ip: node.pod(name).ip,
-            ..placeholder
-        });
-        uids.push(uid);
-    }
+    let uids: Vec<String> = ["kc", "ka", "kb"]
+        .into_iter()
+        .map(|name| run_pod(&cluster, &mut node, name, name))
+        .collect();
     let _servers = [
         node.pod("ka").serve(8080, "ka", false),
         node.pod("kb").serve(8080, "kb", false),
     ];
     let kubeconfig = cluster.service_account_kubeconfig("mesh-system", "mesh-agent");
     let agent = start_agent(&node, &kubeconfig, "");
+    // The filter and no_new_privs really are on the agent.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    for field in ["Seccomp:\t2", "NoNewPrivs:\t1"] {
+        assert!(status.contains(field), "{field} not in {status}");
+    }
     let vip = SocketAddr::from((VIP, 80));
     let client = node.pod("kc");
     let connect = || {
@@ -153,6 +167,7 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
         expected_cgroup.display().to_string().as_str()
     );
     assert_eq!(kc["service_account"], "kc", "{kc}");
+    assert_eq!(kc["local"]["interface"], node.pod("kc").host_if.as_str());
 
     // Endpoints change: traffic follows.
     cluster.apply(&slice(&["kb"]));
@@ -223,6 +238,182 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
             .as_array()
             .is_some_and(Vec::is_empty)
     });
+}
+
+/// Two nodes in two zones on one real API server (the second reaches it
+/// through a relay, as a node reaches a control plane it does not host):
+/// a Service's annotations steer the balancing and follow edits, each
+/// node's zone comes from its Node object, and a client reaches a pod on
+/// the other node over HBONE with the identities of their
+/// ServiceAccounts.
+#[test]
+fn two_nodes_follow_annotations_zones_and_service_accounts() {
+    let mut n1 = Node::new("kzone", 1);
+    let mut n2 = Node::new("kzone", 2);
+    mesh_tests::topology::connect(&mut n1, &mut n2);
+    n2.share_ca_with(&n1);
+    let cluster = Cluster::start(&n1.netns, "kzone");
+    cluster.reach_from(&n2.netns);
+    cluster.apply_rbac(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mesh-agent.yaml"));
+    cluster.namespace("shop", true);
+    cluster.apply(&objects::node(&n1.name, "zone-a"));
+    cluster.apply(&objects::node(&n2.name, "zone-b"));
+    run_pod(&cluster, &mut n1, "kc", "frontend");
+    run_pod(&cluster, &mut n1, "ka", "api");
+    run_pod(&cluster, &mut n2, "ks", "api");
+    let _servers = [
+        n1.pod("ka").serve(8080, "ka", false),
+        n2.pod("ks").serve(8080, "ks", false),
+    ];
+    let kubeconfig = cluster.service_account_kubeconfig("mesh-system", "mesh-agent");
+    // Node 1's agent creates the shared CA; node 2's loads it.
+    let agent1 = start_agent(&n1, &kubeconfig, "");
+    let agent2 = start_agent(&n2, &kubeconfig, "");
+
+    let mut service = objects::service("shop", "echo", VIP, 80, "http");
+    service["metadata"]["annotations"] = json!({"mesh-agent.io/locality": "strict"});
+    cluster.apply(&service);
+    let mut slice = objects::endpoint_slice(
+        "shop",
+        "echo-1",
+        "echo",
+        8080,
+        &[
+            (n1.pod("ka").ip, n1.name.as_str(), "ka"),
+            (n2.pod("ks").ip, n2.name.as_str(), "ks"),
+        ],
+    );
+    slice["endpoints"][1]["zone"] = "zone-b".into();
+    cluster.apply(&slice);
+    let vip = SocketAddr::from((VIP, 80));
+    let client = n1.pod("kc");
+    let connect = || {
+        client.connect(
+            vip,
+            Connect {
+                count: 10,
+                ..Default::default()
+            },
+        )
+    };
+    // Strict locality: this node's endpoint only.
+    eventually("traffic to ka", || {
+        client
+            .try_connect(vip, Connect::default())
+            .is_ok_and(|r| answered_by(&r) == ["ka"])
+    });
+    assert_eq!(answered_by(&connect()), vec!["ka"; 10]);
+    // Each endpoint's zone against this node's, from the Node objects.
+    let dump = agent1.config_dump();
+    let echo = dump["services"]
+        .as_array()
+        .and_then(|services| services.iter().find(|s| s["name"] == "echo"))
+        .unwrap_or_else(|| panic!("no echo in {dump}"));
+    assert_eq!(echo["locality"], "strict", "{echo}");
+    let zones: Vec<(&str, bool)> = echo["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["zone"].as_str().unwrap_or("?"), e["same_zone"] == true))
+        .collect();
+    assert_eq!(zones, [("zone-a", true), ("zone-b", false)], "{echo}");
+
+    // The annotations are edited: no locality, round robin. Both
+    // endpoints answer, the other node's over HBONE.
+    service["metadata"]["annotations"] = json!({
+        "mesh-agent.io/locality": "off",
+        "mesh-agent.io/lb-policy": "round_robin",
+    });
+    cluster.apply(&service);
+    eventually("traffic to both", || {
+        let by = answered_by(&connect());
+        by.contains(&"ka".to_owned()) && by.contains(&"ks".to_owned())
+    });
+    let streams = agent2.stats()["inbound"]["streams"].as_u64().unwrap_or(0);
+    assert!(streams > 0, "nothing over HBONE to node 2");
+    // The identities are the pods' ServiceAccounts: the client's agent
+    // presents frontend's, the server's agent sees it.
+    let frontend = "spiffe://cluster.local/ns/shop/sa/frontend";
+    let certificates = agent1.stats()["certificates"].to_string();
+    assert!(certificates.contains(frontend), "{certificates}");
+    let server_log = agent2.log();
+    assert!(
+        server_log.contains(frontend),
+        "the server's agent did not see the client's identity:\n{server_log}"
+    );
+    for agent in [&agent1, &agent2] {
+        assert!(
+            !agent.log().contains("forbidden"),
+            "an agent met an RBAC refusal"
+        );
+    }
+}
+
+/// With the API server's watch cache off, a watch resumes straight from
+/// etcd's history: a restart alone resumes every watch without a list,
+/// while a compaction of that history (as the server's periodic one
+/// would do) answers the resume with 410 Gone and the agent lists again.
+#[test]
+fn an_etcd_compaction_forces_a_list_and_a_restart_alone_does_not() {
+    let mut node = Node::new("kcomp", 1);
+    let mut cluster = Cluster::start_with(&node.netns, "kcomp", &["--watch-cache=false"]);
+    cluster.apply_rbac(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mesh-agent.yaml"));
+    cluster.namespace("shop", true);
+    cluster.apply(&objects::node(&node.name, "zone-a"));
+    for name in ["kc", "ka", "kb"] {
+        run_pod(&cluster, &mut node, name, name);
+    }
+    let _servers = [
+        node.pod("ka").serve(8080, "ka", false),
+        node.pod("kb").serve(8080, "kb", false),
+    ];
+    let kubeconfig = cluster.service_account_kubeconfig("mesh-system", "mesh-agent");
+    let agent = start_agent(&node, &kubeconfig, "");
+    let vip = SocketAddr::from((VIP, 80));
+    let client = node.pod("kc");
+    let slice = |pod: &str| {
+        objects::endpoint_slice(
+            "shop",
+            "echo-1",
+            "echo",
+            8080,
+            &[(node.pod(pod).ip, node.name.as_str(), pod)],
+        )
+    };
+    cluster.apply(&objects::service("shop", "echo", VIP, 80, "http"));
+    let follows = |cluster: &Cluster, pod: &str| {
+        cluster.apply(&slice(pod));
+        eventually(&format!("traffic to {pod}"), || {
+            client
+                .try_connect(vip, Connect::default())
+                .is_ok_and(|r| answered_by(&r) == [pod])
+        });
+    };
+    follows(&cluster, "ka");
+    let listed = agent.metric("mesh_kubernetes_relists_total");
+
+    // A restart: every watch resumes where it was.
+    cluster.stop_apiserver();
+    cluster.restart_apiserver();
+    eventually("reconnected", || {
+        agent.metric("mesh_kubernetes_connected") == 1.0
+    });
+    follows(&cluster, "kb");
+    assert_eq!(agent.metric("mesh_kubernetes_relists_total"), listed);
+
+    // A compaction while the server is down: the resumes meet 410, the
+    // agent lists again and follows.
+    cluster.stop_apiserver();
+    let revision = cluster.compact_etcd();
+    cluster.restart_apiserver();
+    eventually("listed again", || {
+        agent.metric("mesh_kubernetes_relists_total") > listed
+    });
+    eprintln!(
+        "etcd compacted at revision {revision}: {} watches listed again",
+        agent.metric("mesh_kubernetes_relists_total") - listed
+    );
+    follows(&cluster, "ka");
 }
 
 /// Every object of `deploy/` passes the real server's validation and
