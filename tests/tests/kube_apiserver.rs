@@ -16,7 +16,7 @@ use mesh_tests::{
     apiserver::objects::{self, PodSpec, besteffort_cgroup},
     cluster::Cluster,
     eventually, manifest,
-    pod::Connect,
+    pod::{Connect, Pod},
     scenario::answered_by,
     topology::Node,
 };
@@ -77,6 +77,18 @@ fn run_pod(cluster: &Cluster, node: &mut Node, name: &str, service_account: &str
     uid
 }
 
+/// Which servers answered ten new connections from `client` to the VIP.
+fn answers(client: &Pod) -> Vec<String> {
+    let reports = client.connect(
+        SocketAddr::from((VIP, 80)),
+        Connect {
+            count: 10,
+            ..Default::default()
+        },
+    );
+    answered_by(&reports)
+}
+
 /// The manifest's ClusterRole lets the agent do its job and nothing more,
 /// as the real authorizer decides it.
 fn rbac_is_what_the_agent_needs(cluster: &Cluster) {
@@ -134,15 +146,6 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
     }
     let vip = SocketAddr::from((VIP, 80));
     let client = node.pod("kc");
-    let connect = || {
-        client.connect(
-            vip,
-            Connect {
-                count: 10,
-                ..Default::default()
-            },
-        )
-    };
     let slice = |pods: &[&str]| {
         let endpoints: Vec<(Ipv4Addr, &str, &str)> = pods
             .iter()
@@ -171,9 +174,7 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
 
     // Endpoints change: traffic follows.
     cluster.apply(&slice(&["kb"]));
-    eventually("traffic to kb", || {
-        answered_by(&connect()) == vec!["kb"; 10]
-    });
+    eventually("traffic to kb", || answers(client) == vec!["kb"; 10]);
 
     // The API server stops: traffic flows on the last state, readiness
     // says why; it comes back (etcd kept everything) and the agent
@@ -192,7 +193,7 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
             .http_get(READY_PORT, "/healthz/ready")
             .is_some_and(|(code, body)| code == 200 && body.contains("API server unreachable"))
     });
-    assert_eq!(answered_by(&connect()), vec!["kb"; 10]);
+    assert_eq!(answers(client), vec!["kb"; 10]);
     cluster.restart_apiserver();
     eventually("reconnected", || {
         agent.metric("mesh_kubernetes_connected") == 1.0
@@ -206,7 +207,7 @@ fn the_agent_follows_a_real_api_server_with_the_manifests_permissions() {
     });
     cluster.apply(&slice(&["ka", "kb"]));
     eventually("traffic to both", || {
-        let by = answered_by(&connect());
+        let by = answers(client);
         by.contains(&"ka".to_owned()) && by.contains(&"kb".to_owned())
     });
     let report = held.release();
@@ -287,22 +288,13 @@ fn two_nodes_follow_annotations_zones_and_service_accounts() {
     cluster.apply(&slice);
     let vip = SocketAddr::from((VIP, 80));
     let client = n1.pod("kc");
-    let connect = || {
-        client.connect(
-            vip,
-            Connect {
-                count: 10,
-                ..Default::default()
-            },
-        )
-    };
     // Strict locality: this node's endpoint only.
     eventually("traffic to ka", || {
         client
             .try_connect(vip, Connect::default())
             .is_ok_and(|r| answered_by(&r) == ["ka"])
     });
-    assert_eq!(answered_by(&connect()), vec!["ka"; 10]);
+    assert_eq!(answers(client), vec!["ka"; 10]);
     // Each endpoint's zone against this node's, from the Node objects.
     let dump = agent1.config_dump();
     let echo = dump["services"]
@@ -326,7 +318,7 @@ fn two_nodes_follow_annotations_zones_and_service_accounts() {
     });
     cluster.apply(&service);
     eventually("traffic to both", || {
-        let by = answered_by(&connect());
+        let by = answers(client);
         by.contains(&"ka".to_owned()) && by.contains(&"ks".to_owned())
     });
     let streams = agent2.stats()["inbound"]["streams"].as_u64().unwrap_or(0);
