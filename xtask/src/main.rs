@@ -94,6 +94,11 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         time: u64,
+        /// Build the targets without optimisation (still with the
+        /// sanitizer): about half the build time, fewer runs a second.
+        /// For CI's short regression run from the corpus.
+        #[arg(long)]
+        dev: bool,
         /// Only these targets (default: all).
         targets: Vec<String>,
     },
@@ -211,13 +216,13 @@ fn main() -> anyhow::Result<()> {
             }
             run(command.args(args))
         }
-        Task::Fuzz { time, targets } => fuzz(&root, time, &targets),
+        Task::Fuzz { time, dev, targets } => fuzz(&root, time, dev, &targets),
     }
 }
 
 const FUZZ_TARGETS: [&str; 4] = ["config", "hbone_request", "spiffe", "authz_match"];
 
-fn fuzz(root: &Path, seconds: u64, only: &[String]) -> anyhow::Result<()> {
+fn fuzz(root: &Path, seconds: u64, dev: bool, only: &[String]) -> anyhow::Result<()> {
     prereqs::install_fuzzing()?;
     build_ebpf(root)?;
     let fuzz_dir = root.join("fuzz");
@@ -239,18 +244,20 @@ fn fuzz(root: &Path, seconds: u64, only: &[String]) -> anyhow::Result<()> {
         std::fs::create_dir_all(&found)?;
         std::fs::create_dir_all(&seeds)?;
         let started = std::time::Instant::now();
-        let result = run(Command::new("cargo")
+        let mut command = Command::new("cargo");
+        command
             .current_dir(&fuzz_dir)
             .env_remove("RUSTUP_TOOLCHAIN")
             .env_remove("CARGO")
-            .args(["+nightly", "fuzz", "run", target])
-            .arg(&found)
-            .arg(&seeds)
-            .args([
-                "--",
-                &format!("-max_total_time={seconds}"),
-                "-rss_limit_mb=2048",
-            ]));
+            .args(["+nightly", "fuzz", "run", target]);
+        if dev {
+            command.arg("--dev");
+        }
+        let result = run(command.arg(&found).arg(&seeds).args([
+            "--",
+            &format!("-max_total_time={seconds}"),
+            "-rss_limit_mb=2048",
+        ]));
         let inputs = std::fs::read_dir(&found).map_or(0, |d| d.count());
         report.push(format!(
             "{target}: {} after {:.0} s, {inputs} new inputs in {}",
