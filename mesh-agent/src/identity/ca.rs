@@ -1,7 +1,7 @@
 //! Certificate authorities. The agent asks a [`CertificateAuthority`] to
 //! sign a workload's public key for its SPIFFE ID; [`EmbeddedCa`] does it in
-//! process with a CA key kept on disk (mode 0600). An external CA (a CSR
-//! API) implements the same trait.
+//! process with a CA key kept on disk (mode 0600); [`super::istio::IstioCa`]
+//! asks a CA service over Istio's certificate API.
 
 use std::{
     fs,
@@ -42,16 +42,21 @@ pub enum CaError {
     Sign(#[from] rcgen::Error),
     #[error("workload key: {0}")]
     Key(String),
+    /// The CA service refused, failed, or answered something unusable.
+    #[error("CA service: {0}")]
+    Remote(String),
 }
 
 pub type IssueFuture<'a> = Pin<Box<dyn Future<Output = Result<IssuedCert, CaError>> + Send + 'a>>;
 
 pub trait CertificateAuthority: Send + Sync {
-    /// Signs `public_key_der` (SubjectPublicKeyInfo) for `id`, valid for `lifetime`.
+    /// A certificate for `key` (generated here; only what the CA needs of
+    /// it leaves the process: the public key, or a CSR signed with it)
+    /// as `id`, valid for `lifetime` (a remote CA may shorten it).
     fn issue<'a>(
         &'a self,
         id: &'a SpiffeId,
-        public_key_der: &'a [u8],
+        key: &'a KeyPair,
         lifetime: Duration,
     ) -> IssueFuture<'a>;
 
@@ -183,38 +188,72 @@ impl EmbeddedCa {
     }
 }
 
+impl EmbeddedCa {
+    /// Signs `public_key_der` (SubjectPublicKeyInfo) as `id`, valid for
+    /// `lifetime`: the leaf, then the intermediates up to the roots.
+    pub fn sign(
+        &self,
+        id: &SpiffeId,
+        public_key_der: &[u8],
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.sign_leaf(params, public_key_der, lifetime)
+    }
+
+    /// A serving certificate for `names` (DNS names or IP addresses), for
+    /// a service that workloads reach by name (the CA service itself).
+    pub fn sign_server(
+        &self,
+        names: &[String],
+        public_key_der: &[u8],
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign_leaf(params, public_key_der, lifetime)
+    }
+
+    fn sign_leaf(
+        &self,
+        mut params: CertificateParams,
+        public_key_der: &[u8],
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        let public_key = SubjectPublicKeyInfo::from_der(public_key_der)?;
+        params.distinguished_name = DistinguishedName::new();
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        // A little back-dating absorbs clock skew between nodes.
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + lifetime;
+        let cert = params.signed_by(&public_key, &self.issuer, &self.key)?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.intermediates.iter().cloned());
+        Ok(IssuedCert {
+            chain,
+            not_after: SystemTime::now() + lifetime,
+        })
+    }
+}
+
 impl CertificateAuthority for EmbeddedCa {
     fn issue<'a>(
         &'a self,
         id: &'a SpiffeId,
-        public_key_der: &'a [u8],
+        key: &'a KeyPair,
         lifetime: Duration,
     ) -> IssueFuture<'a> {
-        Box::pin(async move {
-            let public_key = SubjectPublicKeyInfo::from_der(public_key_der)?;
-            let mut params = CertificateParams::default();
-            params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
-            params.distinguished_name = DistinguishedName::new();
-            params.key_usages = vec![
-                KeyUsagePurpose::DigitalSignature,
-                KeyUsagePurpose::KeyEncipherment,
-            ];
-            params.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            let now = time::OffsetDateTime::now_utc();
-            // A little back-dating absorbs clock skew between nodes.
-            params.not_before = now - time::Duration::minutes(1);
-            params.not_after = now + lifetime;
-            let cert = params.signed_by(&public_key, &self.issuer, &self.key)?;
-            let mut chain = vec![cert.der().clone()];
-            chain.extend(self.intermediates.iter().cloned());
-            Ok(IssuedCert {
-                chain,
-                not_after: SystemTime::now() + lifetime,
-            })
-        })
+        let signed = self.sign(id, &key.public_key_der(), lifetime);
+        Box::pin(async move { signed })
     }
 
     fn roots(&self) -> Vec<CertificateDer<'static>> {

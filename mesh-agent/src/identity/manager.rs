@@ -124,10 +124,7 @@ impl CertManager {
 
     async fn issue(&self, id: &SpiffeId) -> Result<WorkloadCert, CaError> {
         let key = KeyPair::generate()?;
-        let issued = self
-            .ca
-            .issue(id, &key.public_key_der(), self.lifetime)
-            .await?;
+        let issued = self.ca.issue(id, &key, self.lifetime).await?;
         let private = PrivateKeyDer::Pkcs8(key.serialize_der().into());
         let signing = rustls::crypto::ring::sign::any_supported_type(&private)
             .map_err(|e| CaError::Key(e.to_string()))?;

@@ -74,12 +74,7 @@ pub fn build(cluster: &ClusterState, node: &NodeView) -> Built {
     let namespace_meshed = |ns: &str| cluster.namespaces.live.get(ns).is_some_and(|n| n.opted_in);
     let mut owner_of_ip: HashMap<Ipv4Addr, &str> = HashMap::new();
     for (pod_key, pod) in &pods {
-        let meshed = !pod.host_network
-            && !pod.finished
-            && !pod.ips.is_empty()
-            && !pod.opted_out
-            && (pod.opted_in || namespace_meshed(&pod.namespace));
-        if !meshed {
+        if !pod.is_meshed(namespace_meshed(&pod.namespace)) {
             continue;
         }
         // What a buggy or hostile API server could say, which no real one

@@ -110,6 +110,20 @@ impl PodRecord {
     }
 }
 
+impl PodRecord {
+    /// Whether the mesh carries this pod: running with an address of its
+    /// own, not opted out, and opted in by its label or its namespace's.
+    /// The agent's model and the CA service (which signs only meshed
+    /// pods' identities) decide it the same way.
+    pub fn is_meshed(&self, namespace_opted_in: bool) -> bool {
+        !self.host_network
+            && !self.finished
+            && !self.ips.is_empty()
+            && !self.opted_out
+            && (self.opted_in || namespace_opted_in)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamespaceRecord {
     pub opted_in: bool,
