@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod app;
 pub mod authz;
+pub mod ca_service;
 pub mod cleanup;
 pub mod cli;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod handover;
 pub mod hbone;
 pub mod identity;
 pub mod io;
+pub mod istio_ca;
 pub mod lb;
 mod locks;
 pub mod model;

@@ -1,6 +1,6 @@
 //! The `mesh-agent` command line.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::{
@@ -109,6 +109,11 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// The mesh's CA as a service, so that nodes hold no signing key.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Check this kernel: every feature the agent needs (program and map
     /// types, helpers, attach modes) and whether each program passes the
     /// verifier. Exits 1 when the agent could not run here.
@@ -122,6 +127,97 @@ enum Command {
         #[arg(long, default_value = mesh_common::DEFAULT_PIN_ROOT, env = "MESH_PIN_ROOT")]
         pin_root: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Serve Istio's certificate API (`CreateCertificate`) over TLS 1.3:
+    /// a workload certificate for a node agent's CSR, only for a meshed
+    /// pod on that agent's own node (its ServiceAccount token, checked
+    /// with a TokenReview, names the node). Reads the API server from the
+    /// in-cluster config or KUBECONFIG; SIGTERM stops it.
+    Serve(CaServeArgs),
+}
+
+#[derive(clap::Args)]
+struct CaServeArgs {
+    /// Where the gRPC service listens.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Prometheus endpoint (`/metrics`): issued, refused by reason.
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    metrics: SocketAddr,
+    /// The signing CA: `ca-cert.pem`, `ca-key.pem`, `root-cert.pem` (as
+    /// `ca-init` writes them, or mounted from the `mesh-ca` Secret).
+    #[arg(long, env = "MESH_CA_DIR", default_value = "/etc/mesh-ca")]
+    ca_dir: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// The audience a caller's token must be issued for.
+    #[arg(long, default_value = mesh_agent::istio_ca::TOKEN_AUDIENCE)]
+    audience: String,
+    /// ServiceAccounts of node agents, `namespace/name`, comma-separated
+    /// or repeated (istiod's CA_TRUSTED_NODE_ACCOUNTS).
+    #[arg(
+        long = "node-account",
+        env = "CA_TRUSTED_NODE_ACCOUNTS",
+        value_delimiter = ',',
+        default_value = "mesh-system/mesh-agent"
+    )]
+    node_accounts: Vec<String>,
+    /// Lifetime of a certificate whose request names none.
+    #[arg(long, default_value_t = 24 * 3600)]
+    default_lifetime_s: u64,
+    /// The longest lifetime granted, whatever a request asks.
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    max_lifetime_s: u64,
+    /// Names (DNS or IP) clients reach the service by, for its serving
+    /// certificate; comma-separated or repeated.
+    #[arg(
+        long = "serving-name",
+        value_delimiter = ',',
+        default_value = "mesh-ca.mesh-system.svc"
+    )]
+    serving_names: Vec<String>,
+}
+
+impl CaServeArgs {
+    async fn serve(self) -> anyhow::Result<()> {
+        use mesh_agent::{ca_service, identity::ca};
+        let dir = &self.ca_dir;
+        let authority = mesh_agent::identity::EmbeddedCa::load(
+            &dir.join(ca::CA_CERT),
+            &dir.join(ca::CA_KEY),
+            &dir.join(ca::ROOT_CERTS),
+        )?;
+        let kube = kube::Client::try_default().await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopping = stop.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            stopping.cancel();
+        });
+        let settings = ca_service::Settings {
+            listen: self.listen,
+            metrics: self.metrics,
+            trust_domain: self.trust_domain,
+            audience: self.audience,
+            node_accounts: self.node_accounts,
+            default_lifetime: Duration::from_secs(self.default_lifetime_s),
+            max_lifetime: Duration::from_secs(self.max_lifetime_s),
+            serving_names: self.serving_names,
+        };
+        ca_service::serve(settings, authority, kube, stop).await
+    }
 }
 
 /// The agent's HTTP endpoints, for `run` and `check`.
@@ -213,6 +309,9 @@ fn main() -> ExitCode {
             Command::Graph { admin, svg } => cli::graph(admin, svg),
             Command::Inspect { pin_root } => cli::inspect(&pin_root),
             Command::Probe { json } => cli::probe(json),
+            Command::Ca {
+                command: CaCommand::Serve(args),
+            } => args.serve().await,
             Command::CaInit { dir } => mesh_agent::identity::EmbeddedCa::load_or_create(&dir)
                 .map(|_| println!("CA in {}", dir.display()))
                 .map_err(Into::into),

@@ -263,36 +263,7 @@ impl Agent {
 
     /// `method` on the agent's loopback; returns the status code and body.
     pub fn http(&self, method: &str, port: u16, path: &str) -> Option<(u16, String)> {
-        let netns = self.netns.clone();
-        let path = path.to_owned();
-        std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    let file = std::fs::File::open(&netns).ok()?;
-                    // SAFETY: setns on this thread only.
-                    let ret = unsafe {
-                        libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
-                    };
-                    if ret != 0 {
-                        return None;
-                    }
-                    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-                    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-                    write!(
-                        stream,
-                        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
-                    )
-                    .ok()?;
-                    let mut response = String::new();
-                    stream.read_to_string(&mut response).ok()?;
-                    let code = response.split_whitespace().nth(1)?.parse().ok()?;
-                    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-                    Some((code, body))
-                })
-                .join()
-                .ok()
-                .flatten()
-        })
+        http_request(&self.netns, method, port, path)
     }
 
     /// The body of a GET that must answer 200.
@@ -462,4 +433,23 @@ impl Drop for Agent {
             eprintln!("agent log kept at {}", self.log_path.display());
         }
     }
+}
+
+/// `method path` (HTTP/1.0) to 127.0.0.1:`port` inside the network
+/// namespace at `netns`; returns the status code and body.
+pub fn http_request(netns: &Path, method: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    crate::netns::run_in(netns, || {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let code = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+        Some((code, body))
+    })
 }

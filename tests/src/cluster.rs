@@ -48,6 +48,8 @@ fn free_port(netns: &NetNs) -> u16 {
 }
 
 const ADMIN_TOKEN: &str = "mesh-tests-admin-token";
+/// The API server's own audience (its `--api-audiences`).
+pub const API_AUDIENCE: &str = "https://kubernetes.default.svc";
 
 pub struct Cluster {
     dir: PathBuf,
@@ -216,6 +218,13 @@ impl Cluster {
             .next()
             .and_then(|p| p.parse().ok())
             .expect("the URL's port");
+        self.relay(port, other);
+    }
+
+    /// Relays 127.0.0.1:`port` of `other` to the same port on the
+    /// cluster namespace's loopback (another service a test runs beside
+    /// the API server, such as the CA service), until the cluster goes.
+    pub fn relay(&self, port: u16, other: &NetNs) {
         let listener = other.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, port)));
         let listener = listener.unwrap_or_else(|e| panic!("port {port} in {}: {e}", other.name()));
         listener.set_nonblocking(true).unwrap();
@@ -539,10 +548,31 @@ impl Cluster {
     /// A kubeconfig for `namespace/service_account` with a fresh token
     /// from the TokenRequest API, written next to the cluster's files.
     pub fn service_account_kubeconfig(&self, namespace: &str, service_account: &str) -> PathBuf {
+        let token = self.token(namespace, service_account, API_AUDIENCE, None);
+        let file = self.dir.join(format!("{service_account}.kubeconfig"));
+        std::fs::write(&file, kubeconfig(&self.url, &self.ca_pem, &token)).unwrap();
+        file
+    }
+
+    /// A token of `namespace/service_account` for `audience` (TokenRequest
+    /// API, an hour), bound to the pod `(name, uid)` when given, as the
+    /// kubelet's projected tokens are.
+    pub fn token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audience: &str,
+        pod: Option<(&str, &str)>,
+    ) -> String {
         let path =
             format!("/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token");
-        let request = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600}});
+        let mut spec = json!({"audiences": [audience], "expirationSeconds": 3600});
+        if let Some((name, uid)) = pod {
+            spec["boundObjectRef"] =
+                json!({"kind": "Pod", "apiVersion": "v1", "name": name, "uid": uid});
+        }
+        let request =
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec});
         let answer = self
             .request(
                 http::Method::POST,
@@ -550,10 +580,17 @@ impl Cluster {
                 Some(("application/json", request)),
             )
             .unwrap_or_else(|e| panic!("token for {namespace}/{service_account}: {e}"));
-        let token = answer["status"]["token"].as_str().expect("a token");
-        let file = self.dir.join(format!("{service_account}.kubeconfig"));
-        std::fs::write(&file, kubeconfig(&self.url, &self.ca_pem, token)).unwrap();
-        file
+        answer["status"]["token"]
+            .as_str()
+            .expect("a token")
+            .to_owned()
+    }
+
+    /// A file in the cluster's directory (removed with it).
+    pub fn file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
     }
 }
 
@@ -591,6 +628,7 @@ pub fn object_path(object: &Value) -> String {
         "ServiceAccount" => ("/api/v1", "serviceaccounts"),
         "ConfigMap" => ("/api/v1", "configmaps"),
         "DaemonSet" => ("/apis/apps/v1", "daemonsets"),
+        "Deployment" => ("/apis/apps/v1", "deployments"),
         "EndpointSlice" => ("/apis/discovery.k8s.io/v1", "endpointslices"),
         "ClusterRole" => ("/apis/rbac.authorization.k8s.io/v1", "clusterroles"),
         "ClusterRoleBinding" => ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings"),

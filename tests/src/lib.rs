@@ -14,6 +14,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod cgroup;
 pub mod cluster;
+pub mod kube_node;
 pub mod manifest;
 pub mod netns;
 pub mod payload;

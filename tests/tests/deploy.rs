@@ -42,12 +42,14 @@ fn manifests_validate_against_the_kubernetes_schema_strictly() {
     let files = [
         deploy_dir().join("mesh-agent.yaml"),
         deploy_dir().join("cleanup.yaml"),
+        deploy_dir().join("mesh-ca.yaml"),
     ];
     let output = validate(&files);
     let report = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{report}");
     assert!(report.contains("daemonset/mesh-agent "), "{report}");
+    assert!(report.contains("deployment/mesh-ca "), "{report}");
 
     // The validator is strict: a misspelt field fails.
     let broken = std::env::temp_dir().join(format!("{}.yaml", unique_name("broken")));

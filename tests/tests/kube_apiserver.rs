@@ -12,10 +12,11 @@ use std::{
 };
 
 use mesh_tests::{
-    agent::{Agent, Launch, READY_PORT},
+    agent::{Agent, READY_PORT},
     apiserver::objects::{self, PodSpec, besteffort_cgroup},
     cluster::Cluster,
-    eventually, manifest,
+    eventually,
+    kube_node::{run_pod, start_agent},
     pod::{Connect, Pod},
     scenario::answered_by,
     topology::Node,
@@ -24,58 +25,6 @@ use serde_json::{Value, json};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const AGENT: &str = "system:serviceaccount:mesh-system:mesh-agent";
-
-/// Starts the agent on `node` as the DaemonSet would (its node name from
-/// the environment, one config for every node, the manifest's
-/// capabilities and seccomp), on the ServiceAccount token in
-/// `kubeconfig`, with `more` appended to its config.
-fn start_agent(node: &Node, kubeconfig: &Path, more: &str) -> Agent {
-    let config = format!(
-        "node: {{ uplinks: [{}] }}\nidentity: {{ ca_dir: {} }}\nkubernetes: {{ cgroup_root: {} }}\n{more}",
-        node.uplinks.join(", "),
-        node.ca_dir.display(),
-        node.cgroup.path().display()
-    );
-    let kubeconfig = kubeconfig.display().to_string();
-    let capabilities = manifest::daemonset_capabilities();
-    let capabilities: Vec<&str> = capabilities.iter().map(String::as_str).collect();
-    Agent::start_with(
-        node,
-        &config,
-        &Launch {
-            env: &[
-                ("NODE_NAME", node.name.as_str()),
-                ("KUBECONFIG", kubeconfig.as_str()),
-            ],
-            capabilities: Some(&capabilities),
-            runtime_default_seccomp: manifest::daemonset_uses_runtime_default_seccomp(),
-        },
-    )
-}
-
-/// Creates pod `name` through the API, bound to `node` and running as
-/// `service_account`, makes its sandbox (cgroup named after the server's
-/// uid, veth), then writes its status as kubelet would. Returns the uid.
-fn run_pod(cluster: &Cluster, node: &mut Node, name: &str, service_account: &str) -> String {
-    let node_name = node.name.clone();
-    let placeholder = PodSpec {
-        namespace: "shop",
-        name,
-        uid: "",
-        node: &node_name,
-        ip: Ipv4Addr::UNSPECIFIED,
-        service_account,
-        version: None,
-    };
-    let uid = cluster.create_pod(&placeholder);
-    node.add_pod_in_cgroup(name, &besteffort_cgroup(&uid));
-    cluster.pod_running(&PodSpec {
-        uid: &uid,
-        ip: node.pod(name).ip,
-        ..placeholder
-    });
-    uid
-}
 
 /// Which servers answered ten new connections from `client` to the VIP.
 fn answers(client: &Pod) -> Vec<String> {
@@ -417,7 +366,7 @@ fn the_manifests_pass_a_real_api_servers_validation() {
     let cluster = Cluster::start(&node.netns, "kdry");
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     let mut checked = Vec::new();
-    for file in ["mesh-agent.yaml", "cleanup.yaml"] {
+    for file in ["mesh-agent.yaml", "cleanup.yaml", "mesh-ca.yaml"] {
         let text = std::fs::read_to_string(deploy.join(file)).unwrap();
         // Each document as its YAML text: the server reads it with its
         // own YAML rules (`0400` is octal there, as for kubectl).

@@ -626,8 +626,12 @@ async fn next_successor(server: Option<&HandoverServer>) -> tokio::net::UnixStre
     }
 }
 
-/// The CA named in the config: signing files, or the embedded CA's directory.
+/// The CA named in the config: a CA service (no key on the node), signing
+/// files, or the embedded CA's directory.
 fn certificate_authority(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
+    if let Some(istio) = &config.identity.istio {
+        return Ok(Arc::new(crate::identity::istio::IstioCa::new(istio)?));
+    }
     let ca = match &config.identity.ca {
         Some(files) => EmbeddedCa::load(&files.cert, &files.key, &files.roots)?,
         None => EmbeddedCa::load_or_create(&config.identity.ca_dir)?,

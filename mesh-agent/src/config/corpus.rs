@@ -221,6 +221,20 @@ const CORPUS: &[Entry] = &[
         Some(3),
     ),
     (
+        "a CA address without TLS",
+        "cert_lifetime_s: 86400",
+        "cert_lifetime_s: 86400, istio: { address: 'http://ca:15012', roots: /r.pem, token: /t }",
+        "identity.istio.address",
+        Some(3),
+    ),
+    (
+        "signing files and a CA service",
+        "cert_lifetime_s: 86400",
+        "cert_lifetime_s: 86400, istio: { address: 'https://ca:15012', roots: /r.pem, token: /t }, ca: { cert: /c, key: /k, roots: /r }",
+        "identity.istio",
+        Some(3),
+    ),
+    (
         "lifetime of 1 s",
         "cert_lifetime_s: 86400",
         "cert_lifetime_s: 1",

@@ -120,6 +120,10 @@ pub struct IdentityConfig {
     pub ca_dir: PathBuf,
     /// Alternatively, a signing CA (root or intermediate) and the roots.
     pub ca: Option<CaFiles>,
+    /// Or no signing key on the node at all: certificates asked of a CA
+    /// service over Istio's certificate API (`mesh-agent ca serve`, or
+    /// istiod), with CSRs made here and the node's ServiceAccount token.
+    pub istio: Option<crate::identity::istio::IstioCaConfig>,
     /// Lifetime of workload certificates, renewed at half-life.
     pub cert_lifetime_s: u64,
 }
@@ -136,6 +140,7 @@ impl Default for IdentityConfig {
             trust_domain: "cluster.local".into(),
             ca_dir: PathBuf::from("/var/lib/mesh-agent/ca"),
             ca: None,
+            istio: None,
             cert_lifetime_s: 24 * 3600,
         }
     }
@@ -564,6 +569,24 @@ impl Config {
                     limits::MAX_TRUST_DOMAIN_LEN
                 ),
             );
+        }
+        if self.identity.ca.is_some() && self.identity.istio.is_some() {
+            return fail(
+                "identity.istio".into(),
+                "a node signs with identity.ca or asks identity.istio, not both".into(),
+            );
+        }
+        if let Some(istio) = &self.identity.istio {
+            let uri: Result<http::Uri, _> = istio.address.parse();
+            if !uri
+                .as_ref()
+                .is_ok_and(|u| u.scheme_str() == Some("https") && u.host().is_some())
+            {
+                return fail(
+                    "identity.istio.address".into(),
+                    format!("{:?} is not an https://host[:port] address", istio.address),
+                );
+            }
         }
         in_range(
             "identity.cert_lifetime_s",

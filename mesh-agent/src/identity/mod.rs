@@ -4,6 +4,7 @@
 //! ([`manager`]).
 
 pub mod ca;
+pub mod istio;
 pub mod manager;
 
 use std::{fmt, str::FromStr};
