@@ -132,11 +132,27 @@ fn daemonset_is_wired_to_what_the_agent_reads() {
         "/sys/fs/bpf",
         "/sys/fs/cgroup",
         "/etc/mesh-agent/config",
-        "/etc/mesh-agent/ca",
+        "/etc/mesh-agent/roots",
+        "/var/run/secrets/mesh-ca",
         "/run/mesh-agent",
     ] {
         assert!(mounts.contains(path), "{path} not mounted: {mounts:?}");
     }
+    // No signing key on a node: no Secret at all, a token for the CA
+    // service's audience.
+    let volumes = spec["volumes"].as_sequence().unwrap();
+    assert!(
+        volumes.iter().all(|v| v["secret"].is_null()),
+        "a Secret on every node: {volumes:?}"
+    );
+    let projected = volumes
+        .iter()
+        .find_map(|v| v["projected"]["sources"][0]["serviceAccountToken"].as_mapping())
+        .expect("a projected token");
+    assert_eq!(
+        projected.get("audience").and_then(|a| a.as_str()),
+        Some("istio-ca")
+    );
     // The grace period outlasts the configured drain.
     let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
     let config: Value = serde_yaml::from_str(
@@ -145,6 +161,18 @@ fn daemonset_is_wired_to_what_the_agent_reads() {
             .unwrap(),
     )
     .unwrap();
+    // The CA service's root and token where the mounts put them.
+    let istio = &config["identity"]["istio"];
+    assert!(
+        istio["roots"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("/etc/mesh-agent/roots/")),
+        "{istio:?}"
+    );
+    assert_eq!(
+        istio["token"].as_str(),
+        Some("/var/run/secrets/mesh-ca/token")
+    );
     for drain in ["drain_timeout_ms", "handover_drain_timeout_ms"] {
         let drain_ms = config["proxy"][drain].as_u64().unwrap();
         assert!(
