@@ -279,7 +279,56 @@ fn the_ca_signs_only_meshed_pods_on_the_callers_node() {
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
+
+    // Istio's own wire format: a client generated from Istio's proto by
+    // Python's grpcio gets a chain for the same request, and a refusal
+    // with the same status.
+    let api = id("shop", "api");
+    let csr = cluster.file("api.csr", &csr_with(&api, Vec::new()));
+    let token = cluster.file("agent-py.token", &agent_token);
+    let answer = python_client(&node.netns, &ca_dir, &token, &csr, &api);
+    let chain: Vec<&str> = answer["cert_chain"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{answer}"))
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let leaf = mesh_agent::identity::ca::pem_certs(chain[0]).unwrap();
+    assert_eq!(SpiffeId::from_cert(&leaf[0]).unwrap(), api);
+    assert!(chain.len() >= 2, "the root goes last: {answer}");
+    let web = id("shop", "web");
+    let csr = cluster.file("web.csr", &csr_with(&web, Vec::new()));
+    let answer = python_client(&node.netns, &ca_dir, &token, &csr, &web);
+    assert_eq!(answer["code"], "PERMISSION_DENIED", "{answer}");
     let _ = std::fs::remove_dir_all(&ca_dir);
+}
+
+/// Runs tests/python/ca_client.py (grpcio, `cargo xtask` installs it) in
+/// `netns` against the CA service; its JSON answer.
+fn python_client(
+    netns: &NetNs,
+    ca_dir: &Path,
+    token: &Path,
+    csr: &Path,
+    identity: &SpiffeId,
+) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/ca_client.py");
+    let mut command = Command::new("python3");
+    command
+        .arg(script)
+        .arg(format!("127.0.0.1:{PORT}"))
+        .arg(ca_dir.join("root-cert.pem"))
+        .args([token, csr])
+        .arg(identity.to_string());
+    enter(&mut command, &netns.path(), None);
+    let output = command.output().expect("python3");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "ca_client.py: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
 }
 
 /// An RSA-1024 CSR for `identity`, made by openssl (neither rcgen nor

@@ -25,11 +25,15 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// The Kubernetes schema validator the manifest tests run.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// grpcio and its protoc, for the CA service's wire test: a client
+/// generated from Istio's proto by an implementation not ours.
+const GRPCIO: [&str; 2] = ["grpcio==1.85.1", "grpcio-tools==1.85.1"];
 
 pub fn install_all() -> anyhow::Result<()> {
     install_packages()?;
     install_toolchain()?;
     install_kubernetes_validate()?;
+    install_grpcio()?;
     install_seccomp_tools()?;
     install_kube_servers()?;
     mount_bpffs()
@@ -163,19 +167,36 @@ fn install_kubernetes_validate() -> anyhow::Result<()> {
     if version.contains(wanted) {
         return Ok(());
     }
-    println!("installing {KUBERNETES_VALIDATE}");
-    status(
+    pip_install(&[KUBERNETES_VALIDATE])
+}
+
+/// `pip install` of exactly `packages` (pinned), with the machine's Python.
+fn pip_install(packages: &[&str]) -> anyhow::Result<()> {
+    println!("installing {}", packages.join(" "));
+    let mut args = vec![
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--root-user-action=ignore",
+    ];
+    args.extend(packages);
+    status("python3", &args)
+}
+
+/// grpcio and grpcio-tools from PyPI, with the machine's Python.
+fn install_grpcio() -> anyhow::Result<()> {
+    let wanted = GRPCIO[0].trim_start_matches("grpcio==");
+    let version = output(
         "python3",
-        &[
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--root-user-action=ignore",
-            KUBERNETES_VALIDATE,
-        ],
+        &["-c", "import grpc, grpc_tools; print(grpc.__version__)"],
     )
+    .unwrap_or_default();
+    if version.trim() == wanted {
+        return Ok(());
+    }
+    pip_install(&GRPCIO)
 }
 
 /// rust-src (to build `core` for the BPF target) and bpf-linker.
