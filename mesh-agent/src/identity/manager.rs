@@ -23,6 +23,10 @@ use crate::locks::{lock, read, write};
 
 /// Longest pause between retries when the CA keeps failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A certificate's half-life holds this many retries at the longest
+/// pause at least, so a CA back before expiry is asked again in time.
+const RETRIES_PER_HALF_LIFE: u32 = 5;
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
 
 pub struct WorkloadCert {
     pub key: Arc<CertifiedKey>,
@@ -148,6 +152,12 @@ impl Drop for CertManager {
     }
 }
 
+/// The longest pause between renewal attempts for a certificate valid
+/// for `lifetime`: 30 s, less for short lifetimes.
+fn backoff_cap(lifetime: Duration) -> Duration {
+    (lifetime / 2 / RETRIES_PER_HALF_LIFE).clamp(MIN_BACKOFF, MAX_BACKOFF)
+}
+
 /// Renews `id` at half-life, forever; backs off while the CA fails.
 async fn renew(manager: Weak<CertManager>, id: SpiffeId) {
     loop {
@@ -166,7 +176,8 @@ async fn renew(manager: Weak<CertManager>, id: SpiffeId) {
         if let Ok(wait) = due.duration_since(SystemTime::now()) {
             tokio::time::sleep(wait).await;
         }
-        let mut backoff = Duration::from_millis(500);
+        let max_backoff = backoff_cap(lifetime);
+        let mut backoff = MIN_BACKOFF;
         loop {
             let Some(this) = manager.upgrade() else {
                 return;
@@ -184,9 +195,22 @@ async fn renew(manager: Weak<CertManager>, id: SpiffeId) {
                     warn!(identity = %id, %error, retry_in_ms = backoff.as_millis() as u64, "renewing the certificate failed");
                     drop(this);
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    backoff = (backoff * 2).min(max_backoff);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_come_often_enough_to_renew_before_expiry() {
+        let s = Duration::from_secs;
+        assert_eq!(backoff_cap(s(86_400)), s(30));
+        assert_eq!(backoff_cap(s(70)), s(7));
+        assert_eq!(backoff_cap(s(2)), Duration::from_millis(500));
     }
 }
