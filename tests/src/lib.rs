@@ -20,6 +20,7 @@ pub mod netns;
 pub mod payload;
 pub mod pod;
 pub mod process;
+pub mod raw_hbone;
 pub mod scenario;
 pub mod topology;
 

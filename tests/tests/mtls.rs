@@ -14,6 +14,7 @@ use mesh_tests::{
     payload,
     pod::{Connect, Server},
     process::{self, Guarded},
+    raw_hbone::{self, answer},
     scenario::greeting,
     topology::{self, Node},
 };
@@ -57,6 +58,8 @@ struct Options<'a> {
     drain_timeout_ms_b: Option<u64>,
     /// What node 2 believes the client's service account is.
     client_sa_seen_from_b: &'a str,
+    /// Node 2 knows both nodes' addresses (`nodes:`).
+    nodes_known_to_b: bool,
     /// `hbone.kernel_tls` on both nodes.
     kernel_tls: &'a str,
 }
@@ -71,6 +74,7 @@ impl Default for Options<'_> {
             kernel_tls: "off",
             drain_timeout_ms_b: None,
             client_sa_seen_from_b: "client",
+            nodes_known_to_b: false,
         }
     }
 }
@@ -133,8 +137,16 @@ fn config_b(t: &TwoNodesSetup, o: &Options<'_>) -> String {
         .drain_timeout_ms_b
         .map(|ms| format!("proxy: {{ drain_timeout_ms: {ms} }}\n"))
         .unwrap_or_default();
+    let nodes = if o.nodes_known_to_b {
+        format!(
+            "nodes:\n  - {{ name: {}, addresses: [{}] }}\n  - {{ name: {}, addresses: [{}] }}\n",
+            t.a.name, t.a.ip, t.b.name, t.b.ip
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "{}{proxy}hbone: {{ kernel_tls: {} }}\nworkloads:\n{}{}{}{}{}",
+        "{}{proxy}{nodes}hbone: {{ kernel_tls: {} }}\nworkloads:\n{}{}{}{}{}",
         t.b.node_yaml(),
         o.kernel_tls,
         workload(&t.b, "server", "server", o.server_mode),
@@ -708,6 +720,61 @@ fn a_remote_clients_address_is_used_only_for_the_identity_it_belongs_to() {
     );
 }
 
+/// Node 2 knows where node 1 is and what runs there: a certificate for
+/// an identity none of node 1's workloads has, shown from node 1, is
+/// refused after the handshake (node 1 holds the signing key here, so it
+/// can mint any identity); the identities of node 1's workloads pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_may_show_only_its_own_nodes_identities() {
+    use mesh_agent::identity::SpiffeId;
+    let t = tokio::task::block_in_place(|| {
+        two_nodes(
+            "peernode",
+            &Options {
+                nodes_known_to_b: true,
+                ..Default::default()
+            },
+        )
+    });
+    let server = t.b.pod("server").ip;
+    let status = |who: &'static str| {
+        let t = &t;
+        async move {
+            let mut sender = raw_hbone::connect(
+                &t.a.netns,
+                &t.a.ca_dir,
+                &SpiffeId::new("cluster.local", "default", who),
+                &SpiffeId::new("cluster.local", "default", "server"),
+                SocketAddr::from((server, 15008)),
+            )
+            .await?;
+            answer(
+                &mut sender,
+                raw_hbone::connect_request(SocketAddr::from((server, 8080))),
+            )
+            .await
+        }
+    };
+    assert_eq!(status("client").await, Ok(200));
+    assert_eq!(status("other").await, Ok(200));
+    // `open` runs on node 2, `ghost` nowhere.
+    for who in ["open", "ghost"] {
+        let refused = status(who).await;
+        assert!(refused.is_err(), "{who} from node 1: {refused:?}");
+    }
+    assert_eq!(t.agent_b.stats()["inbound"]["not_on_peer_node"], 2);
+    assert!(
+        t.agent_b
+            .log()
+            .contains("spiffe://cluster.local/ns/default/sa/open is the identity of no workload on the peer's node"),
+        "{}",
+        t.agent_b.log()
+    );
+    // The mesh's own traffic is unaffected.
+    let report = &t.a.pod("client").connect(vip(), Connect::default())[0];
+    assert_eq!(greeting(report).0, "server");
+}
+
 #[test]
 fn a_borrowed_address_does_not_pass_an_ip_allow_list() {
     // Node 2 allows only the client's IP, and believes that IP belongs to
@@ -942,54 +1009,16 @@ fn a_stopping_agent_finishes_open_streams_and_closes_idle_pooled_connections() {
 /// node 1 would open it (a certificate from the mesh's CA for
 /// `client`), for requests no agent would send.
 async fn raw_hbone(t: &TwoNodes) -> h2::client::SendRequest<bytes::Bytes> {
-    use mesh_agent::{
-        identity::{CertManager, EmbeddedCa, SpiffeId},
-        tls::TlsFactory,
-    };
-    let ca = EmbeddedCa::load_or_create(&t.a.ca_dir).expect("the mesh's CA");
-    let certs = CertManager::new(std::sync::Arc::new(ca), Duration::from_secs(3600));
-    let client = SpiffeId::new("cluster.local", "default", "client");
-    assert!(certs.ensure(std::slice::from_ref(&client)).await.is_empty());
-    let tls = TlsFactory::new(
-        certs,
-        "cluster.local",
-        mesh_agent::tls::KernelTls::new(mesh_agent::config::KernelTlsMode::Off),
+    use mesh_agent::identity::SpiffeId;
+    raw_hbone::connect(
+        &t.a.netns,
+        &t.a.ca_dir,
+        &SpiffeId::new("cluster.local", "default", "client"),
+        &SpiffeId::new("cluster.local", "default", "server"),
+        SocketAddr::from((t.b.pod("server").ip, 15008)),
     )
-    .unwrap();
-    let config = tls
-        .client(client, SpiffeId::new("cluster.local", "default", "server"))
-        .unwrap();
-    let gateway = SocketAddr::from((t.b.pod("server").ip, 15008));
-    let tcp =
-        t.a.netns
-            .run(|| std::net::TcpStream::connect_timeout(&gateway, Duration::from_secs(5)))
-            .expect("connect to the HBONE port");
-    tcp.set_nonblocking(true).unwrap();
-    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(t.b.pod("server").ip.into());
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .expect("TLS with the peer");
-    let (sender, connection) = h2::client::handshake(tls).await.expect("HTTP/2");
-    tokio::spawn(connection);
-    sender
-}
-
-/// The status a raw request gets, or the stream error's reason.
-async fn answer(
-    sender: &mut h2::client::SendRequest<bytes::Bytes>,
-    request: http::Request<()>,
-) -> Result<u16, String> {
-    let mut ready = sender.clone().ready().await.map_err(|e| e.to_string())?;
-    let (response, _send) = ready
-        .send_request(request, false)
-        .map_err(|e| e.to_string())?;
-    let response = tokio::time::timeout(Duration::from_secs(10), response)
-        .await
-        .map_err(|_| "no answer".to_owned())?
-        .map_err(|e| e.to_string())?;
-    Ok(response.status().as_u16())
+    .await
+    .expect("an HBONE connection")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

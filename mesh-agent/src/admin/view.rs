@@ -63,6 +63,7 @@ impl AdminView for AgentView {
         json!({
             "config": &*self.config.borrow().clone(),
             "workloads": routes.state.workloads,
+            "nodes": routes.state.nodes,
             "services": routes.balancers.snapshot(),
             "certificates": self.certs.snapshot(),
             "kubernetes": self.kube.as_ref().map(|k| k.status()),

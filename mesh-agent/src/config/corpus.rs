@@ -28,6 +28,7 @@ authorization:
   default_action: allow
   rules:
     - { action: deny, from: { principals: ["spiffe://cluster.local/ns/x/*"], ip_blocks: [10.9.0.0/16] }, to: { ports: [80] } }
+nodes: [{ name: n2, addresses: [192.168.0.2] }, { name: n3, addresses: [192.168.0.3] }]
 "#;
 
 /// (what changes, the text it replaces, its replacement, what the error
@@ -360,6 +361,42 @@ const CORPUS: &[Entry] = &[
         "node: n2, interface: veth-b }",
         "workloads[1].interface",
         Some(7),
+    ),
+    // Nodes.
+    (
+        "a node without addresses",
+        "addresses: [192.168.0.3]",
+        "addresses: []",
+        "nodes[1].addresses",
+        Some(23),
+    ),
+    (
+        "two nodes at one address",
+        "addresses: [192.168.0.3]",
+        "addresses: [192.168.0.2]",
+        "nodes[1].addresses",
+        Some(23),
+    ),
+    (
+        "a node twice",
+        "name: n3",
+        "name: n2",
+        "nodes[1].name",
+        Some(23),
+    ),
+    (
+        "a node name that is no name",
+        "name: n3",
+        "name: N_3",
+        "nodes[1].name",
+        Some(23),
+    ),
+    (
+        "a node address that is no address",
+        "addresses: [192.168.0.3]",
+        "addresses: [192.168.0.300]",
+        "nodes",
+        Some(23),
     ),
     // Services.
     (

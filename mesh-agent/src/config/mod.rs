@@ -67,6 +67,10 @@ pub struct Config {
     pub workloads: Vec<WorkloadConfig>,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// The mesh's nodes and their addresses: an HBONE peer at one of them
+    /// may present only identities of workloads on that node.
+    #[serde(default)]
+    pub nodes: Vec<PeerNodeConfig>,
     #[serde(default)]
     pub authorization: Authorization,
     #[serde(default)]
@@ -323,6 +327,15 @@ pub struct WorkloadConfig {
     pub mode: WorkloadMode,
 }
 
+/// A node of the mesh, by the name workloads' `node` give.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerNodeConfig {
+    pub name: String,
+    /// Where its agent's connections come from.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
@@ -451,10 +464,10 @@ impl Config {
         }
         if let Some(kubernetes) = &self.kubernetes {
             kubernetes.validate()?;
-            if !self.workloads.is_empty() || !self.services.is_empty() {
+            if !self.workloads.is_empty() || !self.services.is_empty() || !self.nodes.is_empty() {
                 return fail(
                     "kubernetes".into(),
-                    "workloads and services come from the API server; remove `workloads:` and `services:`".into(),
+                    "workloads, services and nodes come from the API server; remove `workloads:`, `services:` and `nodes:`".into(),
                 );
             }
         }
@@ -552,6 +565,34 @@ impl Config {
                     field("cgroup"),
                     "a relative cgroup needs node.cgroup".into(),
                 );
+            }
+        }
+
+        let mut node_names: HashMap<&str, usize> = HashMap::new();
+        let mut node_ips: HashMap<Ipv4Addr, usize> = HashMap::new();
+        for (index, node) in self.nodes.iter().enumerate() {
+            let field = |name: &str| format!("nodes[{index}].{name}");
+            name(&field("name"), &node.name)?;
+            if let Some(other) = node_names.insert(&node.name, index) {
+                return fail(
+                    field("name"),
+                    format!("{} is also the name of nodes[{other}]", node.name),
+                );
+            }
+            if node.addresses.is_empty() {
+                return fail(
+                    field("addresses"),
+                    "a node needs at least one address".into(),
+                );
+            }
+            for ip in &node.addresses {
+                routable(&field("addresses"), *ip)?;
+                if let Some(other) = node_ips.insert(*ip, index) {
+                    return fail(
+                        field("addresses"),
+                        format!("{ip} is also an address of nodes[{other}]"),
+                    );
+                }
             }
         }
 

@@ -2,8 +2,9 @@
 //! here by `mesh_uplink`. The accepted socket's local address says which
 //! pod was addressed, so the agent presents that workload's certificate.
 //! Only clients whose certificate chains to the trust roots get through the
-//! handshake; each CONNECT must name a local workload, passes
-//! authorization, and is spliced to the pod.
+//! handshake, and only with an identity a workload on the peer's node has
+//! (where the model knows the peer's node); each CONNECT must name a local
+//! workload, passes authorization, and is spliced to the pod.
 
 use std::{
     collections::HashMap,
@@ -14,6 +15,8 @@ use std::{
     },
     time::Duration,
 };
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
@@ -38,6 +41,7 @@ use crate::{
     identity::SpiffeId,
     io::{self, splice},
     locks::lock,
+    model::PeerCheck,
     observability::access::{Outcome, Record, Sinks},
     observability::log_budget::LogBudget,
     routes::Routes,
@@ -55,6 +59,10 @@ pub const MAX_HANDSHAKES_PER_SOURCE: usize = 32;
 /// 16 MiB): a CONNECT needs a few hundred bytes, trace context included.
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 
+/// How long a peer's identity not (yet) seen on its node waits for the
+/// model: a pod just started there may be newer than this node's view.
+const PEER_NODE_CATCH_UP: Duration = Duration::from_secs(1);
+
 /// Refusals are logged a few times a second; the counters count them all.
 static REFUSED_LOG: LogBudget = LogBudget::new(5);
 
@@ -64,6 +72,9 @@ pub struct InboundStats {
     pub refused: AtomicU64,
     /// Refused before the handshake: too many in progress.
     pub handshake_limited: AtomicU64,
+    /// Refused after the handshake: no workload with the client's identity
+    /// runs on the peer's node.
+    pub not_on_peer_node: AtomicU64,
     pub streams: AtomicU64,
     pub denied: AtomicU64,
     pub dry_run_denied: AtomicU64,
@@ -74,6 +85,7 @@ pub struct InboundStatsSnapshot {
     pub connections: u64,
     pub refused: u64,
     pub handshake_limited: u64,
+    pub not_on_peer_node: u64,
     pub streams: u64,
     pub denied: u64,
     pub dry_run_denied: u64,
@@ -86,6 +98,7 @@ impl InboundStats {
             connections: get(&self.connections),
             refused: get(&self.refused),
             handshake_limited: get(&self.handshake_limited),
+            not_on_peer_node: get(&self.not_on_peer_node),
             streams: get(&self.streams),
             denied: get(&self.denied),
             dry_run_denied: get(&self.dry_run_denied),
@@ -261,6 +274,13 @@ impl Shared {
             },
             None => return refuse("no client certificate".into(), None),
         };
+        if let Err(node) = self.on_peer_node(peer.ip(), &client).await {
+            self.stats.not_on_peer_node.fetch_add(1, Ordering::Relaxed);
+            return refuse(
+                format!("{client} is the identity of no workload on the peer's node {node}"),
+                None,
+            );
+        }
         debug!(%peer, %client, server = %identity, "inbound HBONE connection");
         let tls = match self.tls.kernel.take_over(tls.into(), secrets.as_deref()) {
             Ok(tls) => tls,
@@ -311,6 +331,29 @@ impl Shared {
         }
     }
 
+    /// Whether a workload with `client`'s identity runs on the node at
+    /// `peer`, waiting a moment for the model to catch up; Err names the
+    /// node. A certificate belongs on the node of its workload: one shown
+    /// from elsewhere was stolen or wrongly issued (a node holding a
+    /// signing key can mint any identity).
+    async fn on_peer_node(&self, peer: IpAddr, client: &SpiffeId) -> Result<(), String> {
+        let IpAddr::V4(peer) = peer else {
+            return Ok(());
+        };
+        let mut routes = self.routes.clone();
+        let deadline = Instant::now() + PEER_NODE_CATCH_UP;
+        loop {
+            let node = match routes.borrow_and_update().state.peer_may_be(peer, client) {
+                PeerCheck::Holds | PeerCheck::NodeUnknown => return Ok(()),
+                PeerCheck::NotOnNode(node) => node.to_owned(),
+            };
+            match tokio::time::timeout_at(deadline, routes.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return Err(node),
+            }
+        }
+    }
+
     /// One CONNECT stream: admitted and spliced to the pod, or answered
     /// with the status that says why not.
     async fn stream(
@@ -348,17 +391,21 @@ impl Shared {
             return refuse(StatusCode::BAD_REQUEST);
         };
         // The address the peer says it carries for, if it is the address
-        // of a workload elsewhere whose identity the peer proved; else the
+        // of a workload elsewhere (on the peer's node, where known) whose
+        // identity the peer proved; else the
         // peer's own. A peer may not borrow another workload's address, not
         // for IP allow-lists, not for the pod's view, not for metrics.
         let peer_ip = match peer.ip() {
             IpAddr::V4(ip) => ip,
             IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
         };
+        let peer_node = state.node_at(peer_ip);
         let claimed = connect.forwarded_for.filter(|&ip| {
-            state
-                .workload_by_ip(ip)
-                .is_some_and(|(_, w)| w.local.is_none() && state.identity(w) == *client)
+            state.workload_by_ip(ip).is_some_and(|(_, w)| {
+                w.local.is_none()
+                    && state.identity(w) == *client
+                    && peer_node.is_none_or(|node| node == w.node)
+            })
         });
         let source_ip = claimed.unwrap_or(peer_ip);
         let mut record = Record::new(

@@ -5,7 +5,7 @@
 //! dataplane only ever read a `MeshState`.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
 };
@@ -29,6 +29,11 @@ pub struct MeshState {
     pub workloads: Vec<Workload>,
     /// Indexed by service id.
     pub services: Vec<Service>,
+    /// Other nodes' addresses by node name, as far as the source knows
+    /// them: what tells which node an HBONE peer is.
+    pub nodes: BTreeMap<String, Vec<Ipv4Addr>>,
+    #[serde(skip)]
+    node_by_ip: HashMap<Ipv4Addr, String>,
     #[serde(skip)]
     workload_by_ip: HashMap<Ipv4Addr, usize>,
     #[serde(skip)]
@@ -98,6 +103,17 @@ pub struct Endpoint {
     pub same_zone: bool,
 }
 
+/// What the model says of a peer's identity (see [`MeshState::peer_may_be`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerCheck<'a> {
+    /// A workload with that identity runs on the peer's node.
+    Holds,
+    /// The peer's address is no node the model knows: nothing to check.
+    NodeUnknown,
+    /// The peer is that node, and none of its workloads has the identity.
+    NotOnNode(&'a str),
+}
+
 /// What a captured connection's original destination means.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Destination {
@@ -137,8 +153,51 @@ impl MeshState {
             authorization,
             workloads,
             services,
+            nodes: BTreeMap::new(),
+            node_by_ip: HashMap::new(),
             workload_by_ip,
             service_by_vip,
+        }
+    }
+
+    /// The same model, knowing the nodes' addresses. An address claimed
+    /// by two nodes names neither.
+    pub fn with_nodes(mut self, nodes: BTreeMap<String, Vec<Ipv4Addr>>) -> Self {
+        let mut owners: HashMap<Ipv4Addr, Vec<&String>> = HashMap::new();
+        for (name, ips) in &nodes {
+            for ip in ips {
+                owners.entry(*ip).or_default().push(name);
+            }
+        }
+        self.node_by_ip = owners
+            .into_iter()
+            .filter(|(_, names)| names.len() == 1)
+            .map(|(ip, names)| (ip, names[0].clone()))
+            .collect();
+        self.nodes = nodes;
+        self
+    }
+
+    /// The node an address belongs to, when the model knows it.
+    pub fn node_at(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.node_by_ip.get(&ip).map(String::as_str)
+    }
+
+    /// Whether a peer at `peer` may present `identity`: no when the model
+    /// knows the peer's node and none of that node's workloads has the
+    /// identity (only a node's own workloads' certificates belong there).
+    pub fn peer_may_be(&self, peer: Ipv4Addr, identity: &SpiffeId) -> PeerCheck<'_> {
+        let Some(node) = self.node_at(peer) else {
+            return PeerCheck::NodeUnknown;
+        };
+        let runs_there = self
+            .workloads
+            .iter()
+            .any(|w| w.node == node && self.identity(w) == *identity);
+        if runs_there {
+            PeerCheck::Holds
+        } else {
+            PeerCheck::NotOnNode(node)
         }
     }
 
@@ -168,6 +227,7 @@ impl MeshState {
             && self.services == other.services
             && self.authorization == other.authorization
             && self.trust_domain == other.trust_domain
+            && self.nodes == other.nodes
     }
 
     pub fn destination(&self, addr: SocketAddrV4) -> Destination {
@@ -208,5 +268,63 @@ impl MeshState {
             .iter()
             .enumerate()
             .filter_map(|(id, w)| w.local.as_ref().map(|local| (id, w, local)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, account: &str, node: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "shop".into(),
+            service_account: account.into(),
+            ips: Vec::new(),
+            node: node.into(),
+            mode: WorkloadMode::default(),
+            local: None,
+        }
+    }
+
+    #[test]
+    fn a_peer_may_present_only_identities_of_its_nodes_workloads() {
+        let ip = |last| Ipv4Addr::new(192, 168, 0, last);
+        let nodes = BTreeMap::from([
+            ("n1".to_owned(), vec![ip(1)]),
+            ("n2".to_owned(), vec![ip(2), ip(9)]),
+            ("n3".to_owned(), vec![ip(9)]),
+        ]);
+        let state = MeshState::new(
+            "n0".into(),
+            "cluster.local".into(),
+            Authorization::default(),
+            vec![
+                workload("api-1", "api", "n1"),
+                workload("web-1", "web", "n2"),
+            ],
+            Vec::new(),
+        )
+        .with_nodes(nodes);
+        let id = |account| SpiffeId::new("cluster.local", "shop", account);
+        assert_eq!(state.peer_may_be(ip(1), &id("api")), PeerCheck::Holds);
+        assert_eq!(state.peer_may_be(ip(2), &id("web")), PeerCheck::Holds);
+        assert_eq!(
+            state.peer_may_be(ip(1), &id("web")),
+            PeerCheck::NotOnNode("n1")
+        );
+        assert_eq!(
+            state.peer_may_be(ip(2), &id("ghost")),
+            PeerCheck::NotOnNode("n2")
+        );
+        // Another trust domain is another identity.
+        let elsewhere = SpiffeId::new("elsewhere", "shop", "api");
+        assert_eq!(
+            state.peer_may_be(ip(1), &elsewhere),
+            PeerCheck::NotOnNode("n1")
+        );
+        // Unknown, or claimed by two nodes: no node to check against.
+        assert_eq!(state.peer_may_be(ip(7), &id("api")), PeerCheck::NodeUnknown);
+        assert_eq!(state.peer_may_be(ip(9), &id("web")), PeerCheck::NodeUnknown);
     }
 }

@@ -87,4 +87,11 @@ pub fn mesh_state(config: &Config) -> MeshState {
         workloads,
         services,
     )
+    .with_nodes(
+        config
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.addresses.clone()))
+            .collect(),
+    )
 }

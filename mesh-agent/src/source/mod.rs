@@ -53,13 +53,16 @@ impl ModelSource {
                 let built = tokio::task::spawn_blocking(move || kube.build())
                     .await
                     .ok()??;
-                Some(MeshState::new(
-                    config.node.name.clone(),
-                    config.identity.trust_domain.clone(),
-                    config.authorization.clone(),
-                    built.workloads,
-                    built.services,
-                ))
+                Some(
+                    MeshState::new(
+                        config.node.name.clone(),
+                        config.identity.trust_domain.clone(),
+                        config.authorization.clone(),
+                        built.workloads,
+                        built.services,
+                    )
+                    .with_nodes(built.nodes),
+                )
             }
         }
     }

@@ -2,7 +2,7 @@
 //! (kube-rs), turned into the same workloads and services the config file
 //! describes.
 //!
-//! Watches: Namespaces (the opt-in label), this node's Node (its zone), the
+//! Watches: Namespaces (the opt-in label), every Node (this one's zone, their addresses), the
 //! Pods on this node (field selector `spec.nodeName`), every Pod (the
 //! identities, versions and opt-outs of remote endpoints), Services and
 //! EndpointSlices. Each watch lists, then watches from the list's
@@ -133,10 +133,10 @@ impl KubeSource {
             ),
             spawn_watch(
                 Api::<Node>::all(client.clone()),
-                watcher::Config::default().fields(&format!("metadata.name={node}")),
+                watcher::Config::default(),
                 &shared,
                 |n| Some(NodeRecord::from_node(n)),
-                |c| &mut c.node,
+                |c| &mut c.nodes,
             ),
             spawn_watch(
                 Api::<Pod>::all(client.clone()),

@@ -47,17 +47,25 @@ pub struct Built {
     /// clashes), each naming the object and field.
     pub problems: Vec<String>,
     pub zone: Option<String>,
+    /// Every node's addresses by name.
+    pub nodes: BTreeMap<String, Vec<Ipv4Addr>>,
 }
 
 /// Builds workloads and services from what the watches hold.
 pub fn build(cluster: &ClusterState, node: &NodeView) -> Built {
     let mut built = Built {
         zone: cluster
-            .node
+            .nodes
             .live
-            .values()
-            .next()
+            .get(&node.name)
             .and_then(|n| n.zone.clone()),
+        nodes: cluster
+            .nodes
+            .live
+            .iter()
+            .filter(|(name, n)| !n.addresses.is_empty() && config::check_name(name).is_ok())
+            .map(|(name, n)| (name.clone(), n.addresses.clone()))
+            .collect(),
         ..Built::default()
     };
     // The node-local watch is the authority for pods here; the

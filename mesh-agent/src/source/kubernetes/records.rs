@@ -140,12 +140,30 @@ impl NamespaceRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeRecord {
     pub zone: Option<String>,
+    /// Its IPv4 `InternalIP` and `ExternalIP` addresses, at most
+    /// [`MAX_NODE_ADDRESSES`]: where its agent's HBONE connections come from.
+    pub addresses: Vec<Ipv4Addr>,
 }
+
+/// More addresses than a node has interfaces are noise, or an attempt to
+/// claim other nodes' addresses.
+pub const MAX_NODE_ADDRESSES: usize = 16;
 
 impl NodeRecord {
     pub fn from_node(node: &Node) -> Self {
+        let addresses = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .take(MAX_NODE_ADDRESSES)
+            .collect();
         Self {
             zone: node.labels().get(ZONE_LABEL).cloned(),
+            addresses,
         }
     }
 }

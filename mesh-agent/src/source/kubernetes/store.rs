@@ -74,8 +74,9 @@ impl<R: PartialEq> Table<R> {
 #[derive(Debug, Default, Clone)]
 pub struct ClusterState {
     pub namespaces: Table<NamespaceRecord>,
-    /// This node's Node object (one entry).
-    pub node: Table<NodeRecord>,
+    /// Every Node: this one's zone, and the addresses that tell which
+    /// node an HBONE peer is.
+    pub nodes: Table<NodeRecord>,
     /// Pods scheduled on this node (field selector on `spec.nodeName`).
     pub local_pods: Table<PodRecord>,
     /// Every pod in the cluster: identities, versions and opt-outs of
@@ -89,7 +90,7 @@ impl ClusterState {
     /// Every watch has delivered its first complete list.
     pub fn synced(&self) -> bool {
         self.namespaces.synced
-            && self.node.synced
+            && self.nodes.synced
             && self.local_pods.synced
             && self.pods.synced
             && self.services.synced
@@ -98,7 +99,7 @@ impl ClusterState {
 
     pub fn relists(&self) -> u64 {
         self.namespaces.relists
-            + self.node.relists
+            + self.nodes.relists
             + self.local_pods.relists
             + self.pods.relists
             + self.services.relists
