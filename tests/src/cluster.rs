@@ -474,6 +474,20 @@ impl Cluster {
         created["metadata"]["uid"].as_str().expect("uid").to_owned()
     }
 
+    /// A Node in `zone` at `ip`, its address written as kubelet reports it.
+    pub fn node_at(&self, name: &str, zone: &str, ip: Ipv4Addr) {
+        self.apply(&objects::node(name, zone));
+        let addresses = json!({"status": {"addresses": [
+            {"type": "InternalIP", "address": ip.to_string()},
+            {"type": "Hostname", "address": name}]}});
+        self.request(
+            http::Method::PATCH,
+            &format!("/api/v1/nodes/{name}/status"),
+            Some(("application/merge-patch+json", addresses)),
+        )
+        .unwrap_or_else(|e| panic!("node status: {e}"));
+    }
+
     /// Writes the pod's status as kubelet would once it runs: its IP,
     /// ready, one containerd container (`spec.uid` is the server's).
     pub fn pod_running(&self, spec: &objects::PodSpec<'_>) {
@@ -586,6 +600,33 @@ impl Cluster {
             .to_owned()
     }
 
+    /// `token` with the same claims but issued two hours ago and expiring
+    /// `expires_in_s` from now (negative: expired), signed again with the
+    /// server's own service-account key. (The TokenRequest API gives at
+    /// least 10 minutes, so an expired token must be made this way.)
+    pub fn signed_again(&self, token: &str, expires_in_s: i64) -> String {
+        use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+        let mut parts = token.split('.');
+        let (header, claims) = (parts.next().unwrap(), parts.next().unwrap());
+        let mut claims: Value = serde_json::from_slice(&B64.decode(claims).unwrap()).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        claims["iat"] = json!(now - 7200);
+        claims["nbf"] = json!(now - 7200);
+        claims["exp"] = json!(now.saturating_add_signed(expires_in_s));
+        let signed = format!("{header}.{}", B64.encode(claims.to_string()));
+        let key = std::fs::read_to_string(self.dir.join("sa-key.pem")).unwrap();
+        let signature = es256(&key, signed.as_bytes());
+        format!("{signed}.{}", B64.encode(signature))
+    }
+
+    /// The directory of the cluster's files (kept when a test fails).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// A file in the cluster's directory (removed with it).
     pub fn file(&self, name: &str, contents: &str) -> PathBuf {
         let path = self.dir.join(name);
@@ -687,4 +728,32 @@ fn write_certificates(dir: &Path) -> String {
     std::fs::write(dir.join("sa-key.pem"), sa_key.serialize_pem()).unwrap();
     std::fs::write(dir.join("sa.pem"), sa_key.public_key_pem()).unwrap();
     ca.pem()
+}
+
+/// A JWS ES256 signature (r and s, 32 bytes each) of `message` with the
+/// P-256 key in `key_pem`.
+fn es256(key_pem: &str, message: &[u8]) -> Vec<u8> {
+    use rustls::{
+        SignatureScheme,
+        pki_types::{PrivateKeyDer, pem::PemObject},
+    };
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("a PEM key");
+    let signer = rustls::crypto::ring::sign::any_ecdsa_type(&key)
+        .expect("an ECDSA key")
+        .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
+        .expect("P-256");
+    let der = signer.sign(message).expect("signed");
+    // ECDSA-Sig-Value ::= SEQUENCE { r INTEGER, s INTEGER }, short lengths.
+    let integer = |at: usize| {
+        assert_eq!(der[at], 0x02, "an INTEGER");
+        let len = usize::from(der[at + 1]);
+        let value = &der[at + 2..at + 2 + len];
+        let value = &value[value.len().saturating_sub(32)..];
+        let mut padded = vec![0; 32 - value.len()];
+        padded.extend_from_slice(value);
+        (padded, at + 2 + len)
+    };
+    let (r, next) = integer(2);
+    let (s, _) = integer(next);
+    [r, s].concat()
 }

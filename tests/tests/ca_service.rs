@@ -5,10 +5,14 @@
 //! token bound to its pod on node n1. Needs root (namespaces).
 
 use std::{
-    net::Ipv4Addr,
-    path::Path,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use mesh_agent::{
@@ -20,15 +24,16 @@ use mesh_agent::{
     istio_ca::TOKEN_AUDIENCE,
 };
 use mesh_tests::{
-    agent::http_request,
+    agent::{Agent, http_request},
     apiserver::objects::{self, PodSpec},
     cluster::{API_AUDIENCE, Cluster},
     eventually,
     kube_node::{run_pod, start_agent_with_identity},
     mesh_agent_bin,
     netns::NetNs,
-    pod::Connect,
+    pod::{Connect, Server},
     process::{Guarded, enter},
+    raw_hbone,
     scenario::answered_by,
     topology::Node,
 };
@@ -76,7 +81,13 @@ fn start_ca(cluster: &Cluster, netns: &NetNs, ca_dir: &Path) -> Guarded {
         .env("KUBECONFIG", kubeconfig)
         .stdout(Stdio::null())
         // Beside the API server's log, kept when the test fails.
-        .stderr(std::fs::File::create(cluster.file("mesh-ca.log", "")).unwrap());
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(cluster.dir().join("mesh-ca.log"))
+                .unwrap(),
+        );
     enter(&mut command, &netns.path(), None);
     let process = Guarded::new(command.spawn().expect("mesh-agent ca serve"));
     eventually("the CA service listens", || {
@@ -187,6 +198,10 @@ fn the_ca_signs_only_meshed_pods_on_the_callers_node() {
         Some(("mesh-agent-n1", &agent_uid)),
     );
     let unbound = cluster.token("mesh-system", "mesh-agent", TOKEN_AUDIENCE, None);
+    let expired = cluster.signed_again(&agent_token, -3600);
+    // The same, unexpired: passes (so the signature above is right, and
+    // only the expiry refuses it).
+    let resigned = cluster.signed_again(&agent_token, 600);
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -198,6 +213,8 @@ fn the_ca_signs_only_meshed_pods_on_the_callers_node() {
             let agent = client(&cluster, &ca_dir, "agent.token", &agent_token);
             // Its own node's meshed pod: signed, for exactly that identity.
             assert_eq!(ask(&agent, &id("shop", "api")).await, Ok(id("shop", "api")));
+            let again = client(&cluster, &ca_dir, "resigned.token", &resigned);
+            assert_eq!(ask(&again, &id("shop", "api")).await, Ok(id("shop", "api")));
             for (who, identity, expected) in [
                 (
                     "another node's pod",
@@ -227,6 +244,7 @@ fn the_ca_signs_only_meshed_pods_on_the_callers_node() {
                     "not accepted",
                 ),
                 ("a token bound to no pod", &unbound, "not bound to a pod"),
+                ("an expired token", &expired, "expired"),
                 ("no token at all", &String::new(), "no bearer token"),
                 ("garbage", &"x.y.z".to_owned(), "not accepted"),
             ] {
@@ -269,11 +287,11 @@ fn the_ca_signs_only_meshed_pods_on_the_callers_node() {
     let (_, metrics) = http_request(&node.netns.path(), "GET", METRICS, "/metrics")
         .expect("the CA service's metrics");
     for line in [
-        "mesh_ca_certificates_issued_total 1",
+        "mesh_ca_certificates_issued_total 2",
         "mesh_ca_certificates_refused_total{reason=\"not_on_callers_node\"} 2",
         "mesh_ca_certificates_refused_total{reason=\"not_meshed\"} 1",
         "mesh_ca_certificates_refused_total{reason=\"not_a_node_agent\"} 1",
-        "mesh_ca_certificates_refused_total{reason=\"unauthenticated\"} 3",
+        "mesh_ca_certificates_refused_total{reason=\"unauthenticated\"} 4",
         "mesh_ca_certificates_refused_total{reason=\"caller_node_unknown\"} 1",
         "mesh_ca_certificates_refused_total{reason=\"bad_csr\"} 3",
     ] {
@@ -358,72 +376,127 @@ fn weak_csr(identity: &SpiffeId) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
-/// Two agents that hold no signing key (`identity.istio`): each gets its
-/// pods' certificates from the CA service with a token bound to its own
-/// pod, and a client on node 1 reaches a server on node 2 over HBONE
-/// with them. Node 1's credential cannot get node 2's identity.
+/// Two nodes whose agents hold no signing key (`identity.istio`): each
+/// gets its pods' certificates from the CA service (on node 1, relayed to
+/// node 2's loopback) with a token bound to its own pod. `kc`
+/// (frontend) runs on node 1, `ks` (api) serves on node 2 behind the
+/// Service `echo` at [`KeylessNodes::VIP`]:80. Fields drop in order.
+struct KeylessNodes {
+    agent2: Agent,
+    agent1: Agent,
+    /// The CA service's process, while it runs.
+    ca: Mutex<Option<Guarded>>,
+    _server: Server,
+    ca_dir: PathBuf,
+    tokens: [PathBuf; 2],
+    cluster: Cluster,
+    n2: Node,
+    n1: Node,
+}
+
+impl KeylessNodes {
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+
+    /// With certificates valid `cert_lifetime_s` when given.
+    fn start(label: &str, cert_lifetime_s: Option<u64>) -> Self {
+        let mut n1 = Node::new(label, 1);
+        let mut n2 = Node::new(label, 2);
+        mesh_tests::topology::connect(&mut n1, &mut n2);
+        let cluster = Cluster::start(&n1.netns, label);
+        cluster.reach_from(&n2.netns);
+        let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        cluster.apply_rbac(&manifests.join("mesh-agent.yaml"));
+        cluster.apply_rbac(&manifests.join("mesh-ca.yaml"));
+        cluster.namespace("shop", true);
+        for node in [&n1, &n2] {
+            cluster.node_at(&node.name, "zone-a", node.ip);
+        }
+        run_pod(&cluster, &mut n1, "kc", "frontend");
+        run_pod(&cluster, &mut n2, "ks", "api");
+        let server = n2.pod("ks").serve(8080, "ks", false);
+        let ca_dir = std::env::temp_dir().join(mesh_tests::unique_name(&format!("{label}-ca")));
+        mesh_tests::run(
+            mesh_agent_bin().to_str().unwrap(),
+            &["ca-init", "--dir", ca_dir.to_str().unwrap()],
+        );
+        let ca = start_ca(&cluster, &n1.netns, &ca_dir);
+        cluster.relay(PORT, &n2.netns);
+        // Each agent's own pod on its node, and its projected token.
+        let token_file = |node: &Node, ip: u8| {
+            let name = format!("mesh-agent-{ip}");
+            let uid = pod(&cluster, "mesh-system", &name, "mesh-agent", &node.name, ip);
+            let token = cluster.token(
+                "mesh-system",
+                "mesh-agent",
+                TOKEN_AUDIENCE,
+                Some((&name, &uid)),
+            );
+            cluster.file(&format!("{name}.token"), &token)
+        };
+        let tokens = [token_file(&n1, 201), token_file(&n2, 202)];
+        let lifetime = cert_lifetime_s
+            .map(|s| format!(", cert_lifetime_s: {s}"))
+            .unwrap_or_default();
+        let identity = |token: &Path| {
+            format!(
+                "{{ istio: {{ address: 'https://127.0.0.1:{PORT}', roots: {}, token: {} }}{lifetime} }}",
+                ca_dir.join("root-cert.pem").display(),
+                token.display()
+            )
+        };
+        let kubeconfig = cluster.service_account_kubeconfig("mesh-system", "mesh-agent");
+        let agent1 = start_agent_with_identity(&n1, &kubeconfig, &identity(&tokens[0]), "");
+        let agent2 = start_agent_with_identity(&n2, &kubeconfig, &identity(&tokens[1]), "");
+        cluster.apply(&objects::service("shop", "echo", Self::VIP, 80, "http"));
+        cluster.apply(&objects::endpoint_slice(
+            "shop",
+            "echo-1",
+            "echo",
+            8080,
+            &[(n2.pod("ks").ip, n2.name.as_str(), "ks")],
+        ));
+        let t = Self {
+            agent2,
+            agent1,
+            ca: Mutex::new(Some(ca)),
+            _server: server,
+            ca_dir,
+            tokens,
+            cluster,
+            n2,
+            n1,
+        };
+        eventually("traffic to ks over HBONE", || t.reaches_ks().is_ok());
+        t
+    }
+
+    /// One new connection from `kc` to the Service: answered by `ks`, or
+    /// why not.
+    fn reaches_ks(&self) -> Result<(), String> {
+        let reports = self
+            .n1
+            .pod("kc")
+            .try_connect((Self::VIP, 80).into(), Connect::default())?;
+        match answered_by(&reports) == ["ks"] {
+            true => Ok(()),
+            false => Err(format!("{reports:?}")),
+        }
+    }
+}
+
+impl Drop for KeylessNodes {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.ca_dir);
+    }
+}
+
+/// The two agents of [`KeylessNodes`] talk over HBONE with their
+/// certificates from the CA service. Node 1's credential cannot get node
+/// 2's identity, and node 2 refuses an identity shown from the wrong node.
 #[test]
 fn agents_without_a_key_talk_over_hbone_with_certificates_from_the_ca_service() {
-    let mut n1 = Node::new("kcab", 1);
-    let mut n2 = Node::new("kcab", 2);
-    mesh_tests::topology::connect(&mut n1, &mut n2);
-    let cluster = Cluster::start(&n1.netns, "kcab");
-    cluster.reach_from(&n2.netns);
-    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    cluster.apply_rbac(&manifests.join("mesh-agent.yaml"));
-    cluster.apply_rbac(&manifests.join("mesh-ca.yaml"));
-    cluster.namespace("shop", true);
-    for node in [&n1, &n2] {
-        cluster.apply(&objects::node(&node.name, "zone-a"));
-    }
-    run_pod(&cluster, &mut n1, "kc", "frontend");
-    run_pod(&cluster, &mut n2, "ks", "api");
-    let _server = n2.pod("ks").serve(8080, "ks", false);
-    let ca_dir = std::env::temp_dir().join(mesh_tests::unique_name("kcab-ca"));
-    mesh_tests::run(
-        mesh_agent_bin().to_str().unwrap(),
-        &["ca-init", "--dir", ca_dir.to_str().unwrap()],
-    );
-    let _ca = start_ca(&cluster, &n1.netns, &ca_dir);
-    cluster.relay(PORT, &n2.netns);
-    // Each agent's own pod on its node, and its projected token.
-    let token_file = |node: &Node, ip: u8| {
-        let name = format!("mesh-agent-{ip}");
-        let uid = pod(&cluster, "mesh-system", &name, "mesh-agent", &node.name, ip);
-        let token = cluster.token(
-            "mesh-system",
-            "mesh-agent",
-            TOKEN_AUDIENCE,
-            Some((&name, &uid)),
-        );
-        cluster.file(&format!("{name}.token"), &token)
-    };
-    let tokens = [token_file(&n1, 201), token_file(&n2, 202)];
-    let identity = |token: &Path| {
-        format!(
-            "{{ istio: {{ address: 'https://127.0.0.1:{PORT}', roots: {}, token: {} }} }}",
-            ca_dir.join("root-cert.pem").display(),
-            token.display()
-        )
-    };
-    let kubeconfig = cluster.service_account_kubeconfig("mesh-system", "mesh-agent");
-    let agent1 = start_agent_with_identity(&n1, &kubeconfig, &identity(&tokens[0]), "");
-    let agent2 = start_agent_with_identity(&n2, &kubeconfig, &identity(&tokens[1]), "");
-    let vip = Ipv4Addr::new(10, 96, 0, 30);
-    cluster.apply(&objects::service("shop", "echo", vip, 80, "http"));
-    cluster.apply(&objects::endpoint_slice(
-        "shop",
-        "echo-1",
-        "echo",
-        8080,
-        &[(n2.pod("ks").ip, n2.name.as_str(), "ks")],
-    ));
-    let client = n1.pod("kc");
-    eventually("traffic to ks over HBONE", || {
-        client
-            .try_connect((vip, 80).into(), Connect::default())
-            .is_ok_and(|r| answered_by(&r) == ["ks"])
-    });
+    let t = KeylessNodes::start("kcab", None);
+    let (n1, n2, agent1, agent2, ca_dir) = (&t.n1, &t.n2, &t.agent1, &t.agent2, &t.ca_dir);
     assert!(agent2.stats()["inbound"]["streams"].as_u64() > Some(0));
     let frontend = id("shop", "frontend").to_string();
     let certificates = agent1.stats()["certificates"].to_string();
@@ -441,14 +514,43 @@ fn agents_without_a_key_talk_over_hbone_with_certificates_from_the_ca_service() 
     for node in [&n1, &n2] {
         assert!(!node.ca_dir.join("ca-key.pem").exists());
     }
-    // Node 1's credential, stolen, still gets only node 1's identities.
+    // A certificate shown from the wrong node is refused. Node 1 with a
+    // signing key (an embedded or files CA, or a CA that erred) could
+    // mint `api`'s certificate; node 2 knows `api` runs only on itself.
+    // `frontend`'s, from node 1 where it runs, passes.
+    let gateway = SocketAddr::from((n2.pod("ks").ip, 15008));
+    let target = SocketAddr::from((n2.pod("ks").ip, 8080));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
+    let status = |as_who: &str| {
+        runtime.block_on(async {
+            let mut sender = raw_hbone::connect(
+                &n1.netns,
+                ca_dir,
+                &id("shop", as_who),
+                &id("shop", "api"),
+                gateway,
+            )
+            .await?;
+            raw_hbone::answer(&mut sender, raw_hbone::connect_request(target)).await
+        })
+    };
+    assert_eq!(status("frontend"), Ok(200));
+    let stolen = status("api");
+    assert!(stolen.is_err(), "api's certificate from node 1: {stolen:?}");
+    assert_eq!(agent2.stats()["inbound"]["not_on_peer_node"], 1);
+    let refusal = format!(
+        "{} is the identity of no workload on the peer's node {}",
+        id("shop", "api"),
+        n1.name
+    );
+    assert!(agent2.log().contains(&refusal), "{refusal}");
+    // Node 1's credential, stolen, still gets only node 1's identities.
     n1.netns.run(|| {
         runtime.block_on(async {
-            let stolen = client_of(&ca_dir, &tokens[0]);
+            let stolen = client_of(ca_dir, &t.tokens[0]);
             let refused = ask(&stolen, &id("shop", "api")).await.unwrap_err();
             assert!(refused.contains("is scheduled on node"), "{refused}");
             assert_eq!(
@@ -457,5 +559,137 @@ fn agents_without_a_key_talk_over_hbone_with_certificates_from_the_ca_service() 
             );
         });
     });
-    let _ = std::fs::remove_dir_all(&ca_dir);
+}
+
+/// Rotation and a CA outage under live HBONE traffic. Certificates are
+/// valid 70 s, renewed at half-life; the CA service is stopped 15 s after
+/// they were issued and started again 30 s later, so every renewal (due
+/// at 35 s) first fails, and must catch up before expiry. All the while a
+/// new connection every 100 ms and one long-lived stream cross the nodes:
+/// none may fail, and the renewed certificates carry new HBONE
+/// connections (a pooled connection on a replaced certificate takes no
+/// new streams).
+#[test]
+fn renewals_ride_out_a_ca_outage_under_live_traffic() {
+    const LIFETIME_S: u64 = 70;
+    let t = KeylessNodes::start("kcar", Some(LIFETIME_S));
+    let certificates = |agent: &Agent| -> Vec<(u64, u64)> {
+        agent.stats()["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["not_after"].as_u64().unwrap(),
+                    c["renewals"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let first: Vec<(u64, u64)> = [&t.agent1, &t.agent2]
+        .iter()
+        .flat_map(|a| certificates(a))
+        .collect();
+    assert_eq!(first.len(), 2, "{first:?}");
+    // The earliest issue: the timeline is measured from it.
+    let issued = UNIX_EPOCH
+        + Duration::from_secs(first.iter().map(|(not_after, _)| *not_after).min().unwrap())
+        - Duration::from_secs(LIFETIME_S);
+    let at = |s: u64| issued + Duration::from_secs(s);
+    let sleep_until = |when: SystemTime| {
+        if let Ok(wait) = when.duration_since(SystemTime::now()) {
+            std::thread::sleep(wait);
+        }
+    };
+    let held = t.n1.pod("kc").hold((KeylessNodes::VIP, 80).into());
+    assert_eq!(
+        held.greeting.split(' ').next(),
+        Some("ks"),
+        "{}",
+        held.greeting
+    );
+    let stop = AtomicBool::new(false);
+    let (attempts, failures) = std::thread::scope(|scope| {
+        // A failed assertion below must stop the traffic too, or the
+        // scope would wait for it for ever.
+        let _stop = StopOnDrop(&stop);
+        let traffic = scope.spawn(|| {
+            let (mut attempts, mut failures) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                attempts += 1;
+                if let Err(error) = t.reaches_ks() {
+                    failures.push(format!(
+                        "{:?}: {error}",
+                        SystemTime::now().duration_since(issued)
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (attempts, failures)
+        });
+        sleep_until(at(15));
+        drop(t.ca.lock().unwrap().take());
+        sleep_until(at(45));
+        // HBONE connections so far, all on the first certificates.
+        let inbound = || t.agent2.stats()["inbound"]["connections"].as_u64().unwrap();
+        let before = inbound();
+        *t.ca.lock().unwrap() = Some(start_ca(&t.cluster, &t.n1.netns, &t.ca_dir));
+        // Renewals catch up, well before the first certificates expire.
+        let renewed = || {
+            [&t.agent1, &t.agent2]
+                .iter()
+                .all(|a| certificates(a).iter().all(|(_, renewals)| *renewals >= 1))
+        };
+        while !renewed() {
+            assert!(
+                SystemTime::now() < at(LIFETIME_S - 5),
+                "no renewal after the CA came back: {}",
+                t.agent1.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eventually("HBONE connections on the renewed certificates", || {
+            inbound() > before
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::Relaxed);
+        traffic.join().unwrap()
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {attempts} failed: {failures:#?}",
+        failures.len()
+    );
+    assert!(attempts > 250, "{attempts} connections");
+    println!("{attempts} new connections through the outage, none failed");
+    let report = held.release();
+    assert_eq!(
+        report["reply"],
+        format!("0 {}", report["sent_sha256"].as_str().unwrap()),
+        "{report}"
+    );
+    for agent in [&t.agent1, &t.agent2] {
+        assert!(
+            agent.log().contains("renewing the certificate failed"),
+            "the outage went unnoticed: {}",
+            agent.log()
+        );
+        // Every certificate held now outlives the first ones.
+        let first_expiry = first.iter().map(|(not_after, _)| *not_after).max().unwrap();
+        assert!(
+            certificates(agent)
+                .iter()
+                .all(|(not_after, _)| *not_after > first_expiry)
+        );
+    }
+    assert_eq!(t.agent2.stats()["inbound"]["refused"], 0);
+}
+
+/// Sets its flag when dropped, also on a panic.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
