@@ -60,6 +60,8 @@ struct Options<'a> {
     client_sa_seen_from_b: &'a str,
     /// Node 2 knows both nodes' addresses (`nodes:`).
     nodes_known_to_b: bool,
+    /// `identity.trust_domain_aliases` on node 2 (YAML list), if any.
+    aliases_b: &'a str,
     /// `hbone.kernel_tls` on both nodes.
     kernel_tls: &'a str,
 }
@@ -75,6 +77,7 @@ impl Default for Options<'_> {
             drain_timeout_ms_b: None,
             client_sa_seen_from_b: "client",
             nodes_known_to_b: false,
+            aliases_b: "",
         }
     }
 }
@@ -186,7 +189,10 @@ fn two_nodes(label: &str, options: &Options<'_>) -> TwoNodes {
     ];
     // Node 1's agent creates the shared CA; node 2's loads it.
     let agent_a = Agent::start(&setup.a, &with_lifetime(config_a(&setup, options), options));
-    let agent_b = Agent::start(&setup.b, &with_lifetime(config_b(&setup, options), options));
+    let config_b = with_identity(config_b(&setup, options), options.aliases_b, |aliases| {
+        format!(", trust_domain_aliases: {aliases} }}")
+    });
+    let agent_b = Agent::start(&setup.b, &with_lifetime(config_b, options));
     TwoNodes {
         agent_a,
         agent_b,
@@ -199,22 +205,31 @@ fn two_nodes(label: &str, options: &Options<'_>) -> TwoNodes {
 /// Puts the certificate lifetime into the `identity:` line.
 fn with_lifetime(config: String, options: &Options<'_>) -> String {
     match options.cert_lifetime_s {
-        Some(lifetime) => {
-            config
-                .lines()
-                .map(|line| {
-                    if line.starts_with("identity:") {
-                        line.replace(" }", &format!(", cert_lifetime_s: {lifetime} }}"))
-                    } else {
-                        line.to_owned()
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
-                + "\n"
-        }
+        Some(lifetime) => with_identity(config, "set", |_| {
+            format!(", cert_lifetime_s: {lifetime} }}")
+        }),
         None => config,
     }
+}
+
+/// Ends the `identity:` line with `more(value)` instead of ` }`, unless
+/// `value` is empty.
+fn with_identity(config: String, value: &str, more: impl Fn(&str) -> String) -> String {
+    if value.is_empty() {
+        return config;
+    }
+    config
+        .lines()
+        .map(|line| {
+            if line.starts_with("identity:") {
+                line.replace(" }", &more(value))
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
 }
 
 /// Runs a program inside a node's network namespace.
@@ -773,6 +788,62 @@ async fn a_peer_may_show_only_its_own_nodes_identities() {
     // The mesh's own traffic is unaffected.
     let report = &t.a.pod("client").connect(vip(), Connect::default())[0];
     assert_eq!(greeting(report).0, "server");
+}
+
+/// Node 2 takes `old.example` as an alias of its trust domain and allows
+/// only `cluster.local`'s client: a peer presenting the client's identity
+/// in the alias domain is that client (authorized, logged under the
+/// canonical name); a third domain signed by the same CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trust_domain_alias_names_the_same_workload_and_no_other_domain_passes() {
+    use mesh_agent::identity::SpiffeId;
+    let only_client = "authorization:
+  default_action: deny
+  rules:
+    - { action: allow, from: { principals: ['spiffe://cluster.local/ns/default/sa/client'] } }
+";
+    let t = tokio::task::block_in_place(|| {
+        two_nodes(
+            "alias",
+            &Options {
+                aliases_b: "[old.example]",
+                authorization_b: only_client,
+                ..Default::default()
+            },
+        )
+    });
+    let server = t.b.pod("server").ip;
+    let status = |domain: &'static str, who: &'static str| {
+        let t = &t;
+        async move {
+            let mut sender = raw_hbone::connect(
+                &t.a.netns,
+                &t.a.ca_dir,
+                &SpiffeId::new(domain, "default", who),
+                &SpiffeId::new("cluster.local", "default", "server"),
+                SocketAddr::from((server, 15008)),
+            )
+            .await?;
+            answer(
+                &mut sender,
+                raw_hbone::connect_request(SocketAddr::from((server, 8080))),
+            )
+            .await
+        }
+    };
+    assert_eq!(status("old.example", "client").await, Ok(200));
+    // Authorization sees the canonical name: `other` is not allowed,
+    // whichever domain names it.
+    assert_eq!(status("old.example", "other").await, Ok(401));
+    let refused = status("elsewhere.example", "client").await;
+    assert!(refused.is_err(), "a third domain: {refused:?}");
+    let log = t.agent_b.log();
+    assert!(
+        log.contains("not of trust domain cluster.local or its aliases"),
+        "{log}"
+    );
+    assert_eq!(t.agent_b.stats()["inbound"]["denied"], 1);
+    assert_eq!(t.agent_b.stats()["inbound"]["streams"], 1);
 }
 
 #[test]

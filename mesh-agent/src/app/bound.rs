@@ -201,7 +201,8 @@ impl Bound {
                 &config.identity.trust_domain,
                 crate::tls::KernelTls::new(config.hbone.kernel_tls),
             )
-            .context("trust roots")?,
+            .context("trust roots")?
+            .with_aliases(config.identity.trust_domain_aliases.clone()),
         );
         let outbound_addr = any_addr(config.proxy.outbound_port);
         let outbound_listener = match inherit(ListenerRole::Outbound, outbound_addr) {

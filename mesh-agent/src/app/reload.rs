@@ -57,12 +57,13 @@ impl Reloader {
         };
         let current = &self.current;
         if config.node != current.node
+            || config.identity != current.identity
             || config.proxy != current.proxy
             || config.kubernetes != current.kubernetes
             || config.maps != current.maps
         {
             warn!(
-                "node, proxy, maps and kubernetes settings change only on restart; applying the rest"
+                "node, identity, proxy, maps and kubernetes settings change only on restart; applying the rest"
             );
         }
         let Some(state) = self.source.state(&config).await else {

@@ -362,6 +362,21 @@ const CORPUS: &[Entry] = &[
         "workloads[1].interface",
         Some(7),
     ),
+    // Trust domain aliases.
+    (
+        "the trust domain as its own alias",
+        "cert_lifetime_s: 86400 }",
+        "cert_lifetime_s: 86400, trust_domain_aliases: [old.example, cluster.local] }",
+        "identity.trust_domain_aliases[1]",
+        Some(3),
+    ),
+    (
+        "an alias that is no trust domain",
+        "cert_lifetime_s: 86400 }",
+        "cert_lifetime_s: 86400, trust_domain_aliases: ['Old Example'] }",
+        "identity.trust_domain_aliases[0]",
+        Some(3),
+    ),
     // Nodes.
     (
         "a node without addresses",

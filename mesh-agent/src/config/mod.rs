@@ -109,6 +109,7 @@ pub mod limits {
     pub const MAX_NAME_LEN: usize = 253;
     /// SPIFFE's limit on a trust domain.
     pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
+    pub const MAX_TRUST_DOMAIN_ALIASES: usize = 16;
     /// Entries of one destination map (a hash map entry is about 100 bytes
     /// of kernel memory).
     pub const MAX_MAP_ENTRIES: u32 = 1 << 20;
@@ -119,6 +120,11 @@ pub mod limits {
 pub struct IdentityConfig {
     /// SPIFFE trust domain of every workload.
     pub trust_domain: String,
+    /// Other trust domains whose identities count as this one's (a
+    /// renamed domain, as Istio's `trustDomainAliases`): a peer's
+    /// `spiffe://<alias>/ns/N/sa/S` is `spiffe://<trust_domain>/ns/N/sa/S`
+    /// to authorization, logs and metrics. Any other domain is refused.
+    pub trust_domain_aliases: Vec<String>,
     /// Directory of the embedded CA: created with a new root on first
     /// start, shared by every node that must trust each other.
     pub ca_dir: PathBuf,
@@ -142,6 +148,7 @@ impl Default for IdentityConfig {
     fn default() -> Self {
         Self {
             trust_domain: "cluster.local".into(),
+            trust_domain_aliases: Vec::new(),
             ca_dir: PathBuf::from("/var/lib/mesh-agent/ca"),
             ca: None,
             istio: None,
@@ -597,19 +604,20 @@ impl Config {
         }
 
         let trust_domain = &self.identity.trust_domain;
-        if trust_domain.is_empty()
-            || trust_domain.len() > limits::MAX_TRUST_DOMAIN_LEN
-            || !trust_domain
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
-        {
+        check_trust_domain("identity.trust_domain", trust_domain)?;
+        let aliases = &self.identity.trust_domain_aliases;
+        if aliases.len() > limits::MAX_TRUST_DOMAIN_ALIASES {
             return fail(
-                "identity.trust_domain".into(),
-                format!(
-                    "{trust_domain:?} is not a trust domain (lowercase letters, digits, '-', '.', '_'; at most {} bytes)",
-                    limits::MAX_TRUST_DOMAIN_LEN
-                ),
+                "identity.trust_domain_aliases".into(),
+                format!("at most {} aliases", limits::MAX_TRUST_DOMAIN_ALIASES),
             );
+        }
+        for (index, alias) in aliases.iter().enumerate() {
+            let field = format!("identity.trust_domain_aliases[{index}]");
+            check_trust_domain(&field, alias)?;
+            if alias == trust_domain || aliases[..index].contains(alias) {
+                return fail(field, format!("{alias} is given twice"));
+            }
         }
         if self.identity.ca.is_some() && self.identity.istio.is_some() {
             return fail(
@@ -868,6 +876,25 @@ fn in_range<T: PartialOrd + std::fmt::Display>(
 
 fn name(field: &str, value: &str) -> Result<(), (String, String)> {
     check_name(value).map_err(|error| (field.to_owned(), error.to_string()))
+}
+
+/// A SPIFFE trust domain: lowercase letters, digits, '-', '.', '_'.
+fn check_trust_domain(field: &str, value: &str) -> Result<(), (String, String)> {
+    let ok = !value.is_empty()
+        && value.len() <= limits::MAX_TRUST_DOMAIN_LEN
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+    if ok {
+        return Ok(());
+    }
+    Err((
+        field.to_owned(),
+        format!(
+            "{value:?} is not a trust domain (lowercase letters, digits, '-', '.', '_'; at most {} bytes)",
+            limits::MAX_TRUST_DOMAIN_LEN
+        ),
+    ))
 }
 
 fn routable(field: &str, ip: Ipv4Addr) -> Result<(), (String, String)> {

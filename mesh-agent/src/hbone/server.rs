@@ -267,12 +267,17 @@ impl Shared {
         if session.alpn_protocol() != Some(ALPN_H2) {
             return refuse("client did not negotiate ALPN h2".into(), None);
         }
-        let client = match session.peer_certificates().and_then(|certs| certs.first()) {
+        let presented = match session.peer_certificates().and_then(|certs| certs.first()) {
             Some(cert) => match SpiffeId::from_cert(cert) {
                 Ok(id) => id,
                 Err(error) => return refuse(format!("client certificate: {error}"), None),
             },
             None => return refuse("no client certificate".into(), None),
+        };
+        // A trust domain alias names the same workload as ours would:
+        // policies, logs and the node check see one name.
+        let Some(client) = self.tls.canonical(&presented) else {
+            return refuse(format!("{presented} is of no trusted domain"), None);
         };
         if let Err(node) = self.on_peer_node(peer.ip(), &client).await {
             self.stats.not_on_peer_node.fetch_add(1, Ordering::Relaxed);

@@ -33,6 +33,17 @@ impl SpiffeId {
         }
     }
 
+    /// The same workload named in `trust_domain`, when its own domain is
+    /// one of `aliases` (or already `trust_domain`); None otherwise.
+    pub fn canonical(&self, trust_domain: &str, aliases: &[String]) -> Option<Self> {
+        if self.trust_domain == trust_domain {
+            return Some(self.clone());
+        }
+        aliases
+            .contains(&self.trust_domain)
+            .then(|| Self::new(trust_domain, &self.namespace, &self.service_account))
+    }
+
     /// The SPIFFE ID in a certificate's URI SAN.
     pub fn from_cert(der: &[u8]) -> Result<Self, IdentityError> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
@@ -113,5 +124,20 @@ mod tests {
                 .is_err()
         );
         assert!("https://x/ns/a/sa/b".parse::<SpiffeId>().is_err());
+    }
+
+    #[test]
+    fn an_alias_names_the_same_workload_and_no_other_domain_does() {
+        let aliases = ["old.example".to_owned()];
+        let ours = SpiffeId::new("cluster.local", "shop", "api");
+        let old = SpiffeId::new("old.example", "shop", "api");
+        let other = SpiffeId::new("other.example", "shop", "api");
+        assert_eq!(
+            ours.canonical("cluster.local", &aliases),
+            Some(ours.clone())
+        );
+        assert_eq!(old.canonical("cluster.local", &aliases), Some(ours));
+        assert_eq!(other.canonical("cluster.local", &aliases), None);
+        assert_eq!(old.canonical("cluster.local", &[]), None);
     }
 }

@@ -59,6 +59,8 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub struct TlsFactory {
     provider: Arc<CryptoProvider>,
     trust_domain: String,
+    /// Domains whose identities count as `trust_domain`'s.
+    aliases: Arc<Vec<String>>,
     certs: Arc<CertManager>,
     roots: Arc<RootCertStore>,
     anchors: Arc<Vec<rustls::pki_types::TrustAnchor<'static>>>,
@@ -85,11 +87,24 @@ impl TlsFactory {
         Ok(Self {
             provider: provider(),
             trust_domain: trust_domain.to_owned(),
+            aliases: Arc::default(),
             certs,
             roots: Arc::new(roots),
             anchors: Arc::new(anchors),
             kernel,
         })
+    }
+
+    /// Accepts peers of these other trust domains as this one's.
+    pub fn with_aliases(mut self, aliases: Vec<String>) -> Self {
+        self.aliases = Arc::new(aliases);
+        self
+    }
+
+    /// A verified peer's identity as this trust domain names it (the
+    /// verifiers refused every other domain).
+    pub fn canonical(&self, peer: &SpiffeId) -> Option<SpiffeId> {
+        peer.canonical(&self.trust_domain, &self.aliases)
     }
 
     /// The certificate `id` presents now.
@@ -106,6 +121,7 @@ impl TlsFactory {
         let verifier = Arc::new(TrustDomainClientVerifier {
             chain,
             trust_domain: self.trust_domain.clone(),
+            aliases: self.aliases.clone(),
         });
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -128,6 +144,7 @@ impl TlsFactory {
             anchors: self.anchors.clone(),
             algorithms: self.provider.signature_verification_algorithms,
             expected,
+            aliases: self.aliases.clone(),
         };
         let mut config = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -179,6 +196,7 @@ impl ResolvesClientCert for Current {
 struct TrustDomainClientVerifier {
     chain: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
+    aliases: Arc<Vec<String>>,
 }
 
 impl ClientCertVerifier for TrustDomainClientVerifier {
@@ -197,9 +215,12 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
             .verify_client_cert(end_entity, intermediates, now)?;
         let presented =
             SpiffeId::from_cert(end_entity).map_err(|e| Error::General(e.to_string()))?;
-        if presented.trust_domain != self.trust_domain {
+        if presented
+            .canonical(&self.trust_domain, &self.aliases)
+            .is_none()
+        {
             return Err(Error::General(format!(
-                "client identity {presented} is not of trust domain {}",
+                "client identity {presented} is not of trust domain {} or its aliases",
                 self.trust_domain
             )));
         }
@@ -235,6 +256,8 @@ struct SpiffeServerVerifier {
     anchors: Arc<Vec<rustls::pki_types::TrustAnchor<'static>>>,
     algorithms: WebPkiSupportedAlgorithms,
     expected: SpiffeId,
+    /// The expected identity may come named in one of these domains.
+    aliases: Arc<Vec<String>>,
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -271,7 +294,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         })?;
         let presented =
             SpiffeId::from_cert(end_entity).map_err(|e| Error::General(e.to_string()))?;
-        if presented != self.expected {
+        let canonical = presented.canonical(&self.expected.trust_domain, &self.aliases);
+        if canonical.as_ref() != Some(&self.expected) {
             return Err(Error::General(format!(
                 "server identity {presented} is not the expected {}",
                 self.expected
