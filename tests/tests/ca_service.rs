@@ -510,6 +510,14 @@ fn agents_without_a_key_talk_over_hbone_with_certificates_from_the_ca_service() 
         agent2.log().contains(&frontend),
         "the server's agent did not see the client"
     );
+    // A meshed pod scheduled on node 1 whose sandbox is not there yet:
+    // its certificate is fetched ahead, before its first connection.
+    pod(&t.cluster, "shop", "fresh-1", "fresh", &n1.name, 50);
+    eventually("the certificate of a pod about to start", || {
+        agent1.stats()["certificates"]
+            .to_string()
+            .contains("/ns/shop/sa/fresh")
+    });
     // No signing key anywhere on either node.
     for node in [&n1, &n2] {
         assert!(!node.ca_dir.join("ca-key.pem").exists());

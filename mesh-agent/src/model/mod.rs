@@ -32,6 +32,10 @@ pub struct MeshState {
     /// Other nodes' addresses by node name, as far as the source knows
     /// them: what tells which node an HBONE peer is.
     pub nodes: BTreeMap<String, Vec<Ipv4Addr>>,
+    /// (namespace, service account) of workloads about to run here
+    /// (scheduled, not yet in the kernel): certificates fetched ahead, so
+    /// their first connection does not wait for the CA.
+    pub upcoming: Vec<(String, String)>,
     #[serde(skip)]
     node_by_ip: HashMap<Ipv4Addr, String>,
     #[serde(skip)]
@@ -154,6 +158,7 @@ impl MeshState {
             workloads,
             services,
             nodes: BTreeMap::new(),
+            upcoming: Vec::new(),
             node_by_ip: HashMap::new(),
             workload_by_ip,
             service_by_vip,
@@ -175,6 +180,14 @@ impl MeshState {
             .map(|(ip, names)| (ip, names[0].clone()))
             .collect();
         self.nodes = nodes;
+        self
+    }
+
+    /// The same model, with workloads about to run here.
+    pub fn with_upcoming(mut self, mut upcoming: Vec<(String, String)>) -> Self {
+        upcoming.sort();
+        upcoming.dedup();
+        self.upcoming = upcoming;
         self
     }
 
@@ -210,11 +223,17 @@ impl MeshState {
         )
     }
 
-    /// Identities of this node's workloads: the certificates the agent holds.
+    /// Identities of this node's workloads, running or about to: the
+    /// certificates the agent holds.
     pub fn local_identities(&self) -> Vec<SpiffeId> {
+        let upcoming = self
+            .upcoming
+            .iter()
+            .map(|(namespace, account)| SpiffeId::new(&self.trust_domain, namespace, account));
         let mut ids: Vec<SpiffeId> = self
             .local_workloads()
             .map(|(_, w, _)| self.identity(w))
+            .chain(upcoming)
             .collect();
         ids.sort();
         ids.dedup();
@@ -228,6 +247,7 @@ impl MeshState {
             && self.authorization == other.authorization
             && self.trust_domain == other.trust_domain
             && self.nodes == other.nodes
+            && self.upcoming == other.upcoming
     }
 
     pub fn destination(&self, addr: SocketAddrV4) -> Destination {

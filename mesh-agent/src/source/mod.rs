@@ -61,7 +61,8 @@ impl ModelSource {
                         built.workloads,
                         built.services,
                     )
-                    .with_nodes(built.nodes),
+                    .with_nodes(built.nodes)
+                    .with_upcoming(built.upcoming),
                 )
             }
         }

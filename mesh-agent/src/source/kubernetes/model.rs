@@ -49,6 +49,9 @@ pub struct Built {
     pub zone: Option<String>,
     /// Every node's addresses by name.
     pub nodes: BTreeMap<String, Vec<Ipv4Addr>>,
+    /// (namespace, service account) of meshed pods scheduled here but not
+    /// (yet) in the kernel: their certificates are fetched ahead.
+    pub upcoming: Vec<(String, String)>,
 }
 
 /// Builds workloads and services from what the watches hold.
@@ -107,6 +110,9 @@ pub fn build(cluster: &ClusterState, node: &NodeView) -> Built {
             match map_pod(pod, node) {
                 Ok(local) => Some(local),
                 Err(reason) => {
+                    built
+                        .upcoming
+                        .push((pod.namespace.clone(), pod.service_account.clone()));
                     built.unmapped.push(Unmapped {
                         pod: pod_key.to_string(),
                         reason,
