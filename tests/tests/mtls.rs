@@ -60,8 +60,10 @@ struct Options<'a> {
     client_sa_seen_from_b: &'a str,
     /// Node 2 knows both nodes' addresses (`nodes:`).
     nodes_known_to_b: bool,
-    /// `identity.trust_domain_aliases` on node 2 (YAML list), if any.
-    aliases_b: &'a str,
+    /// More of the `identity:` line of node 1 and node 2 (YAML, from
+    /// ", ").
+    identity_a: &'a str,
+    identity_b: &'a str,
     /// `hbone.kernel_tls` on both nodes.
     kernel_tls: &'a str,
 }
@@ -77,7 +79,8 @@ impl Default for Options<'_> {
             drain_timeout_ms_b: None,
             client_sa_seen_from_b: "client",
             nodes_known_to_b: false,
-            aliases_b: "",
+            identity_a: "",
+            identity_b: "",
         }
     }
 }
@@ -188,10 +191,9 @@ fn two_nodes(label: &str, options: &Options<'_>) -> TwoNodes {
             .serve_delayed(8083, "slow", false, 60_000),
     ];
     // Node 1's agent creates the shared CA; node 2's loads it.
-    let agent_a = Agent::start(&setup.a, &with_lifetime(config_a(&setup, options), options));
-    let config_b = with_identity(config_b(&setup, options), options.aliases_b, |aliases| {
-        format!(", trust_domain_aliases: {aliases} }}")
-    });
+    let config_a = with_identity(config_a(&setup, options), options.identity_a);
+    let agent_a = Agent::start(&setup.a, &with_lifetime(config_a, options));
+    let config_b = with_identity(config_b(&setup, options), options.identity_b);
     let agent_b = Agent::start(&setup.b, &with_lifetime(config_b, options));
     TwoNodes {
         agent_a,
@@ -205,24 +207,21 @@ fn two_nodes(label: &str, options: &Options<'_>) -> TwoNodes {
 /// Puts the certificate lifetime into the `identity:` line.
 fn with_lifetime(config: String, options: &Options<'_>) -> String {
     match options.cert_lifetime_s {
-        Some(lifetime) => with_identity(config, "set", |_| {
-            format!(", cert_lifetime_s: {lifetime} }}")
-        }),
+        Some(lifetime) => with_identity(config, &format!(", cert_lifetime_s: {lifetime}")),
         None => config,
     }
 }
 
-/// Ends the `identity:` line with `more(value)` instead of ` }`, unless
-/// `value` is empty.
-fn with_identity(config: String, value: &str, more: impl Fn(&str) -> String) -> String {
-    if value.is_empty() {
+/// Puts `more` (YAML, from ", ") at the end of the `identity:` line.
+fn with_identity(config: String, more: &str) -> String {
+    if more.is_empty() {
         return config;
     }
     config
         .lines()
         .map(|line| {
             if line.starts_with("identity:") {
-                line.replace(" }", &more(value))
+                line.replace(" }", &format!("{more} }}"))
             } else {
                 line.to_owned()
             }
@@ -806,7 +805,7 @@ async fn a_trust_domain_alias_names_the_same_workload_and_no_other_domain_passes
         two_nodes(
             "alias",
             &Options {
-                aliases_b: "[old.example]",
+                identity_b: ", trust_domain_aliases: [old.example]",
                 authorization_b: only_client,
                 ..Default::default()
             },
@@ -844,6 +843,27 @@ async fn a_trust_domain_alias_names_the_same_workload_and_no_other_domain_passes
     );
     assert_eq!(t.agent_b.stats()["inbound"]["denied"], 1);
     assert_eq!(t.agent_b.stats()["inbound"]["streams"], 1);
+}
+
+/// A trust domain renamed one node at a time: node 2 still runs in
+/// `old.example`, node 1 already in `cluster.local`, each taking the
+/// other as an alias. The client's agent accepts the server's certificate
+/// named in the alias domain, the server's agent the client's: traffic
+/// flows as before.
+#[test]
+fn nodes_of_a_renamed_trust_domain_talk_through_aliases() {
+    let t = two_nodes(
+        "rename",
+        &Options {
+            identity_a: ", trust_domain_aliases: [old.example]",
+            identity_b: ", trust_domain: old.example, trust_domain_aliases: [cluster.local]",
+            ..Default::default()
+        },
+    );
+    let report = &t.a.pod("client").connect(vip(), Connect::default())[0];
+    assert_eq!(greeting(report).0, "server", "{report}");
+    assert_eq!(t.agent_b.stats()["inbound"]["refused"], 0);
+    assert_eq!(t.agent_a.stats()["outbound"]["tunnelled"], 1);
 }
 
 #[test]
