@@ -16,8 +16,6 @@ use std::{
     time::Duration,
 };
 
-use tokio::time::Instant;
-
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
@@ -25,6 +23,7 @@ use serde::Serialize;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
+    time::Instant,
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};

@@ -203,10 +203,14 @@ impl MeshState {
         let Some(node) = self.node_at(peer) else {
             return PeerCheck::NodeUnknown;
         };
-        let runs_there = self
-            .workloads
-            .iter()
-            .any(|w| w.node == node && self.identity(w) == *identity);
+        // Field by field: the identity of every workload would be an
+        // allocation each, on every inbound HBONE connection.
+        let runs_there = identity.trust_domain == self.trust_domain
+            && self.workloads.iter().any(|w| {
+                w.node == node
+                    && w.namespace == identity.namespace
+                    && w.service_account == identity.service_account
+            });
         if runs_there {
             PeerCheck::Holds
         } else {
