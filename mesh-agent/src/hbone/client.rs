@@ -18,7 +18,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::client::SendRequest;
+use h2::{Reason, client::SendRequest};
 use http::{Method, Request, StatusCode};
 use rustls::{pki_types::ServerName, sign::CertifiedKey};
 use tokio::net::TcpStream;
@@ -52,6 +52,11 @@ pub enum HboneError {
     /// No answer to the CONNECT in time: the peer is gone or stuck.
     #[error("{0} did not answer the CONNECT within {1:?} (timed out)")]
     NoAnswer(SocketAddrV4, Duration),
+    /// The peer did not process the stream: it was above the last one a
+    /// GOAWAY let through, or reset with REFUSED_STREAM (RFC 9113, 8.7).
+    /// Nothing reached the pod, so the same request may go again.
+    #[error("HTTP/2 with {0}: stream not processed ({1})")]
+    Unprocessed(SocketAddrV4, h2::Error),
 }
 
 impl HboneError {
@@ -59,6 +64,20 @@ impl HboneError {
     pub fn is_denied(&self) -> bool {
         matches!(self, HboneError::Refused(..))
     }
+
+    /// Safe to send again, on another connection to the same peer.
+    pub fn is_unprocessed(&self) -> bool {
+        matches!(self, HboneError::Unprocessed(..))
+    }
+}
+
+/// Whether the peer left a stream unprocessed: a graceful GOAWAY's error
+/// reaches only the streams above its last stream id, and REFUSED_STREAM
+/// means the same. Any other error may come after the pod got bytes.
+fn unprocessed(error: &h2::Error) -> bool {
+    let remote = error.is_remote();
+    (remote && error.is_go_away() && error.reason() == Some(Reason::NO_ERROR))
+        || (remote && error.is_reset() && error.reason() == Some(Reason::REFUSED_STREAM))
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -173,8 +192,6 @@ impl HboneClient {
                 .body(())
                 .expect("static request parts")
         };
-        let http = |e| HboneError::Http(to.gateway, e);
-        let (sender, guard, pooled) = self.checkout(&key, to).await?;
         // From here the peer must answer within `answer_timeout`: a pooled
         // connection whose peer vanished (or froze) would otherwise hold
         // the caller for ever. Such a connection takes no more streams.
@@ -184,25 +201,30 @@ impl HboneClient {
             guard.connection_closed();
             HboneError::NoAnswer(to.gateway, answer_timeout)
         };
-        let started = tokio::time::timeout_at(deadline, start(sender, request())).await;
-        let (mut response, mut send, guard) = match started {
-            Ok(Ok((response, send))) => (response, send, guard),
-            // The peer closed this pooled connection, or sent GOAWAY on it
-            // (its agent is stopping), since it was last used: forget it
-            // and take another, once. Nothing was sent on it.
-            Ok(Err(_)) if pooled => {
-                guard.connection_closed();
-                let (sender, guard, _) = self.checkout(&key, to).await?;
-                match tokio::time::timeout_at(deadline, start(sender, request())).await {
-                    Ok(started) => {
-                        let (response, send) = started.map_err(http)?;
-                        (response, send, guard)
-                    }
-                    Err(_) => return Err(no_answer(&guard)),
-                }
+        let (mut response, mut send, guard) = loop {
+            let (sender, guard, pooled) = self.checkout(&key, to).await?;
+            match tokio::time::timeout_at(deadline, start(sender, request())).await {
+                Ok(Ok((response, send))) => break (response, send, guard),
+                // The peer closed this pooled connection, or sent GOAWAY on
+                // it (its agent is stopping), since it was last used:
+                // nothing was sent on it. Forget it and take another; a
+                // stopping agent's every pooled connection may be in that
+                // state, and each turn retires one, so at worst this ends
+                // with a connection dialled now.
+                Ok(Err(_)) if pooled => guard.connection_closed(),
+                Ok(Err(error)) => return Err(HboneError::Http(to.gateway, error)),
+                Err(_) => return Err(no_answer(&guard)),
             }
-            Ok(Err(error)) => return Err(http(error)),
-            Err(_) => return Err(no_answer(&guard)),
+        };
+        let http = |e: h2::Error| {
+            if unprocessed(&e) {
+                if e.is_go_away() {
+                    guard.connection_closed();
+                }
+                HboneError::Unprocessed(to.gateway, e)
+            } else {
+                HboneError::Http(to.gateway, e)
+            }
         };
         let mut early = std::pin::pin!(early);
         let mut early_done = false;
@@ -362,5 +384,198 @@ impl HboneClient {
             cert,
         });
         Ok((sender, guard))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, path::PathBuf};
+
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::{
+        config::KernelTlsMode,
+        identity::{CertManager, EmbeddedCa},
+        tls::KernelTls,
+    };
+
+    /// How the test's peer treats streams.
+    #[derive(Clone, Copy)]
+    enum Peer {
+        /// Answers 200 and holds the stream open.
+        Answers,
+        /// Resets each stream with REFUSED_STREAM.
+        Refuses,
+    }
+
+    /// A peer agent on loopback: real TLS with the mesh's certificates,
+    /// real HTTP/2. Connections accepted before `stopping` fires go away
+    /// gracefully then (GOAWAY, their open streams run on), as a stopping
+    /// agent's do; later ones serve as a new agent's would.
+    struct TestPeer {
+        gateway: SocketAddrV4,
+        stopping: CancellationToken,
+        _dir: ScratchDir,
+    }
+
+    struct ScratchDir(PathBuf);
+
+    impl Drop for ScratchDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn ids() -> (SpiffeId, SpiffeId) {
+        (
+            SpiffeId::new("cluster.local", "default", "client"),
+            SpiffeId::new("cluster.local", "default", "server"),
+        )
+    }
+
+    async fn client_and_peer(
+        name: &str,
+        config: HboneConfig,
+        peer: Peer,
+    ) -> (HboneClient, TestPeer) {
+        let dir = std::env::temp_dir().join(format!("hbone-{name}-{}", std::process::id()));
+        let ca = EmbeddedCa::load_or_create(&dir).expect("CA");
+        let certs = CertManager::new(Arc::new(ca), Duration::from_secs(3600));
+        let (client, server) = ids();
+        assert!(certs.ensure(&[client, server.clone()]).await.is_empty());
+        let tls = Arc::new(
+            TlsFactory::new(certs, "cluster.local", KernelTls::new(KernelTlsMode::Off)).unwrap(),
+        );
+        let acceptor = TlsAcceptor::from(Arc::new(tls.server(server).unwrap()));
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let std::net::SocketAddr::V4(gateway) = listener.local_addr().unwrap() else {
+            unreachable!("bound to IPv4")
+        };
+        let stopping = CancellationToken::new();
+        let stop = stopping.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (acceptor, stop) = (acceptor.clone(), stop.clone());
+                // Only connections that exist when the stop comes go away.
+                let stop = if stop.is_cancelled() {
+                    CancellationToken::new()
+                } else {
+                    stop
+                };
+                tokio::spawn(serve(acceptor, tcp, stop, peer));
+            }
+        });
+        let client = HboneClient::new(tls, config, Duration::from_secs(5));
+        let peer = TestPeer {
+            gateway,
+            stopping,
+            _dir: ScratchDir(dir),
+        };
+        (client, peer)
+    }
+
+    async fn serve(acceptor: TlsAcceptor, tcp: TcpStream, stop: CancellationToken, peer: Peer) {
+        let tls = acceptor.accept(tcp).await.unwrap();
+        let mut connection = h2::server::handshake(tls).await.unwrap();
+        let mut held = Vec::new();
+        let mut going_away = false;
+        loop {
+            let accepted = tokio::select! {
+                accepted = connection.accept() => accepted,
+                _ = stop.cancelled(), if !going_away => {
+                    going_away = true;
+                    connection.graceful_shutdown();
+                    continue;
+                }
+            };
+            let Some(Ok((_request, mut respond))) = accepted else {
+                return;
+            };
+            match peer {
+                Peer::Answers => {
+                    let response = http::Response::new(());
+                    held.push(respond.send_response(response, false).unwrap());
+                }
+                Peer::Refuses => respond.send_reset(Reason::REFUSED_STREAM),
+            }
+        }
+    }
+
+    async fn open(
+        client: &HboneClient,
+        peer: &TestPeer,
+    ) -> Result<(Tunnel, StreamGuard), HboneError> {
+        let (source, identity) = ids();
+        let to = Destination {
+            source: &source,
+            identity: &identity,
+            node: "node-2",
+            gateway: peer.gateway,
+            target: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 8080),
+            client: Ipv4Addr::new(10, 0, 0, 1).into(),
+        };
+        client.open(&to, std::future::pending()).await
+    }
+
+    /// Whether every pooled connection has had the peer's GOAWAY.
+    async fn all_told_to_go_away(client: &HboneClient) -> bool {
+        let senders: Vec<SendRequest<Bytes>> = lock(&client.pool)
+            .values()
+            .flatten()
+            .map(|pooled| pooled.sender.clone())
+            .collect();
+        for sender in senders {
+            if sender.ready().await.is_ok() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A stopping agent's pooled connections all carry a long-lived
+    /// stream, so they stay up after its GOAWAY, each with room for
+    /// another; a new stream must get past every one of them to a new
+    /// connection, not fail on the second.
+    #[tokio::test]
+    async fn a_new_stream_gets_past_every_connection_told_to_go_away() {
+        let config = HboneConfig {
+            max_connections_per_peer: 3,
+            streams_per_connection: 2,
+            kernel_tls: KernelTlsMode::Off,
+        };
+        let (client, peer) = client_and_peer("goaway", config, Peer::Answers).await;
+        // Two streams fill a connection: six make three connections, and
+        // every second one ends, leaving each connection one stream.
+        let mut streams = Vec::new();
+        for _ in 0..6 {
+            streams.push(open(&client, &peer).await.expect("stream"));
+        }
+        assert_eq!(client.connections_opened.load(Ordering::Relaxed), 3);
+        let long_lived: Vec<_> = streams.into_iter().step_by(2).collect();
+        peer.stopping.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !all_told_to_go_away(&client).await {
+            assert!(tokio::time::Instant::now() < deadline, "no GOAWAY came");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let opened = open(&client, &peer).await;
+        assert!(opened.is_ok(), "{:?}", opened.err());
+        assert_eq!(client.connections_opened.load(Ordering::Relaxed), 4);
+        drop(long_lived);
+    }
+
+    /// REFUSED_STREAM means the peer did not process the stream: the
+    /// caller may send it again (other errors do not say so).
+    #[tokio::test]
+    async fn a_refused_stream_is_unprocessed() {
+        let (client, peer) =
+            client_and_peer("refused", HboneConfig::default(), Peer::Refuses).await;
+        let error = open(&client, &peer).await.err().expect("refused");
+        assert!(error.is_unprocessed(), "{error}");
+        assert!(!error.is_denied());
     }
 }

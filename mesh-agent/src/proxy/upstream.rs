@@ -15,6 +15,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
+use tracing::debug;
 
 use super::OutboundStats;
 use crate::{
@@ -34,6 +35,9 @@ pub enum Upstream {
     /// answer ([`EarlyData`]).
     Tunnel(hbone::Tunnel, StreamGuard, u64),
 }
+
+/// How many times a stream the peer did not process is sent again.
+const UNPROCESSED_AGAIN: usize = 2;
 
 /// Most of the client's first bytes sent ahead of an HBONE answer.
 const EARLY_LIMIT: usize = 16 * 1024;
@@ -133,9 +137,23 @@ impl Opener<'_> {
                     client: (*client.ip()).into(),
                 };
                 // Boxed: the TLS and HTTP/2 handshakes are large futures,
-                // and every connection's task would carry their size.
-                let ahead = early.take_or_read(client_stream);
-                match Box::pin(self.hbone.open(&destination, ahead)).await {
+                // and every connection's task would carry their size. A
+                // stream the peer left unprocessed (its agent is stopping)
+                // goes again at once, its early bytes with it: that is no
+                // failure of the endpoint, and a retry elsewhere is not
+                // always possible.
+                let mut attempts = 0;
+                let opened = loop {
+                    let ahead = early.take_or_read(client_stream);
+                    match Box::pin(self.hbone.open(&destination, ahead)).await {
+                        Err(error) if error.is_unprocessed() && attempts < UNPROCESSED_AGAIN => {
+                            attempts += 1;
+                            debug!(%target, %error, "sending the stream again");
+                        }
+                        opened => break opened,
+                    }
+                };
+                match opened {
                     Ok((stream, guard)) => {
                         if early.len() > 0 {
                             self.stats.early_data.fetch_add(1, Ordering::Relaxed);
