@@ -39,7 +39,10 @@ fn answers(client: &Pod) -> Vec<String> {
 }
 
 /// The manifest's ClusterRole lets the agent do its job and nothing more,
-/// as the real authorizer decides it.
+/// as the real authorizer decides it. The authorizer reads roles and
+/// bindings from its informers, a moment behind the objects just applied:
+/// what is allowed is waited for, and once it all is, the cache holds the
+/// bindings for the refusals to mean something.
 fn rbac_is_what_the_agent_needs(cluster: &Cluster) {
     for (verb, resource) in [
         ("list", "pods"),
@@ -49,10 +52,9 @@ fn rbac_is_what_the_agent_needs(cluster: &Cluster) {
         ("list", "namespaces"),
         ("get", "nodes"),
     ] {
-        assert!(
-            cluster.can(AGENT, verb, resource, None),
-            "the agent may not {verb} {resource}"
-        );
+        eventually(&format!("the agent may {verb} {resource}"), || {
+            cluster.can(AGENT, verb, resource, None)
+        });
     }
     for (verb, resource, namespace) in [
         ("get", "secrets", None),
