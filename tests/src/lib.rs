@@ -28,7 +28,7 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use std::{
     path::PathBuf,
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::{AtomicBool, AtomicU32, Ordering},
 };
 
 /// Every namespace, cgroup and pin root the fixtures make starts with this.
@@ -111,6 +111,17 @@ pub fn raise_open_files_limit() {
     let hard = open_files_hard_limit();
     // Failure leaves the old limit.
     let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+}
+
+/// Sets its flag when dropped, also on a panic: threads of a
+/// `std::thread::scope` that loop until the flag stop then, instead of
+/// holding the scope (and the failed test) for ever.
+pub struct StopOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Waits (at most 30 s, else the test fails naming `what`) until `check`

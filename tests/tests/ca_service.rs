@@ -24,6 +24,7 @@ use mesh_agent::{
     istio_ca::TOKEN_AUDIENCE,
 };
 use mesh_tests::{
+    StopOnDrop,
     agent::{Agent, http_request},
     apiserver::objects::{self, PodSpec},
     cluster::{API_AUDIENCE, Cluster},
@@ -691,13 +692,4 @@ fn renewals_ride_out_a_ca_outage_under_live_traffic() {
         );
     }
     assert_eq!(t.agent2.stats()["inbound"]["refused"], 0);
-}
-
-/// Sets its flag when dropped, also on a panic.
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
 }

@@ -12,6 +12,7 @@ use std::{
 };
 
 use mesh_tests::{
+    StopOnDrop,
     agent::{Agent, Launch},
     bpftool,
     pod::{Connect, Server},
@@ -318,38 +319,98 @@ fn upgrades_lose_nothing_on_the_fast_path() {
 }
 
 /// SIGKILL: what is pinned stays attached, so a strict pod still refuses
-/// plaintext while no agent runs and a same-node direct connection keeps
-/// flowing; the next agent adopts the same links rather than cleaning up.
-#[test]
-fn after_sigkill_the_next_agent_adopts_and_strict_stays_closed() {
-    let (s, mut agents) = upgrade_node("upg-kill", "proxy: { same_node_direct: true }\n");
+/// plaintext while no agent runs; the next agent adopts the same links
+/// rather than cleaning up. New connections are opened throughout, in
+/// batches timed from outside; returns the batches that failed (begun
+/// and ended, in ms after the kill, and how many of 5 failed) and when
+/// the next agent was started and ready (ms after the kill). A connection
+/// held across the kill (`held`, to `be`) reports how it ended.
+struct AfterKill {
+    failing: Vec<(u128, u128, usize)>,
+    batches: usize,
+    restarted: u128,
+    ready: u128,
+    held: Value,
+}
+
+fn sigkill_under_churn(label: &str, proxy: &str) -> AfterKill {
+    let (s, mut agents) = upgrade_node(label, proxy);
     let links_before = pinned_link_ids(&s.node);
     let held = s.node.pod("client").hold(BE_VIP);
     assert!(held.greeting.contains("be"), "{}", held.greeting);
-    let mut dead = agents.pop().unwrap();
-    dead.kill();
-    // Its drop must not clean up what the next agent adopts.
-    dead.handed_over();
-    let be = SocketAddr::new(s.node.pod("be").ip.into(), 8080);
-    let gap = Instant::now();
-    let mut tries = 0;
-    while gap.elapsed() < Duration::from_millis(800) {
-        let answered =
-            s.node.pod("outsider").netns.run(|| {
+    let stop = AtomicBool::new(false);
+    let (next, batches, killed, restarted, ready) = thread::scope(|scope| {
+        let _stop = StopOnDrop(&stop);
+        let (node, stop) = (&s.node, &stop);
+        let churn = scope.spawn(move || {
+            let mut batches = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let begun = Instant::now();
+                let options = Connect {
+                    count: 5,
+                    wait_close: true,
+                    ..Default::default()
+                };
+                let failed = match node.pod("client").try_connect(FIRST_VIP, options) {
+                    Ok(reports) => reports.iter().filter(|r| !r["error"].is_null()).count(),
+                    Err(_) => 5,
+                };
+                batches.push((begun, Instant::now(), failed));
+            }
+            batches
+        });
+        thread::sleep(Duration::from_millis(500));
+        let mut dead = agents.pop().unwrap();
+        let killed = Instant::now();
+        dead.kill();
+        // Its drop must not clean up what the next agent adopts.
+        dead.handed_over();
+        let be = SocketAddr::new(node.pod("be").ip.into(), 8080);
+        let mut tries = 0;
+        while killed.elapsed() < Duration::from_millis(800) {
+            let answered = node.pod("outsider").netns.run(|| {
                 std::net::TcpStream::connect_timeout(&be, Duration::from_millis(100)).is_ok()
             });
-        assert!(
-            !answered,
-            "the strict pod answered plaintext with no agent running"
-        );
-        tries += 1;
-    }
-    assert!(tries >= 2, "{tries}");
-    let started = Instant::now();
-    let next = Agent::start(&s.node, &s.config);
+            assert!(
+                !answered,
+                "the strict pod answered plaintext with no agent running"
+            );
+            tries += 1;
+        }
+        assert!(tries >= 2, "{tries}");
+        let restarted = Instant::now();
+        let next = Agent::start(node, &s.config);
+        let ready = Instant::now();
+        thread::sleep(Duration::from_secs(1));
+        stop.store(true, Ordering::Relaxed);
+        (next, churn.join().expect("churn"), killed, restarted, ready)
+    });
+    let ms_after_kill = |t: Instant| t.saturating_duration_since(killed).as_millis();
+    let failing: Vec<_> = batches
+        .iter()
+        .filter(|(_, _, failed)| *failed > 0)
+        .map(|(begun, ended, failed)| (ms_after_kill(*begun), ms_after_kill(*ended), *failed))
+        .collect();
+    let after = AfterKill {
+        failing,
+        batches: batches.len(),
+        restarted: ms_after_kill(restarted),
+        ready: ms_after_kill(ready),
+        held: held.release(),
+    };
     eprintln!(
-        "the next agent was ready {:?} after its start",
-        started.elapsed()
+        "{} batches of 5 new connections; the next agent started {} ms after the kill, ready at {} ms; failing batches (begun, ended, failed): {:?}",
+        after.batches, after.restarted, after.ready, after.failing
+    );
+    assert!(
+        after.failing.iter().all(|(_, ended, _)| *ended > 0),
+        "connections failed before the kill"
+    );
+    assert!(
+        batches
+            .iter()
+            .any(|(begun, _, failed)| *begun > ready && *failed == 0),
+        "no batch got through after the restart"
     );
     assert!(
         next.log()
@@ -362,18 +423,56 @@ fn after_sigkill_the_next_agent_adopts_and_strict_stays_closed() {
         links_before,
         "links were replaced"
     );
-    let report = held.release();
-    assert!(report["error"].is_null(), "{report}");
-    assert!(
-        report["reply"]
-            .as_str()
-            .is_some_and(|r| r.starts_with("0 ")),
-        "{report}"
-    );
-    let after = s.node.pod("client").connect(DRIP_VIP, Connect::default());
-    assert!(after[0]["error"].is_null(), "{after:?}");
+    let later = s.node.pod("client").connect(DRIP_VIP, Connect::default());
+    assert!(later[0]["error"].is_null(), "{later:?}");
     assert_eq!(next.stats()["lifecycle"]["kernel"]["kind"], "adopted");
     agents.push(next);
+    after
+}
+
+/// Same-node direct mode: nothing goes through the agent, so new
+/// connections do not fail at all while none runs, and a held one keeps
+/// flowing.
+#[test]
+fn after_sigkill_the_next_agent_adopts_and_strict_stays_closed() {
+    let after = sigkill_under_churn("upg-kill", "proxy: { same_node_direct: true }\n");
+    assert_eq!(after.failing, vec![], "new direct connections failed");
+    assert!(after.batches > 50, "only {} batches", after.batches);
+    assert!(after.held["error"].is_null(), "{}", after.held);
+    assert!(
+        after.held["reply"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("0 ")),
+        "{}",
+        after.held
+    );
+}
+
+/// Through the agent: new connections fail while no agent runs (its
+/// listeners died with it; a SYN that met none is retried by the client's
+/// TCP a second later), and less than a second after the next one starts
+/// they get through again. A connection the dead agent carried dies with
+/// it (its sockets were the process's).
+#[test]
+fn after_sigkill_new_connections_fail_only_until_the_next_agent_serves() {
+    let after = sigkill_under_churn("upg-killp", "proxy: {}\n");
+    assert!(!after.failing.is_empty(), "nothing failed with no agent");
+    assert!(
+        after
+            .failing
+            .iter()
+            .all(|(begun, _, _)| *begun < after.restarted + 1_000),
+        "new connections still failed a second after the next agent started"
+    );
+    // Closed with the dead process's descriptors: the server's digest of
+    // what it received never comes back.
+    assert!(
+        after.held["reply"]
+            .as_str()
+            .is_none_or(|r| !r.starts_with("0 ")),
+        "{}",
+        after.held
+    );
 }
 
 /// A new agent whose map layout differs (a version bump, as a build that
