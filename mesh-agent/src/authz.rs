@@ -48,6 +48,42 @@ pub struct Sources {
     pub ip_blocks: Vec<Cidr>,
 }
 
+impl Sources {
+    /// Whether a client (`principal` when proven, `None` for plaintext)
+    /// is one of these. `namespaces` name `trust_domain`'s only.
+    pub fn matches(
+        &self,
+        principal: Option<&SpiffeId>,
+        trust_domain: &str,
+        source_ip: Ipv4Addr,
+    ) -> bool {
+        let any = |list: &[String], test: &dyn Fn(&str) -> bool| {
+            list.is_empty() || list.iter().any(|e| test(e))
+        };
+        let named = principal.map(|p| p.to_string());
+        any(&self.principals, &|pattern| {
+            named.as_deref().is_some_and(|p| wildcard_match(pattern, p))
+        }) && any(&self.namespaces, &|ns| {
+            principal.is_some_and(|p| p.trust_domain == trust_domain && p.namespace == ns)
+        }) && (self.ip_blocks.is_empty()
+            || self.ip_blocks.iter().any(|block| block.contains(source_ip)))
+    }
+
+    /// Checks what serde cannot; errors are `(field path under the
+    /// selector, message)`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        for (p, principal) in self.principals.iter().enumerate() {
+            if principal != "*" && !principal.starts_with("spiffe://") {
+                return Err((
+                    format!("principals[{p}]"),
+                    format!("{principal:?} is not a SPIFFE ID pattern (spiffe://…, * allowed)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Destinations {
@@ -138,14 +174,12 @@ impl Authorization {
     /// Checks what serde cannot; errors are `(field path, message)`.
     pub fn validate(&self) -> Result<(), (String, String)> {
         for (index, rule) in self.rules.iter().enumerate() {
-            for (p, principal) in rule.from.principals.iter().enumerate() {
-                if principal != "*" && !principal.starts_with("spiffe://") {
-                    return Err((
-                        format!("authorization.rules[{index}].from.principals[{p}]"),
-                        format!("{principal:?} is not a SPIFFE ID pattern (spiffe://…, * allowed)"),
-                    ));
-                }
-            }
+            rule.from.validate().map_err(|(field, message)| {
+                (
+                    format!("authorization.rules[{index}].from.{field}"),
+                    message,
+                )
+            })?;
         }
         Ok(())
     }
@@ -156,21 +190,8 @@ impl Rule {
         let any = |list: &[String], test: &dyn Fn(&str) -> bool| {
             list.is_empty() || list.iter().any(|e| test(e))
         };
-        let principal = request.principal.map(|p| p.to_string());
-        any(&self.from.principals, &|pattern| {
-            principal
-                .as_deref()
-                .is_some_and(|p| wildcard_match(pattern, p))
-        }) && any(&self.from.namespaces, &|ns| {
-            request
-                .principal
-                .is_some_and(|p| p.trust_domain == request.trust_domain && p.namespace == ns)
-        }) && (self.from.ip_blocks.is_empty()
-            || self
-                .from
-                .ip_blocks
-                .iter()
-                .any(|block| block.contains(request.source_ip)))
+        self.from
+            .matches(request.principal, request.trust_domain, request.source_ip)
             && any(&self.to.workloads, &|w| match w.split_once('/') {
                 Some((ns, name)) => {
                     ns == request.workload_namespace && name == request.workload_name

@@ -585,3 +585,76 @@ fn locality_prefers_this_node_fails_over_and_can_be_strict_or_off() {
             >= 3
     );
 }
+
+/// Injected faults (issue 21): 10% of 1,000 new connections refused at
+/// once and 20% delayed by 300 ms, each within a few points of its share
+/// and counted; the access log flags the refusals `FI`. A cut resets a
+/// connection once its bytes pass the limit.
+#[test]
+fn injected_faults_refuse_and_delay_their_share_and_cut_after_bytes() {
+    let backends = ["be"];
+    let node = node_with("faults", &backends);
+    let eps = endpoints(&node, &[("be", None)]);
+    let faults = |spec: &str| service(&format!("    faults: {{ {spec} }}\n"), &eps);
+    let c = start(
+        node,
+        &backends,
+        &faults("refuse: { percent: 10 }, delay: { percent: 20, ms: 300 }"),
+    );
+    let reports = connect(&c, 1000, 25);
+    let refused = reports.iter().filter(|r| r.get("error").is_some()).count();
+    let answered: Vec<u64> = reports
+        .iter()
+        .filter(|r| r.get("error").is_none())
+        .map(|r| r["duration_ms"].as_u64().unwrap())
+        .collect();
+    let delayed = answered.iter().filter(|ms| **ms >= 300).count();
+    eprintln!(
+        "refused {refused} of 1000; delayed {delayed} of {} answered",
+        answered.len()
+    );
+    assert!(refused.abs_diff(100) <= 30, "refused {refused} of 1000");
+    // Among the answered: 20% drawn for the delay, each at least 300 ms.
+    let expected = answered.len() / 5;
+    assert!(
+        delayed.abs_diff(expected) <= answered.len() * 4 / 100,
+        "delayed {delayed} of {}",
+        answered.len()
+    );
+    let counters = &c.agent.stats()["outbound"]["faults"];
+    assert_eq!(counters["refused"], refused as u64, "{counters}");
+    let delayed_all = counters["delayed"].as_u64().unwrap();
+    assert!(delayed_all >= delayed as u64, "{counters}");
+    let log = c.agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("result=Injected") && l.contains("fault=refuse")),
+        "no injected refusal in the access log"
+    );
+
+    // A cut after 10,000 bytes (looked for every 5 ms): a 256 MiB send,
+    // which takes longer than that, is reset part way; a connection that
+    // sends nothing is left alone.
+    c.agent.rewrite_config(&config(
+        &c.node,
+        &backends,
+        &faults("cut: { percent: 100, after_bytes: 10000 }"),
+    ));
+    eventually("the cut to apply", || {
+        !c.agent.stats()["services"][0]["faults"]["cut"].is_null()
+    });
+    let send = |bytes: u64| {
+        c.node.pod("client").connect(
+            vip(),
+            Connect {
+                send: bytes,
+                ..Default::default()
+            },
+        )
+    };
+    let cut = send(256 << 20);
+    assert!(cut[0].get("error").is_some(), "not cut: {}", cut[0]);
+    let quiet = send(0);
+    assert!(quiet[0].get("error").is_none(), "{}", quiet[0]);
+    assert_eq!(c.agent.stats()["outbound"]["faults"]["cut"], 1);
+}

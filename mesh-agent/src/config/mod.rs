@@ -23,7 +23,7 @@ pub use self::kubernetes::{KubernetesConfig, MESH_LABEL};
 
 use crate::{
     authz::Authorization,
-    model::{Locality, Policy, Resilience, Split, WorkloadMode},
+    model::{Faults, Locality, Policy, Resilience, Split, WorkloadMode},
     observability::metrics::MetricsConfig,
 };
 
@@ -364,6 +364,10 @@ pub struct ServiceConfig {
     pub splits: Vec<Split>,
     #[serde(default)]
     pub resilience: Resilience,
+    /// Injected into a share of new connections, to try callers'
+    /// resilience; none by default.
+    #[serde(default)]
+    pub faults: Faults,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -854,6 +858,30 @@ fn validate_policy(service: &ServiceConfig) -> Result<(), (String, String)> {
             1,
             max,
         )?;
+    }
+    validate_faults(&service.faults)
+}
+
+/// Checks a service's faults; errors as [`validate_policy`]'s.
+fn validate_faults(faults: &Faults) -> Result<(), (String, String)> {
+    faults
+        .from
+        .validate()
+        .map_err(|(field, message)| (format!("faults.from.{field}"), message))?;
+    if let Some(delay) = &faults.delay {
+        in_range("faults.delay.percent", delay.percent, 0, 100)?;
+        in_range(
+            "faults.delay.ms",
+            delay.ms,
+            1,
+            limits::MAX_CONNECT_TIMEOUT_MS,
+        )?;
+    }
+    if let Some(refuse) = &faults.refuse {
+        in_range("faults.refuse.percent", refuse.percent, 0, 100)?;
+    }
+    if let Some(cut) = &faults.cut {
+        in_range("faults.cut.percent", cut.percent, 0, 100)?;
     }
     Ok(())
 }

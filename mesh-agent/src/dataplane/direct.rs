@@ -335,7 +335,7 @@ rules:
     }
 
     fn service(endpoints: &[([u8; 4], bool)], tweak: impl FnOnce(&mut Service)) -> MeshState {
-        use crate::model::{Endpoint, Locality, Resilience, ServicePort};
+        use crate::model::{Endpoint, Faults, Locality, Resilience, ServicePort};
         let mut service = Service {
             name: "web".into(),
             namespace: "default".into(),
@@ -360,6 +360,7 @@ rules:
             locality: Locality::default(),
             splits: Vec::new(),
             resilience: Resilience::default(),
+            faults: Faults::default(),
         };
         tweak(&mut service);
         let mut state = state("{}");

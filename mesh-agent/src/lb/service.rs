@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     locks::lock,
-    model::{Locality, Policy, Resilience, Service, ServicePort, Split},
+    model::{Faults, Locality, Policy, Resilience, Service, ServicePort, Split},
 };
 
 /// Why no endpoint was chosen.
@@ -51,6 +51,7 @@ pub struct ServiceBalancer {
     locality: Locality,
     splits: Vec<(String, u32)>,
     pub resilience: Resilience,
+    pub faults: Faults,
     members: Vec<Member>,
     state: Arc<ServiceState>,
     /// Consistent hashing tables: all members, and one per split subset,
@@ -112,6 +113,7 @@ impl ServiceBalancer {
                 .map(|s| (s.subset.clone(), s.weight))
                 .collect(),
             resilience: service.resilience.clone(),
+            faults: service.faults.clone(),
             members,
             state: registry.service(&key),
             maglev,
@@ -464,6 +466,7 @@ impl ServiceBalancer {
                 })
                 .collect(),
             counters: self.state.counters(),
+            faults: self.faults.clone(),
             endpoints: self
                 .members
                 .iter()
@@ -488,6 +491,9 @@ pub struct ServiceSnapshot {
     pub locality: Locality,
     pub splits: Vec<Split>,
     pub counters: ServiceCounters,
+    /// Faults injected into new connections (testing): visible, so that
+    /// none is left on by mistake.
+    pub faults: Faults,
     pub endpoints: Vec<MemberSnapshot>,
 }
 
@@ -546,6 +552,7 @@ mod tests {
             locality: Locality::Off,
             splits: Vec::new(),
             resilience: Resilience::default(),
+            faults: Faults::default(),
         }
     }
 

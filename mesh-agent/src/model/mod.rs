@@ -10,10 +10,12 @@ use std::{
     path::PathBuf,
 };
 
+mod faults;
 mod policy;
 
 use serde::Serialize;
 
+pub use self::faults::{Cut, Delay, Faults, Injected, Refuse};
 pub use self::policy::{
     CircuitBreaker, HealthCheck, Locality, OutlierDetection, Policy, Resilience, Retry, Split,
     WorkloadMode,
@@ -76,6 +78,8 @@ pub struct Service {
     /// Empty: every endpoint by its weight.
     pub splits: Vec<Split>,
     pub resilience: Resilience,
+    /// Injected into a share of new connections (testing); none by default.
+    pub faults: Faults,
 }
 
 impl Service {

@@ -11,7 +11,7 @@ use tracing::info;
 use std::sync::Arc;
 
 use crate::{
-    model::MeshState,
+    model::{Injected, MeshState},
     observability::live::{Live, Registration},
     observability::metrics::{Metrics, TcpLabels},
 };
@@ -41,6 +41,8 @@ pub enum Outcome {
     Timeout,
     /// No endpoint available.
     NoEndpoint,
+    /// Refused or cut by an injected fault.
+    Injected,
 }
 
 impl Outcome {
@@ -51,6 +53,7 @@ impl Outcome {
             Outcome::Denied => "DENY",
             Outcome::Breaker => "UO",
             Outcome::NoEndpoint => "NR",
+            Outcome::Injected => "FI",
         }
     }
 }
@@ -70,6 +73,8 @@ pub struct Record {
     pub destination_namespace: String,
     pub destination_principal: String,
     pub mutual_tls: bool,
+    /// Faults injected into it (testing).
+    pub fault: Injected,
 }
 
 impl Record {
@@ -94,6 +99,7 @@ impl Record {
             destination_namespace: String::new(),
             destination_principal: String::new(),
             mutual_tls: false,
+            fault: Injected::default(),
         };
         if let Some((_, w)) = state.workload_by_ip(*client.ip()) {
             record.source_workload = w.name.clone();
@@ -157,7 +163,7 @@ impl Record {
     ) {
         let metrics = &sinks.metrics;
         let established = matches!(outcome, Outcome::Ok | Outcome::Reset)
-            || (outcome == Outcome::Timeout && self.endpoint.is_some());
+            || (matches!(outcome, Outcome::Timeout | Outcome::Injected) && self.endpoint.is_some());
         let labels = self.labels(Some(outcome));
         if !established {
             // Never opened: count it as opened and closed at once, flagged.
@@ -184,6 +190,7 @@ impl Record {
             "received": received,
             "duration_ms": duration_ms,
             "result": outcome,
+            "fault": self.fault.describe(),
         }));
         info!(
             target: "access",
@@ -203,6 +210,7 @@ impl Record {
             received,
             duration_ms,
             result = ?outcome,
+            fault = %self.fault.describe(),
             error = error.unwrap_or_default(),
             "connection"
         );

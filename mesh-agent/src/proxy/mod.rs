@@ -2,6 +2,7 @@
 //! decides where each goes (a local endpoint directly, a remote one over
 //! HBONE), connects there and splices the two.
 
+mod faults;
 mod outbound;
 mod upstream;
 

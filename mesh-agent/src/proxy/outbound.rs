@@ -16,9 +16,12 @@ use tokio::{
     sync::watch,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use super::upstream::{self, EarlyData, OpenError, Opener};
+use super::{
+    faults::{self, FaultStats, FaultStatsSnapshot},
+    upstream::{self, EarlyData, OpenError, Opener},
+};
 use crate::{
     dataplane::fast_path::FastPath,
     hbone::client::HboneClient,
@@ -44,6 +47,8 @@ pub struct OutboundStats {
     /// Connections made to the outbound port directly (not steered by the
     /// kernel), refused.
     pub not_captured: AtomicU64,
+    /// Connections that got a service's injected faults.
+    pub faults: FaultStats,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,6 +60,7 @@ pub struct OutboundStatsSnapshot {
     pub tunnelled: u64,
     pub early_data: u64,
     pub not_captured: u64,
+    pub faults: FaultStatsSnapshot,
 }
 
 impl OutboundStats {
@@ -68,6 +74,7 @@ impl OutboundStats {
             tunnelled: get(&self.tunnelled),
             early_data: get(&self.early_data),
             not_captured: get(&self.not_captured),
+            faults: self.faults.snapshot(),
         }
     }
 }
@@ -150,6 +157,8 @@ impl Outbound {
 
 /// Refusals of unsteered connections are logged a few times a second.
 static NOT_CAPTURED_LOG: LogBudget = LogBudget::new(5);
+/// So are injected refusals (the access log has every one).
+static FAULT_LOG: LogBudget = LogBudget::new(5);
 
 struct Connection {
     routes: Arc<Routes>,
@@ -221,7 +230,8 @@ impl Connection {
             Ok(upstream) => {
                 record.endpoint = Some(original);
                 record.mutual_tls = matches!(upstream, upstream::Upstream::Tunnel(..));
-                self.splice(client, upstream, None, record, &|_| {}).await;
+                self.splice(client, upstream, None, record, &|_| {}, None)
+                    .await;
             }
             Err(error) => {
                 warn!(%peer, destination = %original, %error, "no path to the destination; resetting client");
@@ -263,6 +273,23 @@ impl Connection {
                 return record.finish(&self.sinks, Outcome::Breaker, 0, 0, Some(error.to_string()));
             }
         };
+        // Injected faults come after admission, so a delayed connection
+        // counts against the breaker as a slow endpoint's would.
+        let injected = faults::draw(&balancer.faults, state, peer);
+        record.fault = injected;
+        if let Some(delay) = injected.delay {
+            self.stats.faults.delayed.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(delay).await;
+        }
+        if injected.refuse {
+            self.stats.faults.refused.fetch_add(1, Ordering::Relaxed);
+            if FAULT_LOG.allow() {
+                info!(%peer, service = %balancer.name, "fault injected: refused");
+            }
+            splice::reset(client);
+            let error = Some("fault injected: refused".to_owned());
+            return record.finish(&self.sinks, Outcome::Injected, 0, 0, error);
+        }
         let opener = self.opener(balancer.connect_timeout(self.connect_timeout));
         let mut tried = Vec::new();
         let mut early = EarlyData::default();
@@ -326,7 +353,14 @@ impl Connection {
         // a server slow to answer is slow, however fast it accepts.
         let observe = |latency| endpoint.response_observed(latency);
         let upstream_failed = self
-            .splice(client, upstream, balancer.idle_timeout(), record, &observe)
+            .splice(
+                client,
+                upstream,
+                balancer.idle_timeout(),
+                record,
+                &observe,
+                injected.cut_after,
+            )
             .await;
         if upstream_failed {
             balancer.report_failure(&endpoint);
@@ -334,6 +368,8 @@ impl Connection {
     }
 
     /// Splices, then writes the record. Returns whether the upstream failed.
+    /// With `cut_after`, the connection is reset once that many bytes have
+    /// passed (an injected fault).
     async fn splice(
         &self,
         client: TcpStream,
@@ -341,20 +377,43 @@ impl Connection {
         idle: Option<Duration>,
         record: Record,
         first_response: &(dyn Fn(Duration) + Sync),
+        cut_after: Option<u64>,
     ) -> bool {
         if record.mutual_tls {
             self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
         }
         let registration = record.opened(&self.sinks);
-        let done = upstream::splice(
+        let held = cut_after.and_then(|_| faults::hold_for_cut(&client));
+        let spliced = upstream::splice(
             client,
             upstream,
             idle,
             &registration.bytes,
             first_response,
             self.fast_path.as_deref(),
-        )
-        .await;
+        );
+        let done = match (cut_after, held) {
+            (Some(limit), Some(held)) => {
+                tokio::select! {
+                    done = spliced => {
+                        drop(held);
+                        done
+                    }
+                    _ = faults::bytes_reach(&registration.bytes, limit) => {
+                        // Reset on close from now on; the splice, dropped
+                        // with the select, closes the client's socket.
+                        faults::cut(held);
+                        self.stats.faults.cut.fetch_add(1, Ordering::Relaxed);
+                        let sent = registration.bytes.sent.load(Ordering::Relaxed);
+                        let received = registration.bytes.received.load(Ordering::Relaxed);
+                        let error = format!("fault injected: cut after {limit} bytes");
+                        record.finish(&self.sinks, Outcome::Injected, sent, received, Some(error));
+                        return false;
+                    }
+                }
+            }
+            _ => spliced.await,
+        };
         let outcome = match &done.error {
             None => Outcome::Ok,
             Some((Side::Idle, _)) => Outcome::Timeout,

@@ -54,6 +54,7 @@ pub fn mesh_state(config: &Config) -> MeshState {
             locality: s.locality,
             splits: s.splits.clone(),
             resilience: s.resilience.clone(),
+            faults: s.faults.clone(),
             ports: s
                 .ports
                 .iter()

@@ -20,7 +20,8 @@ use super::{
 };
 use crate::config;
 use crate::model::{
-    Endpoint, LocalWorkload, Resilience, Service, ServicePort, Split, Workload, WorkloadMode,
+    Endpoint, Faults, LocalWorkload, Resilience, Service, ServicePort, Split, Workload,
+    WorkloadMode,
 };
 
 /// What the node offers for mapping pods to the kernel, read once per build.
@@ -313,6 +314,7 @@ fn build_service(
         locality,
         splits,
         resilience: Resilience::default(),
+        faults: Faults::default(),
     })
 }
 
