@@ -170,7 +170,7 @@ fn pinned_link_ids(node: &Node) -> Vec<u64> {
 /// knocking at a strict pod run: nothing fails, nothing takes over a
 /// second, every byte arrives, the strict pod never answers plaintext,
 /// and the links in the kernel stay the same objects throughout.
-fn upgrade_three_times_under_load(label: &str, proxy: &str) {
+fn upgrade_three_times_under_load(label: &str, proxy: &str, fast: bool) {
     let (s, mut agents) = upgrade_node(label, proxy);
     let links_before = pinned_link_ids(&s.node);
     assert!(!links_before.is_empty(), "no pinned links (bpftool?)");
@@ -216,7 +216,12 @@ fn upgrade_three_times_under_load(label: &str, proxy: &str) {
         for round in 1..=3 {
             let took = s.upgrade(&mut agents, &Launch::default());
             eprintln!("upgrade {round}: the new agent was ready after {took:?}");
-            if round == 1 {
+            if fast {
+                // The long transfer (and whatever else the kernel moved)
+                // goes on in the new agent; the old one is left with
+                // nothing and exits.
+                old_agent_passed_its_connections(&agents);
+            } else if round == 1 {
                 old_agent_answers_while_draining(&agents);
             }
             thread::sleep(Duration::from_millis(1500));
@@ -277,6 +282,36 @@ fn upgrade_three_times_under_load(label: &str, proxy: &str) {
     assert!(after[0]["error"].is_null(), "{after:?}");
 }
 
+/// On the fast path the old agent passes its connections to the new one
+/// (both sockets over the handover socket), the long transfer among
+/// them, and the new one counts them in.
+fn old_agent_passed_its_connections(agents: &[Agent]) {
+    let [.., old, new] = agents else {
+        unreachable!("two agents after an upgrade")
+    };
+    let line = "fast-path connections passed to the new agent";
+    assert!(
+        old.wait_log(line, 1, Duration::from_secs(10)),
+        "the old agent passed nothing on:\n{}",
+        old.log()
+    );
+    let log = old.log();
+    let moved: u64 = log
+        .lines()
+        .find(|l| l.contains(line))
+        .and_then(|l| l.split("moved=").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(moved >= 1, "moved {moved}:\n{log}");
+    let fast = &new.stats()["fast_path"];
+    assert!(
+        fast["migrated_in"].as_u64().unwrap_or(0) >= 1,
+        "the new agent took none in: {fast}"
+    );
+    eprintln!("the old agent passed {moved} fast-path connections on");
+}
+
 /// The new agent says where the old one's `/stats` answers, and there
 /// the old one says it drains and still carries the long transfer.
 fn old_agent_answers_while_draining(agents: &[Agent]) {
@@ -310,12 +345,12 @@ fn old_agent_answers_while_draining(agents: &[Agent]) {
 
 #[test]
 fn upgrades_lose_nothing_through_the_agent() {
-    upgrade_three_times_under_load("upg-agent", "");
+    upgrade_three_times_under_load("upg-agent", "", false);
 }
 
 #[test]
 fn upgrades_lose_nothing_on_the_fast_path() {
-    upgrade_three_times_under_load("upg-fast", "proxy: { fast_path: true }\n");
+    upgrade_three_times_under_load("upg-fast", "proxy: { fast_path: true }\n", true);
 }
 
 /// SIGKILL: what is pinned stays attached, so a strict pod still refuses

@@ -20,7 +20,7 @@ use tokio_util::{
 use tracing::{info, warn};
 
 use super::{
-    RunOptions,
+    RunOptions, arrivals,
     direct_log::DirectLog,
     memory,
     reload::{Reloader, hooked_pods, map_fill, report_cert_problems, report_problems},
@@ -104,6 +104,8 @@ struct HandoverState {
     socket: PathBuf,
     pin_root: PathBuf,
     lifecycle: Arc<Lifecycle>,
+    /// Where connections passed on by the predecessor are recorded.
+    sinks: Arc<Sinks>,
 }
 
 /// How [`Bound::run`] ended.
@@ -281,6 +283,7 @@ impl Bound {
             metrics: metrics.clone(),
             live: Arc::new(Live::default()),
         });
+        let handover_sinks = sinks.clone();
         let direct_log = dataplane.take_direct_records().map(|ring| {
             DirectLog::new(
                 ring,
@@ -374,6 +377,7 @@ impl Bound {
                 socket: options.handover_socket.clone(),
                 pin_root: options.pin_root.clone(),
                 lifecycle,
+                sinks: handover_sinks,
             },
         })
     }
@@ -429,6 +433,7 @@ impl Bound {
             socket,
             pin_root,
             lifecycle,
+            sinks,
         } = handover;
         for (listener, role) in inherited_endpoints {
             tokio::spawn(admin::serve(
@@ -443,7 +448,15 @@ impl Bound {
             let pid = predecessor.pid();
             // This agent serves from here on, whatever the old one answers.
             match predecessor.taken().await {
-                Ok(stats) => lifecycle.took_over(pid, stats),
+                Ok((stats, arrivals)) => {
+                    lifecycle.took_over(pid, stats);
+                    tokio::spawn(arrivals::carry_on(
+                        arrivals,
+                        reloader.dataplane.fast_path(),
+                        sinks,
+                        tracker.clone(),
+                    ));
+                }
                 Err(error) => warn!(pid, %error, "telling the old agent to drain"),
             }
         }
@@ -592,7 +605,17 @@ impl Bound {
                 SocketAddr::from(([127, 0, 0, 1], 0))
             }
         };
-        successor.draining(stats).await;
+        let successor = successor.draining(stats).await;
+        // Fast-path connections go on in the new agent: they leave this
+        // one as soon as nothing of theirs is in its hands.
+        let (sink, departures) = tokio::sync::mpsc::unbounded_channel();
+        let fast = reloader.dataplane.fast_path();
+        if let Some(fast) = &fast {
+            fast.migrations.request(sink);
+        }
+        let migrations = fast.as_ref().map(|fast| &fast.migrations);
+        let (moved, kept) = successor.pass_connections(departures, migrations).await;
+        info!(moved, kept, "fast-path connections passed to the new agent");
         let deadline = reloader.current.proxy.handover_drain_timeout();
         info!(
             %stats,

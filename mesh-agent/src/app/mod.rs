@@ -15,6 +15,7 @@
 //! the API server's watches instead, and every change there is applied the
 //! same way (debounced by 50 ms).
 
+mod arrivals;
 mod bound;
 mod direct_log;
 pub mod memory;

@@ -47,6 +47,119 @@ pub enum FastPathError {
 pub struct FastPath {
     maps: Mutex<Maps>,
     pub stats: FastPathStats,
+    /// A new agent's call for the connections this process moves.
+    pub migrations: Migrations,
+}
+
+/// A kernel-moved connection on its way to a new agent: both sockets, and
+/// what the old agent's pumps wrote each way (the new agent's account of
+/// the bytes in flight needs it).
+#[derive(Debug)]
+pub struct Migrant {
+    pub client: std::os::fd::OwnedFd,
+    pub upstream: std::os::fd::OwnedFd,
+    pub passed_up: (u64, u64),
+}
+
+/// A migrant with its connection record (JSON: the record's type is the
+/// proxy's, which this module does not know).
+#[derive(Debug)]
+pub struct Departure {
+    pub migrant: Migrant,
+    pub record: serde_json::Value,
+}
+
+/// Once a new agent took over, every spliced connection is asked to leave
+/// for it; the ones that can (see the splice) come out here.
+#[derive(Default)]
+pub struct Migrations {
+    requested: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+    /// Taking connections while set; cleared when the window closes.
+    sink: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Departure>>>,
+    closed: std::sync::atomic::AtomicBool,
+    /// Kernel-moved connections this process splices now.
+    pub live: std::sync::atomic::AtomicUsize,
+    /// Connections whose splice let go of them, not yet sent: so that
+    /// `live` and this together never miss one on its way.
+    in_transit: std::sync::atomic::AtomicUsize,
+}
+
+impl Migrations {
+    /// Asks every connection to leave; they arrive on `sink`.
+    pub fn request(&self, sink: tokio::sync::mpsc::UnboundedSender<Departure>) {
+        *lock(&self.sink) = Some(sink);
+        self.requested
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.wake.notify_waiters();
+    }
+
+    /// Resolves once [`Migrations::request`] was called.
+    pub async fn requested(&self) {
+        loop {
+            let woken = self.wake.notified();
+            if self.requested.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    /// A place for one connection, before its splice lets go of it:
+    /// `false` once the window closed (it stays here then).
+    pub fn reserve(&self) -> bool {
+        let sink = lock(&self.sink);
+        if sink.is_none() || self.is_closed() {
+            return false;
+        }
+        self.in_transit
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        true
+    }
+
+    /// Gives back a place [`Migrations::reserve`] took.
+    pub fn unreserve(&self) {
+        self.in_transit
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Whether the window closed: connections stop trying to leave.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Closes the window: no more places; those reserved still arrive,
+    /// until [`Migrations::finish`].
+    pub fn close(&self) {
+        let _sink = lock(&self.sink);
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Lets go of the sink, once every reserved connection was sent.
+    pub fn finish(&self) {
+        lock(&self.sink).take();
+    }
+
+    /// Hands on a connection that had a place; Err: nobody takes it.
+    pub fn send(&self, departure: Departure) -> Result<(), Departure> {
+        let sent = match lock(&self.sink).as_ref() {
+            Some(sink) => sink.send(departure).map_err(|e| e.0),
+            None => Err(departure),
+        };
+        self.unreserve();
+        sent
+    }
+
+    /// Connections that may still leave: spliced now, or on their way.
+    pub fn pending(&self) -> usize {
+        self.in_transit() + self.live.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Connections with a place, not yet handed on.
+    pub fn in_transit(&self) -> usize {
+        self.in_transit.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// What the fast path did with the connections it carried (`/stats`).
@@ -60,6 +173,10 @@ pub struct FastPathStats {
     /// Connections reset because the kernel did not deliver what it had
     /// taken in time.
     pub undelivered_resets: std::sync::atomic::AtomicU64,
+    /// Connections passed to a new agent at a handover.
+    pub migrated_out: std::sync::atomic::AtomicU64,
+    /// Connections taken over from the agent before this one.
+    pub migrated_in: std::sync::atomic::AtomicU64,
 }
 
 impl FastPathStats {
@@ -69,6 +186,8 @@ impl FastPathStats {
             "pauses": get(&self.pauses),
             "returned_to_user_space": get(&self.returned_to_user_space),
             "undelivered_resets": get(&self.undelivered_resets),
+            "migrated_out": get(&self.migrated_out),
+            "migrated_in": get(&self.migrated_in),
         })
     }
 }
@@ -88,6 +207,7 @@ impl FastPath {
         Self {
             maps: Mutex::new(Maps { to, on, redirected }),
             stats: FastPathStats::default(),
+            migrations: Migrations::default(),
         }
     }
 
@@ -116,6 +236,12 @@ impl FastPath {
             return Err(error);
         }
         Ok((key_a, key_b))
+    }
+
+    /// The keys of a pair [`FastPath::splice`] paired (in this process or
+    /// the agent before it).
+    pub fn keys(&self, a: &TcpStream, b: &TcpStream) -> Result<(ConnKey, ConnKey), FastPathError> {
+        Ok((key(a)?, key(b)?))
     }
 
     /// Stops moving what arrives on one socket: it stays in that socket's

@@ -16,8 +16,12 @@
 //!  (locks the pin root, adopts the pinned maps, swaps its programs into
 //!   the pinned links in place, writes its model, accepts)
 //!  Taken                      ->      stops accepting; GOAWAY to its HBONE
-//!                             <-      Draining {stats}    peers; serves its
-//!                                     open connections until they end or
+//!                             <-      Draining {stats}    peers
+//!                             <-      Connection {record} + SCM_RIGHTS
+//!                                     (client, upstream), for each fast-path
+//!                                     connection as it can leave (5 s)
+//!  (splices them on)          <-      Migrated {moved, kept}
+//!                                     serves the rest until they end or
 //!                                     `proxy.handover_drain_timeout_ms`;
 //!                                     exits leaving the kernel as it is
 //! ```
@@ -48,6 +52,7 @@ use tracing::{info, warn};
 
 use self::wire::{FromPredecessor, FromSuccessor, WireError};
 pub use self::{lifecycle::Lifecycle, wire::ListenerRole};
+use crate::dataplane::fast_path::{Departure, Migrations};
 
 /// Default `--handover-socket`.
 pub const DEFAULT_SOCKET: &str = "/run/mesh-agent/handover.sock";
@@ -56,6 +61,11 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the old agent waits for `Taken` once it lent the kernel
 /// state: loading, adopting and writing the model take well under that.
 const TAKE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the old agent passes fast-path connections on: each leaves
+/// at its first tick with nothing in the agent's hands (milliseconds, or
+/// a paused direction's backlog draining), and those that cannot by then
+/// stay with the old agent until they end.
+const MIGRATION_WINDOW: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
@@ -194,8 +204,9 @@ impl Predecessor {
     }
 
     /// Tells the old agent this one serves now. Returns where the old
-    /// agent's own `/stats` answers while it drains.
-    pub async fn taken(self) -> Result<String, HandoverError> {
+    /// agent's own `/stats` answers while it drains, and the connections
+    /// it passes on.
+    pub async fn taken(self) -> Result<(String, Arrivals), HandoverError> {
         wire::send(&self.stream, &FromSuccessor::Taken, &[]).await?;
         match tokio::time::timeout(HELLO_TIMEOUT, wire::receive(&self.stream))
             .await
@@ -203,9 +214,63 @@ impl Predecessor {
         {
             (FromPredecessor::Draining { stats }, _) => {
                 info!(pid = self.pid, version = %self.version, %stats, "handover complete: the old agent drains");
-                Ok(stats)
+                Ok((
+                    stats,
+                    Arrivals {
+                        stream: self.stream,
+                    },
+                ))
             }
             (other, _) => Err(unexpected(other, "draining")),
+        }
+    }
+}
+
+/// The fast-path connections the old agent passes on after the handover.
+pub struct Arrivals {
+    stream: UnixStream,
+}
+
+/// One connection passed on: its record, what the old agent's pumps wrote
+/// each way, and its sockets.
+pub struct Arrival {
+    pub record: serde_json::Value,
+    pub passed_up: (u64, u64),
+    pub client: OwnedFd,
+    pub upstream: OwnedFd,
+}
+
+impl Arrivals {
+    /// The next connection; `Ok(None)` once the old agent has sent them
+    /// all (it says how many, and how many it keeps).
+    pub async fn next(&mut self) -> Result<Option<Arrival>, HandoverError> {
+        let (message, fds) =
+            tokio::time::timeout(MIGRATION_WINDOW * 2, wire::receive(&self.stream))
+                .await
+                .map_err(|_| HandoverError::Timeout("the old agent's connections"))??;
+        match message {
+            FromPredecessor::Connection { record, passed_up } => {
+                let [client, upstream]: [OwnedFd; 2] = fds.try_into().map_err(|fds: Vec<_>| {
+                    HandoverError::Unexpected(
+                        format!("a connection with {} descriptors", fds.len()),
+                        "two per connection",
+                    )
+                })?;
+                Ok(Some(Arrival {
+                    record,
+                    passed_up,
+                    client,
+                    upstream,
+                }))
+            }
+            FromPredecessor::Migrated { moved, kept } => {
+                info!(
+                    moved,
+                    kept, "the old agent passed on its fast-path connections"
+                );
+                Ok(None)
+            }
+            other => Err(unexpected(other, "connection")),
         }
     }
 }
@@ -349,13 +414,68 @@ impl Successor {
     }
 
     /// Tells the new agent where this one's `/stats` answers while it drains.
-    pub async fn draining(self, stats: SocketAddr) {
+    pub async fn draining(self, stats: SocketAddr) -> Self {
         let message = FromPredecessor::Draining {
             stats: stats.to_string(),
         };
         if let Err(error) = wire::send(&self.stream, &message, &[]).await {
             warn!(%error, "telling the new agent this one drains");
         }
+        self
+    }
+
+    /// Passes the fast-path connections that leave (`departures`) to the
+    /// new agent, until none that could is left (`live` counts them) or
+    /// `MIGRATION_WINDOW` (5 s) has passed; then says how many went and how
+    /// many stay. Returns that count.
+    pub async fn pass_connections(
+        self,
+        mut departures: tokio::sync::mpsc::UnboundedReceiver<Departure>,
+        migrations: Option<&Migrations>,
+    ) -> (u64, u64) {
+        let pending = || migrations.map_or(0, Migrations::pending);
+        let deadline = tokio::time::Instant::now() + MIGRATION_WINDOW;
+        let mut moved = 0u64;
+        let mut closed = false;
+        loop {
+            let departure = tokio::select! {
+                departure = departures.recv() => departure,
+                () = tokio::time::sleep(Duration::from_millis(10)) => None,
+                () = tokio::time::sleep_until(deadline), if !closed => {
+                    // No more places; those given still come.
+                    migrations.inspect(|m| m.close());
+                    closed = true;
+                    None
+                }
+            };
+            let Some(Departure { migrant, record }) = departure else {
+                let in_transit = migrations.map_or(0, Migrations::in_transit);
+                if pending() == 0 || (closed && in_transit == 0 && departures.is_empty()) {
+                    break;
+                }
+                continue;
+            };
+            let message = FromPredecessor::Connection {
+                record,
+                passed_up: migrant.passed_up,
+            };
+            let fds = [migrant.client.as_raw_fd(), migrant.upstream.as_raw_fd()];
+            match wire::send(&self.stream, &message, &fds).await {
+                Ok(()) => moved += 1,
+                // Gone: this connection closes with its descriptors here.
+                Err(error) => warn!(%error, "passing a connection to the new agent"),
+            }
+        }
+        if let Some(migrations) = migrations {
+            migrations.close();
+            migrations.finish();
+        }
+        let kept = pending() as u64;
+        let done = FromPredecessor::Migrated { moved, kept };
+        if let Err(error) = wire::send(&self.stream, &done, &[]).await {
+            warn!(%error, "telling the new agent the connections are passed");
+        }
+        (moved, kept)
     }
 }
 

@@ -60,6 +60,19 @@ pub enum FromPredecessor {
     Draining {
         stats: String,
     },
+    /// A fast-path connection for the new agent to carry on, sent with
+    /// its two sockets (client, upstream): its record, and what the old
+    /// agent's pumps wrote each way.
+    Connection {
+        record: serde_json::Value,
+        passed_up: (u64, u64),
+    },
+    /// No more connections: `moved` were sent, `kept` stay with the old
+    /// agent until they end.
+    Migrated {
+        moved: u64,
+        kept: u64,
+    },
     Refused {
         reason: String,
     },

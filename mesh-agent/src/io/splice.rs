@@ -25,7 +25,7 @@ use tokio::{
     },
 };
 
-use crate::dataplane::fast_path::{self, FastPath};
+use crate::dataplane::fast_path::{self, FastPath, Migrant, Migrations};
 
 /// Buffer per direction, allocated only once data arrives so an idle
 /// connection holds none.
@@ -52,6 +52,8 @@ struct Gate {
     arrived_at_pause: AtomicU64,
     /// The pump is between a read and the count of what it wrote.
     writing: std::sync::atomic::AtomicBool,
+    /// The pump read the end of stream (it carries it on from there).
+    ended: std::sync::atomic::AtomicBool,
     resumed: tokio::sync::Notify,
 }
 
@@ -165,15 +167,33 @@ struct KernelControl<'a> {
     /// Set while the connection leaves the kernel: by when the kernel
     /// must have delivered what it took.
     leaving: Option<Instant>,
+    /// The connection went to a new agent, which counts on its entries.
+    migrated: bool,
 }
 
 impl Drop for KernelControl<'_> {
     fn drop(&mut self) {
-        self.fast.forget(&self.keys);
+        if !self.migrated {
+            self.fast.forget(&self.keys);
+        }
     }
 }
 
 impl KernelControl<'_> {
+    /// Whether the connection can go to another process as it is: both
+    /// directions in the kernel and flowing, no pump holding or carrying
+    /// anything (a byte read and not written, an end of stream).
+    fn movable(&self) -> bool {
+        let (up, down) = self.gates;
+        self.leaving.is_none()
+            && [up, down].iter().all(|gate| {
+                gate.kernel.load(Ordering::Acquire)
+                    && !gate.is_paused()
+                    && !gate.writing.load(Ordering::Acquire)
+                    && !gate.ended.load(Ordering::Acquire)
+            })
+    }
+
     /// One tick, with both sockets' counters; an error ends the splice.
     fn tick(
         &mut self,
@@ -340,6 +360,15 @@ pub struct Spliced {
     pub received: u64,
     /// `None` when both directions ended cleanly.
     pub error: Option<(Side, io::Error)>,
+    /// Set when the connection left this process for a new agent.
+    pub migrant: Option<Migrant>,
+}
+
+/// A connection a previous agent spliced on the fast path, taken over.
+pub struct Adopted {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    pub passed_up: (u64, u64),
 }
 
 /// Splices until both directions end; with `idle`, a connection with no
@@ -362,12 +391,62 @@ pub async fn splice(
         }
         None => None,
     };
+    let path = fast_path.zip(keys);
+    run(client, upstream, idle, counted, first_response, path, None).await
+}
+
+/// Goes on splicing a connection a previous agent moved on the fast path
+/// and passed over (its sockets are in the kernel's maps still, both
+/// directions moving). Err: its sockets cannot be keyed (then they close).
+pub async fn adopt(
+    connection: Adopted,
+    idle: Option<Duration>,
+    counted: &crate::observability::live::Bytes,
+    fast: &FastPath,
+) -> Result<Spliced, fast_path::FastPathError> {
+    let keys = fast.keys(&connection.client, &connection.upstream)?;
+    let Adopted {
+        client,
+        upstream,
+        passed_up,
+    } = connection;
+    let path = Some((fast, keys));
+    Ok(run(
+        client,
+        upstream,
+        idle,
+        counted,
+        &|_| {},
+        path,
+        Some(passed_up),
+    )
+    .await)
+}
+
+/// [`splice`], on the fast path when `path` says so; `adopted` carries
+/// what a previous agent's pumps wrote (both directions are the kernel's
+/// from the start then).
+async fn run(
+    client: TcpStream,
+    upstream: TcpStream,
+    idle: Option<Duration>,
+    counted: &crate::observability::live::Bytes,
+    first_response: &(dyn Fn(Duration) + Sync),
+    path: Option<(&FastPath, (mesh_common::ConnKey, mesh_common::ConnKey))>,
+    adopted: Option<(u64, u64)>,
+) -> Spliced {
+    let (fast_path, keys) = (path.map(|(fast, _)| fast), path.map(|(_, keys)| keys));
     let kernel = keys.is_some();
+    let _live = fast_path.map(|fast| Counted::new(&fast.migrations.live));
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
     // In kernel mode the pumps only see what the kernel passes up; the
     // totals come from TCP's own counters.
     let passed_up = crate::observability::live::Bytes::default();
+    if let Some((sent, received)) = adopted {
+        passed_up.sent.store(sent, Ordering::Relaxed);
+        passed_up.received.store(received, Ordering::Relaxed);
+    }
     let (sent, received) = if kernel {
         (&passed_up.sent, &passed_up.received)
     } else {
@@ -384,7 +463,11 @@ pub async fn splice(
     // space (they time the first response); the kernel takes over after.
     let (up_gate, down_gate) = (Gate::default(), Gate::default());
     up_gate.kernel.store(kernel, Ordering::Relaxed);
+    down_gate
+        .kernel
+        .store(kernel && adopted.is_some(), Ordering::Relaxed);
     let hand_over = match (fast_path, keys) {
+        (Some(_), Some(_)) if adopted.is_some() => None,
         (Some(fast), Some((_, upstream_key))) => Some(HandOver {
             fast,
             key: upstream_key,
@@ -400,7 +483,13 @@ pub async fn splice(
         gates: (&up_gate, &down_gate),
         passed_up: &passed_up,
         leaving: None,
+        migrated: false,
     });
+    // A new agent took over: this connection goes to it at the first
+    // tick where it can (see [`KernelControl::movable`]).
+    let migrations = fast_path.map(|fast| &fast.migrations);
+    let mut moving = false;
+    let mut stays = false;
     // Which sides' ends of stream were read (client, upstream).
     let mut fins = (false, false);
     let error = {
@@ -454,21 +543,38 @@ pub async fn splice(
                         Err(timed_out) => break Some(timed_out),
                     }
                 }
+                () = wait_requested(migrations), if kernel && !moving && !stays => {
+                    moving = true;
+                    next_tick = Some(Instant::now());
+                }
                 // Kernel mode: live byte counts and flow control.
                 _ = sleep_until(next_tick), if next_tick.is_some() => {
                     let (client, upstream) = (counters_of(client_fd), counters_of(upstream_fd));
                     counted.sent.fetch_max(client.bytes_received, Ordering::Relaxed);
                     counted.received.fetch_max(upstream.bytes_received, Ordering::Relaxed);
-                    if let Some(control) = control.as_mut()
-                        && let Err(error) = control.tick(&client, &upstream)
-                    {
-                        break Some(error);
+                    if let Some(control) = control.as_mut() {
+                        if let Err(error) = control.tick(&client, &upstream) {
+                            break Some(error);
+                        }
+                        if moving && migrations.is_some_and(Migrations::is_closed) {
+                            // The window closed: this one stays here.
+                            moving = false;
+                            stays = true;
+                        } else if moving
+                            && !up_done
+                            && !down_done
+                            && control.movable()
+                            && migrations.is_some_and(Migrations::reserve)
+                        {
+                            control.migrated = true;
+                            break None;
+                        }
                     }
                     // Poll fast while bytes move (flow control needs it),
                     // back off when the connection is quiet.
                     let arrived = (client.bytes_received, upstream.bytes_received);
                     let paused = up_gate.is_paused() || down_gate.is_paused();
-                    tick = if arrived != last_arrived || paused {
+                    tick = if arrived != last_arrived || paused || moving {
                         Duration::from_millis(1)
                     } else {
                         (tick * 2).min(Duration::from_secs(1))
@@ -498,6 +604,34 @@ pub async fn splice(
             received.load(Ordering::Relaxed),
         )
     };
+    if control.as_ref().is_some_and(|c| c.migrated) {
+        drop(control);
+        let migrant = migrant(
+            client_read,
+            client_write,
+            upstream_read,
+            upstream_write,
+            &passed_up,
+        );
+        // Its place ([`Migrations::reserve`]) keeps it counted until it
+        // is sent, after `_live` lets go of it.
+        match (fast_path, &migrant) {
+            (Some(fast), Some(_)) => {
+                fast.stats.migrated_out.fetch_add(1, Ordering::Relaxed);
+            }
+            (Some(fast), None) => {
+                fast.migrations.unreserve();
+                tracing::warn!("a connection leaving for the new agent lost its sockets");
+            }
+            (None, _) => {}
+        }
+        return Spliced {
+            sent,
+            received,
+            error: None,
+            migrant,
+        };
+    }
     if error.is_some() {
         abort(client_read, client_write);
         abort(upstream_read, upstream_write);
@@ -506,7 +640,54 @@ pub async fn splice(
         sent,
         received,
         error,
+        migrant: None,
     }
+}
+
+/// Counts itself in while it lives.
+struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Resolves once a new agent asked for this process's connections.
+async fn wait_requested(migrations: Option<&Migrations>) {
+    match migrations {
+        Some(migrations) => migrations.requested().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Both sockets as plain descriptors, for a new agent.
+fn migrant(
+    client_read: OwnedReadHalf,
+    client_write: OwnedWriteHalf,
+    upstream_read: OwnedReadHalf,
+    upstream_write: OwnedWriteHalf,
+    passed_up: &crate::observability::live::Bytes,
+) -> Option<Migrant> {
+    let descriptor = |read: OwnedReadHalf, write: OwnedWriteHalf| {
+        let stream = read.reunite(write).ok()?.into_std().ok()?;
+        Some(std::os::fd::OwnedFd::from(stream))
+    };
+    Some(Migrant {
+        client: descriptor(client_read, client_write)?,
+        upstream: descriptor(upstream_read, upstream_write)?,
+        passed_up: (
+            passed_up.sent.load(Ordering::Relaxed),
+            passed_up.received.load(Ordering::Relaxed),
+        ),
+    })
 }
 
 /// The kernel's counters of a socket we hold.
@@ -633,6 +814,9 @@ async fn pump(
         let buffer = buffer.as_deref().unwrap_or_default();
         match read {
             Ok(0) => {
+                if let Some(gate) = gate {
+                    gate.ended.store(true, Ordering::Release);
+                }
                 drop(writing);
                 if kernel {
                     fast_path::wait_forwarded(from.as_ref(), to.as_ref(), FORWARD_LIMIT).await;

@@ -58,9 +58,13 @@ impl Outcome {
     }
 }
 
-/// Who talked to whom, filled in as the connection is set up.
+/// Who talked to whom, filled in as the connection is set up. Its parts
+/// travel as JSON with a connection a new agent takes over.
+#[derive(Serialize, serde::Deserialize)]
 pub struct Record {
+    #[serde(skip, default = "source_reporter")]
     pub reporter: &'static str,
+    #[serde(with = "elapsed_ms")]
     pub started: Instant,
     pub client: SocketAddrV4,
     pub destination: SocketAddrV4,
@@ -74,6 +78,7 @@ pub struct Record {
     pub destination_principal: String,
     pub mutual_tls: bool,
     /// Faults injected into it (testing).
+    #[serde(skip)]
     pub fault: Injected,
 }
 
@@ -214,6 +219,27 @@ impl Record {
             error = error.unwrap_or_default(),
             "connection"
         );
+    }
+}
+
+fn source_reporter() -> &'static str {
+    "source"
+}
+
+/// An `Instant` as the milliseconds since it, and back.
+mod elapsed_ms {
+    use std::time::{Duration, Instant};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(started: &Instant, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(started.elapsed().as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Instant, D::Error> {
+        let ms = u64::deserialize(deserializer)?;
+        let now = Instant::now();
+        Ok(now.checked_sub(Duration::from_millis(ms)).unwrap_or(now))
     }
 }
 

@@ -23,7 +23,7 @@ use super::{
     upstream::{self, EarlyData, OpenError, Opener},
 };
 use crate::{
-    dataplane::fast_path::FastPath,
+    dataplane::fast_path::{Departure, FastPath},
     hbone::client::HboneClient,
     io::splice::{self, Side},
     lb::{PickError, RetryPermit, ServiceBalancer},
@@ -414,6 +414,22 @@ impl Connection {
             }
             _ => spliced.await,
         };
+        if let Some(migrant) = done.migrant {
+            // Its record goes with it: the new agent writes it at the end.
+            let departure = Departure {
+                migrant,
+                record: serde_json::to_value(&record).unwrap_or_default(),
+            };
+            let fast = self.fast_path.as_deref();
+            if fast.is_some_and(|fast| fast.migrations.send(departure).is_ok()) {
+                return false;
+            }
+            // The call for connections outlived its receiver: the
+            // sockets closed with the departure.
+            warn!(client = %record.client, "a connection leaving for the new agent found none; closed");
+            record.finish(&self.sinks, Outcome::Reset, done.sent, done.received, None);
+            return false;
+        }
         let outcome = match &done.error {
             None => Outcome::Ok,
             Some((Side::Idle, _)) => Outcome::Timeout,

@@ -20,7 +20,7 @@ use tracing::debug;
 use super::OutboundStats;
 use crate::{
     authz::Request,
-    dataplane::fast_path::FastPath,
+    dataplane::fast_path::{FastPath, Migrant},
     hbone::{
         self,
         client::{Destination, HboneClient, StreamGuard},
@@ -89,6 +89,8 @@ pub struct Finished {
     pub sent: u64,
     pub received: u64,
     pub error: Option<(splice::Side, io::Error)>,
+    /// The connection left for a new agent (fast path only).
+    pub migrant: Option<Migrant>,
 }
 
 pub struct Opener<'a> {
@@ -214,6 +216,7 @@ pub async fn splice(
                 sent: done.sent,
                 received: done.received,
                 error: done.error,
+                migrant: done.migrant,
             }
         }
         Upstream::Tunnel(stream, _guard, sent_early) => {
@@ -229,6 +232,7 @@ pub async fn splice(
                 sent: counted.sent.load(Ordering::Relaxed),
                 received: counted.received.load(Ordering::Relaxed),
                 error,
+                migrant: None,
             }
         }
     }
