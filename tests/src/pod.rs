@@ -141,6 +141,17 @@ impl Pod {
         )
     }
 
+    /// A server that reads at most `mib_per_s` MiB a second, slower than
+    /// its senders yet fast enough for gigabytes.
+    pub fn serve_paced(&self, port: u16, name: &str, mib_per_s: u64) -> Server {
+        self.serve_with(
+            port,
+            name,
+            &["--read-rate-mib", &mib_per_s.to_string()],
+            false,
+        )
+    }
+
     /// A server that greets and closes at once, before its client does.
     pub fn serve_closing_first(&self, port: u16, name: &str) -> Server {
         self.serve_with(port, name, &["--close-first"], false)

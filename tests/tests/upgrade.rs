@@ -21,9 +21,13 @@ use mesh_tests::{
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
+/// The long transfer: checksummed at both ends.
+const LONG: u64 = 4 << 30;
 /// A service whose one endpoint is `be` (greets and echoes a digest).
 const BE_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20)), 80);
-/// `drip`, which reads about 30 MiB/s: a transfer that outlasts upgrades.
+/// `drip`, which reads 512 MiB/s, slower than its client sends (so the
+/// fast path pauses and resumes it): 4 GiB take 8 s, outlasting three
+/// upgrades.
 const DRIP_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 21)), 80);
 /// `first`, which closes before its clients do.
 const FIRST_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 22)), 80);
@@ -70,7 +74,7 @@ fn upgrade_node(label: &str, proxy: &str) -> (UpgradeNode, Vec<Agent>) {
     );
     let servers = vec![
         node.pod("be").serve(8080, "be", false),
-        node.pod("drip").serve_slow_reader(8080, "drip", 2),
+        node.pod("drip").serve_paced(8080, "drip", 512),
         node.pod("first").serve_closing_first(8080, "first"),
     ];
     let agent = Agent::start(&node, &config);
@@ -176,13 +180,14 @@ fn upgrade_three_times_under_load(label: &str, proxy: &str, fast: bool) {
     assert!(!links_before.is_empty(), "no pinned links (bpftool?)");
     let stop = AtomicBool::new(false);
     let opened = AtomicU64::new(0);
-    let (long, problems, plaintext) = thread::scope(|scope| {
+    let began = Instant::now();
+    let (long, problems, plaintext, upgraded) = thread::scope(|scope| {
         let (node, stop, opened) = (&s.node, &stop, &opened);
         let long = scope.spawn(move || {
             node.pod("client").try_connect(
                 DRIP_VIP,
                 Connect {
-                    send: 320 * MIB,
+                    send: LONG,
                     ..Default::default()
                 },
             )
@@ -226,6 +231,7 @@ fn upgrade_three_times_under_load(label: &str, proxy: &str, fast: bool) {
             }
             thread::sleep(Duration::from_millis(1500));
         }
+        let upgraded = began.elapsed();
         stop.store(true, Ordering::Relaxed);
         let problems: Vec<String> = churners
             .into_iter()
@@ -235,6 +241,7 @@ fn upgrade_three_times_under_load(label: &str, proxy: &str, fast: bool) {
             long.join().expect("long transfer"),
             problems,
             outsider.join().expect("outsider"),
+            upgraded,
         )
     });
     let opened = opened.load(Ordering::Relaxed);
@@ -256,9 +263,15 @@ fn upgrade_three_times_under_load(label: &str, proxy: &str, fast: bool) {
     let long = long.expect("long transfer");
     let report: &Value = &long[0];
     assert!(report["error"].is_null(), "{report}");
-    assert_eq!(report["sent"], 320 * MIB, "{report}");
-    let expected = format!("{} {}", 320 * MIB, report["sent_sha256"].as_str().unwrap());
+    assert_eq!(report["sent"], LONG, "{report}");
+    let expected = format!("{LONG} {}", report["sent_sha256"].as_str().unwrap());
     assert_eq!(report["reply"], expected, "{report}");
+    let took = report["duration_ms"].as_u64().unwrap_or(0);
+    eprintln!("4 GiB took {took} ms; the upgrades were done after {upgraded:?}");
+    assert!(
+        u128::from(took) > upgraded.as_millis(),
+        "the transfer ended before the third upgrade: {report}"
+    );
     // The same link objects: swapped programs, never a detach.
     assert_eq!(pinned_link_ids(&s.node), links_before);
     // Every old agent drains its connections and exits cleanly, leaving

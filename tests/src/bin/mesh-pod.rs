@@ -47,6 +47,10 @@ enum Command {
         /// reader).
         #[arg(long, default_value_t = 0)]
         read_delay_ms: u64,
+        /// Read at most this many MiB a second (a receiver slower than
+        /// its sender, fast enough for gigabytes); 0: no limit.
+        #[arg(long, default_value_t = 0)]
+        read_rate_mib: u64,
     },
     /// Connect COUNT times, one after the other; print one JSON line each.
     Connect {
@@ -96,6 +100,7 @@ fn main() -> anyhow::Result<()> {
             delay_ms,
             close_first,
             read_delay_ms,
+            read_rate_mib,
         } => serve(
             port,
             &name,
@@ -104,6 +109,7 @@ fn main() -> anyhow::Result<()> {
                 close_first,
                 delay: Duration::from_millis(delay_ms),
                 read_delay: Duration::from_millis(read_delay_ms),
+                read_rate: read_rate_mib << 20,
             },
         ),
         Command::Connect {
@@ -158,6 +164,8 @@ struct Answer {
     delay: Duration,
     /// Pause after every read.
     read_delay: Duration,
+    /// Bytes a second at most; 0: no limit.
+    read_rate: u64,
 }
 
 fn serve(port: u16, name: &str, how: Answer) -> anyhow::Result<()> {
@@ -218,17 +226,29 @@ fn answer(mut stream: TcpStream, name: &str, how: Answer) -> io::Result<u64> {
         reset_close(stream)?;
         return Ok(0);
     }
-    let (count, digest) = hash_until_eof(&mut stream, how.read_delay)?;
+    let (count, digest) = hash_until_eof(&mut stream, how.read_delay, how.read_rate)?;
     stream.write_all(format!("{count} {digest}\n").as_bytes())?;
     Ok(count)
 }
 
-fn hash_until_eof(stream: &mut TcpStream, read_delay: Duration) -> io::Result<(u64, String)> {
+fn hash_until_eof(
+    stream: &mut TcpStream,
+    read_delay: Duration,
+    read_rate: u64,
+) -> io::Result<(u64, String)> {
     let mut hasher = Sha256::new();
     let size = if read_delay.is_zero() { 256 } else { 64 };
     let mut buffer = vec![0; size * 1024];
     let mut count = 0u64;
+    let started = std::time::Instant::now();
     loop {
+        if read_rate > 0 {
+            // Ahead of the rate: wait until the bytes read so far are due.
+            let due = Duration::from_secs_f64(count as f64 / read_rate as f64);
+            if let Some(early) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(early);
+            }
+        }
         let n = match stream.read(&mut buffer) {
             Ok(0) => break,
             Ok(n) => n,
