@@ -658,3 +658,101 @@ fn injected_faults_refuse_and_delay_their_share_and_cut_after_bytes() {
     assert!(quiet[0].get("error").is_none(), "{}", quiet[0]);
     assert_eq!(c.agent.stats()["outbound"]["faults"]["cut"], 1);
 }
+
+/// Quotas (issue 21): a client over its rate gets its burst plus the rate
+/// over the window, refused fast (`RL`); another client keeps its own
+/// allowance; open connections are capped per client, 200 parallel
+/// attempts included.
+#[test]
+fn a_clients_quota_holds_its_rate_and_open_connections_and_spares_others() {
+    let backends = ["be"];
+    let mut node = node_with("quota", &backends);
+    node.add_pod("other");
+    let eps = endpoints(&node, &[("be", None)]);
+    let quota = "    resilience:\n      quota: { rate: 50, burst: 20, concurrent: 5 }\n";
+    let servers = [("be".to_owned(), node.pod("be").serve(8080, "be", false))].into();
+    // `other` has an identity of its own (the others share `default`'s,
+    // and with it their quota).
+    let other = node.pod("other");
+    let other_yaml = format!(
+        "workloads:\n  - {{ name: other, service_account: other, ips: [{}], interface: {}, cgroup: other }}\n",
+        other.ip, other.host_if
+    );
+    let text = config(&node, &["be"], &service(quota, &eps)).replace("workloads:\n", &other_yaml);
+    let agent = Agent::start(&node, &text);
+    let c = Cluster {
+        agent,
+        servers,
+        node,
+    };
+    let batch = Connect {
+        count: 25,
+        ..Default::default()
+    };
+    let began = Instant::now();
+    let mut reports = Vec::new();
+    while began.elapsed() < Duration::from_secs(2) {
+        reports.extend(c.node.pod("client").try_connect(vip(), batch).unwrap());
+    }
+    let window = began.elapsed().as_secs_f64();
+    let admitted = reports.iter().filter(|r| r.get("error").is_none()).count();
+    let expected = 20.0 + 50.0 * window;
+    eprintln!(
+        "{admitted} of {} admitted in {window:.2} s (burst 20 + 50/s: {expected:.0})",
+        reports.len()
+    );
+    assert!(
+        (admitted as f64 - expected).abs() <= expected * 0.05,
+        "{admitted} admitted, {expected:.0} expected"
+    );
+    let slowest_refusal = reports
+        .iter()
+        .filter(|r| r.get("error").is_some())
+        .map(|r| r["duration_ms"].as_u64().unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    assert!(slowest_refusal < 50, "a refusal took {slowest_refusal} ms");
+    let counters = &service_stats(&c)["counters"];
+    assert_eq!(
+        counters["rate_limited"],
+        (reports.len() - admitted) as u64,
+        "{counters}"
+    );
+    // Another client has its own bucket.
+    let other = c.node.pod("other").connect(
+        vip(),
+        Connect {
+            count: 10,
+            ..Default::default()
+        },
+    );
+    assert!(other.iter().all(|r| r.get("error").is_none()), "{other:?}");
+    assert!(
+        c.agent
+            .log()
+            .lines()
+            .any(|l| l.contains("result=RateLimited")),
+        "no RateLimited access log line"
+    );
+
+    // Five open connections of `client`: 200 attempts in parallel are all
+    // refused, and one closing lets the next in.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut held: Vec<_> = (0..5).map(|_| c.node.pod("client").hold(vip())).collect();
+    let burst = c.node.pod("client").connect(
+        vip(),
+        Connect {
+            count: 200,
+            parallel: 20,
+            ..Default::default()
+        },
+    );
+    let through = burst.iter().filter(|r| r.get("error").is_none()).count();
+    assert_eq!(through, 0, "{through} of 200 got past 5 open connections");
+    held.pop().unwrap().release();
+    eventually("a place after a close", || {
+        c.node.pod("client").connect(vip(), Connect::default())[0]
+            .get("error")
+            .is_none()
+    });
+}

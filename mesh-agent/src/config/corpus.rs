@@ -24,6 +24,7 @@ services:
       retry: { retries: 2, budget_percent: 20 }
       outlier_detection: { consecutive_failures: 5, base_ejection_ms: 1000, max_ejection_ms: 60000 }
       health_check: { interval_ms: 1000, timeout_ms: 500, healthy_threshold: 2, unhealthy_threshold: 3 }
+      quota: { rate: 100, burst: 50, concurrent: 20 }
     faults: { from: { namespaces: [shop] }, delay: { percent: 10, ms: 100 }, refuse: { percent: 5 }, cut: { percent: 1, after_bytes: 4096 } }
 authorization:
   default_action: allow
@@ -120,14 +121,14 @@ const CORPUS: &[Entry] = &[
         "10.9.0.0/16",
         "10.9.0.0/+8",
         "authorization.rules[0].from.ip_blocks",
-        Some(23),
+        Some(24),
     ),
     (
         "prefix length above 32",
         "10.9.0.0/16",
         "10.9.0.0/33",
         "authorization.rules[0].from.ip_blocks",
-        Some(23),
+        Some(24),
     ),
     (
         "action misspelt",
@@ -384,35 +385,35 @@ const CORPUS: &[Entry] = &[
         "addresses: [192.168.0.3]",
         "addresses: []",
         "nodes[1].addresses",
-        Some(24),
+        Some(25),
     ),
     (
         "two nodes at one address",
         "addresses: [192.168.0.3]",
         "addresses: [192.168.0.2]",
         "nodes[1].addresses",
-        Some(24),
+        Some(25),
     ),
     (
         "a node twice",
         "name: n3",
         "name: n2",
         "nodes[1].name",
-        Some(24),
+        Some(25),
     ),
     (
         "a node name that is no name",
         "name: n3",
         "name: N_3",
         "nodes[1].name",
-        Some(24),
+        Some(25),
     ),
     (
         "a node address that is no address",
         "addresses: [192.168.0.3]",
         "addresses: [192.168.0.300]",
         "nodes",
-        Some(24),
+        Some(25),
     ),
     // Services.
     (
@@ -427,7 +428,7 @@ const CORPUS: &[Entry] = &[
         "authorization:",
         "  - { name: echo, vip: 10.96.0.11, ports: [{ port: 80 }] }\nauthorization:",
         "services[1].name",
-        Some(20),
+        Some(21),
     ),
     (
         "VIP on 0.0.0.0",
@@ -521,32 +522,46 @@ const CORPUS: &[Entry] = &[
         Some(13),
     ),
     (
+        "a quota of no connection a second",
+        "quota: { rate: 100,",
+        "quota: { rate: 0,",
+        "services[0].resilience.quota.rate",
+        Some(19),
+    ),
+    (
+        "a quota that limits nothing",
+        "quota: { rate: 100, burst: 50, concurrent: 20 }",
+        "quota: { burst: 50 }",
+        "services[0].resilience.quota",
+        Some(19),
+    ),
+    (
         "refuse more than every connection",
         "refuse: { percent: 5 }",
         "refuse: { percent: 101 }",
         "services[0].faults.refuse.percent",
-        Some(19),
+        Some(20),
     ),
     (
         "a delay of nothing",
         "ms: 100 }",
         "ms: 0 }",
         "services[0].faults.delay.ms",
-        Some(19),
+        Some(20),
     ),
     (
         "a fault for a client that is no SPIFFE pattern",
         "from: { namespaces: [shop] }",
         "from: { principals: [shop/web] }",
         "services[0].faults.from.principals[0]",
-        Some(19),
+        Some(20),
     ),
     (
         "a cut of no percentage",
         "cut: { percent: 1, after_bytes: 4096 }",
         "cut: { after_bytes: 4096 }",
         "services[0].faults.cut",
-        Some(19),
+        Some(20),
     ),
     (
         "service connect timeout 0",
@@ -610,7 +625,7 @@ const CORPUS: &[Entry] = &[
         "spiffe://cluster.local/ns/x/*",
         "web",
         "authorization.rules[0].from.principals[0]",
-        Some(23),
+        Some(24),
     ),
     // Kubernetes.
     (

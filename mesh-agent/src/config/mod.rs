@@ -101,6 +101,7 @@ pub mod limits {
     /// The HBONE server's cap on streams per connection.
     pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
     pub const MAX_RETRIES: u32 = 10;
+    pub const MAX_QUOTA: u32 = 1_000_000;
     pub const MAX_EJECTION_MS: u64 = 3600 * 1000;
     pub const MAX_HEALTH_INTERVAL_MS: u64 = 3600 * 1000;
     pub const MAX_THRESHOLD: u32 = 1000;
@@ -858,6 +859,28 @@ fn validate_policy(service: &ServiceConfig) -> Result<(), (String, String)> {
             1,
             max,
         )?;
+    }
+    if let Some(quota) = &r.quota {
+        if quota.rate.is_none() && quota.concurrent.is_none() {
+            return fail(
+                "resilience.quota".into(),
+                "needs a rate or a concurrent limit".into(),
+            );
+        }
+        for (field, value) in [
+            ("rate", quota.rate),
+            ("burst", quota.burst),
+            ("concurrent", quota.concurrent),
+        ] {
+            if let Some(value) = value {
+                in_range(
+                    &format!("resilience.quota.{field}"),
+                    value,
+                    1,
+                    limits::MAX_QUOTA,
+                )?;
+            }
+        }
     }
     validate_faults(&service.faults)
 }

@@ -7,6 +7,7 @@
 mod ewma;
 pub mod health;
 mod maglev;
+pub mod quota;
 mod service;
 pub mod state;
 

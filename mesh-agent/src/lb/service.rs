@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use super::{
     maglev::Maglev,
+    quota::{OverQuota, QuotaGuard},
     state::{CountGuard, EndpointSnapshot, EndpointState, Registry, ServiceCounters, ServiceState},
 };
 use crate::{
@@ -139,6 +140,21 @@ impl ServiceBalancer {
             pending: Some(CountGuard::new(self.state.clone(), |s| &s.pending)),
             active: None,
         })
+    }
+
+    /// Admits a new connection of `client` (identity or address) under
+    /// the service's quota; the guard counts it open until dropped.
+    pub fn admit_client(&self, client: &str) -> Result<Option<QuotaGuard>, OverQuota> {
+        let Some(quota) = &self.resilience.quota else {
+            return Ok(None);
+        };
+        match self.state.quotas.admit(quota, client, Instant::now()) {
+            Ok(guard) => Ok(Some(guard)),
+            Err(over) => {
+                self.state.rate_limited.fetch_add(1, Ordering::Relaxed);
+                Err(over)
+            }
+        }
     }
 
     /// Chooses an endpoint for a connection from `client`, skipping `tried`.

@@ -200,6 +200,9 @@ pub struct ServiceState {
     pub round_robin: Mutex<HashMap<Ipv4Addr, i64>>,
     /// The same across subsets, for splits.
     pub subset_round_robin: Mutex<HashMap<String, i64>>,
+    /// Per-client quotas' buckets and counts.
+    pub quotas: super::quota::Quotas,
+    pub rate_limited: AtomicU64,
 }
 
 #[derive(Debug, Serialize)]
@@ -212,6 +215,7 @@ pub struct ServiceCounters {
     pub retry_budget_exhausted: u64,
     pub no_endpoint: u64,
     pub connect_failures: u64,
+    pub rate_limited: u64,
 }
 
 impl ServiceState {
@@ -226,6 +230,7 @@ impl ServiceState {
             retry_budget_exhausted: get(&self.retry_budget_exhausted),
             no_endpoint: get(&self.no_endpoint),
             connect_failures: get(&self.connect_failures),
+            rate_limited: get(&self.rate_limited),
         }
     }
 }

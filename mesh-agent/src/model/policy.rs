@@ -55,6 +55,20 @@ pub struct Resilience {
     pub outlier_detection: OutlierDetection,
     /// Active TCP connect probes; default: off.
     pub health_check: Option<HealthCheck>,
+    /// Limits per client; default: none.
+    pub quota: Option<Quota>,
+}
+
+/// Limits per client of a service (its identity when proven, else its
+/// address): new connections a second, as a token bucket holding `burst`
+/// (default: `rate`), and connections open at once. A connection over a
+/// limit is reset at once and counted (`rate_limited`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    pub rate: Option<u32>,
+    pub burst: Option<u32>,
+    pub concurrent: Option<u32>,
 }
 
 /// A failed connect is retried on another endpoint, at most `retries`

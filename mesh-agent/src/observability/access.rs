@@ -43,6 +43,8 @@ pub enum Outcome {
     NoEndpoint,
     /// Refused or cut by an injected fault.
     Injected,
+    /// Over the client's quota.
+    RateLimited,
 }
 
 impl Outcome {
@@ -54,6 +56,7 @@ impl Outcome {
             Outcome::Breaker => "UO",
             Outcome::NoEndpoint => "NR",
             Outcome::Injected => "FI",
+            Outcome::RateLimited => "RL",
         }
     }
 }

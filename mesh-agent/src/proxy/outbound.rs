@@ -159,6 +159,8 @@ impl Outbound {
 static NOT_CAPTURED_LOG: LogBudget = LogBudget::new(5);
 /// So are injected refusals (the access log has every one).
 static FAULT_LOG: LogBudget = LogBudget::new(5);
+/// And refusals over a quota.
+static QUOTA_LOG: LogBudget = LogBudget::new(5);
 
 struct Connection {
     routes: Arc<Routes>,
@@ -271,6 +273,24 @@ impl Connection {
                 warn!(%peer, destination = %original, service = %balancer.name, %error, "refused");
                 splice::reset(client);
                 return record.finish(&self.sinks, Outcome::Breaker, 0, 0, Some(error.to_string()));
+            }
+        };
+        // The client's quota: its identity when it has one, else its
+        // address. Held for the connection's life (open connections).
+        let client_name = if record.source_principal.is_empty() {
+            peer.ip().to_string()
+        } else {
+            record.source_principal.clone()
+        };
+        let _quota = match balancer.admit_client(&client_name) {
+            Ok(guard) => guard,
+            Err(over) => {
+                if QUOTA_LOG.allow() {
+                    warn!(%peer, service = %balancer.name, %over, "over quota; refused");
+                }
+                splice::reset(client);
+                let error = Some(over.to_string());
+                return record.finish(&self.sinks, Outcome::RateLimited, 0, 0, error);
             }
         };
         // Injected faults come after admission, so a delayed connection
