@@ -266,8 +266,16 @@ fn two_nodes_follow_annotations_zones_and_service_accounts() {
     service["metadata"]["annotations"] = json!({
         "mesh-agent.io/locality": "off",
         "mesh-agent.io/lb-policy": "round_robin",
+        "mesh-agent.io/quota": "rate=1000,burst=1000,concurrent=100",
     });
     cluster.apply(&service);
+    eventually("the quota annotation applied", || {
+        agent1.stats()["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["name"] == "echo" && s["quota"]["concurrent"] == 100)
+    });
     eventually("traffic to both", || {
         let by = answers(client);
         by.contains(&"ka".to_owned()) && by.contains(&"ks".to_owned())

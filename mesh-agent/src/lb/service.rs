@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     locks::lock,
-    model::{Faults, Locality, Policy, Resilience, Service, ServicePort, Split},
+    model::{Faults, Locality, Policy, Quota, Resilience, Service, ServicePort, Split},
 };
 
 /// Why no endpoint was chosen.
@@ -482,6 +482,7 @@ impl ServiceBalancer {
                 })
                 .collect(),
             counters: self.state.counters(),
+            quota: self.resilience.quota.clone(),
             faults: self.faults.clone(),
             endpoints: self
                 .members
@@ -507,6 +508,8 @@ pub struct ServiceSnapshot {
     pub locality: Locality,
     pub splits: Vec<Split>,
     pub counters: ServiceCounters,
+    /// Limits per client, if any.
+    pub quota: Option<Quota>,
     /// Faults injected into new connections (testing): visible, so that
     /// none is left on by mistake.
     pub faults: Faults,

@@ -239,6 +239,14 @@ const CORPUS: &[(&str, Mutation, Expect)] = &[
         Problem("mesh-agent.io/splits"),
     ),
     (
+        "quota annotation of garbage",
+        |o| {
+            o.services[0]["metadata"]["annotations"] =
+                json!({ "mesh-agent.io/quota": "100/s,,burst" });
+        },
+        Problem("mesh-agent.io/quota"),
+    ),
+    (
         "splits annotation of garbage",
         |o| {
             o.services[0]["metadata"]["annotations"] = json!({ "mesh-agent.io/splits": "=,=,,==" });

@@ -13,14 +13,14 @@ use serde::Serialize;
 use super::{
     mapping::{self, KubepodsRoot, MappingError, Route},
     records::{
-        LOCALITY_ANNOTATION, MODE_ANNOTATION, POLICY_ANNOTATION, PodRecord, SPLITS_ANNOTATION,
-        ServiceRecord, SliceRecord, TargetPort,
+        LOCALITY_ANNOTATION, MODE_ANNOTATION, POLICY_ANNOTATION, PodRecord, QUOTA_ANNOTATION,
+        SPLITS_ANNOTATION, ServiceRecord, SliceRecord, TargetPort,
     },
     store::ClusterState,
 };
 use crate::config;
 use crate::model::{
-    Endpoint, Faults, LocalWorkload, Resilience, Service, ServicePort, Split, Workload,
+    Endpoint, Faults, LocalWorkload, Quota, Resilience, Service, ServicePort, Split, Workload,
     WorkloadMode,
 };
 
@@ -304,6 +304,12 @@ fn build_service(
         &format!("service {service_key}: annotation {SPLITS_ANNOTATION}"),
         &mut built.problems,
     );
+    let quota = parse_annotation(
+        setting(QUOTA_ANNOTATION),
+        parse_quota,
+        &format!("service {service_key}: annotation {QUOTA_ANNOTATION}"),
+        &mut built.problems,
+    );
     Some(Service {
         name: service.name.clone(),
         namespace: service.namespace.clone(),
@@ -313,7 +319,10 @@ fn build_service(
         policy,
         locality,
         splits,
-        resilience: Resilience::default(),
+        resilience: Resilience {
+            quota,
+            ..Resilience::default()
+        },
         faults: Faults::default(),
     })
 }
@@ -365,10 +374,70 @@ fn parse_splits(text: &str) -> Result<Vec<Split>, String> {
     Ok(splits)
 }
 
+/// `rate=100,burst=50,concurrent=20` (any of them, in any order): the
+/// config's `resilience.quota`, with its ranges.
+fn parse_quota(text: &str) -> Result<Option<Quota>, String> {
+    let mut quota = Quota {
+        rate: None,
+        burst: None,
+        concurrent: None,
+    };
+    for part in text.split(',') {
+        let (name, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not name=value"))?;
+        let value: u32 = value
+            .trim()
+            .parse()
+            .ok()
+            .filter(|v| (1..=config::limits::MAX_QUOTA).contains(v))
+            .ok_or_else(|| {
+                format!(
+                    "{value:?} is not a number in 1..={}",
+                    config::limits::MAX_QUOTA
+                )
+            })?;
+        let slot = match name.trim() {
+            "rate" => &mut quota.rate,
+            "burst" => &mut quota.burst,
+            "concurrent" => &mut quota.concurrent,
+            other => return Err(format!("{other:?} is none of rate, burst, concurrent")),
+        };
+        if slot.replace(value).is_some() {
+            return Err(format!("{} is given twice", name.trim()));
+        }
+    }
+    if quota.rate.is_none() && quota.concurrent.is_none() {
+        return Err("needs a rate or a concurrent limit".into());
+    }
+    Ok(Some(quota))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{Locality, Policy};
+
+    #[test]
+    fn quota_annotation_parses_and_names_what_is_wrong() {
+        assert_eq!(
+            parse_quota("rate=100, burst = 50,concurrent=20").unwrap(),
+            Some(Quota {
+                rate: Some(100),
+                burst: Some(50),
+                concurrent: Some(20),
+            })
+        );
+        assert!(
+            parse_quota("burst=5")
+                .unwrap_err()
+                .contains("rate or a concurrent")
+        );
+        assert!(parse_quota("rate=0").unwrap_err().contains("1..="));
+        assert!(parse_quota("rate=5,rate=6").unwrap_err().contains("twice"));
+        assert!(parse_quota("speed=5").unwrap_err().contains("\"speed\""));
+        assert!(parse_quota("100/s").unwrap_err().contains("name=value"));
+    }
 
     #[test]
     fn splits_annotation_parses_and_names_what_is_wrong() {

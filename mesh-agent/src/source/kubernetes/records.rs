@@ -24,6 +24,8 @@ pub const POLICY_ANNOTATION: &str = "mesh-agent.io/lb-policy";
 pub const LOCALITY_ANNOTATION: &str = "mesh-agent.io/locality";
 /// `v1=90,v2=10`: shares of new connections per version.
 pub const SPLITS_ANNOTATION: &str = "mesh-agent.io/splits";
+/// `rate=100,burst=50,concurrent=20`: limits per client (`resilience.quota`).
+pub const QUOTA_ANNOTATION: &str = "mesh-agent.io/quota";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
