@@ -662,3 +662,28 @@ fn cross_node_traffic_survives_upgrades_of_both_ends() {
         assert!(status.success(), "old agent exit {status}:\n{}", old.log());
     }
 }
+
+/// A new agent without the fast path could not carry the old one's
+/// fast-path connections: the old agent keeps them (none moved, one
+/// kept) and finishes them itself.
+#[test]
+fn fast_path_connections_stay_when_the_new_agent_runs_without_it() {
+    let (s, mut agents) = upgrade_node("upg-keep", "proxy: { fast_path: true }\n");
+    let held = s.node.pod("client").hold(BE_VIP);
+    assert!(held.greeting.contains("be"), "{}", held.greeting);
+    let without = s.config.replace("proxy: { fast_path: true }\n", "");
+    upgrade(&s.node, &without, &mut agents, &Launch::default());
+    let old = &agents[agents.len() - 2];
+    assert!(
+        old.wait_log("moved=0 kept=1 takes=false", 1, Duration::from_secs(10)),
+        "{}",
+        old.log()
+    );
+    let report = held.release();
+    assert!(
+        report["reply"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("0 ")),
+        "{report}"
+    );
+}

@@ -133,14 +133,19 @@ impl Bound {
         let kernel_status = Arc::new(Mutex::new(String::new()));
         // Before binding anything: a running agent on this pin root hands
         // its listeners over (it holds the ports).
-        let mut predecessor =
-            match Predecessor::find(&options.handover_socket, &options.pin_root).await {
-                Ok(found) => found,
-                Err(error) => {
-                    warn!(%error, "not taking over from the running agent: starting on its own");
-                    None
-                }
-            };
+        let mut predecessor = match Predecessor::find(
+            &options.handover_socket,
+            &options.pin_root,
+            config.proxy.fast_path,
+        )
+        .await
+        {
+            Ok(found) => found,
+            Err(error) => {
+                warn!(%error, "not taking over from the running agent: starting on its own");
+                None
+            }
+        };
         let mut inherit = |role: ListenerRole, addr: SocketAddr| {
             predecessor
                 .as_mut()
@@ -609,13 +614,25 @@ impl Bound {
         // Fast-path connections go on in the new agent: they leave this
         // one as soon as nothing of theirs is in its hands.
         let (sink, departures) = tokio::sync::mpsc::unbounded_channel();
+        // Only to a new agent that runs the fast path itself (one that
+        // does not could not carry them: they stay here).
         let fast = reloader.dataplane.fast_path();
-        if let Some(fast) = &fast {
+        let takes = successor.takes_fast_path;
+        let migrating = fast.as_ref().filter(|_| takes);
+        if let Some(fast) = migrating {
             fast.migrations.request(sink);
         }
-        let migrations = fast.as_ref().map(|fast| &fast.migrations);
-        let (moved, kept) = successor.pass_connections(departures, migrations).await;
-        info!(moved, kept, "fast-path connections passed to the new agent");
+        let migrations = migrating.map(|fast| &fast.migrations);
+        let (moved, mut kept) = successor.pass_connections(departures, migrations).await;
+        if !takes {
+            kept = fast
+                .as_ref()
+                .map_or(0, |fast| fast.migrations.pending() as u64);
+        }
+        info!(
+            moved,
+            kept, takes, "fast-path connections passed to the new agent"
+        );
         let deadline = reloader.current.proxy.handover_drain_timeout();
         info!(
             %stats,

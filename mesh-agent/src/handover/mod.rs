@@ -108,8 +108,14 @@ pub struct Predecessor {
 
 impl Predecessor {
     /// Asks the agent serving `socket` for its listeners. `None` when no
-    /// agent answers there (none runs, or it crashed).
-    pub async fn find(socket: &Path, pin_root: &Path) -> Result<Option<Self>, HandoverError> {
+    /// agent answers there (none runs, or it crashed). `takes_fast_path`:
+    /// this agent runs the fast path and can carry the old one's
+    /// fast-path connections on.
+    pub async fn find(
+        socket: &Path,
+        pin_root: &Path,
+        takes_fast_path: bool,
+    ) -> Result<Option<Self>, HandoverError> {
         let stream = match UnixStream::connect(socket).await {
             Ok(stream) => stream,
             Err(error)
@@ -132,6 +138,7 @@ impl Predecessor {
             pin_root: pin_root.display().to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
+            takes_fast_path,
         };
         wire::send(&stream, &hello, &[]).await?;
         let (answer, fds) = tokio::time::timeout(HELLO_TIMEOUT, wire::receive(&stream))
@@ -347,6 +354,8 @@ impl HandoverServer {
 pub struct Successor {
     stream: UnixStream,
     pub pid: u32,
+    /// It can carry fast-path connections on (else they stay here).
+    pub takes_fast_path: bool,
 }
 
 impl Successor {
@@ -364,6 +373,7 @@ impl Successor {
             pin_root: theirs,
             version,
             pid,
+            takes_fast_path,
         } = hello
         else {
             return Err(unexpected(hello, "hello"));
@@ -395,7 +405,11 @@ impl Successor {
         };
         wire::send(&stream, &message, &fds).await?;
         match wire::receive(&stream).await? {
-            (FromSuccessor::TakeKernel, _) => Ok(Self { stream, pid }),
+            (FromSuccessor::TakeKernel, _) => Ok(Self {
+                stream,
+                pid,
+                takes_fast_path,
+            }),
             (other, _) => Err(unexpected(other, "take_kernel")),
         }
     }
@@ -503,7 +517,7 @@ mod tests {
             )
             .await
         };
-        let new = Predecessor::find(&path, Path::new("/sys/fs/bpf/theirs"));
+        let new = Predecessor::find(&path, Path::new("/sys/fs/bpf/theirs"), false);
         let (old, new) = tokio::join!(old, new);
         assert!(
             matches!(old, Err(HandoverError::Refused(_))),
@@ -520,7 +534,7 @@ mod tests {
     #[tokio::test]
     async fn no_running_agent_is_no_predecessor() {
         let path = std::env::temp_dir().join(format!("no-agent-{}.sock", std::process::id()));
-        let found = Predecessor::find(&path, Path::new("/sys/fs/bpf/x"))
+        let found = Predecessor::find(&path, Path::new("/sys/fs/bpf/x"), false)
             .await
             .unwrap();
         assert!(found.is_none());

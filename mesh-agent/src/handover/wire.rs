@@ -37,6 +37,10 @@ pub enum FromSuccessor {
         pin_root: String,
         version: String,
         pid: u32,
+        /// It runs the fast path, so it can carry the old agent's
+        /// fast-path connections on (absent from agents before it could).
+        #[serde(default)]
+        takes_fast_path: bool,
     },
     /// Ready to load: the old agent must stop changing the kernel state.
     TakeKernel,
