@@ -267,6 +267,7 @@ fn two_nodes_follow_annotations_zones_and_service_accounts() {
         "mesh-agent.io/locality": "off",
         "mesh-agent.io/lb-policy": "round_robin",
         "mesh-agent.io/quota": "rate=1000,burst=1000,concurrent=100",
+        "mesh-agent.io/faults": "delay=0:1",
     });
     cluster.apply(&service);
     eventually("the quota annotation applied", || {
@@ -274,7 +275,11 @@ fn two_nodes_follow_annotations_zones_and_service_accounts() {
             .as_array()
             .into_iter()
             .flatten()
-            .any(|s| s["name"] == "echo" && s["quota"]["concurrent"] == 100)
+            .any(|s| {
+                s["name"] == "echo"
+                    && s["quota"]["concurrent"] == 100
+                    && s["faults"]["delay"]["ms"] == 1
+            })
     });
     eventually("traffic to both", || {
         let by = answers(client);

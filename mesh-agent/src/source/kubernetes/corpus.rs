@@ -247,6 +247,14 @@ const CORPUS: &[(&str, Mutation, Expect)] = &[
         Problem("mesh-agent.io/quota"),
     ),
     (
+        "faults annotation over 100%",
+        |o| {
+            o.services[0]["metadata"]["annotations"] =
+                json!({ "mesh-agent.io/faults": "refuse=150" });
+        },
+        Problem("mesh-agent.io/faults"),
+    ),
+    (
         "splits annotation of garbage",
         |o| {
             o.services[0]["metadata"]["annotations"] = json!({ "mesh-agent.io/splits": "=,=,,==" });

@@ -13,15 +13,15 @@ use serde::Serialize;
 use super::{
     mapping::{self, KubepodsRoot, MappingError, Route},
     records::{
-        LOCALITY_ANNOTATION, MODE_ANNOTATION, POLICY_ANNOTATION, PodRecord, QUOTA_ANNOTATION,
-        SPLITS_ANNOTATION, ServiceRecord, SliceRecord, TargetPort,
+        FAULTS_ANNOTATION, LOCALITY_ANNOTATION, MODE_ANNOTATION, POLICY_ANNOTATION, PodRecord,
+        QUOTA_ANNOTATION, SPLITS_ANNOTATION, ServiceRecord, SliceRecord, TargetPort,
     },
     store::ClusterState,
 };
 use crate::config;
 use crate::model::{
-    Endpoint, Faults, LocalWorkload, Quota, Resilience, Service, ServicePort, Split, Workload,
-    WorkloadMode,
+    Cut, Delay, Endpoint, Faults, LocalWorkload, Quota, Refuse, Resilience, Service, ServicePort,
+    Split, Workload, WorkloadMode,
 };
 
 /// What the node offers for mapping pods to the kernel, read once per build.
@@ -310,6 +310,12 @@ fn build_service(
         &format!("service {service_key}: annotation {QUOTA_ANNOTATION}"),
         &mut built.problems,
     );
+    let faults = parse_annotation(
+        setting(FAULTS_ANNOTATION),
+        parse_faults,
+        &format!("service {service_key}: annotation {FAULTS_ANNOTATION}"),
+        &mut built.problems,
+    );
     Some(Service {
         name: service.name.clone(),
         namespace: service.namespace.clone(),
@@ -323,7 +329,7 @@ fn build_service(
             quota,
             ..Resilience::default()
         },
-        faults: Faults::default(),
+        faults,
     })
 }
 
@@ -413,10 +419,108 @@ fn parse_quota(text: &str) -> Result<Option<Quota>, String> {
     Ok(Some(quota))
 }
 
+/// `refuse=10,delay=20:300,cut=5:65536` (any of them, in any order):
+/// percentages of new connections refused, delayed by so many ms, cut
+/// after so many bytes; for every client (the file config's `from`
+/// selector has no annotation form).
+fn parse_faults(text: &str) -> Result<Faults, String> {
+    let mut faults = Faults::default();
+    for part in text.split(',') {
+        let (name, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not name=value"))?;
+        let (percent, argument) = match value.split_once(':') {
+            Some((percent, argument)) => (percent, Some(argument.trim())),
+            None => (value, None),
+        };
+        let percent: u32 = percent
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| *p <= 100)
+            .ok_or_else(|| format!("{percent:?} is not a percentage"))?;
+        let number = |what: &str, max: u64| {
+            argument
+                .and_then(|a| a.parse::<u64>().ok())
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| format!("{name} needs :{what} (1..={max}) after its percentage"))
+        };
+        let twice = |given: bool| {
+            if given {
+                Err(format!("{} is given twice", name.trim()))
+            } else {
+                Ok(())
+            }
+        };
+        match name.trim() {
+            "refuse" if argument.is_none() => {
+                twice(faults.refuse.is_some())?;
+                faults.refuse = Some(Refuse { percent });
+            }
+            "delay" => {
+                twice(faults.delay.is_some())?;
+                let ms = number("milliseconds", config::limits::MAX_CONNECT_TIMEOUT_MS)?;
+                faults.delay = Some(Delay { percent, ms });
+            }
+            "cut" => {
+                twice(faults.cut.is_some())?;
+                let after_bytes = number("bytes", u64::MAX)?;
+                faults.cut = Some(Cut {
+                    percent,
+                    after_bytes,
+                });
+            }
+            other => {
+                return Err(format!(
+                    "{other:?} is none of refuse=P, delay=P:MS, cut=P:BYTES"
+                ));
+            }
+        }
+    }
+    Ok(faults)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{Locality, Policy};
+
+    #[test]
+    fn faults_annotation_parses_and_names_what_is_wrong() {
+        let faults = parse_faults("refuse=10, delay=20:300,cut=5:65536").unwrap();
+        assert_eq!(faults.refuse, Some(Refuse { percent: 10 }));
+        assert_eq!(
+            faults.delay,
+            Some(Delay {
+                percent: 20,
+                ms: 300
+            })
+        );
+        assert_eq!(
+            faults.cut,
+            Some(Cut {
+                percent: 5,
+                after_bytes: 65536
+            })
+        );
+        assert!(
+            parse_faults("refuse=101")
+                .unwrap_err()
+                .contains("percentage")
+        );
+        assert!(
+            parse_faults("delay=10")
+                .unwrap_err()
+                .contains(":milliseconds")
+        );
+        assert!(
+            parse_faults("refuse=1,refuse=2")
+                .unwrap_err()
+                .contains("twice")
+        );
+        assert!(parse_faults("abort=5").unwrap_err().contains("\"abort\""));
+        assert!(parse_faults("refuse=5:3").unwrap_err().contains("none of"));
+    }
 
     #[test]
     fn quota_annotation_parses_and_names_what_is_wrong() {

@@ -26,6 +26,8 @@ pub const LOCALITY_ANNOTATION: &str = "mesh-agent.io/locality";
 pub const SPLITS_ANNOTATION: &str = "mesh-agent.io/splits";
 /// `rate=100,burst=50,concurrent=20`: limits per client (`resilience.quota`).
 pub const QUOTA_ANNOTATION: &str = "mesh-agent.io/quota";
+/// `refuse=10,delay=20:300,cut=5:65536`: faults injected (`faults`).
+pub const FAULTS_ANNOTATION: &str = "mesh-agent.io/faults";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
