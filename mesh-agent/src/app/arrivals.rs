@@ -10,10 +10,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::{
-    dataplane::fast_path::{Departure, FastPath},
+    dataplane::fast_path::FastPath,
     handover::{Arrival, Arrivals},
-    io::splice::{self, Adopted, Side},
+    io::splice::{self, Adopted},
     observability::access::{Outcome, Record, Sinks},
+    proxy,
 };
 
 /// Carries on every connection that arrives, until the old agent says it
@@ -79,22 +80,5 @@ async fn splice(connection: Adopted, record: Record, fast: Arc<FastPath>, sinks:
             return record.finish(&sinks, Outcome::Reset, 0, 0, Some(error.to_string()));
         }
     };
-    if let Some(migrant) = done.migrant {
-        let departure = Departure {
-            migrant,
-            record: serde_json::to_value(&record).unwrap_or_default(),
-        };
-        if fast.migrations.send(departure).is_ok() {
-            return;
-        }
-        warn!(client = %record.client, "a connection leaving for the new agent found none; closed");
-        return record.finish(&sinks, Outcome::Reset, done.sent, done.received, None);
-    }
-    let outcome = match &done.error {
-        None => Outcome::Ok,
-        Some((Side::Idle, _)) => Outcome::Timeout,
-        Some(_) => Outcome::Reset,
-    };
-    let error = done.error.map(|(side, e)| format!("{side:?}: {e}"));
-    record.finish(&sinks, outcome, done.sent, done.received, error);
+    proxy::conclude(done, record, &sinks, Some(&fast));
 }

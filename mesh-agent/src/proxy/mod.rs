@@ -6,4 +6,4 @@ mod faults;
 mod outbound;
 mod upstream;
 
-pub use self::outbound::{Outbound, OutboundSettings, OutboundStats};
+pub use self::outbound::{Outbound, OutboundSettings, OutboundStats, conclude};

@@ -25,7 +25,7 @@ use super::{
 use crate::{
     dataplane::fast_path::{Departure, FastPath},
     hbone::client::HboneClient,
-    io::splice::{self, Side},
+    io::splice::{self, Side, Spliced},
     lb::{PickError, RetryPermit, ServiceBalancer},
     model::{Destination, ServicePort},
     observability::access::{Outcome, Record, Sinks},
@@ -434,32 +434,37 @@ impl Connection {
             }
             _ => spliced.await,
         };
-        if let Some(migrant) = done.migrant {
-            // Its record goes with it: the new agent writes it at the end.
-            let departure = Departure {
-                migrant,
-                record: serde_json::to_value(&record).unwrap_or_default(),
-            };
-            let fast = self.fast_path.as_deref();
-            if fast.is_some_and(|fast| fast.migrations.send(departure).is_ok()) {
-                return false;
-            }
-            // The call for connections outlived its receiver: the
-            // sockets closed with the departure.
-            warn!(client = %record.client, "a connection leaving for the new agent found none; closed");
-            record.finish(&self.sinks, Outcome::Reset, done.sent, done.received, None);
+        conclude(done, record, &self.sinks, self.fast_path.as_deref())
+    }
+}
+
+/// Writes how a splice ended into the connection's record, or, when the
+/// connection left for a new agent, hands it on with its record (the new
+/// agent writes it at the end). Returns whether the upstream failed.
+pub fn conclude(done: Spliced, record: Record, sinks: &Sinks, fast: Option<&FastPath>) -> bool {
+    if let Some(migrant) = done.migrant {
+        let departure = Departure {
+            migrant,
+            record: serde_json::to_value(&record).unwrap_or_default(),
+        };
+        if fast.is_some_and(|fast| fast.migrations.send(departure).is_ok()) {
             return false;
         }
-        let outcome = match &done.error {
-            None => Outcome::Ok,
-            Some((Side::Idle, _)) => Outcome::Timeout,
-            Some(_) => Outcome::Reset,
-        };
-        let upstream_failed = matches!(done.error, Some((Side::Upstream, _)));
-        let error = done.error.map(|(side, e)| format!("{side:?}: {e}"));
-        record.finish(&self.sinks, outcome, done.sent, done.received, error);
-        upstream_failed
+        // The call for connections outlived its receiver: the sockets
+        // closed with the departure.
+        warn!(client = %record.client, "a connection leaving for the new agent found none; closed");
+        record.finish(sinks, Outcome::Reset, done.sent, done.received, None);
+        return false;
     }
+    let outcome = match &done.error {
+        None => Outcome::Ok,
+        Some((Side::Idle, _)) => Outcome::Timeout,
+        Some(_) => Outcome::Reset,
+    };
+    let upstream_failed = matches!(done.error, Some((Side::Upstream, _)));
+    let error = done.error.map(|(side, e)| format!("{side:?}: {e}"));
+    record.finish(sinks, outcome, done.sent, done.received, error);
+    upstream_failed
 }
 
 fn failure_outcome(error: &OpenError) -> Outcome {

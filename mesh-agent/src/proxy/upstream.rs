@@ -7,7 +7,6 @@
 //! - anything else (not in the mesh): plain TCP.
 
 use std::{
-    io,
     net::{Ipv4Addr, SocketAddrV4},
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -20,12 +19,12 @@ use tracing::debug;
 use super::OutboundStats;
 use crate::{
     authz::Request,
-    dataplane::fast_path::{FastPath, Migrant},
+    dataplane::fast_path::FastPath,
     hbone::{
         self,
         client::{Destination, HboneClient, StreamGuard},
     },
-    io::splice,
+    io::splice::{self, Spliced},
     routes::Routes,
 };
 
@@ -82,15 +81,6 @@ pub enum OpenError {
     Denied(String),
     #[error("{0}")]
     Failed(String),
-}
-
-/// What a finished splice moved and how it ended.
-pub struct Finished {
-    pub sent: u64,
-    pub received: u64,
-    pub error: Option<(splice::Side, io::Error)>,
-    /// The connection left for a new agent (fast path only).
-    pub migrant: Option<Migrant>,
 }
 
 pub struct Opener<'a> {
@@ -207,17 +197,10 @@ pub async fn splice(
     counted: &crate::observability::live::Bytes,
     first_response: &(dyn Fn(Duration) + Sync),
     fast_path: Option<&FastPath>,
-) -> Finished {
+) -> Spliced {
     match upstream {
         Upstream::Tcp(upstream) => {
-            let done =
-                splice::splice(client, upstream, idle, counted, first_response, fast_path).await;
-            Finished {
-                sent: done.sent,
-                received: done.received,
-                error: done.error,
-                migrant: done.migrant,
-            }
+            splice::splice(client, upstream, idle, counted, first_response, fast_path).await
         }
         Upstream::Tunnel(stream, _guard, sent_early) => {
             counted.sent.fetch_add(sent_early, Ordering::Relaxed);
@@ -228,7 +211,7 @@ pub async fn splice(
                 first_data: first_response,
             };
             let error = hbone::splice_tunnel(client, stream, &watch).await;
-            Finished {
+            Spliced {
                 sent: counted.sent.load(Ordering::Relaxed),
                 received: counted.received.load(Ordering::Relaxed),
                 error,
