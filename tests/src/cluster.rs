@@ -22,20 +22,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::{apiserver::objects, netns::NetNs, process::Guarded};
-
-/// The binaries `cargo xtask` builds.
-fn tool(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/tools")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: `cargo xtask setup` (or `cargo xtask test`) builds it from its Go module",
-        path.display()
-    );
-    path
-}
+use crate::{apiserver::objects, netns::NetNs, process::Guarded, tool};
 
 /// A free port on 127.0.0.1 in `netns`.
 fn free_port(netns: &NetNs) -> u16 {

@@ -14,6 +14,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod cgroup;
 pub mod cluster;
+pub mod jaeger;
 pub mod kube_node;
 pub mod manifest;
 pub mod netns;
@@ -122,6 +123,20 @@ impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
     }
+}
+
+/// A server binary `cargo xtask` builds from its Go module
+/// (`target/tools/<name>`).
+pub fn tool(name: &str) -> PathBuf {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/tools")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo xtask setup` (or `cargo xtask test`) builds it from its Go module",
+        path.display()
+    );
+    path
 }
 
 /// Waits (at most 30 s, else the test fails naming `what`) until `check`

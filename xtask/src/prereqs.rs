@@ -36,6 +36,7 @@ pub fn install_all() -> anyhow::Result<()> {
     install_grpcio()?;
     install_seccomp_tools()?;
     install_kube_servers()?;
+    install_trace_collector()?;
     mount_bpffs()
 }
 
@@ -124,6 +125,12 @@ fn install_seccomp_tools() -> anyhow::Result<()> {
 pub fn install_kube_servers() -> anyhow::Result<()> {
     go_tool("etcd", "go.etcd.io/etcd/server/v3")?;
     go_tool("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver")
+}
+
+/// Jaeger, the tracing tests' OTLP collector (and the README's trace),
+/// built from its Go module like the API server.
+pub fn install_trace_collector() -> anyhow::Result<()> {
+    go_tool("jaeger", "github.com/jaegertracing/jaeger/cmd/jaeger")
 }
 
 /// Builds `package` in the Go module `xtask/tools/<name>` into

@@ -115,6 +115,20 @@ pub(super) fn render_metrics(sources: &AgentView) -> String {
         gauge(|e| e.state.ewma_ms / 1000.0),
     );
 
+    let spans = sources.sinks.tracer.snapshot();
+    counter_family(
+        &mut registry,
+        "mesh_agent_spans",
+        "Sampled connection spans: exported, dropped (queue full or tracing off), failed (export lost)",
+        [
+            ("exported", spans.exported),
+            ("dropped", spans.dropped),
+            ("failed", spans.failed),
+        ]
+        .map(|(result, count)| (vec![("result", result.to_owned())], count))
+        .to_vec(),
+    );
+
     let outbound = sources.outbound.snapshot();
     let inbound = sources.inbound.snapshot();
     gauge_family(

@@ -105,6 +105,7 @@ fn stats(view: &AgentView) -> serde_json::Value {
         routes,
         fast_path,
         lifecycle,
+        sinks,
         ..
     } = view;
     {
@@ -141,6 +142,7 @@ fn stats(view: &AgentView) -> serde_json::Value {
             "kernel": kernel,
             "fast_path": fast_path.as_ref().map(|fast| fast.stats.snapshot()),
             "lifecycle": lifecycle.snapshot(),
+            "tracing": sinks.tracer.snapshot(),
         })
     }
 }

@@ -38,7 +38,12 @@ use crate::{
     io::transparent_listener,
     lb::{Registry, health::HealthChecks},
     locks::lock,
-    observability::{access::Sinks, live::Live, metrics::Metrics},
+    observability::{
+        access::Sinks,
+        live::Live,
+        metrics::Metrics,
+        spans::{Tracer, export},
+    },
     proxy::{Outbound, OutboundSettings, OutboundStats},
     routes::{OwnListeners, Routes},
     source::{ModelSource, file_watch},
@@ -284,9 +289,12 @@ impl Bound {
             watch::channel(Arc::new(Routes::new(state, &registry, hooked, own.clone())));
         let metrics = Arc::new(Metrics::default());
         metrics.set_labels(&config.metrics.labels);
+        let tracer = Arc::new(Tracer::default());
+        tracer.configure(config.tracing.as_ref(), &config.node.name);
         let sinks = Arc::new(Sinks {
             metrics: metrics.clone(),
             live: Arc::new(Live::default()),
+            tracer: tracer.clone(),
         });
         let handover_sinks = sinks.clone();
         let direct_log = dataplane.take_direct_records().map(|ring| {
@@ -366,6 +374,7 @@ impl Bound {
                 health,
                 certs,
                 metrics,
+                tracer,
                 config: config_tx,
                 current: config,
             },
@@ -402,6 +411,22 @@ impl Bound {
     /// or until a new agent takes over, then drains (up to
     /// `proxy.handover_drain_timeout`) and leaves the kernel to it.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<Stopped> {
+        // Spans go out until the last connection has ended, and what is
+        // queued then is flushed before the agent exits.
+        let tracer = self.reloader.tracer.clone();
+        let exporter_stop = CancellationToken::new();
+        let exporter = tracer
+            .take_queue()
+            .map(|queue| tokio::spawn(export::run(tracer, queue, exporter_stop.clone())));
+        let stopped = self.serve(shutdown).await;
+        exporter_stop.cancel();
+        if let Some(exporter) = exporter {
+            let _ = exporter.await;
+        }
+        stopped
+    }
+
+    async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<Stopped> {
         let Self {
             addresses,
             stop,

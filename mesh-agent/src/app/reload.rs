@@ -20,7 +20,7 @@ use crate::{
     lb::{Registry, health::HealthChecks},
     locks::lock,
     model::MeshState,
-    observability::metrics::Metrics,
+    observability::{metrics::Metrics, spans::Tracer},
     routes::{OwnListeners, Routes},
     source::ModelSource,
 };
@@ -40,6 +40,7 @@ pub(super) struct Reloader {
     pub health: HealthChecks,
     pub certs: Arc<CertManager>,
     pub metrics: Arc<Metrics>,
+    pub tracer: Arc<Tracer>,
     pub config: watch::Sender<Arc<Config>>,
     pub current: Config,
 }
@@ -136,6 +137,8 @@ impl Reloader {
         )));
         self.metrics.set_labels(&config.metrics.labels);
         self.metrics.retain_workloads(&live);
+        self.tracer
+            .configure(config.tracing.as_ref(), &config.node.name);
         self.config.send_replace(Arc::new(config.clone()));
         true
     }

@@ -31,6 +31,7 @@ authorization:
   rules:
     - { action: deny, from: { principals: ["spiffe://cluster.local/ns/x/*"], ip_blocks: [10.9.0.0/16] }, to: { ports: [80] } }
 nodes: [{ name: n2, addresses: [192.168.0.2] }, { name: n3, addresses: [192.168.0.3] }]
+tracing: { otlp_endpoint: "http://10.0.0.9:4317", protocol: grpc, sampling_ratio: 0.1, service_name: mesh }
 "#;
 
 /// (what changes, the text it replaces, its replacement, what the error
@@ -626,6 +627,42 @@ const CORPUS: &[Entry] = &[
         "web",
         "authorization.rules[0].from.principals[0]",
         Some(24),
+    ),
+    // Tracing.
+    (
+        "a collector over TLS",
+        "http://10.0.0.9:4317",
+        "https://10.0.0.9:4317",
+        "tracing.otlp_endpoint",
+        Some(26),
+    ),
+    (
+        "a gRPC collector with a path",
+        "http://10.0.0.9:4317",
+        "http://10.0.0.9:4317/v1/traces",
+        "tracing.otlp_endpoint",
+        Some(26),
+    ),
+    (
+        "a sampling ratio over 1",
+        "sampling_ratio: 0.1",
+        "sampling_ratio: 10",
+        "tracing.sampling_ratio",
+        Some(26),
+    ),
+    (
+        "an OTLP protocol that does not exist",
+        "protocol: grpc",
+        "protocol: thrift",
+        "unknown variant `thrift`",
+        Some(26),
+    ),
+    (
+        "an empty service name",
+        "service_name: mesh",
+        "service_name: \"\"",
+        "tracing.service_name",
+        Some(26),
     ),
     // Kubernetes.
     (

@@ -24,7 +24,7 @@ pub use self::kubernetes::{KubernetesConfig, MESH_LABEL};
 use crate::{
     authz::Authorization,
     model::{Faults, Locality, Policy, Resilience, Split, WorkloadMode},
-    observability::metrics::MetricsConfig,
+    observability::{metrics::MetricsConfig, spans::TracingConfig},
 };
 
 /// Why a config was refused.
@@ -75,6 +75,9 @@ pub struct Config {
     pub authorization: Authorization,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Spans to an OpenTelemetry collector; off when absent.
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
     /// Learn workloads and services from the Kubernetes API server.
     #[serde(default)]
     pub kubernetes: Option<KubernetesConfig>,
@@ -674,6 +677,9 @@ impl Config {
         )?;
         self.authorization.validate()?;
         self.metrics.validate()?;
+        if let Some(tracing) = &self.tracing {
+            tracing.validate()?;
+        }
 
         let mut vips: HashMap<SocketAddrV4, usize> = HashMap::new();
         let mut names: HashMap<(&str, &str), usize> = HashMap::new();

@@ -33,6 +33,7 @@ use crate::{
     config::HboneConfig,
     identity::SpiffeId,
     locks::lock,
+    observability::spans::TraceParent,
     tls::{TlsFactory, kernel::KernelTlsStats},
 };
 
@@ -149,6 +150,11 @@ pub struct Destination<'a> {
     pub target: SocketAddrV4,
     /// The original client, for the `Forwarded` header.
     pub client: IpAddr,
+    /// Sent as `traceparent`: the destination agent's span is its child.
+    pub trace: Option<TraceParent>,
+    /// The client workload's namespace and name, sent as `baggage` with
+    /// the trace context (as ztunnel's experimental baggage does).
+    pub baggage: Option<(&'a str, &'a str)>,
 }
 
 impl HboneClient {
@@ -184,13 +190,30 @@ impl HboneClient {
             destination: to.identity.clone(),
             node: to.node.to_owned(),
         };
+        let traceparent = to.trace.map(|trace| trace.to_string());
+        let baggage = to.trace.and(to.baggage).and_then(|(namespace, name)| {
+            // Names are checked where the model is built; a value that
+            // would not be a header is left out, never a panic here.
+            let safe = |v: &str| {
+                !v.is_empty()
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            };
+            (safe(namespace) && safe(name))
+                .then(|| format!("k8s.namespace.name={namespace},service.name={name}"))
+        });
         let request = || {
-            Request::builder()
+            let mut request = Request::builder()
                 .method(Method::CONNECT)
                 .uri(to.target.to_string())
-                .header("forwarded", format!("for={}", to.client))
-                .body(())
-                .expect("static request parts")
+                .header("forwarded", format!("for={}", to.client));
+            if let Some(traceparent) = &traceparent {
+                request = request.header("traceparent", traceparent);
+            }
+            if let Some(baggage) = &baggage {
+                request = request.header("baggage", baggage);
+            }
+            request.body(()).expect("static request parts")
         };
         // From here the peer must answer within `answer_timeout`: a pooled
         // connection whose peer vanished (or froze) would otherwise hold
@@ -517,6 +540,8 @@ mod tests {
             gateway: peer.gateway,
             target: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 8080),
             client: Ipv4Addr::new(10, 0, 0, 1).into(),
+            trace: None,
+            baggage: None,
         };
         client.open(&to, std::future::pending()).await
     }

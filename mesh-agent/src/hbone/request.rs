@@ -9,6 +9,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use http::{Method, Request};
 
+pub use crate::observability::spans::TraceParent;
+
 /// A CONNECT request, as far as the agent uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connect {
@@ -76,48 +78,6 @@ pub fn forwarded_for(header: &str) -> Option<Ipv4Addr> {
             .map(|_| &value[4..])?;
         value.trim_matches('"').parse().ok()
     })
-}
-
-/// W3C trace context: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TraceParent {
-    pub trace_id: u128,
-    pub parent_id: u64,
-    pub flags: u8,
-}
-
-impl TraceParent {
-    pub fn parse(value: &str) -> Result<Self, &'static str> {
-        let mut parts = value.trim().split('-');
-        let (Some(version), Some(trace), Some(parent), Some(flags)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err("too few fields");
-        };
-        fn hex(text: &str, len: usize) -> Option<&str> {
-            (text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-                .then_some(text)
-        }
-        let version = hex(version, 2).ok_or("version")?;
-        // Version ff is invalid; 00 has exactly four fields, later ones may
-        // add more after them.
-        if version == "ff" || (version == "00" && parts.next().is_some()) {
-            return Err("version");
-        }
-        let trace_id =
-            u128::from_str_radix(hex(trace, 32).ok_or("trace id")?, 16).map_err(|_| "trace id")?;
-        let parent_id = u64::from_str_radix(hex(parent, 16).ok_or("parent id")?, 16)
-            .map_err(|_| "parent id")?;
-        let flags = u8::from_str_radix(hex(flags, 2).ok_or("flags")?, 16).map_err(|_| "flags")?;
-        if trace_id == 0 || parent_id == 0 {
-            return Err("all-zero id");
-        }
-        Ok(Self {
-            trace_id,
-            parent_id,
-            flags,
-        })
-    }
 }
 
 /// W3C baggage: `key=value` members separated by commas, properties after

@@ -421,6 +421,11 @@ impl Shared {
         record.source_principal = client.to_string();
         record.mutual_tls = true;
         record.endpoint = Some(target);
+        // The source's span (ours or a ztunnel's) is this one's parent.
+        record.trace = self.sinks.tracer.start(connect.trace);
+        if record.trace.is_some() {
+            record.baggage = connect.baggage;
+        }
         let asking = AuthzRequest {
             principal: Some(client),
             trust_domain: &state.trust_domain,

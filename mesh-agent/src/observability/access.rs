@@ -1,9 +1,13 @@
 //! One record per connection, written when it ends: to the access log (a
 //! structured tracing event with target `access`: JSON with
-//! `--log-format json`) and to the Istio TCP metrics. Both come from the
-//! same record, so they always agree.
+//! `--log-format json`), to the Istio TCP metrics and, when its trace is
+//! sampled, as a span to the tracing collector. All come from the same
+//! record, so they always agree.
 
-use std::{net::SocketAddrV4, time::Instant};
+use std::{
+    net::SocketAddrV4,
+    time::{Duration, Instant, SystemTime},
+};
 
 use serde::Serialize;
 use tracing::info;
@@ -14,6 +18,7 @@ use crate::{
     model::{Injected, MeshState},
     observability::live::{Live, Registration},
     observability::metrics::{Metrics, TcpLabels},
+    observability::spans::{FinishedSpan, SpanKind, TraceContext, Tracer, Value},
 };
 
 /// Where connection records go.
@@ -21,6 +26,7 @@ use crate::{
 pub struct Sinks {
     pub metrics: Arc<Metrics>,
     pub live: Arc<Live>,
+    pub tracer: Arc<Tracer>,
 }
 
 /// How a connection ended.
@@ -83,6 +89,15 @@ pub struct Record {
     /// Faults injected into it (testing).
     #[serde(skip)]
     pub fault: Injected,
+    /// Endpoints that failed before the one used (or before giving up).
+    #[serde(default)]
+    pub retries: u32,
+    /// Its place in a trace, when tracing is on.
+    #[serde(default)]
+    pub trace: Option<TraceContext>,
+    /// The `baggage` an HBONE peer sent with it (bounded by the parser).
+    #[serde(skip)]
+    pub baggage: Vec<(String, String)>,
 }
 
 impl Record {
@@ -108,6 +123,9 @@ impl Record {
             destination_principal: String::new(),
             mutual_tls: false,
             fault: Injected::default(),
+            retries: 0,
+            trace: None,
+            baggage: Vec::new(),
         };
         if let Some((_, w)) = state.workload_by_ip(*client.ip()) {
             record.source_workload = w.name.clone();
@@ -178,8 +196,17 @@ impl Record {
             metrics.opened(&labels);
         }
         metrics.closed(&labels, sent, received);
-        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let elapsed = self.started.elapsed();
+        let duration_ms = elapsed.as_millis() as u64;
         let endpoint = self.endpoint.map(|e| e.to_string()).unwrap_or_default();
+        // The trace and span ids tie the line to the span (when sampled)
+        // and, across nodes, to the peer's line.
+        let (trace_id, span_id) = self.trace.map_or_else(Default::default, |trace| {
+            (
+                format!("{:032x}", trace.trace_id),
+                format!("{:016x}", trace.span_id),
+            )
+        });
         sinks.live.publish(serde_json::json!({
             "time": unix_seconds(),
             "reporter": self.reporter,
@@ -199,6 +226,9 @@ impl Record {
             "duration_ms": duration_ms,
             "result": outcome,
             "fault": self.fault.describe(),
+            "retries": self.retries,
+            "trace_id": trace_id,
+            "span_id": span_id,
         }));
         info!(
             target: "access",
@@ -219,10 +249,95 @@ impl Record {
             duration_ms,
             result = ?outcome,
             fault = %self.fault.describe(),
-            error = error.unwrap_or_default(),
+            retries = self.retries,
+            trace_id,
+            span_id,
+            error = error.as_deref().unwrap_or_default(),
             "connection"
         );
+        if let Some(context) = self.trace.filter(|trace| trace.sampled) {
+            let ended = Ended {
+                outcome,
+                sent,
+                received,
+                elapsed,
+                endpoint,
+                error,
+            };
+            sinks.tracer.submit(self.span(context, ended));
+        }
     }
+
+    /// The connection as a span: the access log's fields as attributes.
+    fn span(self, context: TraceContext, ended: Ended) -> FinishedSpan {
+        let Ended {
+            outcome,
+            sent,
+            received,
+            elapsed,
+            endpoint,
+            error,
+        } = ended;
+        let end = SystemTime::now();
+        let (kind, direction) = match self.reporter {
+            "destination" => (SpanKind::Server, "inbound"),
+            _ => (SpanKind::Client, "outbound"),
+        };
+        let name = if self.service.is_empty() {
+            format!("{direction} {}", self.destination)
+        } else {
+            format!("{direction} {}", self.service)
+        };
+        let int = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
+        let attributes = vec![
+            ("reporter", Value::Text(self.reporter.to_owned())),
+            ("src", Value::Text(self.client.to_string())),
+            ("src_workload", Value::Text(self.source_workload)),
+            ("src_namespace", Value::Text(self.source_namespace)),
+            ("src_identity", Value::Text(self.source_principal)),
+            ("dst", Value::Text(self.destination.to_string())),
+            ("dst_service", Value::Text(self.service)),
+            ("dst_workload", Value::Text(self.destination_workload)),
+            ("dst_namespace", Value::Text(self.destination_namespace)),
+            ("dst_identity", Value::Text(self.destination_principal)),
+            ("endpoint", Value::Text(endpoint)),
+            ("mtls", Value::Bool(self.mutual_tls)),
+            ("sent", int(sent)),
+            ("received", int(received)),
+            ("duration_ms", int(elapsed.as_millis() as u64)),
+            ("result", Value::Text(format!("{outcome:?}"))),
+            (
+                "response_flags",
+                Value::Text(outcome.response_flags().to_owned()),
+            ),
+            ("fault", Value::Text(self.fault.describe())),
+            ("retries", Value::Int(i64::from(self.retries))),
+            ("error", Value::Text(error.clone().unwrap_or_default())),
+        ];
+        FinishedSpan {
+            context,
+            name,
+            kind,
+            start: end.checked_sub(elapsed).unwrap_or(end),
+            end,
+            error: match outcome {
+                Outcome::Ok | Outcome::Reset => None,
+                _ => Some(error.unwrap_or_else(|| format!("{outcome:?}"))),
+            },
+            attributes,
+            baggage: self.baggage,
+        }
+    }
+}
+
+/// How a connection ended, as its span tells it.
+struct Ended {
+    outcome: Outcome,
+    sent: u64,
+    received: u64,
+    elapsed: Duration,
+    endpoint: String,
+    error: Option<String>,
 }
 
 fn source_reporter() -> &'static str {
@@ -248,7 +363,7 @@ mod elapsed_ms {
 
 /// Seconds since the Unix epoch, with milliseconds.
 fn unix_seconds() -> f64 {
-    std::time::SystemTime::now()
+    SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -211,21 +211,29 @@ impl Connection {
         }
     }
 
-    fn opener(&self, timeout: Duration) -> Opener<'_> {
+    fn opener(&self, timeout: Duration, record: &Record) -> Opener<'_> {
         Opener {
             routes: &self.routes,
             hbone: &self.hbone,
             inbound_port: self.inbound_port,
             timeout,
             stats: &self.stats,
+            trace: record.trace,
         }
     }
 
-    async fn proxy_direct(&self, client: TcpStream, peer: SocketAddrV4, original: SocketAddrV4) {
+    /// A record for a captured connection, in a new trace when tracing is on.
+    fn record(&self, peer: SocketAddrV4, original: SocketAddrV4) -> Record {
         let mut record = Record::new("source", &self.routes.state, peer, original);
+        record.trace = self.sinks.tracer.start(None);
+        record
+    }
+
+    async fn proxy_direct(&self, client: TcpStream, peer: SocketAddrV4, original: SocketAddrV4) {
+        let mut record = self.record(peer, original);
         let mut early = EarlyData::default();
         let opened = self
-            .opener(self.connect_timeout)
+            .opener(self.connect_timeout, &record)
             .open(original, peer, &client, &mut early)
             .await;
         match opened {
@@ -259,7 +267,7 @@ impl Connection {
         port: ServicePort,
     ) {
         let state = &self.routes.state;
-        let mut record = Record::new("source", state, peer, original);
+        let mut record = self.record(peer, original);
         let Some(balancer) = self.routes.balancers.service(service) else {
             return splice::reset(client);
         };
@@ -310,7 +318,7 @@ impl Connection {
             let error = Some("fault injected: refused".to_owned());
             return record.finish(&self.sinks, Outcome::Injected, 0, 0, error);
         }
-        let opener = self.opener(balancer.connect_timeout(self.connect_timeout));
+        let opener = self.opener(balancer.connect_timeout(self.connect_timeout), &record);
         let mut tried = Vec::new();
         let mut early = EarlyData::default();
         let mut _retry: Option<RetryPermit> = None;
@@ -348,6 +356,7 @@ impl Connection {
                     drop(connecting);
                     balancer.report_failure(&endpoint);
                     tried.push(endpoint.ip);
+                    record.retries = tried.len() as u32;
                     let attempts_left = tried.len() <= balancer.resilience.retry.retries as usize;
                     let permit = if attempts_left {
                         balancer.try_retry()

@@ -25,6 +25,7 @@ use crate::{
         client::{Destination, HboneClient, StreamGuard},
     },
     io::splice::{self, Spliced},
+    observability::spans::TraceContext,
     routes::Routes,
 };
 
@@ -89,6 +90,8 @@ pub struct Opener<'a> {
     pub inbound_port: u16,
     pub timeout: Duration,
     pub stats: &'a OutboundStats,
+    /// The connection's span, the parent of the destination agent's.
+    pub trace: Option<TraceContext>,
 }
 
 impl Opener<'_> {
@@ -107,10 +110,11 @@ impl Opener<'_> {
             )));
         }
         let state = &self.routes.state;
-        let source = state
+        let client_workload = state
             .workload_by_ip(*client.ip())
             .filter(|(_, w)| w.local.is_some())
-            .map(|(_, w)| state.identity(w));
+            .map(|(_, w)| w);
+        let source = client_workload.map(|w| state.identity(w));
         match state.workload_by_ip(*target.ip()) {
             Some((_, workload)) if workload.local.is_none() => {
                 let source = source.ok_or_else(|| {
@@ -127,6 +131,8 @@ impl Opener<'_> {
                     gateway: SocketAddrV4::new(*target.ip(), self.inbound_port),
                     target,
                     client: (*client.ip()).into(),
+                    trace: self.trace.map(|trace| trace.traceparent()),
+                    baggage: client_workload.map(|w| (w.namespace.as_str(), w.name.as_str())),
                 };
                 // Boxed: the TLS and HTTP/2 handshakes are large futures,
                 // and every connection's task would carry their size. A
