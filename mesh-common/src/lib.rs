@@ -107,8 +107,12 @@ pub mod maps {
     /// pod-to-pod connection when its client socket closes, for the
     /// agent's access log and metrics.
     pub const DIRECT_CLOSED: &str = "MESH_DIR_CLOSED";
+    /// [`super::QuotaKey`] -> u64, LRU: per service and client address,
+    /// the theoretical arrival time (ns, `bpf_ktime_get_ns`) of the next
+    /// conforming SYN under the service's quota (GCRA).
+    pub const QUOTA_TAT: &str = "MESH_QUOTA_TAT";
     /// Every map, in a stable order.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         WORKLOADS,
         POD_STATS,
@@ -126,6 +130,7 @@ pub mod maps {
         DIRECT_SERVICES,
         DIRECT_ENDPOINTS,
         DIRECT_CLOSED,
+        QUOTA_TAT,
     ];
 }
 
@@ -167,6 +172,9 @@ pub const DIRECT_CLOSED_BYTES: u32 = 256 * 1024;
 pub const MAX_DIRECT_SERVICES: u32 = 4_096;
 /// Capacity of [`maps::DIRECT_ENDPOINTS`].
 pub const MAX_DIRECT_ENDPOINTS: u32 = 65_536;
+/// Capacity of [`maps::QUOTA_TAT`]: clients of quota'd services (the
+/// least recently seen go first; one evicted starts with a full bucket).
+pub const MAX_QUOTA_CLIENTS: u32 = 16_384;
 
 /// Indices into [`maps::COUNTERS`].
 pub mod counter {
@@ -210,8 +218,11 @@ pub mod counter {
     /// A closed pod-to-pod connection's record found the ring buffer full
     /// (the agent fell behind): it has no access-log line.
     pub const DIRECT_RECORDS_LOST: u32 = 15;
+    /// A SYN to a service over its client's quota was answered with a
+    /// reset by `mesh_from_pod`: no socket, the agent never saw it.
+    pub const QUOTA_REFUSED: u32 = 16;
     /// Number of counters.
-    pub const LEN: u32 = 16;
+    pub const LEN: u32 = 17;
     /// Human names, by index.
     pub const NAMES: [&str; LEN as usize] = [
         "captured",
@@ -230,6 +241,7 @@ pub mod counter {
         "direct_redirected",
         "direct_balanced",
         "direct_records_lost",
+        "quota_refused",
     ];
 }
 
@@ -253,6 +265,23 @@ pub struct ServiceValue {
     pub service_id: u32,
     /// Reserved for per-service behaviour; zero today.
     pub flags: u32,
+    /// The service's quota of new connections per client address, as
+    /// GCRA: one SYN per `quota_interval_ns` on average (0: no quota in
+    /// the kernel)...
+    pub quota_interval_ns: u64,
+    /// ...with up to `quota_tolerance_ns / quota_interval_ns` more at once
+    /// (the burst less one).
+    pub quota_tolerance_ns: u64,
+}
+
+/// Key of [`maps::QUOTA_TAT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct QuotaKey {
+    /// [`ServiceValue::service_id`].
+    pub service_id: u32,
+    /// The client's address, raw.
+    pub source: u32,
 }
 
 /// The workload runs on this node (its interface carries our tc programs).
@@ -538,7 +567,13 @@ macro_rules! assert_no_padding {
 // The kernel, the agent and bpftool (through BTF) read these by their
 // byte layout.
 assert_no_padding!(ServiceKey { addr, port, pad });
-assert_no_padding!(ServiceValue { service_id, flags });
+assert_no_padding!(ServiceValue {
+    service_id,
+    flags,
+    quota_interval_ns,
+    quota_tolerance_ns
+});
+assert_no_padding!(QuotaKey { service_id, source });
 assert_no_padding!(WorkloadValue { workload_id, flags });
 assert_no_padding!(PodStats {
     packets_from_pod,
@@ -617,6 +652,7 @@ mod user {
     // SAFETY: all of these are repr(C), Copy, without padding or pointers.
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for QuotaKey {}
     unsafe impl aya::Pod for WorkloadValue {}
     unsafe impl aya::Pod for PodStats {}
     unsafe impl aya::Pod for ConnKey {}

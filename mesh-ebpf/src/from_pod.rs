@@ -6,7 +6,8 @@
 //! (see [`crate::steer`]).
 //!
 //! Pairs of this node's pods that the policy lets talk directly are left
-//! alone (see [`crate::direct`]).
+//! alone (see [`crate::direct`]); a SYN over its client's quota for a
+//! service is answered with a reset here (see [`crate::quota`]).
 //!
 //! Only this hook sees pod traffic, so the agent's own connections (which
 //! start in the node namespace) are never captured.
@@ -15,7 +16,7 @@ use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use mesh_common::{PodStats, SETTING_SAME_NODE_DIRECT, counter};
 
 use crate::{
-    counters, direct, maps, packet,
+    counters, direct, maps, packet, quota,
     steer::{self, Steered},
 };
 
@@ -83,7 +84,16 @@ fn capture(ctx: &TcContext, ifindex: u32, stats: Option<&mut PodStats>) -> i32 {
             return TC_ACT_OK;
         }
     }
-    if let Steered::New = steer::steer(ctx, settings, &tcp, settings.outbound_port) {
+    if steer::assign_existing(ctx, settings, &tcp) {
+        return TC_ACT_OK;
+    }
+    // A new connection over its quota is refused before it has a socket.
+    if tcp.is_syn()
+        && let Some(action) = quota::refuse_over_quota(ctx, ifindex, &tcp)
+    {
+        return action;
+    }
+    if let Steered::New = steer::to_listener(ctx, settings, &tcp, settings.outbound_port) {
         counters::bump(counter::CAPTURED);
         if let Some(stats) = stats {
             stats.captured += 1;

@@ -34,6 +34,7 @@ mod from_pod;
 mod listener_lookup;
 mod maps;
 mod packet;
+mod quota;
 mod sockops;
 mod splice;
 mod steer;

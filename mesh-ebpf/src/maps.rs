@@ -10,9 +10,9 @@ use aya_ebpf::{
 use mesh_common::{
     ConnKey, ConnValue, DIRECT_CLOSED_BYTES, DirectClosed, DirectEndpoint, DirectEndpointKey,
     DirectFlow, DirectKey, DirectValue, MAX_CONNS, MAX_DIRECT, MAX_DIRECT_ENDPOINTS,
-    MAX_DIRECT_FLOWS, MAX_DIRECT_SERVICES, MAX_POD_INTERFACES, MAX_SERVICES, MAX_SPLICED_SOCKETS,
-    MAX_WORKLOADS, PodStats, ServiceKey, ServiceValue, Settings, TcFilterKey, TcFilterValue,
-    WorkloadValue, counter,
+    MAX_DIRECT_FLOWS, MAX_DIRECT_SERVICES, MAX_POD_INTERFACES, MAX_QUOTA_CLIENTS, MAX_SERVICES,
+    MAX_SPLICED_SOCKETS, MAX_WORKLOADS, PodStats, QuotaKey, ServiceKey, ServiceValue, Settings,
+    TcFilterKey, TcFilterValue, WorkloadValue, counter,
 };
 
 // BTF map definitions carry the key and value types, so `bpftool map dump`
@@ -91,6 +91,12 @@ pub static MESH_DIR_CLOSED: RingBuf<DirectClosed, { DIRECT_CLOSED_BYTES as usize
 /// The agent's listening sockets, for `mesh_listener_lookup`.
 #[btf_map]
 pub static MESH_LISTENERS: SockMap<2> = SockMap::new();
+
+/// Per service and client address, when its next SYN conforms to the
+/// service's quota (see [`crate::quota`]).
+#[btf_map]
+pub static MESH_QUOTA_TAT: LruHashMap<QuotaKey, u64, { MAX_QUOTA_CLIENTS as usize }> =
+    LruHashMap::new();
 
 #[btf_map]
 pub static MESH_IF_FLAGS: HashMap<u32, u32, { MAX_POD_INTERFACES as usize }> = HashMap::new();

@@ -71,6 +71,9 @@ pub struct Connect {
     /// edge-triggered epoll (as tokio and Go do); a wait of 5 s without
     /// an edge is reported as a stall.
     pub edge_triggered: bool,
+    /// A connect refused by a reset is reported (`"refused": true`), not
+    /// a failure of the whole client.
+    pub report_refused: bool,
 }
 
 /// A `mesh-pod connect --hold` process: one open connection until dropped
@@ -209,6 +212,9 @@ impl Pod {
         }
         if options.edge_triggered {
             command.arg("--edge-triggered");
+        }
+        if options.report_refused {
+            command.arg("--report-refused");
         }
         if let Some(bind) = options.bind {
             command.args(["--bind", &bind.to_string()]);

@@ -12,7 +12,7 @@ use mesh_common::{
 };
 
 use super::direct::DirectServices;
-use crate::model::{MeshState, WorkloadMode};
+use crate::model::{MeshState, Quota, WorkloadMode};
 
 /// A map was missing from the object or had an unexpected type.
 #[derive(Debug, thiserror::Error)]
@@ -189,11 +189,15 @@ impl Destinations {
                     port: addr.port(),
                     pad: 0,
                 };
+                let (quota_interval_ns, quota_tolerance_ns) =
+                    syn_quota(state.services[id].resilience.quota.as_ref());
                 (
                     key,
                     ServiceValue {
                         service_id: id as u32,
                         flags: 0,
+                        quota_interval_ns,
+                        quota_tolerance_ns,
                     },
                 )
             })
@@ -417,7 +421,12 @@ impl KernelMaps {
             .map(|(k, v)| {
                 json!({
                     "key": { "addr": k.addr, "port": k.port, "pad": k.pad, "ip": raw_ip(k.addr).to_string() },
-                    "value": { "service_id": v.service_id, "flags": v.flags },
+                    "value": {
+                        "service_id": v.service_id,
+                        "flags": v.flags,
+                        "quota_interval_ns": v.quota_interval_ns,
+                        "quota_tolerance_ns": v.quota_tolerance_ns,
+                    },
                 })
             })
             .collect();
@@ -539,6 +548,18 @@ pub fn conn_json(k: &ConnKey, v: &ConnValue) -> serde_json::Value {
 }
 
 /// Formats a raw map address.
+/// A service quota's rate and bucket as the kernel's GCRA reads them
+/// (`mesh-ebpf/src/quota.rs`): the interval between conforming SYNs and
+/// how far ahead of it a burst may run; (0, 0) without a rate.
+fn syn_quota(quota: Option<&Quota>) -> (u64, u64) {
+    let Some((quota, rate)) = quota.and_then(|q| Some((q, q.rate?))) else {
+        return (0, 0);
+    };
+    let interval = 1_000_000_000 / u64::from(rate.max(1));
+    let tolerance = interval * u64::from(quota.bucket() - 1);
+    (interval.max(1), tolerance)
+}
+
 pub fn raw_ip(raw: u32) -> Ipv4Addr {
     Ipv4Addr::from(ipv4_from_raw(raw))
 }

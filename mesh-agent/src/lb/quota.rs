@@ -93,9 +93,8 @@ impl Quotas {
     }
 }
 
-/// The bucket's size: `burst`, else one second's worth.
 fn burst(quota: &Quota) -> f64 {
-    f64::from(quota.burst.or(quota.rate).unwrap_or(0).max(1))
+    f64::from(quota.bucket())
 }
 
 #[cfg(test)]

@@ -71,6 +71,13 @@ pub struct Quota {
     pub concurrent: Option<u32>,
 }
 
+impl Quota {
+    /// The bucket's size: `burst`, else one second's worth.
+    pub fn bucket(&self) -> u32 {
+        self.burst.or(self.rate).unwrap_or(0).max(1)
+    }
+}
+
 /// A failed connect is retried on another endpoint, at most `retries`
 /// times, and only while the retries in flight stay within the budget:
 /// `max(min_concurrency, budget_percent% of the service's live connections)`.

@@ -110,6 +110,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         kernel_tls_key_updates,
     ),
     ("upgrade: handover, then SIGKILL and adoption", upgrade),
+    ("quota: a SYN over the rate reset in the kernel", syn_quota),
 ];
 
 fn probe() -> Result<Value, String> {
@@ -148,6 +149,58 @@ fn single_node(label: &str) -> (Node, Agent, Vec<mesh_tests::pod::Server>) {
         .collect();
     let agent = Agent::start(&node, &config);
     (node, agent, servers)
+}
+
+/// A service whose client may open 3 connections at once and 1 a second
+/// more: of 10 quick ones, the kernel answers the SYNs past the bucket
+/// with a reset (the client's connect is refused) and the agent never
+/// accepts them.
+fn syn_quota() -> Result<Value, String> {
+    let mut node = Node::new("kquota", 1);
+    for pod in ["client", "be1"] {
+        node.add_pod(pod);
+    }
+    let limited = format!(
+        "  - name: limited
+    vip: 10.96.0.11
+    ports: [{{ port: 80, target_port: 8080 }}]
+    endpoints: [{{ ip: {} }}]
+    resilience: {{ quota: {{ rate: 1, burst: 3 }} }}
+",
+        node.pod("be1").ip
+    );
+    let config = echo_config(&node, &["client", "be1"], &["be1"], &limited);
+    let _server = node.pod("be1").serve(8080, "be1", false);
+    let agent = Agent::start(&node, &config);
+    let accepted = || agent.stats()["outbound"]["accepted"].as_u64().unwrap_or(0);
+    let accepted_before = accepted();
+    let started = Instant::now();
+    let reports = node.pod("client").try_connect(
+        "10.96.0.11:80".parse().unwrap(),
+        Connect {
+            count: 10,
+            report_refused: true,
+            ..Default::default()
+        },
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    let refused = reports.iter().filter(|r| r["refused"] == true).count() as u64;
+    let admitted = reports.iter().filter(|r| r.get("error").is_none()).count() as u64;
+    // 3 at once, and one more for each second the 10 took.
+    let most = 3 + seconds.ceil() as u64;
+    if admitted < 3 || admitted > most || admitted + refused != 10 {
+        return Err(format!(
+            "{admitted} admitted and {refused} refused in {seconds:.1} s: {reports:?}"
+        ));
+    }
+    let in_kernel = agent.counter("quota_refused");
+    let through_agent = accepted() - accepted_before;
+    if in_kernel != refused || through_agent != admitted {
+        return Err(format!(
+            "kernel refused {in_kernel}, agent accepted {through_agent}; clients saw {refused} refused, {admitted} admitted"
+        ));
+    }
+    Ok(json!({ "admitted": admitted, "refused_in_kernel": in_kernel, "seconds": seconds }))
 }
 
 fn vip_through_agent() -> Result<Value, String> {

@@ -88,6 +88,10 @@ enum Command {
         /// Give up on a connect after this long.
         #[arg(long, default_value_t = 5000)]
         connect_timeout_ms: u64,
+        /// A connect refused (a reset answering the SYN) is that
+        /// connection's report, not a failure of the client.
+        #[arg(long)]
+        report_refused: bool,
     },
 }
 
@@ -124,6 +128,7 @@ fn main() -> anyhow::Result<()> {
             wait_close,
             edge_triggered,
             connect_timeout_ms,
+            report_refused,
         } => {
             let plan = Plan {
                 send,
@@ -133,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                 wait_close,
                 edge_triggered,
                 connect_timeout: Duration::from_millis(connect_timeout_ms),
+                report_refused,
             };
             let parallel = parallel.max(1);
             let threads: Vec<_> = (0..parallel)
@@ -274,6 +280,7 @@ struct Plan {
     wait_close: bool,
     edge_triggered: bool,
     connect_timeout: Duration,
+    report_refused: bool,
 }
 
 fn connect(
@@ -288,6 +295,15 @@ fn connect(
         // Accepted and reset before connect() returned: a reset, not a failure to connect.
         Err(error) if error.kind() == io::ErrorKind::ConnectionReset => {
             return Ok(serde_json::json!({ "error": error.to_string() }).to_string());
+        }
+        Err(error) if plan.report_refused && error.kind() == io::ErrorKind::ConnectionRefused => {
+            let duration_ms = started.elapsed().as_millis() as u64;
+            return Ok(serde_json::json!({
+                "error": error.to_string(),
+                "refused": true,
+                "duration_ms": duration_ms,
+            })
+            .to_string());
         }
         Err(error) => return Err(error.into()),
     };
