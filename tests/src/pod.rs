@@ -74,6 +74,9 @@ pub struct Connect {
     /// A connect refused by a reset is reported (`"refused": true`), not
     /// a failure of the whole client.
     pub report_refused: bool,
+    /// Make a failed connection again, up to this many times (a caller's
+    /// retry policy); reports say how many `attempts` each took.
+    pub retries: u32,
 }
 
 /// A `mesh-pod connect --hold` process: one open connection until dropped
@@ -215,6 +218,9 @@ impl Pod {
         }
         if options.report_refused {
             command.arg("--report-refused");
+        }
+        if options.retries > 0 {
+            command.args(["--retries", &options.retries.to_string()]);
         }
         if let Some(bind) = options.bind {
             command.args(["--bind", &bind.to_string()]);

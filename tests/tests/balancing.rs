@@ -588,8 +588,9 @@ fn locality_prefers_this_node_fails_over_and_can_be_strict_or_off() {
 
 /// Injected faults (issue 21): 10% of 1,000 new connections refused at
 /// once and 20% delayed by 300 ms, each within a few points of its share
-/// and counted; the access log flags the refusals `FI`. A cut resets a
-/// connection once its bytes pass the limit.
+/// and counted; the access log flags the refusals `FI`. A caller that
+/// retries gets through, and the access log shows each of its attempts.
+/// A cut resets a connection once its bytes pass the limit.
 #[test]
 fn injected_faults_refuse_and_delay_their_share_and_cut_after_bytes() {
     let backends = ["be"];
@@ -631,6 +632,49 @@ fn injected_faults_refuse_and_delay_their_share_and_cut_after_bytes() {
             .any(|l| l.contains("result=Injected") && l.contains("fault=refuse")),
         "no injected refusal in the access log"
     );
+
+    // A caller with a retry policy (up to 5 more attempts) against 30%
+    // refused: every request gets through, and the access log has one
+    // line per attempt, the refused ones flagged.
+    c.agent.rewrite_config(&config(
+        &c.node,
+        &backends,
+        &faults("refuse: { percent: 30 }"),
+    ));
+    eventually("30% refused to apply", || {
+        c.agent.stats()["services"][0]["faults"]["refuse"]["percent"] == 30
+            && c.agent.stats()["services"][0]["faults"]["delay"].is_null()
+    });
+    let lines = |result: &str| {
+        c.agent
+            .log()
+            .lines()
+            .filter(|l| l.contains("access") && l.contains(&format!("result={result}")))
+            .count()
+    };
+    let (refused_before, ok_before) = (lines("Injected"), lines("Ok"));
+    let retried = c.node.pod("client").connect(
+        vip(),
+        Connect {
+            count: 200,
+            retries: 5,
+            ..Default::default()
+        },
+    );
+    assert!(
+        retried.iter().all(|r| r.get("error").is_none()),
+        "a request failed after its retries"
+    );
+    let attempts: u64 = retried
+        .iter()
+        .map(|r| r["attempts"].as_u64().unwrap())
+        .sum();
+    eventually("an access log line for every attempt", || {
+        lines("Ok") - ok_before == 200
+            && (lines("Injected") - refused_before) as u64 == attempts - 200
+    });
+    eprintln!("200 requests took {attempts} attempts against 30% refused");
+    assert!(attempts > 200 + 30, "{attempts} attempts");
 
     // A cut after 10,000 bytes (looked for every 5 ms): a 256 MiB send,
     // which takes longer than that, is reset part way; a connection that

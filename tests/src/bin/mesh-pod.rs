@@ -92,6 +92,11 @@ enum Command {
         /// connection's report, not a failure of the client.
         #[arg(long)]
         report_refused: bool,
+        /// Like a caller with a retry policy: a connection that fails
+        /// (reset, refused, cut) is made again, up to this many times;
+        /// its report says how many `attempts` it took.
+        #[arg(long, default_value_t = 0)]
+        retries: u32,
     },
 }
 
@@ -129,6 +134,7 @@ fn main() -> anyhow::Result<()> {
             edge_triggered,
             connect_timeout_ms,
             report_refused,
+            retries,
         } => {
             let plan = Plan {
                 send,
@@ -147,8 +153,22 @@ fn main() -> anyhow::Result<()> {
                     let share = count / parallel + u32::from(t < count % parallel);
                     std::thread::spawn(move || -> anyhow::Result<()> {
                         for _ in 0..share {
-                            let line = connect(addr, bind, plan)?;
-                            println!("{line}");
+                            let mut attempts = 0;
+                            let line = loop {
+                                attempts += 1;
+                                let line = connect(addr, bind, plan)?;
+                                let failed = line.contains("\"error\"");
+                                if !failed || attempts > retries {
+                                    break line;
+                                }
+                            };
+                            if retries > 0 {
+                                let mut report: serde_json::Value = serde_json::from_str(&line)?;
+                                report["attempts"] = attempts.into();
+                                println!("{report}");
+                            } else {
+                                println!("{line}");
+                            }
                         }
                         Ok(())
                     })
