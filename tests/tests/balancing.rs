@@ -824,3 +824,40 @@ fn a_clients_quota_holds_its_rate_and_open_connections_and_spares_others() {
             .is_none()
     });
 }
+
+/// A workload's quota (issue 21) on this node's own path: the agent
+/// applies it where it connects a client to the pod, as the pod's agent
+/// does to streams from other nodes. Two open connections of the client:
+/// a third is refused (`RL`), until one closes; the pod by its address
+/// is under the same quota as through the service.
+#[test]
+fn a_workloads_quota_holds_on_this_nodes_path() {
+    let backends = ["be"];
+    let node = node_with("wquota1", &backends);
+    let eps = endpoints(&node, &[("be", None)]);
+    let servers = [("be".to_owned(), node.pod("be").serve(8080, "be", false))].into();
+    let text = config(&node, &["be"], &service("", &eps))
+        .replace("cgroup: be }", "cgroup: be, quota: { concurrent: 2 } }");
+    assert!(text.contains("quota"), "{text}");
+    let agent = Agent::start(&node, &text);
+    let c = Cluster {
+        agent,
+        servers,
+        node,
+    };
+    let mut held: Vec<_> = (0..2).map(|_| c.node.pod("client").hold(vip())).collect();
+    let be = SocketAddr::from((c.node.pod("be").ip, 8080));
+    for target in [vip(), be] {
+        let third = c.node.pod("client").connect(target, Connect::default());
+        assert!(third[0].get("error").is_some(), "{target}: {}", third[0]);
+    }
+    let quotas = &c.agent.stats()["workload_quotas"];
+    assert_eq!(quotas[0]["rate_limited"], 2, "{quotas}");
+    assert_eq!(service_stats(&c)["counters"]["connect_failures"], 0);
+    held.pop().unwrap().release();
+    eventually("a place after a close", || {
+        c.node.pod("client").connect(vip(), Connect::default())[0]
+            .get("error")
+            .is_none()
+    });
+}

@@ -54,6 +54,8 @@ struct Options<'a> {
     cert_lifetime_s: Option<u64>,
     /// Mode of `server` and of the extra permissive pod `open` on node 2.
     server_mode: &'a str,
+    /// More of `server`'s workload entry on node 2 (YAML, from ", ").
+    server_more: &'a str,
     /// `proxy.drain_timeout_ms` on node 2, if not the default.
     drain_timeout_ms_b: Option<u64>,
     /// What node 2 believes the client's service account is.
@@ -75,6 +77,7 @@ impl Default for Options<'_> {
             authorization_b: "",
             cert_lifetime_s: None,
             server_mode: "permissive",
+            server_more: "",
             kernel_tls: "off",
             drain_timeout_ms_b: None,
             client_sa_seen_from_b: "client",
@@ -155,7 +158,12 @@ fn config_b(t: &TwoNodesSetup, o: &Options<'_>) -> String {
         "{}{proxy}{nodes}hbone: {{ kernel_tls: {} }}\nworkloads:\n{}{}{}{}{}",
         t.b.node_yaml(),
         o.kernel_tls,
-        workload(&t.b, "server", "server", o.server_mode),
+        workload(
+            &t.b,
+            "server",
+            "server",
+            &format!("{}{}", o.server_mode, o.server_more)
+        ),
         workload(&t.b, "open", "open", "permissive"),
         remote(&t.a, "client", o.client_sa_seen_from_b),
         remote(&t.a, "other", "other"),
@@ -1245,4 +1253,94 @@ fn more_streams_than_the_pool_caps_to_one_peer_all_open() {
         .as_u64()
         .unwrap();
     assert!(opened >= 5, "{opened} HBONE connections for {HELD} streams");
+}
+
+/// A workload's quota (issue 21) holds on HBONE streams from another
+/// node: node 2's agent answers `client`'s streams past its rate with 429
+/// and node 1 resets the client (`RL`) without holding it against the
+/// endpoint; `other` keeps its own allowance; open streams are capped.
+#[test]
+fn a_workloads_quota_holds_on_streams_from_another_node() {
+    let t = two_nodes(
+        "wquota",
+        &Options {
+            server_more: ", quota: { rate: 20, burst: 10, concurrent: 3 }",
+            ..Options::default()
+        },
+    );
+    let batch = Connect {
+        count: 10,
+        ..Default::default()
+    };
+    let began = Instant::now();
+    let mut reports = Vec::new();
+    while began.elapsed() < Duration::from_secs(2) {
+        reports.extend(t.a.pod("client").connect(vip(), batch));
+    }
+    let window = began.elapsed().as_secs_f64();
+    let admitted = reports.iter().filter(|r| r.get("error").is_none()).count();
+    let expected = 10.0 + 20.0 * window;
+    eprintln!(
+        "{admitted} of {} admitted in {window:.2} s (burst 10 + 20/s: {expected:.0})",
+        reports.len()
+    );
+    assert!(
+        (admitted as f64 - expected).abs() <= expected * 0.05 + 1.0,
+        "{admitted} admitted, {expected:.0} expected"
+    );
+    let refused = (reports.len() - admitted) as u64;
+    assert!(refused > 0);
+    let stats_b = t.agent_b.stats();
+    assert_eq!(
+        stats_b["inbound"]["rate_limited"], refused,
+        "{}",
+        stats_b["inbound"]
+    );
+    let quotas = &stats_b["workload_quotas"];
+    assert_eq!(quotas[0]["name"], "server", "{quotas}");
+    assert_eq!(quotas[0]["rate_limited"], refused, "{quotas}");
+    // Node 1 did not count the endpoint failed, nor retry elsewhere.
+    let web = &t.agent_a.stats()["services"][0];
+    assert_eq!(web["counters"]["connect_failures"], 0, "{web}");
+    assert!(
+        t.agent_a
+            .log()
+            .lines()
+            .any(|l| l.contains("result=RateLimited")),
+        "no RateLimited line on node 1"
+    );
+    assert!(
+        t.agent_b
+            .log()
+            .lines()
+            .any(|l| l.contains("reporter=\"destination\"") && l.contains("result=RateLimited")),
+        "no RateLimited line on node 2"
+    );
+    // Another identity has its own bucket.
+    let other = t.a.pod("other").connect(
+        vip(),
+        Connect {
+            count: 5,
+            ..Default::default()
+        },
+    );
+    assert!(other.iter().all(|r| r.get("error").is_none()), "{other:?}");
+
+    // Three open streams of `client`: more are refused until one closes.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut held: Vec<_> = (0..3).map(|_| t.a.pod("client").hold(vip())).collect();
+    let over = t.a.pod("client").connect(
+        vip(),
+        Connect {
+            count: 5,
+            ..Default::default()
+        },
+    );
+    assert!(over.iter().all(|r| r.get("error").is_some()), "{over:?}");
+    held.pop().unwrap().release();
+    eventually("a place after a close", || {
+        t.a.pod("client").connect(vip(), Connect::default())[0]
+            .get("error")
+            .is_none()
+    });
 }

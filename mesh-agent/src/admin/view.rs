@@ -110,6 +110,7 @@ fn stats(view: &AgentView) -> serde_json::Value {
     } = view;
     {
         let services = routes.borrow().balancers.snapshot();
+        let workload_quotas = routes.borrow().balancers.workload_quotas();
         let kernel = match KernelMaps::open_pinned(pins) {
             Ok(maps) => {
                 let conns = maps.conns();
@@ -139,6 +140,7 @@ fn stats(view: &AgentView) -> serde_json::Value {
             },
             "certificates": certs.snapshot(),
             "services": services,
+            "workload_quotas": workload_quotas,
             "kernel": kernel,
             "fast_path": fast_path.as_ref().map(|fast| fast.stats.snapshot()),
             "lifecycle": lifecycle.snapshot(),

@@ -244,6 +244,7 @@ mod tests {
             finished: false,
             version: None,
             mode: None,
+            quota: None,
             qos_class: None,
             containers: Vec::new(),
         }

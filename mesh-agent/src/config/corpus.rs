@@ -11,7 +11,7 @@ proxy: { outbound_port: 15001, inbound_port: 15008, connect_timeout_ms: 5000 }
 identity: { trust_domain: cluster.local, cert_lifetime_s: 86400 }
 hbone: { max_connections_per_peer: 4, streams_per_connection: 2, kernel_tls: auto }
 workloads:
-  - { name: a, namespace: shop, service_account: web, ips: [10.1.0.2], interface: veth-a, cgroup: a }
+  - { name: a, namespace: shop, service_account: web, ips: [10.1.0.2], interface: veth-a, cgroup: a, quota: { rate: 10, concurrent: 4 } }
   - { name: b, ips: [10.1.0.3], node: n2 }
 services:
   - name: echo
@@ -105,8 +105,8 @@ const CORPUS: &[Entry] = &[
     ),
     (
         "mode misspelt",
-        "cgroup: a }",
-        "cgroup: a, mode: stric }",
+        "cgroup: a,",
+        "cgroup: a, mode: stric,",
         "workloads[0].mode",
         None,
     ),
@@ -627,6 +627,20 @@ const CORPUS: &[Entry] = &[
         "web",
         "authorization.rules[0].from.principals[0]",
         Some(24),
+    ),
+    (
+        "a workload quota without a limit",
+        "quota: { rate: 10, concurrent: 4 }",
+        "quota: { burst: 4 }",
+        "workloads[0].quota",
+        Some(6),
+    ),
+    (
+        "a workload quota of a million and one",
+        "quota: { rate: 10, concurrent: 4 }",
+        "quota: { rate: 1000001 }",
+        "workloads[0].quota.rate",
+        Some(6),
     ),
     // Tracing.
     (

@@ -23,7 +23,7 @@ pub use self::kubernetes::{KubernetesConfig, MESH_LABEL};
 
 use crate::{
     authz::Authorization,
-    model::{Faults, Locality, Policy, Resilience, Split, WorkloadMode},
+    model::{Faults, Locality, Policy, Quota, Resilience, Split, WorkloadMode},
     observability::{metrics::MetricsConfig, spans::TracingConfig},
 };
 
@@ -336,6 +336,10 @@ pub struct WorkloadConfig {
     /// mesh; `permissive` (default) lets them in, counted as plaintext.
     #[serde(default)]
     pub mode: WorkloadMode,
+    /// Limits per client on the connections that arrive at it, as a
+    /// service's `resilience.quota`.
+    #[serde(default)]
+    pub quota: Option<Quota>,
 }
 
 /// A node of the mesh, by the name workloads' `node` give.
@@ -530,6 +534,9 @@ impl Config {
             name(&field("service_account"), &workload.service_account)?;
             if workload.ips.is_empty() {
                 return fail(field("ips"), "a workload needs at least one IP".into());
+            }
+            if let Some(quota) = &workload.quota {
+                validate_quota(quota, &field("quota"))?;
             }
             for ip in &workload.ips {
                 routable(&field("ips"), *ip)?;
@@ -867,28 +874,26 @@ fn validate_policy(service: &ServiceConfig) -> Result<(), (String, String)> {
         )?;
     }
     if let Some(quota) = &r.quota {
-        if quota.rate.is_none() && quota.concurrent.is_none() {
-            return fail(
-                "resilience.quota".into(),
-                "needs a rate or a concurrent limit".into(),
-            );
-        }
-        for (field, value) in [
-            ("rate", quota.rate),
-            ("burst", quota.burst),
-            ("concurrent", quota.concurrent),
-        ] {
-            if let Some(value) = value {
-                in_range(
-                    &format!("resilience.quota.{field}"),
-                    value,
-                    1,
-                    limits::MAX_QUOTA,
-                )?;
-            }
-        }
+        validate_quota(quota, "resilience.quota")?;
     }
     validate_faults(&service.faults)
+}
+
+/// Checks a quota; `at` is its path under the service or workload.
+fn validate_quota(quota: &Quota, at: &str) -> Result<(), (String, String)> {
+    if quota.rate.is_none() && quota.concurrent.is_none() {
+        return Err((at.into(), "needs a rate or a concurrent limit".into()));
+    }
+    for (field, value) in [
+        ("rate", quota.rate),
+        ("burst", quota.burst),
+        ("concurrent", quota.concurrent),
+    ] {
+        if let Some(value) = value {
+            in_range(&format!("{at}.{field}"), value, 1, limits::MAX_QUOTA)?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks a service's faults; errors as [`validate_policy`]'s.

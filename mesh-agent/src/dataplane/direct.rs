@@ -222,6 +222,7 @@ mod tests {
                 interface: interface.into(),
                 cgroup: None,
             }),
+            quota: None,
         }
     }
 

@@ -50,6 +50,9 @@ pub enum HboneError {
     Refused(SocketAddrV4, StatusCode),
     #[error("{0} answered {1}")]
     Status(SocketAddrV4, StatusCode),
+    /// The destination refused the stream over its workload's quota (429).
+    #[error("{0} answered {1}: over the workload's quota")]
+    RateLimited(SocketAddrV4, StatusCode),
     /// No answer to the CONNECT in time: the peer is gone or stuck.
     #[error("{0} did not answer the CONNECT within {1:?} (timed out)")]
     NoAnswer(SocketAddrV4, Duration),
@@ -64,6 +67,12 @@ impl HboneError {
     /// Refused by policy: retrying elsewhere would only be refused again.
     pub fn is_denied(&self) -> bool {
         matches!(self, HboneError::Refused(..))
+    }
+
+    /// Over the destination workload's quota: the endpoint is healthy,
+    /// and this client may not open more there for now.
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, HboneError::RateLimited(..))
     }
 
     /// Safe to send again, on another connection to the same peer.
@@ -267,6 +276,9 @@ impl HboneClient {
             StatusCode::OK => {}
             status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
                 return Err(HboneError::Refused(to.gateway, status));
+            }
+            status @ StatusCode::TOO_MANY_REQUESTS => {
+                return Err(HboneError::RateLimited(to.gateway, status));
             }
             status => return Err(HboneError::Status(to.gateway, status)),
         }

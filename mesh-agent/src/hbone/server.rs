@@ -64,6 +64,8 @@ const PEER_NODE_CATCH_UP: Duration = Duration::from_secs(1);
 
 /// Refusals are logged a few times a second; the counters count them all.
 static REFUSED_LOG: LogBudget = LogBudget::new(5);
+/// Streams over a workload's quota: a peer can cause as many as it likes.
+static QUOTA_LOG: LogBudget = LogBudget::new(5);
 
 #[derive(Debug, Default)]
 pub struct InboundStats {
@@ -77,6 +79,8 @@ pub struct InboundStats {
     pub streams: AtomicU64,
     pub denied: AtomicU64,
     pub dry_run_denied: AtomicU64,
+    /// Streams refused over the destination workload's quota (429).
+    pub rate_limited: AtomicU64,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,6 +92,7 @@ pub struct InboundStatsSnapshot {
     pub streams: u64,
     pub denied: u64,
     pub dry_run_denied: u64,
+    pub rate_limited: u64,
 }
 
 impl InboundStats {
@@ -101,6 +106,7 @@ impl InboundStats {
             streams: get(&self.streams),
             denied: get(&self.denied),
             dry_run_denied: get(&self.dry_run_denied),
+            rate_limited: get(&self.rate_limited),
         }
     }
 }
@@ -387,7 +393,7 @@ impl Shared {
         let target = connect.target;
         let routes = self.routes.borrow().clone();
         let state = &routes.state;
-        let Some((_, workload)) = state
+        let Some((workload_id, workload)) = state
             .workload_by_ip(*target.ip())
             .filter(|(_, w)| w.local.is_some())
         else {
@@ -446,6 +452,23 @@ impl Shared {
                 return refuse(StatusCode::UNAUTHORIZED);
             }
         }
+        // The workload's quota, per proven identity: held for the
+        // stream's life (open connections).
+        let _quota = match routes
+            .balancers
+            .admit_to_workload(workload_id, &client.to_string())
+        {
+            Ok(guard) => guard,
+            Err(over) => {
+                self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                if QUOTA_LOG.allow() {
+                    warn!(%client, %target, %over, "over the workload's quota; refused");
+                }
+                let error = Some(over.to_string());
+                record.finish(&self.sinks, Outcome::RateLimited, 0, 0, error);
+                return refuse(StatusCode::TOO_MANY_REQUESTS);
+            }
+        };
         // The pod sees the remote client's address when the claim held.
         let source = claimed.and_then(|ip| routes.upstream_source(ip, *target.ip()));
         if routes.own.reaches_agent(target) {

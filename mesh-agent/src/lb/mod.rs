@@ -11,19 +11,47 @@ pub mod quota;
 mod service;
 pub mod state;
 
-use std::{collections::HashSet, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
+
+use serde::Serialize;
 
 pub use self::{
     service::{
         Admission, MemberSnapshot, PickError, RetryPermit, ServiceBalancer, ServiceSnapshot,
     },
-    state::{EndpointState, Registry, ServiceName},
+    state::{EndpointState, Registry, ServiceName, WorkloadQuotaState},
 };
-use crate::model::{MeshState, Service};
+use crate::model::{MeshState, Quota, Service};
+use quota::{OverQuota, QuotaGuard};
 
-/// One balancer per service, for one `MeshState`.
+/// One balancer per service, for one `MeshState`, and the quotas of the
+/// workloads on this node that have one.
 pub struct Balancers {
     per_service: Vec<ServiceBalancer>,
+    per_workload: HashMap<usize, WorkloadGate>,
+}
+
+/// A local workload's quota: limits per client on the connections that
+/// arrive at it, from any node, through any service or none.
+struct WorkloadGate {
+    name: ServiceName,
+    quota: Quota,
+    state: Arc<WorkloadQuotaState>,
+}
+
+/// `/stats` of a workload's quota.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadQuotaSnapshot {
+    pub namespace: String,
+    pub name: String,
+    pub quota: Quota,
+    pub rate_limited: u64,
+    pub untracked: u64,
 }
 
 impl Balancers {
@@ -40,7 +68,59 @@ impl Balancers {
             .collect();
         let services: HashSet<ServiceName> = state.services.iter().map(Service::key).collect();
         registry.retain(&endpoints, &services);
-        Self { per_service }
+        let per_workload: HashMap<usize, WorkloadGate> = state
+            .workloads
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.local.is_some())
+            .filter_map(|(id, w)| {
+                let name = (w.namespace.clone(), w.name.clone());
+                let state = registry.workload(&name);
+                let quota = w.quota.clone()?;
+                Some((id, WorkloadGate { name, quota, state }))
+            })
+            .collect();
+        registry.retain_workloads(&per_workload.values().map(|g| g.name.clone()).collect());
+        Self {
+            per_service,
+            per_workload,
+        }
+    }
+
+    /// Admits a connection of `client` (identity or address) arriving at
+    /// local workload `id` under its quota, if it has one; the guard
+    /// counts it open until dropped.
+    pub fn admit_to_workload(
+        &self,
+        id: usize,
+        client: &str,
+    ) -> Result<Option<QuotaGuard>, OverQuota> {
+        let Some(gate) = self.per_workload.get(&id) else {
+            return Ok(None);
+        };
+        match gate.state.quotas.admit(&gate.quota, client, Instant::now()) {
+            Ok(guard) => Ok(Some(guard)),
+            Err(over) => {
+                gate.state.rate_limited.fetch_add(1, Ordering::Relaxed);
+                Err(over)
+            }
+        }
+    }
+
+    pub fn workload_quotas(&self) -> Vec<WorkloadQuotaSnapshot> {
+        let mut snapshots: Vec<_> = self
+            .per_workload
+            .values()
+            .map(|gate| WorkloadQuotaSnapshot {
+                namespace: gate.name.0.clone(),
+                name: gate.name.1.clone(),
+                quota: gate.quota.clone(),
+                rate_limited: gate.state.rate_limited.load(Ordering::Relaxed),
+                untracked: gate.state.quotas.untracked.load(Ordering::Relaxed),
+            })
+            .collect();
+        snapshots.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        snapshots
     }
 
     pub fn service(&self, id: usize) -> Option<&ServiceBalancer> {

@@ -264,6 +264,16 @@ pub type ServiceName = (String, String);
 pub struct Registry {
     endpoints: Mutex<HashMap<(ServiceName, Ipv4Addr), Arc<EndpointState>>>,
     services: Mutex<HashMap<ServiceName, Arc<ServiceState>>>,
+    /// Workloads' quota state, by (namespace, name).
+    workloads: Mutex<HashMap<ServiceName, Arc<WorkloadQuotaState>>>,
+}
+
+/// A workload's per-client quota buckets and what they refused; kept
+/// across reloads like a service's.
+#[derive(Default)]
+pub struct WorkloadQuotaState {
+    pub quotas: super::quota::Quotas,
+    pub rate_limited: AtomicU64,
 }
 
 impl Registry {
@@ -273,6 +283,18 @@ impl Registry {
             .entry((service.clone(), ip))
             .or_insert_with(|| Arc::new(EndpointState::new(ip)))
             .clone()
+    }
+
+    pub fn workload(&self, workload: &ServiceName) -> Arc<WorkloadQuotaState> {
+        lock(&self.workloads)
+            .entry(workload.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets the quota state of workloads that have no quota now.
+    pub fn retain_workloads(&self, workloads: &HashSet<ServiceName>) {
+        lock(&self.workloads).retain(|key, _| workloads.contains(key));
     }
 
     pub fn service(&self, service: &ServiceName) -> Arc<ServiceState> {

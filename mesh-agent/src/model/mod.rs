@@ -56,6 +56,9 @@ pub struct Workload {
     pub mode: WorkloadMode,
     /// Set when the workload runs on this node.
     pub local: Option<LocalWorkload>,
+    /// Limits per client on connections that arrive at the workload
+    /// (whichever service they came through, or none).
+    pub quota: Option<Quota>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -312,6 +315,7 @@ mod tests {
             node: node.into(),
             mode: WorkloadMode::default(),
             local: None,
+            quota: None,
         }
     }
 

@@ -352,6 +352,16 @@ impl Connection {
                     splice::reset(client);
                     return record.finish(&self.sinks, Outcome::Denied, 0, 0, Some(rule));
                 }
+                // The workload's quota: no failure of the endpoint, and not
+                // retried (a limit that sheds load is not to be dodged).
+                Err(OpenError::RateLimited(why)) => {
+                    if QUOTA_LOG.allow() {
+                        warn!(%peer, service = %balancer.name, endpoint = %target, why, "over the workload's quota; refused");
+                    }
+                    splice::reset(client);
+                    let error = Some(why);
+                    return record.finish(&self.sinks, Outcome::RateLimited, 0, 0, error);
+                }
                 Err(OpenError::Failed(error)) => {
                     drop(connecting);
                     balancer.report_failure(&endpoint);
@@ -479,6 +489,7 @@ pub fn conclude(done: Spliced, record: Record, sinks: &Sinks, fast: Option<&Fast
 fn failure_outcome(error: &OpenError) -> Outcome {
     match error {
         OpenError::Denied(_) => Outcome::Denied,
+        OpenError::RateLimited(_) => Outcome::RateLimited,
         OpenError::Failed(message) if message.contains("timed out") => Outcome::Timeout,
         OpenError::Failed(_) => Outcome::Refused,
     }

@@ -25,12 +25,14 @@ use crate::{
         client::{Destination, HboneClient, StreamGuard},
     },
     io::splice::{self, Spliced},
+    lb::quota::QuotaGuard,
     observability::spans::TraceContext,
     routes::Routes,
 };
 
 pub enum Upstream {
-    Tcp(TcpStream),
+    /// With the destination workload's quota guard, if it has a quota.
+    Tcp(TcpStream, Option<QuotaGuard>),
     /// The tunnel, and how many of the client's bytes went ahead of its
     /// answer ([`EarlyData`]).
     Tunnel(hbone::Tunnel, StreamGuard, u64),
@@ -80,6 +82,9 @@ pub enum OpenError {
     /// Authorization refused it: retrying elsewhere is pointless.
     #[error("denied by {0}")]
     Denied(String),
+    /// Over the destination workload's quota: not the endpoint's failure.
+    #[error("{0}")]
+    RateLimited(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -159,10 +164,13 @@ impl Opener<'_> {
                         Ok(Upstream::Tunnel(stream, guard, early.len()))
                     }
                     Err(error) if error.is_denied() => Err(OpenError::Denied(error.to_string())),
+                    Err(error) if error.is_rate_limited() => {
+                        Err(OpenError::RateLimited(error.to_string()))
+                    }
                     Err(error) => Err(OpenError::Failed(error.to_string())),
                 }
             }
-            Some((_, workload)) => {
+            Some((workload_id, workload)) => {
                 let request = Request {
                     principal: source.as_ref(),
                     trust_domain: &state.trust_domain,
@@ -175,10 +183,20 @@ impl Opener<'_> {
                     self.stats.denied.fetch_add(1, Ordering::Relaxed);
                     return Err(OpenError::Denied(denied.rule));
                 }
+                // The workload's quota, as its agent applies it to streams
+                // from other nodes: per identity, else per address.
+                let client_name = source
+                    .as_ref()
+                    .map_or_else(|| client.ip().to_string(), ToString::to_string);
+                let quota = self
+                    .routes
+                    .balancers
+                    .admit_to_workload(workload_id, &client_name)
+                    .map_err(|over| OpenError::RateLimited(over.to_string()))?;
                 let source = self.routes.upstream_source(*client.ip(), *target.ip());
-                self.tcp(target, source).await
+                self.tcp(target, source, quota).await
             }
-            None => self.tcp(target, None).await,
+            None => self.tcp(target, None, None).await,
         }
     }
 
@@ -186,11 +204,12 @@ impl Opener<'_> {
         &self,
         target: SocketAddrV4,
         source: Option<Ipv4Addr>,
+        quota: Option<QuotaGuard>,
     ) -> Result<Upstream, OpenError> {
         let stream = crate::io::connect(target, source, self.timeout)
             .await
             .map_err(|e| OpenError::Failed(e.to_string()))?;
-        Ok(Upstream::Tcp(stream))
+        Ok(Upstream::Tcp(stream, quota))
     }
 }
 
@@ -205,7 +224,7 @@ pub async fn splice(
     fast_path: Option<&FastPath>,
 ) -> Spliced {
     match upstream {
-        Upstream::Tcp(upstream) => {
+        Upstream::Tcp(upstream, _quota) => {
             splice::splice(client, upstream, idle, counted, first_response, fast_path).await
         }
         Upstream::Tunnel(stream, _guard, sent_early) => {

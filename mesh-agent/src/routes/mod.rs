@@ -73,6 +73,7 @@ mod tests {
             node: "n1".into(),
             mode: WorkloadMode::Permissive,
             local: None,
+            quota: None,
         }
     }
 

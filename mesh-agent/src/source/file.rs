@@ -33,6 +33,7 @@ pub fn mesh_state(config: &Config) -> MeshState {
                 node: on_node,
                 mode: w.mode,
                 local,
+                quota: w.quota.clone(),
             }
         })
         .collect();

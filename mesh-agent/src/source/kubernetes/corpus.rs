@@ -247,6 +247,13 @@ const CORPUS: &[(&str, Mutation, Expect)] = &[
         Problem("mesh-agent.io/quota"),
     ),
     (
+        "pod quota annotation without a limit",
+        |o| {
+            o.pods[0]["metadata"]["annotations"] = json!({ "mesh-agent.io/quota": "burst=5" });
+        },
+        Problem("mesh-agent.io/quota"),
+    ),
+    (
         "faults annotation over 100%",
         |o| {
             o.services[0]["metadata"]["annotations"] =

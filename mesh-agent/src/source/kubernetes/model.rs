@@ -130,6 +130,12 @@ pub fn build(cluster: &ClusterState, node: &NodeView) -> Built {
             &format!("pod {pod_key}: annotation {MODE_ANNOTATION}"),
             &mut built.problems,
         );
+        let quota = parse_annotation(
+            pod.quota.as_deref(),
+            parse_quota,
+            &format!("pod {pod_key}: annotation {QUOTA_ANNOTATION}"),
+            &mut built.problems,
+        );
         for ip in &pod.ips {
             owner_of_ip.insert(*ip, pod_key);
         }
@@ -141,6 +147,7 @@ pub fn build(cluster: &ClusterState, node: &NodeView) -> Built {
             node: pod.node.clone(),
             mode,
             local,
+            quota,
         });
     }
 

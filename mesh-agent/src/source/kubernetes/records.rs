@@ -24,7 +24,8 @@ pub const POLICY_ANNOTATION: &str = "mesh-agent.io/lb-policy";
 pub const LOCALITY_ANNOTATION: &str = "mesh-agent.io/locality";
 /// `v1=90,v2=10`: shares of new connections per version.
 pub const SPLITS_ANNOTATION: &str = "mesh-agent.io/splits";
-/// `rate=100,burst=50,concurrent=20`: limits per client (`resilience.quota`).
+/// `rate=100,burst=50,concurrent=20`: limits per client (a Service's
+/// `resilience.quota`, or on a pod the workload's `quota`).
 pub const QUOTA_ANNOTATION: &str = "mesh-agent.io/quota";
 /// `refuse=10,delay=20:300,cut=5:65536`: faults injected (`faults`).
 pub const FAULTS_ANNOTATION: &str = "mesh-agent.io/faults";
@@ -63,6 +64,8 @@ pub struct PodRecord {
     pub finished: bool,
     pub version: Option<String>,
     pub mode: Option<String>,
+    /// The pod's `mesh-agent.io/quota` annotation.
+    pub quota: Option<String>,
     pub qos_class: Option<String>,
     /// Running containers as `(runtime, id)`, e.g. `("containerd", "4f…")`.
     pub containers: Vec<(String, String)>,
@@ -108,6 +111,7 @@ impl PodRecord {
             finished: matches!(phase, Some("Succeeded" | "Failed")),
             version: pod.labels().get(VERSION_LABEL).cloned(),
             mode: pod.annotations().get(MODE_ANNOTATION).cloned(),
+            quota: pod.annotations().get(QUOTA_ANNOTATION).cloned(),
             qos_class: status.and_then(|s| s.qos_class.clone()),
             containers,
         }
