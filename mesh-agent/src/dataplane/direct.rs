@@ -176,8 +176,9 @@ impl DirectServices {
 
 /// A uniform pick at connect time does what the agent would: every
 /// endpoint here and reachable directly, equal weights, and none of
-/// splits, session affinity, health checks or circuit breakers (retries
-/// and outlier ejection, on by default, are what such a service gives up;
+/// splits, session affinity, health checks, circuit breakers, quotas or
+/// injected faults, which only the agent applies (retries and outlier
+/// ejection, on by default, are what such a service gives up;
 /// docs/performance.md says so).
 fn kernel_can_balance(service: &Service, attached: &HashSet<Ipv4Addr>) -> bool {
     let Some(first) = service.endpoints.first() else {
@@ -187,6 +188,8 @@ fn kernel_can_balance(service: &Service, attached: &HashSet<Ipv4Addr>) -> bool {
         && service.policy != Policy::ConsistentHash
         && service.resilience.health_check.is_none()
         && service.resilience.circuit_breaker == CircuitBreaker::default()
+        && service.resilience.quota.is_none()
+        && service.faults.is_empty()
         && service.endpoints.len() <= usize::from(u16::MAX)
         && service.endpoints.iter().all(|endpoint| {
             endpoint.local && endpoint.weight == first.weight && attached.contains(&endpoint.ip)
@@ -206,6 +209,7 @@ mod tests {
     use crate::{
         authz::Authorization,
         model::{LocalWorkload, Workload, WorkloadMode},
+        model::{Quota, Refuse},
     };
 
     use std::collections::HashSet;
@@ -403,7 +407,7 @@ rules:
 
     #[test]
     fn a_service_that_needs_the_agent_keeps_it() {
-        let cases: [(&str, MeshState); 6] = [
+        let cases: [(&str, MeshState); 8] = [
             (
                 "remote endpoint",
                 service(&[(A, true), (REMOTE, false)], |_| {}),
@@ -434,6 +438,22 @@ rules:
             (
                 "weights",
                 service(&[(A, true), (B, true)], |s| s.endpoints[1].weight = 3),
+            ),
+            (
+                "quota",
+                service(&[(A, true)], |s| {
+                    s.resilience.quota = Some(Quota {
+                        rate: Some(10),
+                        burst: None,
+                        concurrent: None,
+                    });
+                }),
+            ),
+            (
+                "faults",
+                service(&[(A, true)], |s| {
+                    s.faults.refuse = Some(Refuse { percent: 10 });
+                }),
             ),
         ];
         for (why, state) in cases {
