@@ -60,8 +60,9 @@ impl DirectPlan {
         for &(client, client_ifindex) in &pods {
             let principal = state.identity(client);
             for &(server, server_ifindex) in &pods {
-                // A pod calling itself never leaves its namespace.
-                if std::ptr::eq(client, server) {
+                // A pod calling itself never leaves its namespace; a pod
+                // with a quota has its connections counted by the agent.
+                if std::ptr::eq(client, server) || server.quota.is_some() {
                     continue;
                 }
                 for &source_ip in &client.ips {
@@ -337,6 +338,20 @@ rules:
     fn a_pod_without_programs_on_its_interface_is_left_to_the_agent() {
         let plan = DirectPlan::of(&state("{}"), |name| (name == "veth-a").then_some(11), 100);
         assert!(plan.entries.is_empty(), "{plan:?}");
+    }
+
+    #[test]
+    fn a_pod_with_a_quota_is_reached_through_the_agent() {
+        let mut with_quota = state("{}");
+        with_quota.workloads[1].quota = Some(Quota {
+            rate: None,
+            burst: None,
+            concurrent: Some(2),
+        });
+        let plan = DirectPlan::of(&with_quota, ifindex, 100);
+        // b (the quota'd one) may still call a directly; nobody calls b.
+        assert!(plan.entries.contains_key(&key(B, A, 0)), "{plan:?}");
+        assert!(!plan.entries.contains_key(&key(A, B, 0)), "{plan:?}");
     }
 
     fn service(endpoints: &[([u8; 4], bool)], tweak: impl FnOnce(&mut Service)) -> MeshState {
