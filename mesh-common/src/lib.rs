@@ -218,8 +218,10 @@ pub mod counter {
     /// A closed pod-to-pod connection's record found the ring buffer full
     /// (the agent fell behind): it has no access-log line.
     pub const DIRECT_RECORDS_LOST: u32 = 15;
-    /// A SYN to a service over its client's quota was answered with a
-    /// reset by `mesh_from_pod`: no socket, the agent never saw it.
+    /// A SYN over its client's quota was answered with a reset: by
+    /// `mesh_from_pod` (a service's quota, a client on this node) or by
+    /// `mesh_to_pod` (a workload's, plaintext from outside the mesh). No
+    /// socket was made; the agent never saw it.
     pub const QUOTA_REFUSED: u32 = 16;
     /// Number of counters.
     pub const LEN: u32 = 17;
@@ -274,12 +276,16 @@ pub struct ServiceValue {
     pub quota_tolerance_ns: u64,
 }
 
+/// [`QuotaKey::subject`]: the bucket is a workload's, not a service's.
+pub const QUOTA_WORKLOAD: u32 = 1 << 31;
+
 /// Key of [`maps::QUOTA_TAT`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct QuotaKey {
-    /// [`ServiceValue::service_id`].
-    pub service_id: u32,
+    /// [`ServiceValue::service_id`], or [`QUOTA_WORKLOAD`] with
+    /// [`WorkloadValue::workload_id`].
+    pub subject: u32,
     /// The client's address, raw.
     pub source: u32,
 }
@@ -297,6 +303,11 @@ pub struct WorkloadValue {
     pub workload_id: u32,
     /// `WORKLOAD_*` bits.
     pub flags: u32,
+    /// The workload's quota on plaintext SYNs from outside the mesh, per
+    /// client address, as [`ServiceValue::quota_interval_ns`] (0: none).
+    pub quota_interval_ns: u64,
+    /// As [`ServiceValue::quota_tolerance_ns`].
+    pub quota_tolerance_ns: u64,
 }
 
 /// Value of [`maps::POD_STATS`], keyed by the pod's host-side ifindex.
@@ -573,8 +584,13 @@ assert_no_padding!(ServiceValue {
     quota_interval_ns,
     quota_tolerance_ns
 });
-assert_no_padding!(QuotaKey { service_id, source });
-assert_no_padding!(WorkloadValue { workload_id, flags });
+assert_no_padding!(QuotaKey { subject, source });
+assert_no_padding!(WorkloadValue {
+    workload_id,
+    flags,
+    quota_interval_ns,
+    quota_tolerance_ns
+});
 assert_no_padding!(PodStats {
     packets_from_pod,
     bytes_from_pod,

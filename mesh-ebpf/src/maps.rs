@@ -130,6 +130,13 @@ pub fn interface_flags(ifindex: u32) -> Option<u32> {
     unsafe { MESH_IF_FLAGS.get(ifindex) }.copied()
 }
 
+/// A meshed workload address's entry.
+#[inline(always)]
+pub fn workload(addr: u32) -> Option<WorkloadValue> {
+    // SAFETY: the value is copied out before the map can change it.
+    unsafe { MESH_WORKLOADS.get(addr) }.copied()
+}
+
 /// The `WORKLOAD_*` flags of a meshed workload address.
 #[inline(always)]
 pub fn workload_flags(addr: u32) -> Option<u32> {

@@ -1,8 +1,15 @@
-//! Quotas at the SYN: a client pod over its quota of new connections to a
-//! service is refused here, before any socket exists, with the reset the
-//! agent would have sent. The agent's own bucket (`lb/quota.rs`) stays
-//! behind this one: it keys on the client's identity, counts open
-//! connections too, and settles what this one cannot be exact about.
+//! Quotas at the SYN: a client over its quota of new connections is
+//! refused before any socket exists, with the reset the agent would have
+//! sent. Two places:
+//! - a client pod of this node, to a service with a quota
+//!   (`mesh_from_pod`): the reset goes back out to the pod. The agent's
+//!   own bucket (`lb/quota.rs`) stays behind this one: it keys on the
+//!   client's identity, counts open connections too, and settles what
+//!   this one cannot be exact about;
+//! - plaintext from outside the mesh to a workload with a quota
+//!   (`mesh_to_pod`): the reset goes back into the node, as if the pod
+//!   had sent it, and the node routes it to the client. Mesh traffic
+//!   reaches the pod from the agent's socket and is counted by the agent.
 //!
 //! The bucket is GCRA (a token bucket in one number): the theoretical
 //! arrival time of the next conforming SYN, per service and client
@@ -13,11 +20,11 @@
 //! the agent's bucket then refuses the extra one.
 
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
+    bindings::{BPF_F_INGRESS, TC_ACT_SHOT},
     helpers::{bpf_ktime_get_ns, bpf_redirect},
     programs::TcContext,
 };
-use mesh_common::{QuotaKey, ServiceKey, counter};
+use mesh_common::{QUOTA_WORKLOAD, QuotaKey, ServiceKey, WorkloadValue, counter};
 
 use crate::{
     counters,
@@ -49,35 +56,78 @@ pub fn refuse_over_quota(ctx: &TcContext, ifindex: u32, tcp: &TcpV4) -> Option<i
     };
     // SAFETY: the value is copied out before the map can change it.
     let service = unsafe { MESH_SERVICES.get(key) }.copied()?;
-    if service.quota_interval_ns == 0 {
+    let bucket = Bucket {
+        subject: service.service_id,
+        interval_ns: service.quota_interval_ns,
+        tolerance_ns: service.quota_tolerance_ns,
+    };
+    refuse_over(ctx, ifindex, tcp, bucket, 0)
+}
+
+/// For a plaintext SYN from outside the mesh to `workload`, on its way
+/// into the pod behind `ifindex`: as [`refuse_over_quota`], the reset
+/// going back into the node instead.
+#[inline(always)]
+pub fn refuse_plaintext_over_quota(
+    ctx: &TcContext,
+    ifindex: u32,
+    tcp: &TcpV4,
+    workload: &WorkloadValue,
+) -> Option<i32> {
+    let bucket = Bucket {
+        subject: QUOTA_WORKLOAD | workload.workload_id,
+        interval_ns: workload.quota_interval_ns,
+        tolerance_ns: workload.quota_tolerance_ns,
+    };
+    refuse_over(ctx, ifindex, tcp, bucket, u64::from(BPF_F_INGRESS))
+}
+
+/// One quota, as the agent wrote it.
+struct Bucket {
+    subject: u32,
+    interval_ns: u64,
+    tolerance_ns: u64,
+}
+
+#[inline(always)]
+fn refuse_over(
+    ctx: &TcContext,
+    ifindex: u32,
+    tcp: &TcpV4,
+    quota: Bucket,
+    redirect_flags: u64,
+) -> Option<i32> {
+    if quota.interval_ns == 0 {
         return None;
     }
     if ctx.load::<u8>(ETH_HDR_LEN).ok()? != 0x45 {
         return None;
     }
-    let bucket = QuotaKey {
-        service_id: service.service_id,
+    let key = QuotaKey {
+        subject: quota.subject,
         source: tcp.saddr,
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: the value is copied out before the map can change it.
-    let tat = unsafe { MESH_QUOTA_TAT.get(bucket) }.copied().unwrap_or(0);
+    let tat = unsafe { MESH_QUOTA_TAT.get(key) }.copied().unwrap_or(0);
     let tat = if tat < now { now } else { tat };
-    if tat - now <= service.quota_tolerance_ns {
-        let _ = MESH_QUOTA_TAT.insert(bucket, tat + service.quota_interval_ns, 0);
+    if tat - now <= quota.tolerance_ns {
+        let _ = MESH_QUOTA_TAT.insert(key, tat + quota.interval_ns, 0);
         return None;
     }
     counters::bump(counter::QUOTA_REFUSED);
-    Some(reset(ctx, ifindex, tcp))
+    Some(reset(ctx, ifindex, tcp, redirect_flags))
 }
 
-/// Turns the SYN into the RST|ACK that refuses it and sends it back out
-/// of the interface it came in on, to the pod. Swapping addresses and
-/// ports leaves the checksums as they are; the changed words are patched
-/// in (a no-op when the pod left the checksum to offload).
+/// Turns the SYN into the RST|ACK that refuses it and sends it back the
+/// way it came: out of the pod's interface to the pod (`redirect_flags`
+/// 0, from tc ingress), or into the node as if the pod had sent it
+/// (`BPF_F_INGRESS`, from tc egress). Swapping addresses and ports leaves
+/// the checksums as they are; the changed words are patched in (a no-op
+/// when the sender left the checksum to offload).
 #[inline(always)]
-fn reset(ctx: &TcContext, ifindex: u32, tcp: &TcpV4) -> i32 {
+fn reset(ctx: &TcContext, ifindex: u32, tcp: &TcpV4, redirect_flags: u64) -> i32 {
     let rewritten = (|| -> Result<(), i64> {
         let destination_mac = ctx.load::<[u8; 6]>(0)?;
         let source_mac = ctx.load::<[u8; 6]>(6)?;
@@ -112,5 +162,5 @@ fn reset(ctx: &TcContext, ifindex: u32, tcp: &TcpV4) -> i32 {
         return TC_ACT_SHOT;
     }
     // SAFETY: helper call with a plain ifindex; it returns a tc action.
-    unsafe { bpf_redirect(ifindex, 0) as i32 }
+    unsafe { bpf_redirect(ifindex, redirect_flags) as i32 }
 }

@@ -23,6 +23,7 @@ use mesh_common::{PodStats, SETTING_SAME_NODE_DIRECT, WORKLOAD_STRICT, counter};
 use crate::{
     counters, direct, maps,
     packet::{self, Frame},
+    quota,
 };
 
 #[classifier]
@@ -57,15 +58,22 @@ pub fn mesh_to_pod(ctx: TcContext) -> i32 {
     }
     let drop = match frame {
         Frame::Tcp(tcp) if tcp.is_syn() => {
-            let Some(flags) = maps::workload_flags(tcp.daddr) else {
+            let Some(workload) = maps::workload(tcp.daddr) else {
                 return TC_ACT_OK;
             };
+            let flags = workload.flags;
             // From a pod of this node the policy lets reach this one
             // directly: mesh traffic, admitted ahead of time.
             if direct && direct::syn_reaches_server(ingress_ifindex, ifindex, &tcp) {
                 return TC_ACT_OK;
             }
             if !strict(Some(flags)) {
+                // Plaintext is let in, within the workload's quota.
+                if let Some(action) =
+                    quota::refuse_plaintext_over_quota(&ctx, ifindex, &tcp, &workload)
+                {
+                    return action;
+                }
                 if let Some(stats) = stats {
                     stats.plaintext_in += 1;
                 }

@@ -1344,3 +1344,50 @@ fn a_workloads_quota_holds_on_streams_from_another_node() {
             .is_none()
     });
 }
+
+/// A workload's quota holds on plaintext from outside the mesh as well,
+/// at the SYN in the pod's node's kernel (`mesh_to_pod`): past the burst
+/// a non-meshed client's connect is refused by a reset the pod never
+/// sees. Mesh clients are counted by the agent, in buckets of their own.
+#[test]
+fn a_workloads_quota_holds_on_plaintext_at_the_syn() {
+    let t = two_nodes(
+        "pquota",
+        &Options {
+            server_more: ", quota: { rate: 1, burst: 3 }",
+            ..Options::default()
+        },
+    );
+    let server = SocketAddr::from((t.b.pod("server").ip, 8080));
+    let started = Instant::now();
+    let reports = t.a.pod("plain").connect(
+        server,
+        Connect {
+            count: 10,
+            report_refused: true,
+            ..Default::default()
+        },
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    let admitted = reports.iter().filter(|r| r.get("error").is_none()).count() as u64;
+    let refused = reports.iter().filter(|r| r["refused"] == true).count() as u64;
+    eprintln!("plaintext: {admitted} admitted, {refused} refused in {seconds:.2} s");
+    assert_eq!(admitted + refused, 10, "{reports:?}");
+    assert!(
+        (3..=3 + seconds.ceil() as u64).contains(&admitted),
+        "{admitted} admitted in {seconds:.2} s"
+    );
+    assert_eq!(t.agent_b.counter("quota_refused"), refused);
+    // The client's mesh connections have their own bucket (its identity).
+    let meshed = t.a.pod("client").connect(
+        vip(),
+        Connect {
+            count: 3,
+            ..Default::default()
+        },
+    );
+    assert!(
+        meshed.iter().all(|r| r.get("error").is_none()),
+        "{meshed:?}"
+    );
+}

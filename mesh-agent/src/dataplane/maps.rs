@@ -205,14 +205,21 @@ impl Destinations {
         let workloads: StdHashMap<u32, WorkloadValue> = state
             .workload_addrs()
             .map(|(ip, id, local)| {
-                let strict = state.workloads[id].mode == WorkloadMode::Strict;
+                let workload = &state.workloads[id];
+                let strict = workload.mode == WorkloadMode::Strict;
                 let flags = if local { WORKLOAD_LOCAL } else { 0 }
                     | if strict { WORKLOAD_STRICT } else { 0 };
+                // Its quota on plaintext from outside the mesh, which only
+                // this node's kernel sees.
+                let (quota_interval_ns, quota_tolerance_ns) =
+                    syn_quota(workload.quota.as_ref().filter(|_| local));
                 (
                     ipv4_to_raw(ip.octets()),
                     WorkloadValue {
                         workload_id: id as u32,
                         flags,
+                        quota_interval_ns,
+                        quota_tolerance_ns,
                     },
                 )
             })
@@ -437,7 +444,12 @@ impl KernelMaps {
             .map(|(k, v)| {
                 json!({
                     "key": k, "ip": raw_ip(k).to_string(),
-                    "value": { "workload_id": v.workload_id, "flags": v.flags },
+                    "value": {
+                        "workload_id": v.workload_id,
+                        "flags": v.flags,
+                        "quota_interval_ns": v.quota_interval_ns,
+                        "quota_tolerance_ns": v.quota_tolerance_ns,
+                    },
                 })
             })
             .collect();

@@ -154,10 +154,11 @@ fn single_node(label: &str) -> (Node, Agent, Vec<mesh_tests::pod::Server>) {
 /// A service whose client may open 3 connections at once and 1 a second
 /// more: of 10 quick ones, the kernel answers the SYNs past the bucket
 /// with a reset (the client's connect is refused) and the agent never
-/// accepts them.
+/// accepts them. The same for plaintext from a pod outside the mesh into
+/// a workload with that quota (`mesh_to_pod`).
 fn syn_quota() -> Result<Value, String> {
     let mut node = Node::new("kquota", 1);
-    for pod in ["client", "be1"] {
+    for pod in ["client", "be1", "plain"] {
         node.add_pod(pod);
     }
     let limited = format!(
@@ -169,7 +170,10 @@ fn syn_quota() -> Result<Value, String> {
 ",
         node.pod("be1").ip
     );
-    let config = echo_config(&node, &["client", "be1"], &["be1"], &limited);
+    let config = echo_config(&node, &["client", "be1"], &["be1"], &limited).replace(
+        "cgroup: be1 }",
+        "cgroup: be1, quota: { rate: 1, burst: 3 } }",
+    );
     let _server = node.pod("be1").serve(8080, "be1", false);
     let agent = Agent::start(&node, &config);
     let accepted = || agent.stats()["outbound"]["accepted"].as_u64().unwrap_or(0);
@@ -200,7 +204,35 @@ fn syn_quota() -> Result<Value, String> {
             "kernel refused {in_kernel}, agent accepted {through_agent}; clients saw {refused} refused, {admitted} admitted"
         ));
     }
-    Ok(json!({ "admitted": admitted, "refused_in_kernel": in_kernel, "seconds": seconds }))
+    let plaintext = node.pod("plain").try_connect(
+        SocketAddr::from((node.pod("be1").ip, 8080)),
+        Connect {
+            count: 10,
+            report_refused: true,
+            ..Default::default()
+        },
+    )?;
+    let plain_refused = plaintext.iter().filter(|r| r["refused"] == true).count() as u64;
+    let plain_admitted = plaintext
+        .iter()
+        .filter(|r| r.get("error").is_none())
+        .count() as u64;
+    let plain_in_kernel = agent.counter("quota_refused") - in_kernel;
+    if plain_admitted < 3
+        || plain_admitted + plain_refused != 10
+        || plain_in_kernel != plain_refused
+    {
+        return Err(format!(
+            "plaintext: {plain_admitted} admitted, {plain_refused} refused, kernel counted {plain_in_kernel}"
+        ));
+    }
+    Ok(json!({
+        "admitted": admitted,
+        "refused_in_kernel": in_kernel,
+        "seconds": seconds,
+        "plaintext_admitted": plain_admitted,
+        "plaintext_refused_in_kernel": plain_in_kernel,
+    }))
 }
 
 fn vip_through_agent() -> Result<Value, String> {
