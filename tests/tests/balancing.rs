@@ -861,3 +861,44 @@ fn a_workloads_quota_holds_on_this_nodes_path() {
             .is_none()
     });
 }
+
+/// A quota's overall limits (issue 21) hold across clients: three open
+/// connections in all, whoever holds them, while each client alone could
+/// open ten.
+#[test]
+fn a_services_overall_limit_holds_across_clients() {
+    let backends = ["be"];
+    let mut node = node_with("overall", &backends);
+    node.add_pod("other");
+    let eps = endpoints(&node, &[("be", None)]);
+    let quota = "    resilience:\n      quota: { concurrent: 10, overall: { concurrent: 3 } }\n";
+    let servers = [("be".to_owned(), node.pod("be").serve(8080, "be", false))].into();
+    let other = node.pod("other");
+    let other_yaml = format!(
+        "workloads:\n  - {{ name: other, service_account: other, ips: [{}], interface: {}, cgroup: other }}\n",
+        other.ip, other.host_if
+    );
+    let text = config(&node, &["be"], &service(quota, &eps)).replace("workloads:\n", &other_yaml);
+    let agent = Agent::start(&node, &text);
+    let c = Cluster {
+        agent,
+        servers,
+        node,
+    };
+    let mut held: Vec<_> = (0..2).map(|_| c.node.pod("client").hold(vip())).collect();
+    held.push(c.node.pod("other").hold(vip()));
+    for pod in ["client", "other"] {
+        let over = c.node.pod(pod).connect(vip(), Connect::default());
+        assert!(over[0].get("error").is_some(), "{pod}: {}", over[0]);
+    }
+    assert_eq!(service_stats(&c)["counters"]["rate_limited"], 2);
+    assert!(
+        c.agent
+            .log()
+            .contains("over the open connections of all clients together"),
+        "the refusal names the overall limit"
+    );
+    held.remove(0).release();
+    let through = c.node.pod("other").connect(vip(), Connect::default());
+    assert!(through[0].get("error").is_none(), "{}", through[0]);
+}

@@ -24,7 +24,7 @@ services:
       retry: { retries: 2, budget_percent: 20 }
       outlier_detection: { consecutive_failures: 5, base_ejection_ms: 1000, max_ejection_ms: 60000 }
       health_check: { interval_ms: 1000, timeout_ms: 500, healthy_threshold: 2, unhealthy_threshold: 3 }
-      quota: { rate: 100, burst: 50, concurrent: 20 }
+      quota: { rate: 100, burst: 50, concurrent: 20, overall: { rate: 1000, concurrent: 500 } }
     faults: { from: { namespaces: [shop] }, delay: { percent: 10, ms: 100 }, refuse: { percent: 5 }, cut: { percent: 1, after_bytes: 4096 } }
 authorization:
   default_action: allow
@@ -531,7 +531,7 @@ const CORPUS: &[Entry] = &[
     ),
     (
         "a quota that limits nothing",
-        "quota: { rate: 100, burst: 50, concurrent: 20 }",
+        "quota: { rate: 100, burst: 50, concurrent: 20, overall: { rate: 1000, concurrent: 500 } }",
         "quota: { burst: 50 }",
         "services[0].resilience.quota",
         Some(19),
@@ -627,6 +627,13 @@ const CORPUS: &[Entry] = &[
         "web",
         "authorization.rules[0].from.principals[0]",
         Some(24),
+    ),
+    (
+        "overall limits without a limit",
+        "overall: { rate: 1000, concurrent: 500 }",
+        "overall: { burst: 10 }",
+        "services[0].resilience.quota.overall",
+        Some(19),
     ),
     (
         "a workload quota without a limit",

@@ -881,7 +881,7 @@ fn validate_policy(service: &ServiceConfig) -> Result<(), (String, String)> {
 
 /// Checks a quota; `at` is its path under the service or workload.
 fn validate_quota(quota: &Quota, at: &str) -> Result<(), (String, String)> {
-    if quota.rate.is_none() && quota.concurrent.is_none() {
+    if quota.rate.is_none() && quota.concurrent.is_none() && quota.overall.is_none() {
         return Err((at.into(), "needs a rate or a concurrent limit".into()));
     }
     for (field, value) in [
@@ -892,6 +892,9 @@ fn validate_quota(quota: &Quota, at: &str) -> Result<(), (String, String)> {
         if let Some(value) = value {
             in_range(&format!("{at}.{field}"), value, 1, limits::MAX_QUOTA)?;
         }
+    }
+    if let Some(overall) = quota.overall() {
+        validate_quota(&overall, &format!("{at}.overall"))?;
     }
     Ok(())
 }

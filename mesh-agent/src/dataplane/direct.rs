@@ -343,11 +343,7 @@ rules:
     #[test]
     fn a_pod_with_a_quota_is_reached_through_the_agent() {
         let mut with_quota = state("{}");
-        with_quota.workloads[1].quota = Some(Quota {
-            rate: None,
-            burst: None,
-            concurrent: Some(2),
-        });
+        with_quota.workloads[1].quota = Some(Quota::per_client(None, None, Some(2)));
         let plan = DirectPlan::of(&with_quota, ifindex, 100);
         // b (the quota'd one) may still call a directly; nobody calls b.
         assert!(plan.entries.contains_key(&key(B, A, 0)), "{plan:?}");
@@ -457,11 +453,7 @@ rules:
             (
                 "quota",
                 service(&[(A, true)], |s| {
-                    s.resilience.quota = Some(Quota {
-                        rate: Some(10),
-                        burst: None,
-                        concurrent: None,
-                    });
+                    s.resilience.quota = Some(Quota::per_client(Some(10), None, None));
                 }),
             ),
             (

@@ -17,8 +17,8 @@ use serde::Serialize;
 
 pub use self::faults::{Cut, Delay, Faults, Injected, Refuse};
 pub use self::policy::{
-    CircuitBreaker, HealthCheck, Locality, OutlierDetection, Policy, Quota, Resilience, Retry,
-    Split, WorkloadMode,
+    CircuitBreaker, HealthCheck, Locality, OutlierDetection, Overall, Policy, Quota, Resilience,
+    Retry, Split, WorkloadMode,
 };
 use crate::{authz::Authorization, identity::SpiffeId};
 

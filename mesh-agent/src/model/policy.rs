@@ -59,22 +59,51 @@ pub struct Resilience {
     pub quota: Option<Quota>,
 }
 
-/// Limits per client of a service (its identity when proven, else its
-/// address): new connections a second, as a token bucket holding `burst`
-/// (default: `rate`), and connections open at once. A connection over a
-/// limit is reset at once and counted (`rate_limited`).
+/// Limits per client of a service or workload (its identity when proven,
+/// else its address): new connections a second, as a token bucket
+/// holding `burst` (default: `rate`), and connections open at once; and,
+/// optionally, the same limits on all clients together (`overall`). A
+/// connection over a limit is reset at once and counted (`rate_limited`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Quota {
     pub rate: Option<u32>,
     pub burst: Option<u32>,
     pub concurrent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overall: Option<Overall>,
+}
+
+/// A quota's limits on all its clients together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overall {
+    pub rate: Option<u32>,
+    pub burst: Option<u32>,
+    pub concurrent: Option<u32>,
 }
 
 impl Quota {
+    /// Per-client limits only.
+    pub fn per_client(rate: Option<u32>, burst: Option<u32>, concurrent: Option<u32>) -> Self {
+        Self {
+            rate,
+            burst,
+            concurrent,
+            overall: None,
+        }
+    }
+
     /// The bucket's size: `burst`, else one second's worth.
     pub fn bucket(&self) -> u32 {
         self.burst.or(self.rate).unwrap_or(0).max(1)
+    }
+
+    /// The overall limits as a quota of one client (everyone).
+    pub fn overall(&self) -> Option<Quota> {
+        self.overall
+            .as_ref()
+            .map(|o| Quota::per_client(o.rate, o.burst, o.concurrent))
     }
 }
 

@@ -20,8 +20,8 @@ use super::{
 };
 use crate::config;
 use crate::model::{
-    Cut, Delay, Endpoint, Faults, LocalWorkload, Quota, Refuse, Resilience, Service, ServicePort,
-    Split, Workload, WorkloadMode,
+    Cut, Delay, Endpoint, Faults, LocalWorkload, Overall, Quota, Refuse, Resilience, Service,
+    ServicePort, Split, Workload, WorkloadMode,
 };
 
 /// What the node offers for mapping pods to the kernel, read once per build.
@@ -390,11 +390,7 @@ fn parse_splits(text: &str) -> Result<Vec<Split>, String> {
 /// `rate=100,burst=50,concurrent=20` (any of them, in any order): the
 /// config's `resilience.quota`, with its ranges.
 fn parse_quota(text: &str) -> Result<Option<Quota>, String> {
-    let mut quota = Quota {
-        rate: None,
-        burst: None,
-        concurrent: None,
-    };
+    let mut quota = Quota::per_client(None, None, None);
     for part in text.split(',') {
         let (name, value) = part
             .split_once('=')
@@ -410,17 +406,42 @@ fn parse_quota(text: &str) -> Result<Option<Quota>, String> {
                     config::limits::MAX_QUOTA
                 )
             })?;
+        let overall = quota.overall.get_or_insert(Overall {
+            rate: None,
+            burst: None,
+            concurrent: None,
+        });
         let slot = match name.trim() {
             "rate" => &mut quota.rate,
             "burst" => &mut quota.burst,
             "concurrent" => &mut quota.concurrent,
-            other => return Err(format!("{other:?} is none of rate, burst, concurrent")),
+            "overall-rate" => &mut overall.rate,
+            "overall-burst" => &mut overall.burst,
+            "overall-concurrent" => &mut overall.concurrent,
+            other => {
+                return Err(format!(
+                    "{other:?} is none of rate, burst, concurrent, overall-rate, overall-burst, overall-concurrent"
+                ));
+            }
         };
         if slot.replace(value).is_some() {
             return Err(format!("{} is given twice", name.trim()));
         }
     }
-    if quota.rate.is_none() && quota.concurrent.is_none() {
+    if quota
+        .overall
+        .as_ref()
+        .is_some_and(|o| o.rate.is_none() && o.burst.is_none() && o.concurrent.is_none())
+    {
+        quota.overall = None;
+    }
+    if let Some(overall) = &quota.overall
+        && overall.rate.is_none()
+        && overall.concurrent.is_none()
+    {
+        return Err("overall limits need overall-rate or overall-concurrent".into());
+    }
+    if quota.rate.is_none() && quota.concurrent.is_none() && quota.overall.is_none() {
         return Err("needs a rate or a concurrent limit".into());
     }
     Ok(Some(quota))
@@ -533,11 +554,7 @@ mod tests {
     fn quota_annotation_parses_and_names_what_is_wrong() {
         assert_eq!(
             parse_quota("rate=100, burst = 50,concurrent=20").unwrap(),
-            Some(Quota {
-                rate: Some(100),
-                burst: Some(50),
-                concurrent: Some(20),
-            })
+            Some(Quota::per_client(Some(100), Some(50), Some(20)))
         );
         assert!(
             parse_quota("burst=5")
@@ -548,6 +565,22 @@ mod tests {
         assert!(parse_quota("rate=5,rate=6").unwrap_err().contains("twice"));
         assert!(parse_quota("speed=5").unwrap_err().contains("\"speed\""));
         assert!(parse_quota("100/s").unwrap_err().contains("name=value"));
+        let mut overall = Quota::per_client(Some(10), None, None);
+        overall.overall = Some(Overall {
+            rate: Some(1000),
+            burst: None,
+            concurrent: Some(500),
+        });
+        assert_eq!(
+            parse_quota("rate=10,overall-rate=1000,overall-concurrent=500").unwrap(),
+            Some(overall)
+        );
+        assert!(
+            parse_quota("rate=10,overall-burst=5")
+                .unwrap_err()
+                .contains("overall-rate or overall-concurrent")
+        );
+        assert!(parse_quota("overall-concurrent=5").unwrap().is_some());
     }
 
     #[test]
