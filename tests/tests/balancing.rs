@@ -703,6 +703,30 @@ fn injected_faults_refuse_and_delay_their_share_and_cut_after_bytes() {
     assert_eq!(c.agent.stats()["outbound"]["faults"]["cut"], 1);
 }
 
+/// `client` and `other` (an identity of its own; the other pods share
+/// `default`'s, and with it their quota) in front of `web` over `be`,
+/// whose `resilience.quota` is `quota` (YAML flow mapping).
+fn quota_cluster(label: &str, quota: &str) -> Cluster {
+    let backends = ["be"];
+    let mut node = node_with(label, &backends);
+    node.add_pod("other");
+    let eps = endpoints(&node, &[("be", None)]);
+    let quota = format!("    resilience:\n      quota: {quota}\n");
+    let servers = [("be".to_owned(), node.pod("be").serve(8080, "be", false))].into();
+    let other = node.pod("other");
+    let other_yaml = format!(
+        "workloads:\n  - {{ name: other, service_account: other, ips: [{}], interface: {}, cgroup: other }}\n",
+        other.ip, other.host_if
+    );
+    let text = config(&node, &["be"], &service(&quota, &eps)).replace("workloads:\n", &other_yaml);
+    let agent = Agent::start(&node, &text);
+    Cluster {
+        agent,
+        servers,
+        node,
+    }
+}
+
 /// Quotas (issue 21): a client over its rate gets its burst plus the rate
 /// over the window, refused fast, by the kernel at the SYN (the agent
 /// never accepts those); another client keeps its own allowance; open
@@ -710,26 +734,7 @@ fn injected_faults_refuse_and_delay_their_share_and_cut_after_bytes() {
 /// attempts included.
 #[test]
 fn a_clients_quota_holds_its_rate_and_open_connections_and_spares_others() {
-    let backends = ["be"];
-    let mut node = node_with("quota", &backends);
-    node.add_pod("other");
-    let eps = endpoints(&node, &[("be", None)]);
-    let quota = "    resilience:\n      quota: { rate: 50, burst: 20, concurrent: 5 }\n";
-    let servers = [("be".to_owned(), node.pod("be").serve(8080, "be", false))].into();
-    // `other` has an identity of its own (the others share `default`'s,
-    // and with it their quota).
-    let other = node.pod("other");
-    let other_yaml = format!(
-        "workloads:\n  - {{ name: other, service_account: other, ips: [{}], interface: {}, cgroup: other }}\n",
-        other.ip, other.host_if
-    );
-    let text = config(&node, &["be"], &service(quota, &eps)).replace("workloads:\n", &other_yaml);
-    let agent = Agent::start(&node, &text);
-    let c = Cluster {
-        agent,
-        servers,
-        node,
-    };
+    let c = quota_cluster("quota", "{ rate: 50, burst: 20, concurrent: 5 }");
     let batch = Connect {
         count: 25,
         report_refused: true,
@@ -867,24 +872,7 @@ fn a_workloads_quota_holds_on_this_nodes_path() {
 /// open ten.
 #[test]
 fn a_services_overall_limit_holds_across_clients() {
-    let backends = ["be"];
-    let mut node = node_with("overall", &backends);
-    node.add_pod("other");
-    let eps = endpoints(&node, &[("be", None)]);
-    let quota = "    resilience:\n      quota: { concurrent: 10, overall: { concurrent: 3 } }\n";
-    let servers = [("be".to_owned(), node.pod("be").serve(8080, "be", false))].into();
-    let other = node.pod("other");
-    let other_yaml = format!(
-        "workloads:\n  - {{ name: other, service_account: other, ips: [{}], interface: {}, cgroup: other }}\n",
-        other.ip, other.host_if
-    );
-    let text = config(&node, &["be"], &service(quota, &eps)).replace("workloads:\n", &other_yaml);
-    let agent = Agent::start(&node, &text);
-    let c = Cluster {
-        agent,
-        servers,
-        node,
-    };
+    let c = quota_cluster("overall", "{ concurrent: 10, overall: { concurrent: 3 } }");
     let mut held: Vec<_> = (0..2).map(|_| c.node.pod("client").hold(vip())).collect();
     held.push(c.node.pod("other").hold(vip()));
     for pod in ["client", "other"] {
