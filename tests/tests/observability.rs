@@ -408,9 +408,23 @@ fn inspect_and_bpftool_agree_on_the_maps() {
         (
             "MESH_SERVICES",
             &["addr", "port"][..],
-            &["service_id", "flags"][..],
+            &[
+                "service_id",
+                "flags",
+                "quota_interval_ns",
+                "quota_tolerance_ns",
+            ][..],
         ),
-        ("MESH_WORKLOADS", &[][..], &["workload_id", "flags"][..]),
+        (
+            "MESH_WORKLOADS",
+            &[][..],
+            &[
+                "workload_id",
+                "flags",
+                "quota_interval_ns",
+                "quota_tolerance_ns",
+            ][..],
+        ),
     ] {
         let path = c.node.pin_root.join("maps").join(map);
         let bpftool = mesh_tests::bpftool(&["map", "dump", "pinned", path.to_str().unwrap()])
