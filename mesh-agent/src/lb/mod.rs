@@ -24,10 +24,10 @@ pub use self::{
     service::{
         Admission, MemberSnapshot, PickError, RetryPermit, ServiceBalancer, ServiceSnapshot,
     },
-    state::{EndpointState, Registry, ServiceName, WorkloadQuotaState},
+    state::{EndpointState, Registry, ServiceName},
 };
 use crate::model::{MeshState, Quota, Service};
-use quota::{OverQuota, QuotaGuard};
+use quota::{OverQuota, QuotaGuard, Quotas};
 
 /// One balancer per service, for one `MeshState`, and the quotas of the
 /// workloads on this node that have one.
@@ -41,7 +41,7 @@ pub struct Balancers {
 struct WorkloadGate {
     name: ServiceName,
     quota: Quota,
-    state: Arc<WorkloadQuotaState>,
+    quotas: Arc<Quotas>,
 }
 
 /// `/stats` of a workload's quota.
@@ -74,10 +74,17 @@ impl Balancers {
             .enumerate()
             .filter(|(_, w)| w.local.is_some())
             .filter_map(|(id, w)| {
-                let name = (w.namespace.clone(), w.name.clone());
-                let state = registry.workload(&name);
                 let quota = w.quota.clone()?;
-                Some((id, WorkloadGate { name, quota, state }))
+                let name = (w.namespace.clone(), w.name.clone());
+                let quotas = registry.workload(&name);
+                Some((
+                    id,
+                    WorkloadGate {
+                        name,
+                        quota,
+                        quotas,
+                    },
+                ))
             })
             .collect();
         registry.retain_workloads(&per_workload.values().map(|g| g.name.clone()).collect());
@@ -98,13 +105,9 @@ impl Balancers {
         let Some(gate) = self.per_workload.get(&id) else {
             return Ok(None);
         };
-        match gate.state.quotas.admit(&gate.quota, client, Instant::now()) {
-            Ok(guard) => Ok(Some(guard)),
-            Err(over) => {
-                gate.state.rate_limited.fetch_add(1, Ordering::Relaxed);
-                Err(over)
-            }
-        }
+        gate.quotas
+            .admit(&gate.quota, client, Instant::now())
+            .map(Some)
     }
 
     pub fn workload_quotas(&self) -> Vec<WorkloadQuotaSnapshot> {
@@ -115,8 +118,8 @@ impl Balancers {
                 namespace: gate.name.0.clone(),
                 name: gate.name.1.clone(),
                 quota: gate.quota.clone(),
-                rate_limited: gate.state.rate_limited.load(Ordering::Relaxed),
-                untracked: gate.state.quotas.untracked.load(Ordering::Relaxed),
+                rate_limited: gate.quotas.refused.load(Ordering::Relaxed),
+                untracked: gate.quotas.untracked.load(Ordering::Relaxed),
             })
             .collect();
         snapshots.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));

@@ -22,6 +22,8 @@ const MAX_CLIENTS: usize = 65_536;
 #[derive(Default)]
 pub struct Quotas {
     table: Mutex<Table>,
+    /// Connections refused over a limit.
+    pub refused: AtomicU64,
     /// Clients let through because the table was full.
     pub untracked: AtomicU64,
 }
@@ -103,9 +105,23 @@ impl Bucket {
 
 impl Quotas {
     /// Admits a new connection of `client` under `quota` (its per-client
-    /// limits, then its overall ones), or says which limit it is over. A
-    /// refused connection takes nothing from either bucket.
+    /// limits, then its overall ones), or says which limit it is over
+    /// (and counts it `refused`). A refused connection takes nothing from
+    /// either bucket.
     pub fn admit(
+        &self,
+        quota: &Quota,
+        client: &str,
+        now: Instant,
+    ) -> Result<QuotaGuard, OverQuota> {
+        let admitted = self.try_admit(quota, client, now);
+        if admitted.is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        admitted
+    }
+
+    fn try_admit(
         &self,
         quota: &Quota,
         client: &str,

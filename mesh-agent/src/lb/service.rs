@@ -148,13 +148,10 @@ impl ServiceBalancer {
         let Some(quota) = &self.resilience.quota else {
             return Ok(None);
         };
-        match self.state.quotas.admit(quota, client, Instant::now()) {
-            Ok(guard) => Ok(Some(guard)),
-            Err(over) => {
-                self.state.rate_limited.fetch_add(1, Ordering::Relaxed);
-                Err(over)
-            }
-        }
+        self.state
+            .quotas
+            .admit(quota, client, Instant::now())
+            .map(Some)
     }
 
     /// Chooses an endpoint for a connection from `client`, skipping `tried`.

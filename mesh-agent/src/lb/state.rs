@@ -20,7 +20,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::ewma::PeakEwma;
+use super::{ewma::PeakEwma, quota::Quotas};
 use crate::locks::lock;
 
 /// Latency assumed for an endpoint before its first connect.
@@ -201,8 +201,7 @@ pub struct ServiceState {
     /// The same across subsets, for splits.
     pub subset_round_robin: Mutex<HashMap<String, i64>>,
     /// Per-client quotas' buckets and counts.
-    pub quotas: super::quota::Quotas,
-    pub rate_limited: AtomicU64,
+    pub quotas: Quotas,
 }
 
 #[derive(Debug, Serialize)]
@@ -230,7 +229,7 @@ impl ServiceState {
             retry_budget_exhausted: get(&self.retry_budget_exhausted),
             no_endpoint: get(&self.no_endpoint),
             connect_failures: get(&self.connect_failures),
-            rate_limited: get(&self.rate_limited),
+            rate_limited: get(&self.quotas.refused),
         }
     }
 }
@@ -264,16 +263,9 @@ pub type ServiceName = (String, String);
 pub struct Registry {
     endpoints: Mutex<HashMap<(ServiceName, Ipv4Addr), Arc<EndpointState>>>,
     services: Mutex<HashMap<ServiceName, Arc<ServiceState>>>,
-    /// Workloads' quota state, by (namespace, name).
-    workloads: Mutex<HashMap<ServiceName, Arc<WorkloadQuotaState>>>,
-}
-
-/// A workload's per-client quota buckets and what they refused; kept
-/// across reloads like a service's.
-#[derive(Default)]
-pub struct WorkloadQuotaState {
-    pub quotas: super::quota::Quotas,
-    pub rate_limited: AtomicU64,
+    /// Workloads' quota buckets, by (namespace, name): kept across
+    /// reloads like a service's.
+    workloads: Mutex<HashMap<ServiceName, Arc<Quotas>>>,
 }
 
 impl Registry {
@@ -285,7 +277,7 @@ impl Registry {
             .clone()
     }
 
-    pub fn workload(&self, workload: &ServiceName) -> Arc<WorkloadQuotaState> {
+    pub fn workload(&self, workload: &ServiceName) -> Arc<Quotas> {
         lock(&self.workloads)
             .entry(workload.clone())
             .or_default()

@@ -75,7 +75,7 @@ pub struct Quota {
 }
 
 /// A quota's limits on all its clients together.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Overall {
     pub rate: Option<u32>,

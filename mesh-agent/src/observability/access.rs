@@ -270,14 +270,7 @@ impl Record {
 
     /// The connection as a span: the access log's fields as attributes.
     fn span(self, context: TraceContext, ended: Ended) -> FinishedSpan {
-        let Ended {
-            outcome,
-            sent,
-            received,
-            elapsed,
-            endpoint,
-            error,
-        } = ended;
+        let (outcome, elapsed) = (ended.outcome, ended.elapsed);
         let end = SystemTime::now();
         let (kind, direction) = match self.reporter {
             "destination" => (SpanKind::Server, "inbound"),
@@ -300,10 +293,10 @@ impl Record {
             ("dst_workload", Value::Text(self.destination_workload)),
             ("dst_namespace", Value::Text(self.destination_namespace)),
             ("dst_identity", Value::Text(self.destination_principal)),
-            ("endpoint", Value::Text(endpoint)),
+            ("endpoint", Value::Text(ended.endpoint)),
             ("mtls", Value::Bool(self.mutual_tls)),
-            ("sent", int(sent)),
-            ("received", int(received)),
+            ("sent", int(ended.sent)),
+            ("received", int(ended.received)),
             ("duration_ms", int(elapsed.as_millis() as u64)),
             ("result", Value::Text(format!("{outcome:?}"))),
             (
@@ -312,7 +305,10 @@ impl Record {
             ),
             ("fault", Value::Text(self.fault.describe())),
             ("retries", Value::Int(i64::from(self.retries))),
-            ("error", Value::Text(error.clone().unwrap_or_default())),
+            (
+                "error",
+                Value::Text(ended.error.clone().unwrap_or_default()),
+            ),
         ];
         FinishedSpan {
             context,
@@ -322,7 +318,7 @@ impl Record {
             end,
             error: match outcome {
                 Outcome::Ok | Outcome::Reset => None,
-                _ => Some(error.unwrap_or_else(|| format!("{outcome:?}"))),
+                _ => Some(ended.error.unwrap_or_else(|| format!("{outcome:?}"))),
             },
             attributes,
             baggage: self.baggage,

@@ -391,6 +391,7 @@ fn parse_splits(text: &str) -> Result<Vec<Split>, String> {
 /// config's `resilience.quota`, with its ranges.
 fn parse_quota(text: &str) -> Result<Option<Quota>, String> {
     let mut quota = Quota::per_client(None, None, None);
+    let mut overall = Overall::default();
     for part in text.split(',') {
         let (name, value) = part
             .split_once('=')
@@ -406,11 +407,6 @@ fn parse_quota(text: &str) -> Result<Option<Quota>, String> {
                     config::limits::MAX_QUOTA
                 )
             })?;
-        let overall = quota.overall.get_or_insert(Overall {
-            rate: None,
-            burst: None,
-            concurrent: None,
-        });
         let slot = match name.trim() {
             "rate" => &mut quota.rate,
             "burst" => &mut quota.burst,
@@ -428,18 +424,11 @@ fn parse_quota(text: &str) -> Result<Option<Quota>, String> {
             return Err(format!("{} is given twice", name.trim()));
         }
     }
-    if quota
-        .overall
-        .as_ref()
-        .is_some_and(|o| o.rate.is_none() && o.burst.is_none() && o.concurrent.is_none())
-    {
-        quota.overall = None;
-    }
-    if let Some(overall) = &quota.overall
-        && overall.rate.is_none()
-        && overall.concurrent.is_none()
-    {
-        return Err("overall limits need overall-rate or overall-concurrent".into());
+    if overall != Overall::default() {
+        if overall.rate.is_none() && overall.concurrent.is_none() {
+            return Err("overall limits need overall-rate or overall-concurrent".into());
+        }
+        quota.overall = Some(overall);
     }
     if quota.rate.is_none() && quota.concurrent.is_none() && quota.overall.is_none() {
         return Err("needs a rate or a concurrent limit".into());
