@@ -222,19 +222,23 @@ impl Agent {
         Ok(None)
     }
 
-    /// The `/connections` entry of the live connection from `client`.
-    pub fn live_connection(&self, client: SocketAddr) -> Value {
+    /// The live connections (`/connections`).
+    pub fn live_connections(&self) -> Vec<Value> {
         let (code, body) = self
             .http_get(ADMIN_PORT, "/connections")
             .expect("GET /connections");
         assert_eq!(code, 200, "{body}");
         let live: Value = serde_json::from_str(&body).expect("/connections JSON");
-        live.as_array()
-            .expect("a list")
-            .iter()
+        live.as_array().expect("a list").clone()
+    }
+
+    /// The `/connections` entry of the live connection from `client`.
+    pub fn live_connection(&self, client: SocketAddr) -> Value {
+        let live = self.live_connections();
+        live.iter()
             .find(|e| e["client"] == client.to_string().as_str())
             .cloned()
-            .unwrap_or_else(|| panic!("{client} not listed: {live}"))
+            .unwrap_or_else(|| panic!("{client} not listed: {live:?}"))
     }
 
     /// Waits for the agent to log an idle timeout, then checks that the

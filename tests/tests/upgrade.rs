@@ -14,7 +14,7 @@ use std::{
 use mesh_tests::{
     StopOnDrop,
     agent::{Agent, Launch},
-    bpftool,
+    bpftool, eventually,
     pod::{Connect, Server},
     topology::{self, Node},
 };
@@ -182,6 +182,9 @@ fn upgrade_three_times_under_load(label: &str, proxy: &str, fast: bool) {
     let opened = AtomicU64::new(0);
     let began = Instant::now();
     let (long, problems, plaintext, upgraded) = thread::scope(|scope| {
+        // A failed check below must end the workers, or the scope waits
+        // for them for ever.
+        let _stop = StopOnDrop(&stop);
         let (node, stop, opened) = (&s.node, &stop, &opened);
         let long = scope.spawn(move || {
             node.pod("client").try_connect(
@@ -216,7 +219,15 @@ fn upgrade_three_times_under_load(label: &str, proxy: &str, fast: bool) {
             }
             (tries, answered)
         });
-        // Every kind of traffic starts on the first agent.
+        // Every kind of traffic starts on the first agent: the long
+        // transfer is under way there before the first upgrade (a busy
+        // machine may take more than a moment to start its client).
+        eventually("the long transfer on the first agent", || {
+            agents[0]
+                .live_connections()
+                .iter()
+                .any(|c| c["destination"] == DRIP_VIP.to_string().as_str())
+        });
         thread::sleep(Duration::from_secs(1));
         for round in 1..=3 {
             let took = s.upgrade(&mut agents, &Launch::default());
@@ -605,6 +616,7 @@ fn cross_node_traffic_survives_upgrades_of_both_ends() {
     let stop = AtomicBool::new(false);
     let opened = AtomicU64::new(0);
     let (long, problems) = thread::scope(|scope| {
+        let _stop = StopOnDrop(&stop);
         let (a, stop, opened) = (&a, &stop, &opened);
         let long = scope.spawn(move || {
             a.pod("client").try_connect(
