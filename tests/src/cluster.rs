@@ -46,6 +46,8 @@ pub struct Cluster {
     _etcd: Guarded,
     apiserver: Option<Guarded>,
     apiserver_command: Vec<String>,
+    /// kube-controller-manager and kube-scheduler, when started.
+    controllers: Vec<Guarded>,
     netns: PathBuf,
     runtime: tokio::runtime::Runtime,
     client: kube::Client,
@@ -147,6 +149,7 @@ impl Cluster {
             _etcd: etcd,
             apiserver: None,
             apiserver_command,
+            controllers: Vec::new(),
             netns: netns.path(),
             runtime,
             client,
@@ -190,6 +193,54 @@ impl Cluster {
                 self.log("kube-apiserver.log")
             );
             std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Starts kube-controller-manager (the controllers a DaemonSet rollout
+    /// and Services need: DaemonSets, EndpointSlices, ServiceAccounts and
+    /// their root certificate, garbage collection, and node lifecycle,
+    /// which lifts the not-ready taint kubelet registers its node with)
+    /// and kube-scheduler, as
+    /// the cluster admin, beside the API server. Until then the tests
+    /// write what they would.
+    pub fn start_controllers(&mut self) {
+        let file = |name: &str| self.dir.join(name).display().to_string();
+        let admin = format!("--kubeconfig={}", file("admin.kubeconfig"));
+        let controller_manager = vec![
+            admin.clone(),
+            "--leader-elect=false".to_owned(),
+            "--controllers=daemonset,endpointslice,serviceaccount,root-ca-cert-publisher,garbagecollector,nodelifecycle".to_owned(),
+            format!("--root-ca-file={}", file("ca.pem")),
+            "--secure-port=0".to_owned(),
+        ];
+        let scheduler = vec![
+            admin,
+            "--leader-elect=false".to_owned(),
+            "--secure-port=0".to_owned(),
+        ];
+        for (name, args) in [
+            ("kube-controller-manager", controller_manager),
+            ("kube-scheduler", scheduler),
+        ] {
+            let mut command = Command::new(tool(name));
+            command
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(log_file(&self.dir, &format!("{name}.log")));
+            crate::process::enter(&mut command, &self.netns, None);
+            let mut process = Guarded::new(
+                command
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("starting {name}: {e}")),
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            let exited = process.child_mut().try_wait().ok().flatten();
+            assert!(
+                exited.is_none(),
+                "{name} exited ({exited:?}):\n{}",
+                self.log(&format!("{name}.log"))
+            );
+            self.controllers.push(process);
         }
     }
 
@@ -625,6 +676,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.controllers.clear();
         self.apiserver.take();
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);

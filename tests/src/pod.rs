@@ -197,48 +197,7 @@ impl Pod {
     /// Like [`Pod::connect`], but a client that could not connect at all is
     /// an `Err` with its message rather than a panic.
     pub fn try_connect(&self, addr: SocketAddr, options: Connect) -> Result<Vec<Value>, String> {
-        let mut command = self.command(&mesh_pod_bin());
-        command.args([
-            "connect",
-            "--addr",
-            &addr.to_string(),
-            "--count",
-            &options.count.max(1).to_string(),
-            "--send",
-            &options.send.to_string(),
-        ]);
-        if options.reset {
-            command.arg("--reset");
-        }
-        if options.send_first {
-            command.arg("--send-first");
-        }
-        if options.edge_triggered {
-            command.arg("--edge-triggered");
-        }
-        if options.report_refused {
-            command.arg("--report-refused");
-        }
-        if options.retries > 0 {
-            command.args(["--retries", &options.retries.to_string()]);
-        }
-        if let Some(bind) = options.bind {
-            command.args(["--bind", &bind.to_string()]);
-        }
-        if options.wait_close {
-            // Long enough that a stalled handshake shows in the durations
-            // rather than as a failure.
-            command.args(["--wait-close", "--connect-timeout-ms", "30000"]);
-        }
-        command.args(["--parallel", &options.parallel.max(1).to_string()]);
-        let output = command.output().expect("running client");
-        if !output.status.success() {
-            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
-        }
-        Ok(String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("client JSON"))
-            .collect())
+        run_client(self.command(&mesh_pod_bin()), addr, options)
     }
 
     /// Connects to `addr` (a peer that reads nothing) and writes without
@@ -297,4 +256,55 @@ impl Pod {
             process: Guarded::new(child),
         }
     }
+}
+
+/// Runs `command` (`mesh-pod` entering some pod) as `mesh-pod connect` to
+/// `addr` with `options`, to completion: one JSON report per connection,
+/// or the client's error when it could not connect at all.
+pub fn run_client(
+    mut command: Command,
+    addr: SocketAddr,
+    options: Connect,
+) -> Result<Vec<Value>, String> {
+    command.args([
+        "connect",
+        "--addr",
+        &addr.to_string(),
+        "--count",
+        &options.count.max(1).to_string(),
+        "--send",
+        &options.send.to_string(),
+    ]);
+    if options.reset {
+        command.arg("--reset");
+    }
+    if options.send_first {
+        command.arg("--send-first");
+    }
+    if options.edge_triggered {
+        command.arg("--edge-triggered");
+    }
+    if options.report_refused {
+        command.arg("--report-refused");
+    }
+    if options.retries > 0 {
+        command.args(["--retries", &options.retries.to_string()]);
+    }
+    if let Some(bind) = options.bind {
+        command.args(["--bind", &bind.to_string()]);
+    }
+    if options.wait_close {
+        // Long enough that a stalled handshake shows in the durations
+        // rather than as a failure.
+        command.args(["--wait-close", "--connect-timeout-ms", "30000"]);
+    }
+    command.args(["--parallel", &options.parallel.max(1).to_string()]);
+    let output = command.output().expect("running client");
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("client JSON"))
+        .collect())
 }

@@ -375,6 +375,10 @@ fn clean_test_env(root: &Path) -> anyhow::Result<()> {
         name.starts_with(prefix) && name[prefix.len()..].starts_with(|c: char| c.is_ascii_digit())
     };
     let agent = root.join("target/debug/mesh-agent");
+    // A real node's kubelet, containerd and its shims, and the control
+    // plane a killed test left running: their command lines name the
+    // test's directory.
+    kill_processes_mentioning(&format!("{}/{prefix}", std::env::temp_dir().display()));
     // Pins first (in the right namespace the routing goes too), then namespaces.
     for entry in std::fs::read_dir("/sys/fs/bpf")?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -407,6 +411,29 @@ fn clean_test_env(root: &Path) -> anyhow::Result<()> {
     ] {
         remove_cgroup_tree(Path::new(cgroup_root));
     }
+    // kubelet's cgroups in each cgroup v1 hierarchy (the real node's).
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        remove_cgroup_tree(&hierarchy.path().join("mesh-tests"));
+    }
+    // Volumes and container root filesystems under the tests' directories,
+    // then the pod sandboxes' namespaces nothing uses any more.
+    unmount_below(&format!("{}/{prefix}", std::env::temp_dir().display()));
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let unused = Command::new("ip")
+                .args(["netns", "pids", &name])
+                .output()
+                .is_ok_and(|o| o.status.success() && o.stdout.is_empty());
+            if name.starts_with("cni-") && unused {
+                run(Command::new("ip").args(["netns", "del", &name]))?;
+            }
+        }
+    }
     // Configs, CA directories, captures, and the agent logs kept for failed tests.
     for entry in std::fs::read_dir(std::env::temp_dir())?.flatten() {
         if owned(&entry.file_name().to_string_lossy()) {
@@ -420,6 +447,35 @@ fn clean_test_env(root: &Path) -> anyhow::Result<()> {
     }
     println!("test environment clean");
     Ok(())
+}
+
+/// SIGKILLs every process whose command line contains `needle`.
+fn kill_processes_mentioning(needle: &str) {
+    let own = std::process::id().to_string();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.chars().all(|c| c.is_ascii_digit()) || pid == own {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
+    }
+}
+
+/// Unmounts every mount point whose path starts with `prefix`, deepest first.
+fn unmount_below(prefix: &str) {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .filter(|point| point.starts_with(prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = Command::new("umount").args(["-l", point]).status();
+    }
 }
 
 /// Kills what runs in a cgroup tree and removes it, deepest first.

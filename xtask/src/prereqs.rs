@@ -19,6 +19,13 @@ const PACKAGES: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
     ("dot", "graphviz"),
+    // The rollout test's real node: the ptp CNI plugin wires its pods as
+    // Calico does, and runc (built from its module) needs libseccomp for
+    // the RuntimeDefault profile.
+    ("/usr/lib/cni/ptp", "containernetworking-plugins"),
+    ("/usr/include/seccomp.h", "libseccomp-dev"),
+    ("pkg-config", "pkg-config"),
+    ("cc", "gcc"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -36,6 +43,7 @@ pub fn install_all() -> anyhow::Result<()> {
     install_grpcio()?;
     install_seccomp_tools()?;
     install_kube_servers()?;
+    install_container_runtime()?;
     install_trace_collector()?;
     mount_bpffs()
 }
@@ -124,7 +132,84 @@ fn install_seccomp_tools() -> anyhow::Result<()> {
 /// and go.sum): nothing here can download their binaries.
 pub fn install_kube_servers() -> anyhow::Result<()> {
     go_tool("etcd", "go.etcd.io/etcd/server/v3")?;
-    go_tool("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver")
+    for component in KUBERNETES_COMPONENTS {
+        go_build(&GoBuild {
+            module: "kube-apiserver",
+            binary: component,
+            package: &format!("k8s.io/kubernetes/cmd/{component}"),
+            ..GoBuild::default()
+        })?;
+    }
+    Ok(())
+}
+
+/// What the rollout test runs of Kubernetes, all from `k8s.io/kubernetes`
+/// (the module under `xtask/tools/kube-apiserver`): a control plane with
+/// the DaemonSet controller and the scheduler, and a real node.
+const KUBERNETES_COMPONENTS: &[&str] = &[
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    // The README's upgrade command, run as written.
+    "kubectl",
+];
+
+/// The rollout test's container runtime: containerd with its runc shim
+/// and `ctr` (which imports the locally built images; no registry is
+/// reachable), and runc. Static containerd (no cgo: no btrfs or devmapper
+/// snapshotters, which the test does not use); runc with cgo and
+/// libseccomp, so RuntimeDefault profiles are enforced as on a real node.
+pub fn install_container_runtime() -> anyhow::Result<()> {
+    for binary in ["containerd", "containerd-shim-runc-v2", "ctr"] {
+        go_build(&GoBuild {
+            module: "containerd",
+            binary,
+            package: &format!("github.com/containerd/containerd/v2/cmd/{binary}"),
+            cgo: false,
+            ..GoBuild::default()
+        })?;
+    }
+    go_build(&GoBuild {
+        module: "runc",
+        binary: "runc",
+        package: "github.com/opencontainers/runc",
+        cgo: true,
+        tags: "seccomp",
+    })?;
+    build_pause()
+}
+
+/// The pod sandboxes' `pause`: kubelet's own C program, from the
+/// `k8s.io/kubernetes` module the API server is built from, linked
+/// statically (the test's sandbox image holds nothing else).
+fn build_pause() -> anyhow::Result<()> {
+    let binary = tools_dir().join("pause");
+    if binary.exists() {
+        return Ok(());
+    }
+    let module = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/kube-apiserver");
+    let download = Command::new("go")
+        .args(["mod", "download", "-json", "k8s.io/kubernetes"])
+        .current_dir(&module)
+        .output()
+        .context("running go mod download")?;
+    let info: serde_json::Value = serde_json::from_slice(&download.stdout)
+        .context("go mod download's answer for k8s.io/kubernetes")?;
+    let dir = info["Dir"]
+        .as_str()
+        .context("no Dir in go mod download's answer for k8s.io/kubernetes")?;
+    let source = format!("{dir}/build/pause/linux/pause.c");
+    status(
+        "cc",
+        &[
+            "-static",
+            "-O2",
+            "-o",
+            &binary.display().to_string(),
+            &source,
+        ],
+    )
 }
 
 /// Jaeger, the tracing tests' OTLP collector (and the README's trace),
@@ -134,12 +219,48 @@ pub fn install_trace_collector() -> anyhow::Result<()> {
 }
 
 /// Builds `package` in the Go module `xtask/tools/<name>` into
-/// `target/tools/<name>`, unless the binary is newer than the module's
-/// go.mod, go.sum and sources. Go's build cache makes a rebuild cheap.
+/// `target/tools/<name>`.
 fn go_tool(name: &str, package: &str) -> anyhow::Result<()> {
+    go_build(&GoBuild {
+        module: name,
+        binary: name,
+        package,
+        ..GoBuild::default()
+    })
+}
+
+/// One binary of a Go module under `xtask/tools`.
+struct GoBuild<'a> {
+    /// The module's directory under `xtask/tools`.
+    module: &'a str,
+    /// The binary's name under `target/tools`.
+    binary: &'a str,
+    package: &'a str,
+    /// `CGO_ENABLED`; Go's default (on) when `true`.
+    cgo: bool,
+    tags: &'a str,
+}
+
+impl Default for GoBuild<'_> {
+    fn default() -> Self {
+        Self {
+            module: "",
+            binary: "",
+            package: "",
+            cgo: true,
+            tags: "",
+        }
+    }
+}
+
+/// Builds `build.package` in its module into `target/tools/<binary>`,
+/// unless the binary is newer than the module's go.mod, go.sum and
+/// sources. Go's build cache makes a rebuild cheap.
+fn go_build(build: &GoBuild<'_>) -> anyhow::Result<()> {
+    let (name, package) = (build.binary, build.package);
     let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tools")
-        .join(name);
+        .join(build.module);
     let binary = tools_dir().join(name);
     let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let newest_source = ["main.go", "go.mod", "go.sum"]
@@ -151,9 +272,15 @@ fn go_tool(name: &str, package: &str) -> anyhow::Result<()> {
     }
     println!("building {name} from its Go module (cold: minutes; cached in Go's build cache)");
     let started = std::time::Instant::now();
-    let ok = Command::new("go")
-        .args(["build", "-trimpath", "-o"])
-        .arg(&binary)
+    let mut go = Command::new("go");
+    go.args(["build", "-trimpath", "-o"]).arg(&binary);
+    if !build.tags.is_empty() {
+        go.args(["-tags", build.tags]);
+    }
+    if !build.cgo {
+        go.env("CGO_ENABLED", "0");
+    }
+    let ok = go
         .arg(package)
         .current_dir(&source)
         .status()
@@ -289,6 +416,10 @@ fn install(packages: &[(&str, &str)]) -> anyhow::Result<()> {
     let mut missing: Vec<&str> = packages
         .iter()
         .filter(|(command, _)| {
+            // A path names a file the package installs (a header, a plugin).
+            if command.starts_with('/') {
+                return !std::path::Path::new(command).exists();
+            }
             !Command::new("sh")
                 .args(["-c", &format!("command -v {command}")])
                 .output()
