@@ -187,7 +187,8 @@ impl Agent {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    fn wait_ready(&self) {
+    /// Waits (30 s at most) until the agent reports ready.
+    pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Some(Ok(status)) = self.process.as_ref().map(|_| self.try_exit_status())

@@ -28,6 +28,19 @@ pub fn start_agent_with_identity(
     identity: &str,
     more: &str,
 ) -> Agent {
+    let agent = spawn_with_identity(node, kubeconfig, identity, more);
+    agent.wait_ready();
+    agent
+}
+
+/// [`start_agent`] without waiting until the agent is ready (a new agent
+/// taking over waits for the API server's first lists).
+pub fn spawn_agent(node: &Node, kubeconfig: &Path, more: &str) -> Agent {
+    let identity = format!("{{ ca_dir: {} }}", node.ca_dir.display());
+    spawn_with_identity(node, kubeconfig, &identity, more)
+}
+
+fn spawn_with_identity(node: &Node, kubeconfig: &Path, identity: &str, more: &str) -> Agent {
     let config = format!(
         "node: {{ uplinks: [{}] }}\nidentity: {identity}\nkubernetes: {{ cgroup_root: {} }}\n{more}",
         node.uplinks.join(", "),
@@ -36,7 +49,7 @@ pub fn start_agent_with_identity(
     let kubeconfig = kubeconfig.display().to_string();
     let capabilities = manifest::daemonset_capabilities();
     let capabilities: Vec<&str> = capabilities.iter().map(String::as_str).collect();
-    Agent::start_with(
+    Agent::spawn_with(
         node,
         &config,
         &Launch {

@@ -9,6 +9,7 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::Path,
+    time::Duration,
 };
 
 use mesh_tests::{
@@ -16,7 +17,7 @@ use mesh_tests::{
     apiserver::objects::{self, PodSpec, besteffort_cgroup},
     cluster::Cluster,
     eventually,
-    kube_node::{run_pod, start_agent},
+    kube_node::{run_pod, spawn_agent, start_agent},
     pod::{Connect, Pod},
     scenario::answered_by,
     topology::Node,
@@ -556,4 +557,71 @@ fn the_agent_syncs_a_cluster_of_5000_pods() {
             (*rss as f64 - rss0 as f64) / *pods as f64
         );
     }
+}
+
+/// Told to stop while a new agent is taking over from it (the new one
+/// waits for its API server's first lists), the old agent finishes the
+/// handover first: it does not drain into the clean-up that would remove
+/// the kernel state the new agent is about to adopt. (A rollout's kubelet
+/// stops the old pod once the new one is ready, or a user deletes it.)
+#[test]
+fn told_to_stop_during_a_handover_the_old_agent_finishes_it_first() {
+    let mut node = Node::new("kstop", 1);
+    let mut cluster = Cluster::start(&node.netns, "kstop");
+    cluster.apply_rbac(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mesh-agent.yaml"));
+    cluster.namespace("shop", true);
+    cluster.apply(&objects::node(&node.name, "zone-a"));
+    for name in ["kc", "ka"] {
+        run_pod(&cluster, &mut node, name, name);
+    }
+    let _server = node.pod("ka").serve(8080, "ka", false);
+    let kubeconfig = cluster.service_account_kubeconfig("mesh-system", "mesh-agent");
+    let mut old = start_agent(&node, &kubeconfig, "");
+    cluster.apply(&objects::service("shop", "echo", VIP, 80, "http"));
+    let ka = [(node.pod("ka").ip, node.name.as_str(), "ka")];
+    cluster.apply(&objects::endpoint_slice(
+        "shop", "echo-1", "echo", 8080, &ka,
+    ));
+    let vip = SocketAddr::from((VIP, 80));
+    eventually("traffic to ka", || {
+        node.pod("kc")
+            .try_connect(vip, Connect::default())
+            .is_ok_and(|r| answered_by(&r) == ["ka"])
+    });
+
+    cluster.stop_apiserver();
+    let new = spawn_agent(&node, &kubeconfig, "");
+    assert!(
+        old.wait_log("a new agent asks to take over", 1, Duration::from_secs(10)),
+        "{}",
+        old.log()
+    );
+    old.sigterm();
+    assert!(
+        old.wait_log("finishing the handover first", 1, Duration::from_secs(10)),
+        "{}",
+        old.log()
+    );
+    // Still serving meanwhile, on the kernel state it keeps.
+    let reports = node.pod("kc").try_connect(vip, Connect::default());
+    assert!(
+        reports.as_ref().is_ok_and(|r| answered_by(r) == ["ka"]),
+        "{reports:?}\n--- old agent:\n{}\n--- new agent:\n{}",
+        old.log(),
+        new.log()
+    );
+    cluster.restart_apiserver();
+    new.wait_ready();
+    assert!(new.log().contains("kernel=Adopted"), "{}", new.log());
+    let status = old.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status}:\n{}", old.log());
+    assert!(
+        old.log().contains("handover drain finished"),
+        "{}",
+        old.log()
+    );
+    old.handed_over();
+    eventually("traffic through the new agent", || {
+        answers(node.pod("kc")) == vec!["ka"; 10]
+    });
 }

@@ -699,3 +699,74 @@ fn fast_path_connections_stay_when_the_new_agent_runs_without_it() {
         "{report}"
     );
 }
+
+/// A new agent that gets the running one's listeners and then fails
+/// before it takes the kernel state (here its inbound port is taken; in a
+/// rollout, kubelet stopping a container that had just started) leaves
+/// the running agent whole: the steer routing stays (its exit used to
+/// remove that node-wide routing, and every connection the running agent
+/// was then handed was lost), readiness answers ready again (it says no
+/// while a new agent talks to this one), and traffic goes on.
+#[test]
+fn a_new_agent_that_fails_midway_leaves_the_running_one_whole() {
+    let (s, agents) = upgrade_node("midway", "");
+    let running = &agents[0];
+    let steer_rule = |node: &Node| node.netns.ip(&["rule"]).contains("lookup 100");
+    assert!(steer_rule(&s.node), "{}", s.node.netns.ip(&["rule"]));
+    // Something else holds the port the new agent wants for inbound HBONE.
+    let taken = s
+        .node
+        .netns
+        .run(|| std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 15999)))
+        .expect("port 15999");
+    let config = std::env::temp_dir().join(format!("{}-midway.yaml", s.node.name));
+    std::fs::write(
+        &config,
+        format!("{}proxy: {{ inbound_port: 15999 }}\n", s.config),
+    )
+    .unwrap();
+    let mut command = std::process::Command::new(mesh_tests::mesh_agent_bin());
+    command
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--pin-root")
+        .arg(&s.node.pin_root)
+        .arg("--handover-socket")
+        .arg(s.node.handover_socket())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    mesh_tests::process::enter(&mut command, &s.node.netns.path(), None);
+    let output = command.output().expect("running the new agent");
+    drop(taken);
+    std::fs::remove_file(&config).ok();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the new agent started:\n{said}");
+    assert!(
+        said.contains("taking over from the running agent"),
+        "{said}"
+    );
+    assert!(
+        running.wait_log(
+            "handover to a new agent abandoned",
+            1,
+            Duration::from_secs(10)
+        ),
+        "{}",
+        running.log()
+    );
+    assert!(
+        steer_rule(&s.node),
+        "the failed agent removed the running one's routing: {}",
+        s.node.netns.ip(&["rule"])
+    );
+    eventually("the running agent ready again", || {
+        running
+            .http("GET", mesh_tests::agent::READY_PORT, "/healthz/ready")
+            .is_some_and(|(code, _)| code == 200)
+    });
+    for _ in 0..20 {
+        let reports = s.node.pod("client").connect(BE_VIP, Connect::default());
+        assert!(reports[0]["error"].is_null(), "{reports:?}");
+        assert!(!reports[0]["greeting"].is_null(), "{reports:?}");
+    }
+}

@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use super::{
     RunOptions, arrivals,
     direct_log::DirectLog,
+    handing_over::{Conversation, Conversations},
     memory,
     reload::{Reloader, hooked_pods, map_fill, report_cert_problems, report_problems},
 };
@@ -503,8 +504,10 @@ impl Bound {
                 None
             }
         };
-        let (successors_tx, mut successors) = tokio::sync::mpsc::channel::<Successor>(1);
-        let conversations = Arc::new(tokio::sync::Semaphore::new(MAX_HANDOVER_CONVERSATIONS));
+        let (successors_tx, mut successors) =
+            tokio::sync::mpsc::channel::<(Successor, Conversation)>(1);
+        let conversations = Conversations::new(ready.clone());
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDOVER_CONVERSATIONS));
 
         let mut remap = tokio::time::interval(Duration::from_secs(2));
         // Pod interfaces can be deleted and made again under the same name
@@ -512,18 +515,39 @@ impl Bound {
         let mut interfaces = tokio::time::interval(Duration::from_secs(1));
         let mut shutdown = pin!(shutdown);
         let mut successor = None;
+        // Told to stop while a new agent talks to this one (kubelet stops
+        // the old pod of a rollout, or a user deletes it): the handover
+        // ends first, else the drain below would remove the kernel state
+        // the new agent is about to adopt.
+        let mut stop_requested: Option<tokio::time::Instant> = None;
+        let mut told_to_stop = false;
         loop {
             tokio::select! {
-                () = &mut shutdown => break,
+                () = &mut shutdown, if stop_requested.is_none() => {
+                    told_to_stop = true;
+                    if conversations.open() == 0 {
+                        break;
+                    }
+                    info!("told to stop while a new agent takes over: finishing the handover first");
+                    stop_requested = Some(tokio::time::Instant::now());
+                }
+                () = tokio::time::sleep(Duration::from_millis(100)), if stop_requested.is_some() => {
+                    let waited = stop_requested.map(|at| at.elapsed()).unwrap_or_default();
+                    if conversations.open() == 0 || waited > STOP_DURING_HANDOVER {
+                        warn!(waited_ms = waited.as_millis() as u64, "no handover after all: stopping");
+                        break;
+                    }
+                }
                 stream = next_successor(handover_server.as_ref()) => {
                     let (listeners, pin_root, ready) =
                         (listeners.clone(), pin_root.clone(), successors_tx.clone());
                     // At most a few at once, each a task until it asks for
                     // the kernel state or goes.
-                    let Ok(permit) = conversations.clone().try_acquire_owned() else {
+                    let Ok(permit) = slots.clone().try_acquire_owned() else {
                         warn!("handover: too many new agents at once, turned one away");
                         continue;
                     };
+                    let conversation = conversations.begin();
                     // The new agent may take its time (its API server's
                     // lists) before it wants the kernel state: talk to it
                     // aside, and serve meanwhile.
@@ -532,12 +556,12 @@ impl Bound {
                         let borrowed: Vec<_> =
                             listeners.iter().map(|(role, fd)| (*role, fd.as_fd())).collect();
                         match Successor::greet(stream, &pin_root, &borrowed).await {
-                            Ok(successor) => drop(ready.send(successor).await),
+                            Ok(successor) => drop(ready.send((successor, conversation)).await),
                             Err(error) => warn!(%error, "handover to a new agent abandoned"),
                         }
                     });
                 }
-                Some(mut next) = successors.recv() => {
+                Some((mut next, conversation)) = successors.recv() => {
                     // Lend the kernel state: no map or link changes from
                     // here until the new agent has it or has failed.
                     if let Some(direct_log) = direct_log.as_mut() {
@@ -547,6 +571,7 @@ impl Bound {
                     info!(pid = next.pid, "handing the kernel state to the new agent");
                     match next.release().await {
                         Ok(()) => {
+                            conversation.handed_over();
                             successor = Some(next);
                             break;
                         }
@@ -677,9 +702,20 @@ impl Bound {
             info!("handover drain finished: every connection ended");
         }
         drain_stop.cancel();
+        // In a pod, an exit before kubelet stops it would be restarted: the
+        // same old agent would start again and take over from the new one.
+        // It waits for the rollout to delete its pod instead.
+        if reloader.current.kubernetes.is_some() && !told_to_stop {
+            info!("handed over and drained: waiting to be stopped");
+            shutdown.as_mut().await;
+        }
         Ok(Stopped::HandedOver)
     }
 }
+
+/// How long a stop waits for a new agent that is taking over (it may be
+/// waiting for its API server's first lists).
+const STOP_DURING_HANDOVER: Duration = Duration::from_secs(30);
 
 /// New agents talking to this one at once (a rollout has one).
 const MAX_HANDOVER_CONVERSATIONS: usize = 4;

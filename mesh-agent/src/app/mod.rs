@@ -18,6 +18,7 @@
 mod arrivals;
 mod bound;
 mod direct_log;
+mod handing_over;
 pub mod memory;
 mod reload;
 
@@ -97,8 +98,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             panic_message(panic.as_ref())
         )),
     };
-    // After a handover the routing is the new agent's.
+    // After a handover the routing is the new agent's. And it goes only
+    // with the kernel state it serves: an agent that failed or was stopped
+    // before it had that state (the pins are still there: another agent
+    // runs on them, or will adopt them) leaves the routing to that agent.
+    let kernel_kept = options.pin_root.exists();
     if !matches!(result, Ok(Stopped::HandedOver))
+        && !kernel_kept
         && let Err(error) = policy_routing::remove().await
     {
         warn!(%error, "removing the steer routing");
