@@ -10,16 +10,23 @@ use std::{
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup/unified` on hybrid hosts,
 /// `/sys/fs/cgroup` on unified ones).
 pub fn cgroup2_root() -> PathBuf {
+    mounts_of(&["cgroup2"])
+        .into_iter()
+        .next()
+        .expect("cgroup2 is not mounted")
+}
+
+/// Where file systems of the types `fstypes` are mounted.
+pub fn mounts_of(fstypes: &[&str]) -> Vec<PathBuf> {
     let mounts = fs::read_to_string("/proc/self/mounts").expect("read mounts");
     mounts
         .lines()
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
             let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(path))
+            fstypes.contains(&fstype).then(|| PathBuf::from(path))
         })
-        .next()
-        .expect("cgroup2 is not mounted")
+        .collect()
 }
 
 pub struct Cgroup {

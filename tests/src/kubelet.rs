@@ -298,19 +298,11 @@ syncFrequency: 5s
     /// Every log kubelet keeps of `container` in `namespace`'s pods, by
     /// pod name (the CRI's prefixes removed).
     pub fn container_logs(&self, namespace: &str, container: &str) -> Vec<(String, String)> {
-        let prefix = format!("{namespace}_");
-        fs::read_dir(self.dir.join("pod-logs"))
+        self.pod_log_dirs(namespace)
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|entry| {
-                let dir = entry.file_name().to_string_lossy().into_owned();
-                let rest = dir.strip_prefix(&prefix)?;
-                let (name, uid) = rest.rsplit_once('_')?;
-                Some((
-                    name.to_owned(),
-                    self.container_log(namespace, name, uid, container),
-                ))
+            .map(|(name, uid, _)| {
+                let log = self.container_log(namespace, &name, &uid, container);
+                (name, log)
             })
             .collect()
     }
@@ -318,6 +310,17 @@ syncFrequency: 5s
     /// How many times kubelet has started `container` again in each of
     /// `namespace`'s pods, by pod name (a log file per start).
     pub fn container_restarts(&self, namespace: &str, container: &str) -> Vec<(String, usize)> {
+        self.pod_log_dirs(namespace)
+            .into_iter()
+            .filter_map(|(name, _, dir)| {
+                let starts = fs::read_dir(dir.join(container)).ok()?.count();
+                Some((name, starts.saturating_sub(1)))
+            })
+            .collect()
+    }
+
+    /// kubelet's log directories of `namespace`'s pods: (name, uid, path).
+    fn pod_log_dirs(&self, namespace: &str) -> Vec<(String, String, PathBuf)> {
         let prefix = format!("{namespace}_");
         fs::read_dir(self.dir.join("pod-logs"))
             .into_iter()
@@ -325,9 +328,8 @@ syncFrequency: 5s
             .flatten()
             .filter_map(|entry| {
                 let dir = entry.file_name().to_string_lossy().into_owned();
-                let (name, _) = dir.strip_prefix(&prefix)?.rsplit_once('_')?;
-                let starts = fs::read_dir(entry.path().join(container)).ok()?.count();
-                Some((name.to_owned(), starts.saturating_sub(1)))
+                let (name, uid) = dir.strip_prefix(&prefix)?.rsplit_once('_')?;
+                Some((name.to_owned(), uid.to_owned(), entry.path()))
             })
             .collect()
     }
@@ -405,15 +407,7 @@ impl Drop for RealNode {
 
 /// Every cgroup hierarchy mounted here: each v1 controller's and the v2 one.
 fn hierarchies() -> Vec<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts").expect("read mounts");
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-            matches!(fstype, "cgroup" | "cgroup2").then(|| PathBuf::from(path))
-        })
-        .collect()
+    crate::cgroup::mounts_of(&["cgroup", "cgroup2"])
 }
 
 /// Makes `relative` (and its parents) in `hierarchy`. A new cpuset gets

@@ -18,6 +18,7 @@ pub mod image;
 pub mod jaeger;
 pub mod kube_node;
 pub mod kubelet;
+pub mod load;
 pub mod manifest;
 pub mod netns;
 pub mod payload;

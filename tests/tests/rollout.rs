@@ -21,10 +21,11 @@ use std::{
 };
 
 use mesh_tests::{
-    StopOnDrop, bpftool,
+    StopOnDrop,
     cluster::Cluster,
     eventually, image,
     kubelet::{RealNode, is_ready},
+    load::{check_transfer, churn, pinned_link_ids},
     manifest, mesh_agent_bin, mesh_pod_bin,
     pod::{Connect, run_client},
     tool,
@@ -246,26 +247,6 @@ fn lifecycle(logs: &BTreeMap<String, String>) -> String {
     said
 }
 
-/// Ids of the links pinned under `pin_root`.
-fn pinned_link_ids(pin_root: &Path) -> Vec<u64> {
-    let root = pin_root.display().to_string();
-    let mut ids: Vec<u64> = bpftool(&["-f", "link", "show"])
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter(|link| {
-            link["pinned"].as_array().is_some_and(|paths| {
-                paths
-                    .iter()
-                    .any(|p| p.as_str().is_some_and(|p| p.starts_with(&root)))
-            })
-        })
-        .filter_map(|link| link["id"].as_u64())
-        .collect();
-    ids.sort_unstable();
-    ids
-}
-
 /// Three `kubectl set image` rollouts of the agent while a long transfer,
 /// and new connections (half of them to a server that closes first) run
 /// through it between real pods: nothing fails, nothing takes over a
@@ -396,25 +377,7 @@ fn kubectl_rollouts_replace_the_agent_without_loss() {
                         wait_close,
                         ..Default::default()
                     };
-                    let mut problems = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        match connect(addr, options) {
-                            Ok(reports) => {
-                                for report in reports {
-                                    let slow = report["duration_ms"].as_u64().unwrap_or(0) > 1_000;
-                                    if !report["error"].is_null()
-                                        || report["greeting"].is_null()
-                                        || slow
-                                    {
-                                        problems.push(report.to_string());
-                                    }
-                                    opened.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            Err(error) => problems.push(error),
-                        }
-                    }
-                    problems
+                    churn(|o| connect(addr, o), options, stop, opened)
                 })
             })
             .collect();
@@ -454,11 +417,7 @@ fn kubectl_rollouts_replace_the_agent_without_loss() {
     );
     let long = long.expect("long transfer");
     let report = &long[0];
-    assert!(report["error"].is_null(), "{report}");
-    assert_eq!(report["sent"], LONG, "{report}");
-    let expected = format!("{LONG} {}", report["sent_sha256"].as_str().unwrap());
-    assert_eq!(report["reply"], expected, "{report}");
-    let took = report["duration_ms"].as_u64().unwrap_or(0);
+    let took = check_transfer(report, LONG);
     eprintln!(
         "{} MiB took {took} ms; the rollouts were done after {rolled:?}",
         LONG / MIB

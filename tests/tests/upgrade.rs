@@ -14,7 +14,8 @@ use std::{
 use mesh_tests::{
     StopOnDrop,
     agent::{Agent, Launch},
-    bpftool, eventually,
+    eventually,
+    load::{check_transfer, churn, pinned_link_ids},
     pod::{Connect, Server},
     topology::{self, Node},
 };
@@ -121,54 +122,6 @@ fn upgrade(node: &Node, config: &str, agents: &mut Vec<Agent>, launch: &Launch<'
     }
 }
 
-/// Opens connections to `addr` from `pod`, one client run after another,
-/// until `stop`; returns every report that failed or took over a second.
-fn churn(
-    node: &Node,
-    pod: &str,
-    addr: SocketAddr,
-    options: &Connect,
-    stop: &AtomicBool,
-    opened: &AtomicU64,
-) -> Vec<String> {
-    let mut problems = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        match node.pod(pod).try_connect(addr, *options) {
-            Ok(reports) => {
-                for report in reports {
-                    let slow = report["duration_ms"].as_u64().unwrap_or(0) > 1_000;
-                    if !report["error"].is_null() || report["greeting"].is_null() || slow {
-                        problems.push(report.to_string());
-                    }
-                    opened.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Err(error) => problems.push(error),
-        }
-    }
-    problems
-}
-
-/// Ids of the links pinned under the node's pin root.
-fn pinned_link_ids(node: &Node) -> Vec<u64> {
-    let mut ids: Vec<u64> = bpftool(&["-f", "link", "show"])
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter(|link| {
-            link["pinned"].as_array().is_some_and(|paths| {
-                paths.iter().any(|p| {
-                    p.as_str()
-                        .is_some_and(|p| p.starts_with(&*node.pin_root.to_string_lossy()))
-                })
-            })
-        })
-        .filter_map(|link| link["id"].as_u64())
-        .collect();
-    ids.sort_unstable();
-    ids
-}
-
 /// Three upgrades in a row while a long transfer, new connections (half
 /// of them to a server that closes first) and a plaintext outsider
 /// knocking at a strict pod run: nothing fails, nothing takes over a
@@ -176,7 +129,7 @@ fn pinned_link_ids(node: &Node) -> Vec<u64> {
 /// and the links in the kernel stay the same objects throughout.
 fn upgrade_three_times_under_load(label: &str, proxy: &str, fast: bool) {
     let (s, mut agents) = upgrade_node(label, proxy);
-    let links_before = pinned_link_ids(&s.node);
+    let links_before = pinned_link_ids(&s.node.pin_root);
     assert!(!links_before.is_empty(), "no pinned links (bpftool?)");
     let stop = AtomicBool::new(false);
     let opened = AtomicU64::new(0);
@@ -204,7 +157,8 @@ fn upgrade_three_times_under_load(label: &str, proxy: &str, fast: bool) {
                     wait_close,
                     ..Default::default()
                 };
-                scope.spawn(move || churn(node, "client", addr, &options, stop, opened))
+                let client = node.pod("client");
+                scope.spawn(move || churn(|o| client.try_connect(addr, o), options, stop, opened))
             })
             .collect();
         let outsider = scope.spawn(move || {
@@ -273,18 +227,14 @@ fn upgrade_three_times_under_load(label: &str, proxy: &str, fast: bool) {
     );
     let long = long.expect("long transfer");
     let report: &Value = &long[0];
-    assert!(report["error"].is_null(), "{report}");
-    assert_eq!(report["sent"], LONG, "{report}");
-    let expected = format!("{LONG} {}", report["sent_sha256"].as_str().unwrap());
-    assert_eq!(report["reply"], expected, "{report}");
-    let took = report["duration_ms"].as_u64().unwrap_or(0);
+    let took = check_transfer(report, LONG);
     eprintln!("4 GiB took {took} ms; the upgrades were done after {upgraded:?}");
     assert!(
         u128::from(took) > upgraded.as_millis(),
         "the transfer ended before the third upgrade: {report}"
     );
     // The same link objects: swapped programs, never a detach.
-    assert_eq!(pinned_link_ids(&s.node), links_before);
+    assert_eq!(pinned_link_ids(&s.node.pin_root), links_before);
     // Every old agent drains its connections and exits cleanly, leaving
     // the kernel state to the newest.
     let newest = agents.pop().unwrap();
@@ -394,7 +344,7 @@ struct AfterKill {
 
 fn sigkill_under_churn(label: &str, proxy: &str) -> AfterKill {
     let (s, mut agents) = upgrade_node(label, proxy);
-    let links_before = pinned_link_ids(&s.node);
+    let links_before = pinned_link_ids(&s.node.pin_root);
     let held = s.node.pod("client").hold(BE_VIP);
     assert!(held.greeting.contains("be"), "{}", held.greeting);
     let stop = AtomicBool::new(false);
@@ -478,7 +428,7 @@ fn sigkill_under_churn(label: &str, proxy: &str) -> AfterKill {
         next.log()
     );
     assert_eq!(
-        pinned_link_ids(&s.node),
+        pinned_link_ids(&s.node.pin_root),
         links_before,
         "links were replaced"
     );
@@ -540,7 +490,7 @@ fn after_sigkill_new_connections_fail_only_until_the_next_agent_serves() {
 #[test]
 fn a_layout_change_reloads_and_says_why() {
     let (s, mut agents) = upgrade_node("upg-layout", "");
-    let links_before = pinned_link_ids(&s.node);
+    let links_before = pinned_link_ids(&s.node.pin_root);
     s.upgrade(
         &mut agents,
         &Launch {
@@ -565,7 +515,7 @@ fn a_layout_change_reloads_and_says_why() {
     let mut old = agents.remove(0);
     let status = old.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status}:\n{}", old.log());
-    let links_after = pinned_link_ids(&s.node);
+    let links_after = pinned_link_ids(&s.node.pin_root);
     assert!(!links_after.is_empty());
     assert!(
         links_after.iter().all(|id| !links_before.contains(id)),
@@ -633,7 +583,12 @@ fn cross_node_traffic_survives_upgrades_of_both_ends() {
                 parallel: 2,
                 ..Default::default()
             };
-            churn(a, "client", BE_VIP, &options, stop, opened)
+            churn(
+                |o| a.pod("client").try_connect(BE_VIP, o),
+                options,
+                stop,
+                opened,
+            )
         });
         thread::sleep(Duration::from_secs(1));
         for (node, config, agents) in [
@@ -662,10 +617,7 @@ fn cross_node_traffic_survives_upgrades_of_both_ends() {
     );
     assert!(opened >= 50, "only {opened} connections opened");
     let long = long.expect("long transfer");
-    let report = &long[0];
-    assert!(report["error"].is_null(), "{report}");
-    let expected = format!("{} {}", 256 * MIB, report["sent_sha256"].as_str().unwrap());
-    assert_eq!(report["reply"], expected, "{report}");
+    check_transfer(&long[0], 256 * MIB);
     for mut old in agents_a
         .drain(..agents_a.len() - 1)
         .chain(agents_b.drain(..agents_b.len() - 1))
