@@ -625,3 +625,54 @@ fn told_to_stop_during_a_handover_the_old_agent_finishes_it_first() {
         answers(node.pod("kc")) == vec!["ka"; 10]
     });
 }
+
+/// Told to stop before any new agent has connected (a rollout's new pod
+/// can count as ready on the old agent's answer to its probe, the port
+/// being shared, and the old pod is then stopped), an agent in a pod waits
+/// a moment for the new agent instead of draining into the clean-up: the
+/// new agent connecting then takes over as in any handover.
+#[test]
+fn stopped_just_before_its_successor_connects_the_agent_still_hands_over() {
+    let mut node = Node::new("kearly", 1);
+    let cluster = Cluster::start(&node.netns, "kearly");
+    cluster.apply_rbac(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mesh-agent.yaml"));
+    cluster.namespace("shop", true);
+    cluster.apply(&objects::node(&node.name, "zone-a"));
+    for name in ["kc", "ka"] {
+        run_pod(&cluster, &mut node, name, name);
+    }
+    let _server = node.pod("ka").serve(8080, "ka", false);
+    let kubeconfig = cluster.service_account_kubeconfig("mesh-system", "mesh-agent");
+    let mut old = start_agent(&node, &kubeconfig, "");
+    cluster.apply(&objects::service("shop", "echo", VIP, 80, "http"));
+    let ka = [(node.pod("ka").ip, node.name.as_str(), "ka")];
+    cluster.apply(&objects::endpoint_slice(
+        "shop", "echo-1", "echo", 8080, &ka,
+    ));
+    let vip = SocketAddr::from((VIP, 80));
+    eventually("traffic to ka", || {
+        node.pod("kc")
+            .try_connect(vip, Connect::default())
+            .is_ok_and(|r| answered_by(&r) == ["ka"])
+    });
+    old.sigterm();
+    assert!(
+        old.wait_log("waiting for it before draining", 1, Duration::from_secs(10)),
+        "{}",
+        old.log()
+    );
+    let new = spawn_agent(&node, &kubeconfig, "");
+    new.wait_ready();
+    assert!(new.log().contains("kernel=Adopted"), "{}", new.log());
+    let status = old.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status}:\n{}", old.log());
+    assert!(
+        old.log().contains("handover drain finished"),
+        "{}",
+        old.log()
+    );
+    old.handed_over();
+    eventually("traffic through the new agent", || {
+        answers(node.pod("kc")) == vec!["ka"; 10]
+    });
+}

@@ -328,7 +328,23 @@ fn kubectl_rollouts_replace_the_agent_without_loss() {
         });
     }
 
-    let links_before = pinned_link_ids(&node.pin_root);
+    // Every pod's hooks attached: the agent looks again every 2 s for a
+    // pod whose interface or cgroup was not there yet, so the set is
+    // complete once it stays the same for longer than that.
+    let mut links_before = pinned_link_ids(&node.pin_root);
+    let settle = Instant::now();
+    loop {
+        thread::sleep(Duration::from_secs(3));
+        let now = pinned_link_ids(&node.pin_root);
+        if now == links_before {
+            break;
+        }
+        assert!(
+            settle.elapsed() < Duration::from_secs(30),
+            "links never settled: {now:?}"
+        );
+        links_before = now;
+    }
     assert!(!links_before.is_empty(), "no pinned links (bpftool?)");
 
     // Old agents' logs vanish with their pods: keep the last seen.
@@ -427,7 +443,12 @@ fn kubectl_rollouts_replace_the_agent_without_loss() {
         "the transfer ended before the third rollout: {report}"
     );
     // Swapped programs, never a detach.
-    assert_eq!(pinned_link_ids(&node.pin_root), links_before);
+    assert_eq!(
+        pinned_link_ids(&node.pin_root),
+        links_before,
+        "{}",
+        lifecycle(&logs.lock().unwrap())
+    );
     // Each old agent finishes what it carries and exits on its own; kubelet
     // then removes its pod. Only the newest remains.
     let deadline = Instant::now() + Duration::from_secs(60);

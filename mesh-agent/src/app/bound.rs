@@ -518,23 +518,37 @@ impl Bound {
         // Told to stop while a new agent talks to this one (kubelet stops
         // the old pod of a rollout, or a user deletes it): the handover
         // ends first, else the drain below would remove the kernel state
-        // the new agent is about to adopt.
+        // the new agent is about to adopt. In a pod, told to stop with no
+        // new agent yet: one may be about to connect (the rollout's new
+        // pod can count as ready before its agent has said hello, this
+        // agent having answered its probe on the shared port), so it is
+        // given a moment before this one drains and cleans up.
         let mut stop_requested: Option<tokio::time::Instant> = None;
         let mut told_to_stop = false;
+        let successor_grace = if reloader.current.kubernetes.is_some() {
+            SUCCESSOR_GRACE
+        } else {
+            Duration::ZERO
+        };
         loop {
             tokio::select! {
                 () = &mut shutdown, if stop_requested.is_none() => {
                     told_to_stop = true;
-                    if conversations.open() == 0 {
+                    conversations.stop();
+                    if conversations.open() > 0 {
+                        info!("told to stop while a new agent takes over: finishing the handover first");
+                    } else if successor_grace.is_zero() {
                         break;
+                    } else {
+                        info!(grace_ms = successor_grace.as_millis() as u64, "told to stop: a new agent may be starting, waiting for it before draining");
                     }
-                    info!("told to stop while a new agent takes over: finishing the handover first");
                     stop_requested = Some(tokio::time::Instant::now());
                 }
                 () = tokio::time::sleep(Duration::from_millis(100)), if stop_requested.is_some() => {
                     let waited = stop_requested.map(|at| at.elapsed()).unwrap_or_default();
-                    if conversations.open() == 0 || waited > STOP_DURING_HANDOVER {
-                        warn!(waited_ms = waited.as_millis() as u64, "no handover after all: stopping");
+                    let talking = conversations.open() > 0;
+                    if (!talking && waited > successor_grace) || waited > STOP_DURING_HANDOVER {
+                        info!(waited_ms = waited.as_millis() as u64, "no new agent took over: stopping");
                         break;
                     }
                 }
@@ -716,6 +730,10 @@ impl Bound {
 /// How long a stop waits for a new agent that is taking over (it may be
 /// waiting for its API server's first lists).
 const STOP_DURING_HANDOVER: Duration = Duration::from_secs(30);
+
+/// How long a stopped agent in a pod waits for a new agent to connect:
+/// a rollout's new agent says hello within milliseconds of its start.
+const SUCCESSOR_GRACE: Duration = Duration::from_secs(3);
 
 /// New agents talking to this one at once (a rollout has one).
 const MAX_HANDOVER_CONVERSATIONS: usize = 4;

@@ -6,7 +6,8 @@
 //! would count as ready, and the old one be told to stop, before the new
 //! agent serves, and possibly in the middle of the handover. So from the
 //! moment a new agent connects until it has failed (or taken over for
-//! good), this agent's readiness says no.
+//! good), this agent's readiness says no; and from the moment it is told
+//! to stop.
 
 use std::sync::{
     Arc,
@@ -18,6 +19,7 @@ use std::sync::{
 pub struct Conversations {
     open: Arc<AtomicUsize>,
     ready: Arc<AtomicBool>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl Conversations {
@@ -26,7 +28,15 @@ impl Conversations {
         Self {
             open: Arc::default(),
             ready,
+            stopping: Arc::default(),
         }
+    }
+
+    /// Told to stop: not ready again, whatever becomes of the
+    /// conversations.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.ready.store(false, Ordering::Release);
     }
 
     /// A new agent connected: not ready until it is gone or the
@@ -62,7 +72,7 @@ impl Conversation {
 impl Drop for Conversation {
     fn drop(&mut self) {
         let left = self.conversations.open.fetch_sub(1, Ordering::AcqRel) - 1;
-        if left == 0 && !self.handed_over {
+        if left == 0 && !self.handed_over && !self.conversations.stopping.load(Ordering::Acquire) {
             self.conversations.ready.store(true, Ordering::Release);
         }
     }
@@ -86,5 +96,15 @@ mod tests {
         conversations.begin().handed_over();
         assert!(!ready.load(Ordering::Acquire));
         assert_eq!(conversations.open(), 0);
+    }
+
+    #[test]
+    fn not_ready_again_once_told_to_stop() {
+        let ready = Arc::new(AtomicBool::new(true));
+        let conversations = Conversations::new(ready.clone());
+        let talking = conversations.begin();
+        conversations.stop();
+        drop(talking);
+        assert!(!ready.load(Ordering::Acquire));
     }
 }
