@@ -247,6 +247,18 @@ fn lifecycle(logs: &BTreeMap<String, String>) -> String {
     said
 }
 
+/// Runs `mesh-agent cleanup` on a pin root (in its node's namespace)
+/// that is still there when dropped.
+struct RemovePins(std::path::PathBuf, std::path::PathBuf);
+
+impl Drop for RemovePins {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            mesh_tests::agent::cleanup(&self.1, &self.0);
+        }
+    }
+}
+
 /// Three `kubectl set image` rollouts of the agent while a long transfer,
 /// and new connections (half of them to a server that closes first) run
 /// through it between real pods: nothing fails, nothing takes over a
@@ -255,6 +267,9 @@ fn lifecycle(logs: &BTreeMap<String, String>) -> String {
 #[test]
 fn kubectl_rollouts_replace_the_agent_without_loss() {
     let mut node = Node::new("rollout", 1);
+    // A failed check leaves agents SIGKILLed with the node: their pins go
+    // too (dropped after the node's kubelet and containers).
+    let _pins = RemovePins(node.pin_root.clone(), node.netns.path());
     // The manifest's uplink (one node: nothing at its other end).
     node.netns.ip(&[
         "link",
