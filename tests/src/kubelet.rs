@@ -219,13 +219,7 @@ syncFrequency: 5s
                 &format!("/api/v1/nodes/{}", self.name),
                 None,
             );
-            let ready = node.as_ref().is_ok_and(|node| {
-                node["status"]["conditions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-            });
+            let ready = node.as_ref().is_ok_and(is_ready);
             if ready {
                 return;
             }
@@ -528,7 +522,7 @@ fn log_file(dir: &Path, name: &str) -> fs::File {
     fs::File::create(dir.join(name)).expect("log file")
 }
 
-/// A pod's status conditions say it is Ready.
+/// An object's status conditions (a pod's, a node's) say it is Ready.
 pub fn is_ready(pod: &Value) -> bool {
     pod["status"]["conditions"]
         .as_array()

@@ -8,7 +8,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -18,7 +18,7 @@ use mesh_tests::{
     cluster::Cluster,
     eventually,
     kube_node::{run_pod, spawn_agent, start_agent},
-    pod::{Connect, Pod},
+    pod::{Connect, Pod, Server},
     scenario::answered_by,
     topology::Node,
 };
@@ -559,6 +559,70 @@ fn the_agent_syncs_a_cluster_of_5000_pods() {
     }
 }
 
+/// A node on a real API server with a client `kc`, a server `ka` behind
+/// the `echo` Service, and an agent carrying traffic between them: where
+/// the handover tests start.
+struct HandoverNode {
+    // The agent and the server go before the cluster and the node.
+    old: Agent,
+    _server: Server,
+    kubeconfig: PathBuf,
+    cluster: Cluster,
+    node: Node,
+}
+
+fn handover_node(label: &str) -> HandoverNode {
+    let mut node = Node::new(label, 1);
+    let cluster = Cluster::start(&node.netns, label);
+    cluster.apply_rbac(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mesh-agent.yaml"));
+    cluster.namespace("shop", true);
+    cluster.apply(&objects::node(&node.name, "zone-a"));
+    for name in ["kc", "ka"] {
+        run_pod(&cluster, &mut node, name, name);
+    }
+    let server = node.pod("ka").serve(8080, "ka", false);
+    let kubeconfig = cluster.service_account_kubeconfig("mesh-system", "mesh-agent");
+    let old = start_agent(&node, &kubeconfig, "");
+    cluster.apply(&objects::service("shop", "echo", VIP, 80, "http"));
+    let ka = [(node.pod("ka").ip, node.name.as_str(), "ka")];
+    cluster.apply(&objects::endpoint_slice(
+        "shop", "echo-1", "echo", 8080, &ka,
+    ));
+    eventually("traffic to ka", || {
+        node.pod("kc")
+            .try_connect(SocketAddr::from((VIP, 80)), Connect::default())
+            .is_ok_and(|r| answered_by(&r) == ["ka"])
+    });
+    HandoverNode {
+        old,
+        _server: server,
+        kubeconfig,
+        cluster,
+        node,
+    }
+}
+
+impl HandoverNode {
+    /// `new` is ready on the adopted kernel state, the old agent handed
+    /// over, drained and exited cleanly, and traffic goes through `new`.
+    fn handed_over_to(&mut self, new: &Agent) {
+        let old = &mut self.old;
+        new.wait_ready();
+        assert!(new.log().contains("kernel=Adopted"), "{}", new.log());
+        let status = old.wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "{status}:\n{}", old.log());
+        assert!(
+            old.log().contains("handover drain finished"),
+            "{}",
+            old.log()
+        );
+        old.handed_over();
+        eventually("traffic through the new agent", || {
+            answers(self.node.pod("kc")) == vec!["ka"; 10]
+        });
+    }
+}
+
 /// Told to stop while a new agent is taking over from it (the new one
 /// waits for its API server's first lists), the old agent finishes the
 /// handover first: it does not drain into the clean-up that would remove
@@ -566,64 +630,35 @@ fn the_agent_syncs_a_cluster_of_5000_pods() {
 /// stops the old pod once the new one is ready, or a user deletes it.)
 #[test]
 fn told_to_stop_during_a_handover_the_old_agent_finishes_it_first() {
-    let mut node = Node::new("kstop", 1);
-    let mut cluster = Cluster::start(&node.netns, "kstop");
-    cluster.apply_rbac(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mesh-agent.yaml"));
-    cluster.namespace("shop", true);
-    cluster.apply(&objects::node(&node.name, "zone-a"));
-    for name in ["kc", "ka"] {
-        run_pod(&cluster, &mut node, name, name);
-    }
-    let _server = node.pod("ka").serve(8080, "ka", false);
-    let kubeconfig = cluster.service_account_kubeconfig("mesh-system", "mesh-agent");
-    let mut old = start_agent(&node, &kubeconfig, "");
-    cluster.apply(&objects::service("shop", "echo", VIP, 80, "http"));
-    let ka = [(node.pod("ka").ip, node.name.as_str(), "ka")];
-    cluster.apply(&objects::endpoint_slice(
-        "shop", "echo-1", "echo", 8080, &ka,
-    ));
-    let vip = SocketAddr::from((VIP, 80));
-    eventually("traffic to ka", || {
-        node.pod("kc")
-            .try_connect(vip, Connect::default())
-            .is_ok_and(|r| answered_by(&r) == ["ka"])
-    });
-
-    cluster.stop_apiserver();
-    let new = spawn_agent(&node, &kubeconfig, "");
+    let mut s = handover_node("kstop");
+    s.cluster.stop_apiserver();
+    let new = spawn_agent(&s.node, &s.kubeconfig, "");
     assert!(
-        old.wait_log("a new agent asks to take over", 1, Duration::from_secs(10)),
+        s.old
+            .wait_log("a new agent asks to take over", 1, Duration::from_secs(10)),
         "{}",
-        old.log()
+        s.old.log()
     );
-    old.sigterm();
+    s.old.sigterm();
     assert!(
-        old.wait_log("finishing the handover first", 1, Duration::from_secs(10)),
+        s.old
+            .wait_log("finishing the handover first", 1, Duration::from_secs(10)),
         "{}",
-        old.log()
+        s.old.log()
     );
     // Still serving meanwhile, on the kernel state it keeps.
-    let reports = node.pod("kc").try_connect(vip, Connect::default());
+    let reports = s
+        .node
+        .pod("kc")
+        .try_connect(SocketAddr::from((VIP, 80)), Connect::default());
     assert!(
         reports.as_ref().is_ok_and(|r| answered_by(r) == ["ka"]),
         "{reports:?}\n--- old agent:\n{}\n--- new agent:\n{}",
-        old.log(),
+        s.old.log(),
         new.log()
     );
-    cluster.restart_apiserver();
-    new.wait_ready();
-    assert!(new.log().contains("kernel=Adopted"), "{}", new.log());
-    let status = old.wait_exit(Duration::from_secs(30));
-    assert!(status.success(), "{status}:\n{}", old.log());
-    assert!(
-        old.log().contains("handover drain finished"),
-        "{}",
-        old.log()
-    );
-    old.handed_over();
-    eventually("traffic through the new agent", || {
-        answers(node.pod("kc")) == vec!["ka"; 10]
-    });
+    s.cluster.restart_apiserver();
+    s.handed_over_to(&new);
 }
 
 /// Told to stop before any new agent has connected (a rollout's new pod
@@ -633,46 +668,14 @@ fn told_to_stop_during_a_handover_the_old_agent_finishes_it_first() {
 /// new agent connecting then takes over as in any handover.
 #[test]
 fn stopped_just_before_its_successor_connects_the_agent_still_hands_over() {
-    let mut node = Node::new("kearly", 1);
-    let cluster = Cluster::start(&node.netns, "kearly");
-    cluster.apply_rbac(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mesh-agent.yaml"));
-    cluster.namespace("shop", true);
-    cluster.apply(&objects::node(&node.name, "zone-a"));
-    for name in ["kc", "ka"] {
-        run_pod(&cluster, &mut node, name, name);
-    }
-    let _server = node.pod("ka").serve(8080, "ka", false);
-    let kubeconfig = cluster.service_account_kubeconfig("mesh-system", "mesh-agent");
-    let mut old = start_agent(&node, &kubeconfig, "");
-    cluster.apply(&objects::service("shop", "echo", VIP, 80, "http"));
-    let ka = [(node.pod("ka").ip, node.name.as_str(), "ka")];
-    cluster.apply(&objects::endpoint_slice(
-        "shop", "echo-1", "echo", 8080, &ka,
-    ));
-    let vip = SocketAddr::from((VIP, 80));
-    eventually("traffic to ka", || {
-        node.pod("kc")
-            .try_connect(vip, Connect::default())
-            .is_ok_and(|r| answered_by(&r) == ["ka"])
-    });
-    old.sigterm();
+    let mut s = handover_node("kearly");
+    s.old.sigterm();
     assert!(
-        old.wait_log("waiting for it before draining", 1, Duration::from_secs(10)),
+        s.old
+            .wait_log("waiting for it before draining", 1, Duration::from_secs(10)),
         "{}",
-        old.log()
+        s.old.log()
     );
-    let new = spawn_agent(&node, &kubeconfig, "");
-    new.wait_ready();
-    assert!(new.log().contains("kernel=Adopted"), "{}", new.log());
-    let status = old.wait_exit(Duration::from_secs(30));
-    assert!(status.success(), "{status}:\n{}", old.log());
-    assert!(
-        old.log().contains("handover drain finished"),
-        "{}",
-        old.log()
-    );
-    old.handed_over();
-    eventually("traffic through the new agent", || {
-        answers(node.pod("kc")) == vec!["ka"; 10]
-    });
+    let new = spawn_agent(&s.node, &s.kubeconfig, "");
+    s.handed_over_to(&new);
 }
